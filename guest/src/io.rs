@@ -1,0 +1,63 @@
+//! Port I/O from CPL3 (the host enters us with RFLAGS.IOPL = 3) and the console.
+
+use core::arch::asm;
+use core::fmt;
+use luvisor_guest_abi::ports;
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects in this VM; the host handles every port.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Ends the VM cleanly with `code`.
+pub fn exit(code: u32) -> ! {
+    loop {
+        outl(ports::EXIT, code);
+    }
+}
+
+/// Sleeps up to `micros`, or until the host has an event for this VM.
+pub fn idle(micros: u32) {
+    outl(ports::IDLE, micros);
+}
+
+/// Milliseconds of running time since the VM started (paused time excluded).
+pub fn clock_ms() -> u32 {
+    inl(ports::CLOCK_MS)
+}
+
+/// The 16550 on COM1. The host's UART is always ready to transmit, so bytes go straight
+/// to the transmit register without polling the line status (one exit per byte, not two).
+pub struct Console;
+
+impl fmt::Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                outb(ports::SERIAL_COM1, b'\r');
+            }
+            outb(ports::SERIAL_COM1, b);
+        }
+        Ok(())
+    }
+}
+
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::io::Console, $($arg)*);
+    }};
+}

@@ -1,0 +1,180 @@
+//! The luvisor built-in test guest.
+//!
+//! A freestanding program that runs entirely at CPL3: the host loads it at 1 MiB, builds
+//! identity-mapped page tables and a GDT, and enters it in 64-bit user mode (see
+//! `DESIGN.md`). It talks to the host only through the ports in `luvisor_guest_abi`.
+//!
+//! It reads a command line from the boot-info block: commands separated by `;`, run in
+//! order by vCPU 0. When they run out, the guest exits with code 0. Output format is
+//! stable because tests and benchmarks parse it; errors start with `error:` and end the
+//! VM with exit code 2. See `guest/README.md` for the command reference.
+#![no_std]
+#![no_main]
+
+mod io;
+mod mem;
+
+use core::panic::PanicInfo;
+use luvisor_guest_abi::{ports, BootInfo, BOOT_MAGIC, BOOT_VERSION};
+use mem::PagePool;
+
+extern "C" {
+    /// End of the loaded image (from linker.ld); free RAM starts above it.
+    static __guest_image_end: u8;
+}
+
+/// Entry point of every vCPU. `boot` points at the host's boot-info block.
+#[no_mangle]
+#[link_section = ".text._start"]
+pub extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
+    if vcpu_index != 0 {
+        // Secondary vCPUs have nothing to do yet; they sleep without a deadline.
+        loop {
+            io::idle(u32::MAX);
+        }
+    }
+    // SAFETY: the host wrote a BootInfo at this address before starting any vCPU, and
+    // nothing writes it afterwards.
+    let boot = unsafe { &*boot };
+    if boot.magic != BOOT_MAGIC || boot.version != BOOT_VERSION {
+        println!("error: boot-info block has bad magic or version {}", boot.version);
+        io::exit(2);
+    }
+    // SAFETY: taking the address of a linker-defined symbol; it is never read.
+    let image_end = unsafe { &__guest_image_end as *const u8 as u64 };
+    let mut pool = PagePool::new(boot.ram_regions(), image_end);
+    io::outl(ports::READY, 1);
+
+    let Some(cmdline) = boot.cmdline() else {
+        println!("error: command line is not valid UTF-8");
+        io::exit(2);
+    };
+    for command in cmdline.split(';') {
+        let mut words = command.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        if let Err(message) = run(name, &mut words, &mut pool) {
+            println!("error: {}: {}", name, message);
+            io::exit(2);
+        }
+    }
+    io::exit(0)
+}
+
+fn run<'a>(name: &str, args: &mut impl Iterator<Item = &'a str>, pool: &mut PagePool) -> Result<(), &'static str> {
+    match name {
+        "hello" => println!("hello from luvisor guest"),
+        "count" => {
+            let period = arg(args)?;
+            let limit = optional_arg(args)?.unwrap_or(u64::MAX);
+            count(period, limit);
+        }
+        "compute" => println!("compute {:016x}", compute(arg(args)?)),
+        "touch" => {
+            let mib = arg(args)?;
+            let checksum = touch(pool, mib)?;
+            println!("touched {} MiB {:016x}", mib, checksum);
+        }
+        "sleep" => sleep_ms(arg(args)?),
+        "idle" => loop {
+            io::idle(u32::MAX);
+        },
+        "exit" => io::exit(arg(args)? as u32),
+        "fault" => fault(),
+        _ => return Err("unknown command"),
+    }
+    if args.next().is_some() {
+        return Err("too many arguments");
+    }
+    Ok(())
+}
+
+fn arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<u64, &'static str> {
+    optional_arg(args)?.ok_or("missing argument")
+}
+
+fn optional_arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<Option<u64>, &'static str> {
+    match args.next() {
+        None => Ok(None),
+        Some(word) => word.parse().map(Some).map_err(|_| "argument is not a decimal number"),
+    }
+}
+
+/// Prints `count 1`, `count 2`, ... every `period_ms` of running time, `limit` times.
+fn count(period_ms: u64, limit: u64) {
+    let mut next = io::clock_ms() as u64 + period_ms;
+    let mut n = 0;
+    while n < limit {
+        let now = io::clock_ms() as u64;
+        if now < next {
+            io::idle(((next - now) * 1000).min(u32::MAX as u64) as u32);
+            continue;
+        }
+        n += 1;
+        println!("count {}", n);
+        next += period_ms;
+    }
+}
+
+fn sleep_ms(ms: u64) {
+    let deadline = io::clock_ms() as u64 + ms;
+    loop {
+        let now = io::clock_ms() as u64;
+        if now >= deadline {
+            return;
+        }
+        io::idle(((deadline - now) * 1000).min(u32::MAX as u64) as u32);
+    }
+}
+
+/// A CPU-bound xorshift loop; the host's tests compute the same value.
+pub fn compute(iterations: u64) -> u64 {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..iterations {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = x.wrapping_add(i);
+    }
+    x
+}
+
+/// Writes every word of `mib` MiB from the page pool, reads it back into a checksum, and
+/// returns the pages to the pool (they stay resident on the host).
+fn touch(pool: &mut PagePool, mib: u64) -> Result<u64, &'static str> {
+    let len = mib.checked_mul(1 << 20).ok_or("size too large")?;
+    if len == 0 {
+        return Ok(0);
+    }
+    let start = pool.alloc(len).ok_or("not enough free guest memory")?;
+    let words = (len / 8) as usize;
+    let base = start as *mut u64;
+    for i in 0..words {
+        // SAFETY: [start, start+len) is identity-mapped RAM that the pool handed to us alone.
+        unsafe { base.add(i).write_volatile(touch_pattern(i as u64)) };
+    }
+    let mut checksum: u64 = 0;
+    for i in 0..words {
+        // SAFETY: as above.
+        let v = unsafe { base.add(i).read_volatile() };
+        checksum = checksum.rotate_left(5) ^ v;
+    }
+    pool.free(start, len);
+    Ok(checksum)
+}
+
+fn touch_pattern(word: u64) -> u64 {
+    word.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xA5A5_A5A5_A5A5_A5A5
+}
+
+/// Executes an undefined instruction. The host installs no IDT, so the exception cannot
+/// be delivered and the CPU shuts down (a triple fault).
+fn fault() -> ! {
+    // SAFETY: deliberately faults; nothing after it runs.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    println!("error: guest panic: {}", info);
+    io::exit(3)
+}

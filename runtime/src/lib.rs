@@ -1,0 +1,24 @@
+//! luvisor-runtime: the VMM core.
+//!
+//! - [`vstate`]: KVM itself: the `/dev/kvm` handle, VM and vCPU file descriptors, guest
+//!   memory, and the vCPU threads with their run loop.
+//! - [`devices`]: what the guest talks to: the serial console and the paravirtual
+//!   exit/ready/idle/clock ports (later: the virtio-mmio transport and virtio devices).
+//! - [`boot`]: loaders that turn a guest description into memory contents and vCPU
+//!   entry state (today: the built-in CPL3 test guest).
+//! - [`vm`]: one VM's lifecycle (`created → running ⇄ paused → stopped`, or `crashed`).
+//! - [`registry`]: the set of VMs a process manages, addressed by id and name.
+//! - [`host`]: what this host's KVM is (PVM or hardware) and what it supports.
+//!
+//! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
+
+pub mod boot;
+pub mod devices;
+pub mod host;
+pub mod registry;
+pub mod size;
+pub mod vm;
+pub mod vstate;
+
+pub use registry::{Registry, RegistryError, VmId};
+pub use vm::{GuestSpec, Vm, VmConfig, VmError, VmOutcome, VmState, WaitError};

@@ -1,0 +1,678 @@
+//! One VM's lifecycle.
+//!
+//! ```text
+//!            start            pause
+//! Created ---------> Running <------> Paused
+//!    |                 |  \   resume    |
+//!    |           stop  |   \ guest      | stop
+//!    +------------> Stopped  \ exits    |
+//!                      ^      +----> Stopped (with exit code)
+//!                      +------------------+
+//!            Running --triple fault / emulation failure / host error--> Crashed
+//! ```
+//!
+//! `Stopped` and `Crashed` are final: the vCPU threads are gone and guest memory is
+//! freed, but the record (console, exit code, crash reason) stays until the VM is
+//! destroyed through the [`Registry`](crate::Registry).
+//!
+//! Who moves the state: control calls (`start`, `pause`, `resume`, `stop`) hold the
+//! `control` lock so they never interleave; vCPU threads report the guest's own ending
+//! through [`VcpuHost`], and the VM's event thread then tears the machine down.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::builtin::{self, BuiltinBootError};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::console::{Console, ConsoleWaitEnd, DEFAULT_CONSOLE_CAPACITY};
+use crate::devices::legacy::{serial, system_ports, SerialDevice, SystemPorts};
+use crate::registry::VmId;
+use crate::size::format_size;
+use crate::vstate::clock::RunClock;
+use crate::vstate::memory::{self, MemoryError, MAX_MEMORY, MIN_MEMORY};
+use crate::vstate::vcpu::{self, deadline_after, GuestEnd, Vcpu, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState};
+use crate::vstate::{kvm, KvmOpenError};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 8;
+/// How long `pause`/`resume` wait for every vCPU to acknowledge.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Address KVM needs for its real-mode TSS on Intel hosts (three pages below 4 GiB,
+/// inside the MMIO hole, never RAM).
+const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
+
+/// What runs inside the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestSpec {
+    /// The embedded CPL3 test guest with this command line.
+    Builtin { cmdline: String },
+}
+
+/// Everything needed to create a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub vcpus: u8,
+    pub memory: u64,
+    pub guest: GuestSpec,
+    /// Also append console output to this file.
+    pub console_file: Option<PathBuf>,
+    /// Bytes of console output kept in memory.
+    pub console_capacity: usize,
+}
+
+impl VmConfig {
+    pub fn new(name: impl Into<String>, guest: GuestSpec) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            vcpus: 1,
+            memory: 128 << 20,
+            guest,
+            console_file: None,
+            console_capacity: DEFAULT_CONSOLE_CAPACITY,
+        }
+    }
+
+    /// Checks every field, naming the first one that is out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.name.chars().any(|c| c.is_control()) {
+            return Err(ConfigError::Name(self.name.clone()));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus as u64));
+        }
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || self.memory % 4096 != 0 {
+            return Err(ConfigError::Memory(self.memory));
+        }
+        match &self.guest {
+            GuestSpec::Builtin { cmdline } if cmdline.len() > luvisor_guest_abi::MAX_CMDLINE => {
+                Err(ConfigError::Cmdline(cmdline.len()))
+            }
+            GuestSpec::Builtin { .. } => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("vm name '{0}' is invalid: use a non-empty name without control characters")]
+    Name(String),
+    #[error("vcpus = {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
+    Vcpus(u64),
+    #[error("memory = {0} bytes is invalid: give a multiple of 4K between {min} and {max}", min = format_size(MIN_MEMORY), max = format_size(MAX_MEMORY))]
+    Memory(u64),
+    #[error("the guest command line is {0} bytes; the limit is {max}", max = luvisor_guest_abi::MAX_CMDLINE)]
+    Cmdline(usize),
+}
+
+/// Where a VM is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+    Crashed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, VmState::Stopped | VmState::Crashed)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote this code to its exit port.
+    Exited(i32),
+    /// The host stopped it (`stop`).
+    Stopped,
+    /// It crashed; the reason names the exit kind and RIP.
+    Crashed(String),
+}
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot {op} vm '{name}': it is {state}")]
+    InvalidState { name: String, op: &'static str, state: VmState },
+    #[error("cannot start vm '{name}'")]
+    Kvm {
+        name: String,
+        #[source]
+        source: KvmOpenError,
+    },
+    #[error("cannot start vm '{name}': {step} failed")]
+    Setup {
+        name: String,
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start vm '{name}': guest memory")]
+    Memory {
+        name: String,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("cannot start vm '{name}': loading the guest")]
+    Boot {
+        name: String,
+        #[source]
+        source: BuiltinBootError,
+    },
+    #[error("cannot start vm '{name}': registering a device")]
+    Device {
+        name: String,
+        #[source]
+        source: BusError,
+    },
+    #[error("cannot start vm '{name}': creating a thread")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vm '{name}': vcpu threads did not {op} within {secs} s", secs = VCPU_ACK_TIMEOUT.as_secs())]
+    VcpuTimeout { name: String, op: &'static str },
+}
+
+/// Why a wait ended without what was awaited.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WaitError {
+    #[error("timed out after {timeout:?} waiting for {what} of vm '{name}'; it is {state}, last console line: {last_line:?}")]
+    TimedOut { name: String, what: String, timeout: Duration, state: VmState, last_line: String },
+    #[error("vm '{name}' is {state} ({outcome}) and its console never showed {pattern:?}; last console line: {last_line:?}")]
+    Ended { name: String, pattern: String, state: VmState, outcome: String, last_line: String },
+    #[error("cannot wait for vm '{name}': it was never started")]
+    NotStarted { name: String },
+}
+
+/// The parts of a running VM. Dropped in this order: vCPU threads, the VM fd (and with it
+/// every memory slot), then guest memory.
+struct Machine {
+    vcpus: Vec<VcpuHandle>,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl Machine {
+    fn shutdown(self) {
+        let Machine { vcpus, vm_fd, memory } = self;
+        for v in &vcpus {
+            v.command(VcpuCommand::Stop);
+        }
+        for v in vcpus {
+            v.stop_and_join();
+        }
+        drop(vm_fd);
+        drop(memory);
+    }
+}
+
+struct Inner {
+    state: VmState,
+    outcome: Option<VmOutcome>,
+    started_at: Option<Instant>,
+    boot_time: Option<Duration>,
+    vcpu_states: Vec<VcpuRunState>,
+    machine: Option<Machine>,
+    event_thread: Option<JoinHandle<()>>,
+    /// Tells the event thread to tear the machine down and end.
+    teardown: Option<EventFd>,
+}
+
+/// A virtual machine and its record.
+pub struct Vm {
+    id: VmId,
+    config: VmConfig,
+    /// Serialises the control operations.
+    control: Mutex<()>,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    console: Arc<Console>,
+    clock: Arc<RunClock>,
+}
+
+impl Vm {
+    pub(crate) fn new(id: VmId, config: VmConfig) -> std::io::Result<Vm> {
+        let tee = match &config.console_file {
+            Some(path) => Some(File::options().create(true).append(true).open(path)?),
+            None => None,
+        };
+        Ok(Vm {
+            id,
+            console: Console::new(config.console_capacity, tee),
+            config,
+            control: Mutex::new(()),
+            inner: Mutex::new(Inner {
+                state: VmState::Created,
+                outcome: None,
+                started_at: None,
+                boot_time: None,
+                vcpu_states: Vec::new(),
+                machine: None,
+                event_thread: None,
+                teardown: None,
+            }),
+            changed: Condvar::new(),
+            clock: Arc::new(RunClock::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_control(&self) -> MutexGuard<'_, ()> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> VmId {
+        self.id
+    }
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+    pub fn state(&self) -> VmState {
+        self.lock().state
+    }
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.lock().outcome.clone()
+    }
+    /// Time from `start` until the guest wrote the ready port.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.lock().boot_time
+    }
+    /// Running time of the guest (paused time excluded).
+    pub fn run_time(&self) -> Duration {
+        self.clock.elapsed()
+    }
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
+    }
+
+    fn invalid(&self, op: &'static str, state: VmState) -> VmError {
+        VmError::InvalidState { name: self.config.name.clone(), op, state }
+    }
+
+    /// Builds the machine and starts every vCPU.
+    pub fn start(self: &Arc<Self>) -> Result<(), VmError> {
+        let _control = self.lock_control();
+        let state = self.state();
+        if state != VmState::Created {
+            return Err(self.invalid("start", state));
+        }
+        let started_at = Instant::now();
+        let (machine, vcpus) = self.build()?;
+        let teardown = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
+        let event_end = teardown.try_clone().map_err(|e| self.thread_error(e))?;
+        // The lock is held until every thread is spawned and recorded: a vCPU thread
+        // reports `running` (taking this lock) before it first enters the guest, so no
+        // guest code runs, and nothing can end, before the machine is complete.
+        let mut inner = self.lock();
+        inner.state = VmState::Running;
+        inner.outcome = None;
+        inner.started_at = Some(started_at);
+        inner.vcpu_states = vec![VcpuRunState::Running; vcpus.len()];
+        inner.machine = Some(machine);
+        inner.teardown = Some(teardown);
+        self.clock.start();
+        let vm = self.clone();
+        let spawned: std::io::Result<()> = 'spawn: {
+            let thread = std::thread::Builder::new()
+                .name(format!("events-{}", self.name()))
+                .spawn(move || vm.event_loop(event_end));
+            match thread {
+                Ok(t) => inner.event_thread = Some(t),
+                Err(e) => break 'spawn Err(e),
+            }
+            for v in vcpus {
+                match vcpu::spawn(v, self.name()) {
+                    Ok(handle) => inner.machine.as_mut().expect("machine installed above").vcpus.push(handle),
+                    Err(e) => break 'spawn Err(e),
+                }
+            }
+            Ok(())
+        };
+        drop(inner);
+        if let Err(e) = spawned {
+            // Undo everything: the VM goes back to `created`.
+            self.release();
+            let mut inner = self.lock();
+            inner.state = VmState::Created;
+            inner.started_at = None;
+            return Err(self.thread_error(e));
+        }
+        tracing::info!(vm = self.name(), vcpus = self.config.vcpus, memory = self.config.memory, "vm started");
+        Ok(())
+    }
+
+    fn thread_error(&self, source: std::io::Error) -> VmError {
+        VmError::Thread { name: self.config.name.clone(), source }
+    }
+
+    /// Creates the KVM VM, memory, devices and vCPUs (not yet running).
+    fn build(self: &Arc<Self>) -> Result<(Machine, Vec<Vcpu>), VmError> {
+        let name = || self.config.name.clone();
+        let setup = |step| move |source| VmError::Setup { name: name(), step, source };
+        let kvm = kvm().map_err(|source| VmError::Kvm { name: name(), source })?;
+        let vm_fd = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
+        // Needed on Intel before the first KVM_RUN; other backends may not implement it.
+        if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
+            tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not supported");
+        }
+        vm_fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+
+        let memory = memory::create_ram(self.config.memory).map_err(|source| VmError::Memory { name: name(), source })?;
+        memory::register_slots(&vm_fd, &memory).map_err(|source| VmError::Memory { name: name(), source })?;
+        let entry = match &self.config.guest {
+            GuestSpec::Builtin { cmdline } => builtin::load(&memory, cmdline, self.config.vcpus)
+                .map_err(|source| VmError::Boot { name: name(), source })?,
+        };
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
+        vm_fd.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(setup("KVM_IRQFD (serial)"))?;
+        let mut pio = Bus::new();
+        let device_error = |source| VmError::Device { name: name(), source };
+        pio.insert(
+            luvisor_guest_abi::ports::SERIAL_COM1 as u64,
+            serial::COM1_PORT_COUNT,
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq, self.console.clone()))),
+        )
+        .map_err(device_error)?;
+        pio.insert(system_ports::BASE as u64, system_ports::LEN, Arc::new(Mutex::new(SystemPorts::new(self.clock.clone()))))
+            .map_err(device_error)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+        let host: Arc<dyn VcpuHost> = self.clone();
+        let mut vcpus = Vec::with_capacity(self.config.vcpus as usize);
+        for index in 0..self.config.vcpus as usize {
+            let fd = vm_fd.create_vcpu(index as u64).map_err(setup("KVM_CREATE_VCPU"))?;
+            for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                // Leaf 1 EBX[31:24] is the initial APIC ID.
+                entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((index as u32) << 24);
+            }
+            fd.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+            builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot { name: name(), source })?;
+            vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), host: host.clone() });
+        }
+        Ok((Machine { vcpus: Vec::new(), vm_fd, memory }, vcpus))
+    }
+
+    /// The VM's event thread: waits for device events (later) and for the request to
+    /// tear the machine down, which comes from `stop` or from a vCPU that saw the guest end.
+    fn event_loop(self: Arc<Self>, teardown: EventFd) {
+        const TEARDOWN: u64 = 0;
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(vm = self.name(), error = %e, "cannot create epoll; the event thread ends");
+                return;
+            }
+        };
+        if let Err(e) = epoll.ctl(ControlOperation::Add, teardown.as_raw_fd(), EpollEvent::new(EventSet::IN, TEARDOWN)) {
+            tracing::error!(vm = self.name(), error = %e, "cannot watch the teardown eventfd");
+            return;
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        'outer: loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(vm = self.name(), error = %e, "epoll_wait failed");
+                    break;
+                }
+            };
+            for event in &events[..n] {
+                if event.data() == TEARDOWN {
+                    let _ = teardown.read();
+                    break 'outer;
+                }
+            }
+        }
+        let machine = self.lock().machine.take();
+        if let Some(machine) = machine {
+            machine.shutdown();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Stops the vCPUs, frees memory and ends the event thread. Safe to call twice.
+    fn release(&self) {
+        let (machine, event_thread, teardown) = {
+            let mut inner = self.lock();
+            (inner.machine.take(), inner.event_thread.take(), inner.teardown.take())
+        };
+        self.clock.stop();
+        if let Some(machine) = machine {
+            machine.shutdown();
+        }
+        if let Some(teardown) = teardown {
+            let _ = teardown.write(1);
+        }
+        if let Some(thread) = event_thread {
+            if thread.join().is_err() {
+                tracing::error!(vm = self.name(), "event thread panicked");
+            }
+        }
+        self.console.close();
+    }
+
+    /// Hard stop: tears down the vCPUs and frees guest memory. The record stays.
+    /// Idempotent; a VM that already ended keeps its exit code or crash reason.
+    pub fn stop(&self) {
+        let _control = self.lock_control();
+        {
+            let mut inner = self.lock();
+            if !inner.state.is_final() {
+                inner.state = VmState::Stopped;
+                inner.outcome = Some(VmOutcome::Stopped);
+            }
+        }
+        self.release();
+        self.changed.notify_all();
+        tracing::debug!(vm = self.name(), "vm stopped");
+    }
+
+    /// Sends `command` to every vCPU and waits until each reports `want` (or has exited).
+    fn command_vcpus(&self, op: &'static str, command: VcpuCommand, want: VcpuRunState) -> Result<MutexGuard<'_, Inner>, VmError> {
+        let mut inner = self.lock();
+        if let Some(machine) = &inner.machine {
+            for v in &machine.vcpus {
+                v.command(command);
+            }
+        }
+        let deadline = deadline_after(VCPU_ACK_TIMEOUT);
+        loop {
+            let done = inner.vcpu_states.iter().all(|&s| s == want || s == VcpuRunState::Exited);
+            if done || inner.state.is_final() {
+                return Ok(inner);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::VcpuTimeout { name: self.config.name.clone(), op });
+            }
+            inner = self.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Pauses the guest; returns once every vCPU is out of `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let _control = self.lock_control();
+        match self.state() {
+            VmState::Running => {}
+            VmState::Paused => return Ok(()),
+            other => return Err(self.invalid("pause", other)),
+        }
+        let result = self.command_vcpus("pause", VcpuCommand::Pause, VcpuRunState::Paused);
+        let mut inner = match result {
+            Ok(inner) => inner,
+            Err(e) => {
+                // Leave no vCPU behind in a half-paused VM.
+                drop(self.command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running));
+                return Err(e);
+            }
+        };
+        if inner.state.is_final() {
+            return Err(self.invalid("pause", inner.state));
+        }
+        inner.state = VmState::Paused;
+        self.clock.stop();
+        Ok(())
+    }
+
+    /// Continues a paused guest exactly where it was.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let _control = self.lock_control();
+        match self.state() {
+            VmState::Paused => {}
+            VmState::Running => return Ok(()),
+            other => return Err(self.invalid("resume", other)),
+        }
+        self.clock.start();
+        let mut inner = self.command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running)?;
+        if !inner.state.is_final() {
+            inner.state = VmState::Running;
+        }
+        Ok(())
+    }
+
+    /// Waits until the guest ends, then releases its resources and returns how it ended.
+    pub fn wait(&self, timeout: Duration) -> Result<VmOutcome, WaitError> {
+        let deadline = deadline_after(timeout);
+        let mut inner = self.lock();
+        if inner.state == VmState::Created {
+            return Err(WaitError::NotStarted { name: self.config.name.clone() });
+        }
+        while !inner.state.is_final() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitError::TimedOut {
+                    name: self.config.name.clone(),
+                    what: "the guest to end".into(),
+                    timeout,
+                    state: inner.state,
+                    last_line: self.console.last_line(),
+                });
+            }
+            inner = self.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(inner);
+        self.stop();
+        Ok(self.outcome().unwrap_or(VmOutcome::Stopped))
+    }
+
+    /// Waits until the console shows `pattern` at or after stream offset `from`; returns
+    /// the line that holds it and the offset just past the match.
+    pub fn wait_for_console(&self, pattern: &str, from: u64, timeout: Duration) -> Result<(String, u64), WaitError> {
+        if self.state() == VmState::Created {
+            return Err(WaitError::NotStarted { name: self.config.name.clone() });
+        }
+        match self.console.wait_for(pattern, from, deadline_after(timeout)) {
+            Ok(found) => Ok(found),
+            Err(ConsoleWaitEnd::TimedOut) => Err(WaitError::TimedOut {
+                name: self.config.name.clone(),
+                what: format!("console output {pattern:?}"),
+                timeout,
+                state: self.state(),
+                last_line: self.console.last_line(),
+            }),
+            Err(ConsoleWaitEnd::Closed) => Err(WaitError::Ended {
+                name: self.config.name.clone(),
+                pattern: pattern.to_string(),
+                state: self.state(),
+                outcome: describe_outcome(self.outcome().as_ref()),
+                last_line: self.console.last_line(),
+            }),
+        }
+    }
+}
+
+/// A short human description of an outcome, for messages.
+pub fn describe_outcome(outcome: Option<&VmOutcome>) -> String {
+    match outcome {
+        Some(VmOutcome::Exited(code)) => format!("exit code {code}"),
+        Some(VmOutcome::Stopped) => "stopped by the host".into(),
+        Some(VmOutcome::Crashed(reason)) => format!("crashed: {reason}"),
+        None => "still running".into(),
+    }
+}
+
+impl VcpuHost for Vm {
+    fn vcpu_state_changed(&self, index: usize, state: VcpuRunState) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.vcpu_states.get_mut(index) {
+            *slot = state;
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    fn guest_ready(&self) {
+        let mut inner = self.lock();
+        if inner.boot_time.is_none() {
+            inner.boot_time = inner.started_at.map(|t| t.elapsed());
+        }
+    }
+
+    fn guest_ended(&self, index: usize, end: GuestEnd) {
+        let mut inner = self.lock();
+        if inner.state.is_final() {
+            return;
+        }
+        match &end {
+            GuestEnd::Exited(code) => {
+                tracing::info!(vm = self.name(), vcpu = index, code, "guest exited");
+                inner.state = VmState::Stopped;
+                inner.outcome = Some(VmOutcome::Exited(*code));
+            }
+            GuestEnd::Crashed(reason) => {
+                tracing::warn!(vm = self.name(), vcpu = index, reason, "guest crashed");
+                inner.state = VmState::Crashed;
+                inner.outcome = Some(VmOutcome::Crashed(reason.clone()));
+            }
+        }
+        self.clock.stop();
+        if let Some(teardown) = &inner.teardown {
+            let _ = teardown.write(1);
+        }
+        drop(inner);
+        self.console.close();
+        self.changed.notify_all();
+    }
+}
+

@@ -1,0 +1,84 @@
+//! Guest RAM: layout, anonymous mappings (`vm-memory`) and KVM memory slots.
+//!
+//! RAM starts at 0 and stops below the MMIO hole at 3 GiB; whatever does not fit
+//! continues at 4 GiB. Mappings are `MAP_NORESERVE` and untouched pages cost the host
+//! nothing, so a VM's resident size grows only with what the guest writes.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use luvisor_guest_abi::layout::{HIGH_RAM_START, LOW_RAM_END, MAX_MAPPED_GIB};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Smallest RAM a VM may have: the built-in guest's image, stacks and page tables fit.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Largest RAM: everything must sit inside the guest's identity map.
+pub const MAX_MEMORY: u64 = (MAX_MAPPED_GIB << 30) - (HIGH_RAM_START - LOW_RAM_END);
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest memory")]
+    Map {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory slot {slot} at {base:#x} (+{size:#x}) with KVM")]
+    RegisterSlot {
+        slot: u32,
+        base: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The guest-physical ranges that hold `size` bytes of RAM.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(LOW_RAM_END);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(HIGH_RAM_START), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Maps `size` bytes of anonymous guest RAM.
+pub fn create_ram(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Registers every region of `mem` as a KVM memory slot (slot = region index).
+pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let base = region.start_addr().0;
+        let size = region.len();
+        let host = mem.get_host_address(region.start_addr()).expect("region start is mapped") as u64;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the VM keeps
+        // until after the VM file descriptor (and so every slot) is gone.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::RegisterSlot { slot, base, size, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_around_the_mmio_hole() {
+        assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), LOW_RAM_END as usize));
+        assert_eq!(r[1], (GuestAddress(HIGH_RAM_START), (1 << 30) as usize));
+    }
+}

@@ -1,0 +1,331 @@
+//! vCPU threads.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread and is driven by [`VcpuCommand`]s. The
+//! thread follows a small state machine, reported to the VM through [`VcpuHost`]:
+//!
+//! ```text
+//! Running --Pause--> Paused --Resume--> Running
+//!    |                 |
+//!    +------Stop-------+--> Exited   (also on guest exit, crash or host error)
+//! ```
+//!
+//! A command reaches a vCPU that is inside `KVM_RUN` through a kick: a real-time signal
+//! whose handler sets `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` even when
+//! the signal lands just before the ioctl is entered.
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::bus::{Bus, IoAction};
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// Commands a vCPU thread obeys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave `KVM_RUN` and wait for `Resume` or `Stop`.
+    Pause,
+    /// Continue exactly where the guest was.
+    Resume,
+    /// End the thread.
+    Stop,
+    /// An event arrived for the VM: end an idle wait early.
+    Wake,
+}
+
+/// Where a vCPU thread is in its state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuRunState {
+    Running,
+    Paused,
+    Exited,
+}
+
+/// How the guest ended, as seen by the vCPU that noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest wrote its exit code to the exit port.
+    Exited(i32),
+    /// A triple fault, an emulation failure, or a host-side error; the reason says which.
+    Crashed(String),
+}
+
+/// The VM side of a vCPU thread: where it reports what happened.
+pub trait VcpuHost: Send + Sync {
+    fn vcpu_state_changed(&self, index: usize, state: VcpuRunState);
+    fn guest_ready(&self);
+    fn guest_ended(&self, index: usize, end: GuestEnd);
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub host: Arc<dyn VcpuHost>,
+}
+
+/// The control side's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    pub index: usize,
+    commands: Sender<VcpuCommand>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Sends a command; a thread that already ended ignores it.
+    pub fn send(&self, command: VcpuCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    /// Interrupts `KVM_RUN` so the thread looks at its commands.
+    pub fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            if !thread.is_finished() {
+                // ESRCH just means the thread ended between the check and the signal.
+                let _ = thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+            }
+        }
+    }
+
+    /// Sends `command` and kicks the thread so it acts on it now.
+    pub fn command(&self, command: VcpuCommand) {
+        self.send(command);
+        self.kick();
+    }
+
+    /// Stops the thread and waits for it to end.
+    pub fn stop_and_join(mut self) {
+        self.command(VcpuCommand::Stop);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!(vcpu = self.index, "vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.command(VcpuCommand::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work here: one thread-local read and one byte store.
+    let flag = IMMEDIATE_EXIT.with(|f| f.get());
+    if !flag.is_null() {
+        // SAFETY: the pointer targets this thread's mapped kvm_run page; it is set after
+        // the VcpuFd is in place and cleared before the VcpuFd is dropped, on this thread.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Starts the vCPU's thread, which enters the guest at once.
+pub fn spawn(vcpu: Vcpu, vm_name: &str) -> std::io::Result<VcpuHandle> {
+    install_kick_handler()?;
+    let (commands, receiver) = mpsc::channel();
+    let index = vcpu.index;
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu-{vm_name}-{index}"))
+        .spawn(move || vcpu.run(receiver))?;
+    Ok(VcpuHandle { index, commands, thread: Some(thread) })
+}
+
+/// What the run loop does next.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A KVM exit, decoded while `kvm_run` is borrowed, acted on afterwards.
+enum Step {
+    Continue,
+    Action(IoAction),
+    Crash(String),
+    CrashWithRip(&'static str),
+    HostError(String),
+}
+
+impl Vcpu {
+    fn run(mut self, commands: Receiver<VcpuCommand>) {
+        let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        IMMEDIATE_EXIT.with(|f| f.set(immediate_exit));
+        self.host.vcpu_state_changed(self.index, VcpuRunState::Running);
+        self.run_loop(&commands);
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        self.host.vcpu_state_changed(self.index, VcpuRunState::Exited);
+    }
+
+    fn run_loop(&mut self, commands: &Receiver<VcpuCommand>) {
+        loop {
+            loop {
+                match commands.try_recv() {
+                    Ok(command) => {
+                        if let Flow::Stop = self.obey(command, commands) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            let step = self.enter_guest();
+            let flow = match step {
+                Step::Continue | Step::Action(IoAction::None) => Flow::Continue,
+                Step::Action(IoAction::Ready) => {
+                    self.host.guest_ready();
+                    Flow::Continue
+                }
+                Step::Action(IoAction::Idle(timeout)) => self.idle(timeout, commands),
+                Step::Action(IoAction::Exit(code)) => self.end(GuestEnd::Exited(code)),
+                Step::Crash(reason) => self.end(GuestEnd::Crashed(reason)),
+                Step::CrashWithRip(what) => {
+                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
+                    self.end(GuestEnd::Crashed(format!("{what} at rip={rip} on vcpu {}", self.index)))
+                }
+                Step::HostError(reason) => self.end(GuestEnd::Crashed(format!("host error: {reason}"))),
+            };
+            if let Flow::Stop = flow {
+                return;
+            }
+        }
+    }
+
+    fn end(&self, end: GuestEnd) -> Flow {
+        self.host.guest_ended(self.index, end);
+        Flow::Stop
+    }
+
+    fn enter_guest(&mut self) -> Step {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(port as u64, data) {
+                Some(action) => Step::Action(action),
+                None => {
+                    tracing::trace!(port, "write to an unclaimed port");
+                    Step::Continue
+                }
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(port as u64, data) {
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => match self.mmio.write(addr, data) {
+                Some(action) => Step::Action(action),
+                None => {
+                    tracing::trace!(addr, "write to unclaimed MMIO");
+                    Step::Continue
+                }
+            },
+            Ok(VcpuExit::Shutdown) => Step::CrashWithRip("triple fault (shutdown exit)"),
+            Ok(VcpuExit::Hlt) => Step::CrashWithRip("hlt with no interrupt to wake the guest"),
+            Ok(VcpuExit::InternalError) => Step::CrashWithRip("KVM internal error (instruction emulation failed)"),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Step::Crash(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Step::Action(IoAction::Exit(0)),
+                KVM_SYSTEM_EVENT_RESET => Step::CrashWithRip("guest requested a reset"),
+                KVM_SYSTEM_EVENT_CRASH => Step::CrashWithRip("guest reported a crash"),
+                other => Step::Crash(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(other) => Step::CrashWithRip(exit_name(&other)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => Step::HostError(format!("KVM_RUN failed on vcpu {}: {e}", self.index)),
+        }
+    }
+
+    /// Sleeps until `timeout` passes or a command arrives. Any command ends the idle
+    /// wait: the guest rechecks its clock and devices and idles again if it must.
+    fn idle(&mut self, timeout: Option<Duration>, commands: &Receiver<VcpuCommand>) -> Flow {
+        let command = match timeout {
+            Some(timeout) => match commands.recv_timeout(timeout) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => return Flow::Continue,
+                Err(RecvTimeoutError::Disconnected) => return Flow::Stop,
+            },
+            None => match commands.recv() {
+                Ok(c) => c,
+                Err(_) => return Flow::Stop,
+            },
+        };
+        self.obey(command, commands)
+    }
+
+    fn obey(&mut self, command: VcpuCommand, commands: &Receiver<VcpuCommand>) -> Flow {
+        match command {
+            VcpuCommand::Stop => Flow::Stop,
+            VcpuCommand::Wake | VcpuCommand::Resume => Flow::Continue,
+            VcpuCommand::Pause => self.paused(commands),
+        }
+    }
+
+    /// Outside `KVM_RUN`, blocked until told to resume or stop.
+    fn paused(&mut self, commands: &Receiver<VcpuCommand>) -> Flow {
+        self.host.vcpu_state_changed(self.index, VcpuRunState::Paused);
+        loop {
+            match commands.recv() {
+                Ok(VcpuCommand::Resume) => {
+                    self.host.vcpu_state_changed(self.index, VcpuRunState::Running);
+                    return Flow::Continue;
+                }
+                Ok(VcpuCommand::Stop) | Err(_) => return Flow::Stop,
+                Ok(VcpuCommand::Pause) | Ok(VcpuCommand::Wake) => {}
+            }
+        }
+    }
+}
+
+fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
+    match exit {
+        VcpuExit::Exception => "unexpected exception exit",
+        VcpuExit::Debug(_) => "unexpected debug exit",
+        VcpuExit::Unknown => "unknown exit",
+        VcpuExit::Unsupported(_) => "exit reason this KVM crate does not know",
+        _ => "unexpected exit",
+    }
+}
+
+/// A deadline `timeout` from now, saturating far in the future.
+pub fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now().checked_add(timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365))
+}

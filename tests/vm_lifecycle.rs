@@ -1,0 +1,165 @@
+//! Lifecycle of real VMs on /dev/kvm running the built-in guest.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use luvisor_runtime::{Registry, VmOutcome, VmState};
+
+#[test]
+fn hello_and_exit_code() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "hello", "hello; exit 7");
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(7));
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert_eq!(vm.console().text(), "hello from luvisor guest\n");
+    assert!(vm.boot_time().is_some());
+}
+
+#[test]
+fn fault_is_reported_as_crash_with_rip() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "crasher", "hello; fault");
+    let outcome = vm.wait(TIMEOUT).unwrap();
+    assert_eq!(vm.state(), VmState::Crashed);
+    let VmOutcome::Crashed(reason) = outcome else { panic!("expected a crash, got {outcome:?}") };
+    assert!(reason.contains("rip=0x"), "reason names RIP: {reason}");
+    assert!(reason.contains("triple fault") || reason.contains("internal error"), "reason names the exit kind: {reason}");
+}
+
+#[test]
+fn compute_matches_host() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "compute", "compute 1000000");
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..1_000_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = x.wrapping_add(i);
+    }
+    assert_eq!(vm.console().text(), format!("compute {x:016x}\n"));
+}
+
+fn counts(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("count ")).count()
+}
+
+#[test]
+fn paused_counter_does_not_advance() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "counter", "count 20");
+    vm.wait_for_console("count 3", 0, TIMEOUT).unwrap();
+    vm.pause().unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    let before = counts(&vm.console().text());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counts(&vm.console().text()), before, "no output while paused");
+    vm.resume().unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    let next = format!("count {}", before + 2);
+    vm.wait_for_console(&next, 0, TIMEOUT).unwrap();
+    // Paused time is not guest time: no burst of catch-up lines after resume.
+    let after = counts(&vm.console().text());
+    assert!(after <= before + 4, "after resume the counter goes on at its pace ({before} -> {after})");
+    vm.stop();
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert_eq!(vm.outcome(), Some(VmOutcome::Stopped));
+}
+
+#[test]
+fn stop_is_idempotent_and_keeps_the_record() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "stopper", "hello; idle");
+    vm.wait_for_console("luvisor guest", 0, TIMEOUT).unwrap();
+    vm.stop();
+    vm.stop();
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert!(vm.console().text().contains("hello from luvisor guest"));
+    assert!(vm.pause().is_err());
+    assert!(vm.start().is_err(), "a stopped VM cannot be started again");
+    let id = vm.id();
+    assert!(reg.destroy(id));
+    assert!(reg.get(id).is_none());
+    // The name is free again.
+    let again = start(&reg, "stopper", "exit 0");
+    assert_eq!(again.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+}
+
+#[test]
+fn sixteen_vms_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vms: Vec<_> = (0..16).map(|i| start(&reg, &format!("many-{i}"), &format!("count 10 3; exit {i}"))).collect();
+    for (i, vm) in vms.iter().enumerate() {
+        assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(i as i32));
+        assert_eq!(counts(&vm.console().text()), 3);
+    }
+}
+
+#[test]
+fn multi_vcpu_vm_runs_and_pauses() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let mut config = builtin("smp", "count 10");
+    config.vcpus = 4;
+    let vm = reg.create(config).unwrap();
+    vm.start().unwrap();
+    vm.wait_for_console("count 2", 0, TIMEOUT).unwrap();
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    vm.wait_for_console("count 4", 0, TIMEOUT).unwrap();
+    vm.stop();
+    assert_eq!(vm.state(), VmState::Stopped);
+}
+
+#[test]
+fn guest_reports_bad_commands() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "bad", "hello; frobnicate 3");
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(2));
+    assert!(vm.console().text().contains("error: frobnicate: unknown command"));
+}
+
+#[test]
+fn touch_writes_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "toucher", "touch 16; touch 16");
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    let text = vm.console().text();
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].starts_with("touched 16 MiB "));
+    assert_eq!(lines[0], lines[1], "same pattern, same checksum; the pages went back to the pool");
+    let reg2 = Registry::new();
+    let big = start(&reg2, "too-big", "touch 1024");
+    assert_eq!(big.wait(TIMEOUT).unwrap(), VmOutcome::Exited(2));
+    assert!(big.console().text().contains("not enough free guest memory"));
+}
