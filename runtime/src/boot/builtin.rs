@@ -19,7 +19,9 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::{Elf, KernelLoader};
 use luvisor_guest_abi::layout::*;
-use luvisor_guest_abi::{BootInfo, RamRegion, BOOT_MAGIC, BOOT_VERSION, MAX_CMDLINE, MAX_RAM_REGIONS};
+use luvisor_guest_abi::{BootInfo, RamRegion, BOOT_MAGIC, BOOT_VERSION, MAX_RAM_REGIONS};
+/// The longest command line the built-in guest accepts, in bytes.
+pub use luvisor_guest_abi::MAX_CMDLINE;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

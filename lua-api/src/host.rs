@@ -1,0 +1,61 @@
+//! `hv.host()` and `hv.sleep()`.
+
+use luvisor_runtime::host::{HostInfo, KvmInfo};
+use mlua::{Lua, Table, Value};
+
+use crate::options::seconds_value;
+
+pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
+    hv.set("host", lua.create_function(|lua, ()| host_table(lua))?)?;
+    hv.set(
+        "sleep",
+        lua.create_function(|_, secs: Value| {
+            let duration = seconds_value(&secs)
+                .map_err(|got| mlua::Error::runtime(format!("hv.sleep: seconds must be a number >= 0, got {got}")))?
+                .ok_or_else(|| mlua::Error::runtime("hv.sleep: seconds must be a number >= 0, got nil"))?;
+            std::thread::sleep(duration);
+            Ok(())
+        })?,
+    )
+}
+
+/// `{ cpus, memory_total, memory_available, kvm = { api, backend, ... } }`. The `kvm`
+/// field is `false` with `kvm_error` set when /dev/kvm cannot be opened.
+fn host_table(lua: &Lua) -> mlua::Result<Table> {
+    let info = HostInfo::query();
+    let t = lua.create_table()?;
+    t.set("cpus", info.cpus)?;
+    t.set("memory_total", info.memory_total)?;
+    t.set("memory_available", info.memory_available)?;
+    match luvisor_runtime::vstate::kvm() {
+        Ok(kvm) => {
+            let k = KvmInfo::query(&kvm);
+            let kt = lua.create_table()?;
+            kt.set("api", k.api_version)?;
+            kt.set("backend", k.backend.as_str())?;
+            kt.set("max_vcpus", k.max_vcpus)?;
+            kt.set("irqchip", k.irqchip)?;
+            kt.set("irqfd", k.irqfd)?;
+            kt.set("ioeventfd", k.ioeventfd)?;
+            kt.set("dirty_log", k.dirty_log)?;
+            t.set("kvm", kt)?;
+        }
+        Err(e) => {
+            t.set("kvm", false)?;
+            t.set("kvm_error", error_chain(&e))?;
+        }
+    }
+    Ok(t)
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

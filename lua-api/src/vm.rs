@@ -1,0 +1,189 @@
+//! `hv.vm{}`, `hv.vms()` and the `Vm` handle.
+//!
+//! A `Vm` userdata holds only the VM's id and name. Every field read and method call
+//! resolves the id in the registry again; once the VM is destroyed the handle raises
+//! "vm 'x' no longer exists".
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use luvisor_runtime::size::format_size;
+use luvisor_runtime::vm::{describe_outcome, MAX_VCPUS};
+use luvisor_runtime::{Registry, Vm, VmConfig, VmId, VmOutcome};
+use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
+
+use crate::guest::Guest;
+use crate::host::error_chain;
+use crate::options::Options;
+
+/// Waits without a `timeout` option give up after this long, so a forgotten timeout
+/// cannot hang a test run forever. `timeout = math.huge` waits without limit.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+const VM_OPTIONS: &[&str] = &["name", "vcpus", "memory", "guest", "console"];
+
+/// The Lua handle on a VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    pub id: VmId,
+    pub name: String,
+    registry: Arc<Registry>,
+}
+
+impl VmHandle {
+    pub fn new(vm: &Vm, registry: Arc<Registry>) -> VmHandle {
+        VmHandle { id: vm.id(), name: vm.name().to_string(), registry }
+    }
+
+    /// The live VM, or the error every stale handle raises.
+    pub fn resolve(&self) -> mlua::Result<Arc<Vm>> {
+        self.registry
+            .get(self.id)
+            .ok_or_else(|| mlua::Error::runtime(format!("vm '{}' no longer exists", self.name)))
+    }
+
+    /// One line for `tostring` and the REPL: `vm<demo #1 running, 1 vcpu, 128M>`.
+    pub fn describe(&self) -> String {
+        match self.registry.get(self.id) {
+            Some(vm) => format!(
+                "vm<{} #{} {}, {} vcpu{}, {}>",
+                vm.name(),
+                self.id.0,
+                vm.state(),
+                vm.config().vcpus,
+                if vm.config().vcpus == 1 { "" } else { "s" },
+                format_size(vm.config().memory)
+            ),
+            None => format!("vm<{} #{} destroyed>", self.name, self.id.0),
+        }
+    }
+}
+
+fn lua_err(e: impl std::error::Error) -> mlua::Error {
+    mlua::Error::runtime(error_chain(&e))
+}
+
+/// Reads `{ timeout = seconds }` for method `method`.
+fn wait_timeout(lua: &Lua, method: &str, opts: Value, extra: &[&str]) -> mlua::Result<(Duration, Options)> {
+    let mut valid = vec!["timeout"];
+    valid.extend_from_slice(extra);
+    let opts = Options::from_value(lua, &format!("vm:{method}"), opts, &valid)?;
+    Ok((opts.seconds("timeout")?.unwrap_or(DEFAULT_WAIT), opts))
+}
+
+impl UserData for VmHandle {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("id", |_, this| Ok(this.id.0));
+        fields.add_field_method_get("name", |_, this| Ok(this.name.clone()));
+        fields.add_field_method_get("state", |_, this| Ok(this.resolve()?.state().as_str()));
+        fields.add_field_method_get("vcpus", |_, this| Ok(this.resolve()?.config().vcpus));
+        fields.add_field_method_get("memory_size", |_, this| Ok(this.resolve()?.config().memory));
+        fields.add_field_method_get("boot_time_ms", |_, this| {
+            Ok(this.resolve()?.boot_time().map(|d| d.as_secs_f64() * 1000.0))
+        });
+        fields.add_field_method_get("run_time_ms", |_, this| Ok(this.resolve()?.run_time().as_secs_f64() * 1000.0));
+        fields.add_field_method_get("exit_code", |_, this| {
+            Ok(match this.resolve()?.outcome() {
+                Some(VmOutcome::Exited(code)) => Some(code),
+                _ => None,
+            })
+        });
+        fields.add_field_method_get("crash_reason", |_, this| {
+            Ok(match this.resolve()?.outcome() {
+                Some(VmOutcome::Crashed(reason)) => Some(reason),
+                _ => None,
+            })
+        });
+        fields.add_field_method_get("console_offset", |_, this| Ok(this.resolve()?.console().total()));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("start", |_, this, ()| this.resolve()?.start().map_err(lua_err));
+        methods.add_method("pause", |_, this, ()| this.resolve()?.pause().map_err(lua_err));
+        methods.add_method("resume", |_, this, ()| this.resolve()?.resume().map_err(lua_err));
+        methods.add_method("stop", |_, this, ()| {
+            this.resolve()?.stop();
+            Ok(())
+        });
+        methods.add_method("destroy", |_, this, ()| {
+            this.resolve()?;
+            this.registry.destroy(this.id);
+            Ok(())
+        });
+        methods.add_method("console", |_, this, ()| Ok(this.resolve()?.console().text()));
+        methods.add_method("wait", |lua, this, opts: Value| {
+            let vm = this.resolve()?;
+            let (timeout, _) = wait_timeout(lua, "wait", opts, &[])?;
+            let outcome = vm.wait(timeout).map_err(lua_err)?;
+            let state = vm.state().as_str();
+            Ok(match outcome {
+                VmOutcome::Exited(code) => (Some(code), state, None),
+                other => (None, state, Some(describe_outcome(Some(&other)))),
+            })
+        });
+        methods.add_method("wait_for_console", |lua, this, (pattern, opts): (Value, Value)| {
+            let vm = this.resolve()?;
+            let pattern = match pattern {
+                Value::String(s) => s.to_str()?.to_string(),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got a {}",
+                        other.type_name()
+                    )))
+                }
+            };
+            let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
+            let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
+            let (line, end) = vm.wait_for_console(&pattern, after, timeout).map_err(lua_err)?;
+            Ok((line, end))
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
+        methods.add_meta_method(MetaMethod::Eq, |_, this, other: AnyUserData| {
+            Ok(other.borrow::<VmHandle>().map(|o| o.id == this.id).unwrap_or(false))
+        });
+    }
+}
+
+pub fn register(lua: &Lua, hv: &Table, registry: Arc<Registry>) -> mlua::Result<()> {
+    let reg = registry.clone();
+    hv.set("vm", lua.create_function(move |lua, opts: Value| create_vm(lua, opts, &reg))?)?;
+    let reg = registry;
+    hv.set(
+        "vms",
+        lua.create_function(move |_, ()| {
+            Ok(reg.list().iter().map(|vm| VmHandle::new(vm, reg.clone())).collect::<Vec<_>>())
+        })?,
+    )
+}
+
+fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<VmHandle> {
+    let opts = Options::from_value(lua, "hv.vm", opts, VM_OPTIONS)?;
+    let name = opts
+        .string("name")?
+        .ok_or_else(|| opts.error("option 'name' is required: a unique string such as \"web-1\""))?;
+    let guest = match opts.raw("guest")? {
+        Value::UserData(ud) => ud.borrow::<Guest>().map(|g| g.0.clone()).map_err(|_| {
+            opts.error("option 'guest' must be a guest such as hv.guest.builtin{ cmdline = \"hello\" }")
+        })?,
+        Value::Nil => {
+            return Err(opts.error("option 'guest' is required, e.g. guest = hv.guest.builtin{ cmdline = \"hello\" }"))
+        }
+        other => {
+            return Err(opts.error(format!(
+                "option 'guest' must be a guest such as hv.guest.builtin{{ cmdline = \"hello\" }}, got a {}",
+                other.type_name()
+            )))
+        }
+    };
+    let mut config = VmConfig::new(name, guest);
+    if let Some(vcpus) = opts.integer("vcpus", 1, MAX_VCPUS as i64)? {
+        config.vcpus = vcpus as u8;
+    }
+    if let Some(memory) = opts.size("memory")? {
+        config.memory = memory;
+    }
+    config.console_file = opts.string("console")?.map(PathBuf::from);
+    let vm = registry.create(config).map_err(|e| opts.error(error_chain(&e)))?;
+    Ok(VmHandle::new(&vm, registry.clone()))
+}
