@@ -661,7 +661,7 @@ impl VcpuHost for Vm {
                 inner.outcome = Some(VmOutcome::Exited(*code));
             }
             GuestEnd::Crashed(reason) => {
-                tracing::warn!(vm = self.name(), vcpu = index, reason, "guest crashed");
+                tracing::info!(vm = self.name(), vcpu = index, reason, "guest crashed");
                 inner.state = VmState::Crashed;
                 inner.outcome = Some(VmOutcome::Crashed(reason.clone()));
             }

@@ -1,0 +1,155 @@
+//! The `luvisor` command line: help, version, exit codes, errors, doctor, REPL.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn luvisor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_luvisor")).args(args).output().expect("run luvisor")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn script(name: &str, body: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("luvisor-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn help_and_version() {
+    let help = luvisor(&["--help"]);
+    assert!(help.status.success());
+    let out = text(&help.stdout);
+    for word in ["run", "repl", "doctor", "--log-level", "--log-format"] {
+        assert!(out.contains(word), "--help mentions {word}:\n{out}");
+    }
+    let run_help = text(&luvisor(&["run", "--help"]).stdout);
+    assert!(run_help.contains("traceback") && run_help.contains("os.exit"), "{run_help}");
+    let version = luvisor(&["--version"]);
+    assert!(version.status.success());
+    assert_eq!(text(&version.stdout).trim(), format!("luvisor {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn bad_options_are_rejected() {
+    let out = luvisor(&["--log-format", "xml", "doctor"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("possible values: text, json"), "{}", text(&out.stderr));
+    let out = luvisor(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("<SCRIPT>"));
+    let out = luvisor(&["run", "/nonexistent/script.lua"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/script.lua"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn script_error_prints_traceback_and_exits_1() {
+    let path = script("fails.lua", "local function inner()\n  error('boom here')\nend\ninner()\n");
+    let out = luvisor(&["run", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("fails.lua:2: boom here"), "{err}");
+    assert!(err.contains("stack traceback:"), "{err}");
+    assert!(err.contains("in local 'inner'") || err.contains("in function"), "{err}");
+    let syntax = script("syntax.lua", "local x = = 1\n");
+    let out = luvisor(&["run", syntax.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("syntax.lua:1:"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn os_exit_code_and_vms_stopped() {
+    if !common::kvm_available() {
+        return;
+    }
+    let path = script(
+        "exit.lua",
+        "local vm = hv.vm{ name = 'x', memory = '16M', guest = hv.guest.builtin{ cmdline = 'idle' } }\n\
+         vm:start()\nos.exit(tonumber(arg[1]))\n",
+    );
+    for code in ["0", "5"] {
+        let out = luvisor(&["run", path.to_str().unwrap(), code]);
+        assert_eq!(out.status.code(), Some(code.parse().unwrap()), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn doctor_reports_backend() {
+    if !common::kvm_available() {
+        return;
+    }
+    let out = luvisor(&["doctor"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("KVM API version: 12"), "{stdout}");
+    assert!(stdout.contains("probe VM"), "{stdout}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(stdout.contains("backend: pvm"), "{stdout}");
+        assert!(stdout.contains("PVM is software virtualization"), "{stdout}");
+    }
+}
+
+#[test]
+fn json_logs_go_to_stderr() {
+    if !common::kvm_available() {
+        return;
+    }
+    let path = script(
+        "log.lua",
+        "local vm = hv.vm{ name = 'logged', memory = '16M', guest = hv.guest.builtin{ cmdline = 'exit 0' } }\n\
+         vm:start()\nvm:wait{ timeout = 10 }\n",
+    );
+    let out = luvisor(&["--log-level", "info", "--log-format", "json", "run", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    let line = err.lines().find(|l| l.contains("vm started")).unwrap_or_else(|| panic!("no start log in {err}"));
+    assert!(line.starts_with('{') && line.contains("\"vm\":\"logged\""), "{line}");
+    assert!(text(&out.stdout).is_empty());
+}
+
+#[test]
+fn repl_evaluates_piped_input() {
+    if !common::kvm_available() {
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("luvisor-repl-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .arg("repl")
+        .env("XDG_STATE_HOME", &state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = "1 + 1\n\
+                 function twice(x)\n  return 2 * x\nend\n\
+                 twice(21)\n\
+                 vm = hv.vm{ name = 'r', memory = '16M', guest = hv.guest.builtin{ cmdline = 'hello; idle' } }\n\
+                 vm\n\
+                 vm:start()\n\
+                 vm:wait_for_console('luvisor guest', { timeout = 10 })\n\
+                 { a = 1, 'x' }\n\
+                 error('oops')\n\
+                 vm.state\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"2"), "{stdout}");
+    assert!(lines.contains(&"42"), "multi-line function definition works:\n{stdout}");
+    assert!(stdout.contains("vm<r #1 created, 1 vcpu, 16M>"), "{stdout}");
+    assert!(stdout.contains("\"hello from luvisor guest\"\t"), "{stdout}");
+    assert!(stdout.contains("{ \"x\", a = 1 }"), "{stdout}");
+    assert!(stdout.contains("\"running\""), "{stdout}");
+    assert!(stderr.contains("oops"), "{stderr}");
+    let _ = std::fs::remove_dir_all(state);
+}

@@ -1,0 +1,74 @@
+-- Every bad input raises a Lua error that names the argument and what is accepted,
+-- and changes nothing.
+
+local function fails(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching '" .. pattern .. "'")
+  err = tostring(err)
+  assert(err:find(pattern, 1, true), "error '" .. err .. "' does not mention '" .. pattern .. "'")
+  return err
+end
+
+local guest = hv.guest.builtin{ cmdline = "exit 0" }
+
+-- Unknown option keys list the valid ones.
+local err = fails("unknown option 'memroy'", hv.vm, { name = "a", memroy = "64M", guest = guest })
+assert(err:find("valid options are: name, vcpus, memory, guest, console", 1, true), err)
+fails("unknown option 'cmd'", hv.guest.builtin, { cmd = "hello" })
+fails("expected an options table", hv.vm, "demo")
+
+-- Sizes.
+err = fails("option 'memory' must be a size", hv.vm, { name = "a", memory = "12Q", guest = guest })
+assert(err:find('"12Q"', 1, true) and err:find('"128M"', 1, true), err)
+fails("option 'memory' must be a size", hv.vm, { name = "a", memory = -5, guest = guest })
+fails("option 'memory' must be a size", hv.vm, { name = "a", memory = {}, guest = guest })
+fails("memory = 1000 bytes is invalid", hv.vm, { name = "a", memory = 1000, guest = guest })
+fails("memory = 1099511627776 bytes is invalid", hv.vm, { name = "a", memory = "1T", guest = guest })
+
+-- vCPUs.
+fails("option 'vcpus' must be an integer from 1 to 8, got 0", hv.vm, { name = "a", vcpus = 0, guest = guest })
+fails("option 'vcpus' must be an integer from 1 to 8, got 9", hv.vm, { name = "a", vcpus = 9, guest = guest })
+fails("option 'vcpus' must be an integer from 1 to 8, got 1.5", hv.vm, { name = "a", vcpus = 1.5, guest = guest })
+fails("option 'vcpus' must be an integer from 1 to 8, got \"two\"", hv.vm, { name = "a", vcpus = "two", guest = guest })
+
+-- Required options and their types.
+fails("option 'name' is required", hv.vm, { guest = guest })
+fails("option 'guest' is required", hv.vm, { name = "a" })
+fails("option 'guest' must be a guest", hv.vm, { name = "a", guest = "hello" })
+fails("option 'name' must be a string", hv.vm, { name = 42, guest = guest })
+
+-- None of the failures above created a VM.
+assert(#hv.vms() == 0, "failed constructors must not leave VMs behind")
+
+-- Duplicate names.
+local a = hv.vm{ name = "a", memory = "16M", guest = guest }
+fails("a vm named 'a' already exists", hv.vm, { name = "a", guest = guest })
+assert(#hv.vms() == 1)
+
+-- Waits and their options.
+fails("never started", a.wait, a, { timeout = 1 })
+fails("vm:wait: option 'timeout' must be a number of seconds >= 0, got -1", a.wait, a, { timeout = -1 })
+fails("vm:wait: unknown option 'timout'", a.wait, a, { timout = 1 })
+fails("vm:wait_for_console: pattern must be a string", a.wait_for_console, a, 42)
+fails("hv.sleep: seconds must be a number >= 0", hv.sleep, "soon")
+
+-- Lifecycle misuse.
+fails("cannot pause vm 'a': it is created", a.pause, a)
+fails("cannot resume vm 'a': it is created", a.resume, a)
+a:start()
+fails("cannot start vm 'a': it is running", a.start, a)
+assert(a:wait{ timeout = 10 } == 0)
+fails("cannot pause vm 'a': it is stopped", a.pause, a)
+
+-- Stale handles.
+a:destroy()
+fails("vm 'a' no longer exists", function() return a.state end)
+fails("vm 'a' no longer exists", a.start, a)
+fails("vm 'a' no longer exists", a.destroy, a)
+assert(tostring(a):find("destroyed", 1, true), tostring(a))
+assert(#hv.vms() == 0)
+
+-- The name is free again.
+local again = hv.vm{ name = "a", memory = "16M", guest = guest }
+assert(again.state == "created")
+print("bad input: ok")
