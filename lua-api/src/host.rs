@@ -27,6 +27,9 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
     t.set("cpus", info.cpus)?;
     t.set("memory_total", info.memory_total)?;
     t.set("memory_available", info.memory_available)?;
+    // This luvisor process: resident memory and CPU time used so far (for benchmarks).
+    t.set("process_rss", luvisor_runtime::host::process_rss())?;
+    t.set("process_cpu_seconds", luvisor_runtime::host::process_cpu_seconds())?;
     match luvisor_runtime::vstate::kvm() {
         Ok(kvm) => {
             let k = KvmInfo::query(&kvm);

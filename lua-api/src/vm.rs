@@ -95,6 +95,7 @@ impl UserData for VmHandle {
                 _ => None,
             })
         });
+        fields.add_field_method_get("memory_resident", |_, this| Ok(this.resolve()?.memory_resident()));
         fields.add_field_method_get("console_offset", |_, this| Ok(this.resolve()?.console().total()));
     }
 

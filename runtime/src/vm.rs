@@ -318,6 +318,10 @@ impl Vm {
     pub fn run_time(&self) -> Duration {
         self.clock.elapsed()
     }
+    /// Bytes of guest memory resident on the host (0 once the VM no longer runs).
+    pub fn memory_resident(&self) -> u64 {
+        self.lock().machine.as_ref().map_or(0, |m| memory::resident_bytes(&m.memory))
+    }
     pub fn console(&self) -> &Arc<Console> {
         &self.console
     }

@@ -166,7 +166,7 @@ mod tests {
         let soon = Instant::now() + Duration::from_millis(10);
         let (line, end) = c.wait_for("luvisor", 0, soon).unwrap();
         assert_eq!(line, "hello from luvisor guest");
-        assert_eq!(end, 5 + 6 + 7);
+        assert_eq!(end, "boot\nhello from luvisor".len() as u64);
         assert_eq!(c.wait_for("hello", end, soon), Err(ConsoleWaitEnd::TimedOut));
         c.close();
         assert_eq!(c.wait_for("nope", 0, soon + Duration::from_secs(5)), Err(ConsoleWaitEnd::Closed));
