@@ -16,8 +16,19 @@ fn main() {
     let target_dir = out_dir.join("guest-target");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
 
-    for watched in ["Cargo.toml", "Cargo.lock", "build.rs", "linker.ld", "src", "abi/src", "abi/Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", guest_dir.join(watched).display());
+    for watched in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "linker.ld",
+        "src",
+        "abi/src",
+        "abi/Cargo.toml",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_dir.join(watched).display()
+        );
     }
 
     let status = Command::new(&cargo)
@@ -35,7 +46,10 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {cargo} to build the built-in guest: {e}"));
     if !status.success() {
-        panic!("building the built-in guest in {} failed: {status}", guest_dir.display());
+        panic!(
+            "building the built-in guest in {} failed: {status}",
+            guest_dir.display()
+        );
     }
     let elf = target_dir.join("release").join("luvisor-guest");
     std::fs::copy(&elf, out_dir.join("guest.elf"))

@@ -31,12 +31,18 @@ enum Eval {
 
 /// Evaluates `source` as an expression first (so `1 + 1` prints 2), then as statements.
 fn eval(lua: &Lua, source: &str) -> Eval {
-    let as_expression = lua.load(format!("return {source}")).set_name("=stdin").into_function();
+    let as_expression = lua
+        .load(format!("return {source}"))
+        .set_name("=stdin")
+        .into_function();
     let function = match as_expression {
         Ok(f) => f,
         Err(_) => match lua.load(source).set_name("=stdin").into_function() {
             Ok(f) => f,
-            Err(mlua::Error::SyntaxError { incomplete_input: true, .. }) => return Eval::Incomplete,
+            Err(mlua::Error::SyntaxError {
+                incomplete_input: true,
+                ..
+            }) => return Eval::Incomplete,
             Err(e) => return Eval::Error(e.to_string()),
         },
     };
@@ -65,10 +71,17 @@ pub fn run(registry: Arc<Registry>) -> ExitCode {
     if let Some(path) = &history {
         let _ = editor.load_history(path);
     }
-    println!("luvisor {} repl: Lua 5.4 with the `hv` module. Ctrl-D exits and stops every VM.", env!("CARGO_PKG_VERSION"));
+    println!(
+        "luvisor {} repl: Lua 5.4 with the `hv` module. Ctrl-D exits and stops every VM.",
+        env!("CARGO_PKG_VERSION")
+    );
     let mut buffer = String::new();
     loop {
-        let prompt = if buffer.is_empty() { PROMPT } else { CONTINUE_PROMPT };
+        let prompt = if buffer.is_empty() {
+            PROMPT
+        } else {
+            CONTINUE_PROMPT
+        };
         match editor.readline(prompt) {
             Ok(line) => {
                 if !buffer.is_empty() {
@@ -79,7 +92,8 @@ pub fn run(registry: Arc<Registry>) -> ExitCode {
                     Eval::Incomplete => continue,
                     Eval::Values(values) => {
                         if !values.is_empty() {
-                            let shown: Vec<String> = values.iter().map(|v: &Value| format_value(v, 2)).collect();
+                            let shown: Vec<String> =
+                                values.iter().map(|v: &Value| format_value(v, 2)).collect();
                             println!("{}", shown.join("\t"));
                         }
                     }

@@ -6,7 +6,10 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 fn luvisor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_luvisor")).args(args).output().expect("run luvisor")
+    Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(args)
+        .output()
+        .expect("run luvisor")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -30,38 +33,62 @@ fn help_and_version() {
         assert!(out.contains(word), "--help mentions {word}:\n{out}");
     }
     let run_help = text(&luvisor(&["run", "--help"]).stdout);
-    assert!(run_help.contains("traceback") && run_help.contains("os.exit"), "{run_help}");
+    assert!(
+        run_help.contains("traceback") && run_help.contains("os.exit"),
+        "{run_help}"
+    );
     let version = luvisor(&["--version"]);
     assert!(version.status.success());
-    assert_eq!(text(&version.stdout).trim(), format!("luvisor {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&version.stdout).trim(),
+        format!("luvisor {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
 fn bad_options_are_rejected() {
     let out = luvisor(&["--log-format", "xml", "doctor"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("possible values: text, json"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("possible values: text, json"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = luvisor(&["run"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("<SCRIPT>"));
     let out = luvisor(&["run", "/nonexistent/script.lua"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("cannot read /nonexistent/script.lua"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read /nonexistent/script.lua"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn script_error_prints_traceback_and_exits_1() {
-    let path = script("fails.lua", "local function inner()\n  error('boom here')\nend\ninner()\n");
+    let path = script(
+        "fails.lua",
+        "local function inner()\n  error('boom here')\nend\ninner()\n",
+    );
     let out = luvisor(&["run", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("fails.lua:2: boom here"), "{err}");
     assert!(err.contains("stack traceback:"), "{err}");
-    assert!(err.contains("in local 'inner'") || err.contains("in function"), "{err}");
+    assert!(
+        err.contains("in local 'inner'") || err.contains("in function"),
+        "{err}"
+    );
     let syntax = script("syntax.lua", "local x = = 1\n");
     let out = luvisor(&["run", syntax.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("syntax.lua:1:"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("syntax.lua:1:"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -76,7 +103,12 @@ fn os_exit_code_and_vms_stopped() {
     );
     for code in ["0", "5"] {
         let out = luvisor(&["run", path.to_str().unwrap(), code]);
-        assert_eq!(out.status.code(), Some(code.parse().unwrap()), "{}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(code.parse().unwrap()),
+            "{}",
+            text(&out.stderr)
+        );
     }
 }
 
@@ -92,7 +124,10 @@ fn doctor_reports_backend() {
     assert!(stdout.contains("probe VM"), "{stdout}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(stdout.contains("backend: pvm"), "{stdout}");
-        assert!(stdout.contains("PVM is software virtualization"), "{stdout}");
+        assert!(
+            stdout.contains("PVM is software virtualization"),
+            "{stdout}"
+        );
     }
 }
 
@@ -106,11 +141,24 @@ fn json_logs_go_to_stderr() {
         "local vm = hv.vm{ name = 'logged', memory = '16M', guest = hv.guest.builtin{ cmdline = 'exit 0' } }\n\
          vm:start()\nvm:wait{ timeout = 10 }\n",
     );
-    let out = luvisor(&["--log-level", "info", "--log-format", "json", "run", path.to_str().unwrap()]);
+    let out = luvisor(&[
+        "--log-level",
+        "info",
+        "--log-format",
+        "json",
+        "run",
+        path.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let err = text(&out.stderr);
-    let line = err.lines().find(|l| l.contains("vm started")).unwrap_or_else(|| panic!("no start log in {err}"));
-    assert!(line.starts_with('{') && line.contains("\"vm\":\"logged\""), "{line}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("vm started"))
+        .unwrap_or_else(|| panic!("no start log in {err}"));
+    assert!(
+        line.starts_with('{') && line.contains("\"vm\":\"logged\""),
+        "{line}"
+    );
     assert!(text(&out.stdout).is_empty());
 }
 
@@ -138,16 +186,27 @@ fn repl_evaluates_piped_input() {
                  { a = 1, 'x' }\n\
                  error('oops')\n\
                  vm.state\n";
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.contains(&"2"), "{stdout}");
-    assert!(lines.contains(&"42"), "multi-line function definition works:\n{stdout}");
+    assert!(
+        lines.contains(&"42"),
+        "multi-line function definition works:\n{stdout}"
+    );
     assert!(stdout.contains("vm<r #1 created, 1 vcpu, 16M>"), "{stdout}");
-    assert!(stdout.contains("\"hello from luvisor guest\"\t"), "{stdout}");
+    assert!(
+        stdout.contains("\"hello from luvisor guest\"\t"),
+        "{stdout}"
+    );
     assert!(stdout.contains("{ \"x\", a = 1 }"), "{stdout}");
     assert!(stdout.contains("\"running\""), "{stdout}");
     assert!(stderr.contains("oops"), "{stderr}");

@@ -11,7 +11,9 @@ use luvisor_runtime::host::process_rss;
 use luvisor_runtime::Registry;
 
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Runs one VM that touches 32 MiB, and returns the process RSS while it was running.
@@ -40,10 +42,21 @@ fn stop_frees_memory_and_threads() {
     }
     let rss = process_rss();
     let threads = thread_count();
-    println!("rss: baseline {} KiB, after 20 cycles {} KiB, peak while running {} KiB", baseline_rss >> 10, rss >> 10, peak >> 10);
-    assert!(peak >= baseline_rss + (32 << 20), "a running VM's touched memory shows in RSS (peak {peak})");
+    println!(
+        "rss: baseline {} KiB, after 20 cycles {} KiB, peak while running {} KiB",
+        baseline_rss >> 10,
+        rss >> 10,
+        peak >> 10
+    );
+    assert!(
+        peak >= baseline_rss + (32 << 20),
+        "a running VM's touched memory shows in RSS (peak {peak})"
+    );
     // 20 cycles touch 640 MiB in all; what stays must be far below a single VM's 32 MiB.
-    assert!(rss < baseline_rss + (16 << 20), "RSS grew from {baseline_rss} to {rss} bytes");
+    assert!(
+        rss < baseline_rss + (16 << 20),
+        "RSS grew from {baseline_rss} to {rss} bytes"
+    );
     assert_eq!(threads, baseline_threads, "vCPU and event threads are gone");
     assert!(reg.list().is_empty());
 }

@@ -29,9 +29,14 @@ fn fault_is_reported_as_crash_with_rip() {
     let vm = start(&reg, "crasher", "hello; fault");
     let outcome = vm.wait(TIMEOUT).unwrap();
     assert_eq!(vm.state(), VmState::Crashed);
-    let VmOutcome::Crashed(reason) = outcome else { panic!("expected a crash, got {outcome:?}") };
+    let VmOutcome::Crashed(reason) = outcome else {
+        panic!("expected a crash, got {outcome:?}")
+    };
     assert!(reason.contains("rip=0x"), "reason names RIP: {reason}");
-    assert!(reason.contains("triple fault") || reason.contains("internal error"), "reason names the exit kind: {reason}");
+    assert!(
+        reason.contains("triple fault") || reason.contains("internal error"),
+        "reason names the exit kind: {reason}"
+    );
 }
 
 #[test]
@@ -68,14 +73,21 @@ fn paused_counter_does_not_advance() {
     assert_eq!(vm.state(), VmState::Paused);
     let before = counts(&vm.console().text());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counts(&vm.console().text()), before, "no output while paused");
+    assert_eq!(
+        counts(&vm.console().text()),
+        before,
+        "no output while paused"
+    );
     vm.resume().unwrap();
     assert_eq!(vm.state(), VmState::Running);
     let next = format!("count {}", before + 2);
     vm.wait_for_console(&next, 0, TIMEOUT).unwrap();
     // Paused time is not guest time: no burst of catch-up lines after resume.
     let after = counts(&vm.console().text());
-    assert!(after <= before + 4, "after resume the counter goes on at its pace ({before} -> {after})");
+    assert!(
+        after <= before + 4,
+        "after resume the counter goes on at its pace ({before} -> {after})"
+    );
     vm.stop();
     assert_eq!(vm.state(), VmState::Stopped);
     assert_eq!(vm.outcome(), Some(VmOutcome::Stopped));
@@ -109,7 +121,9 @@ fn sixteen_vms_at_once() {
         return;
     }
     let reg = Registry::new();
-    let vms: Vec<_> = (0..16).map(|i| start(&reg, &format!("many-{i}"), &format!("count 10 3; exit {i}"))).collect();
+    let vms: Vec<_> = (0..16)
+        .map(|i| start(&reg, &format!("many-{i}"), &format!("count 10 3; exit {i}")))
+        .collect();
     for (i, vm) in vms.iter().enumerate() {
         assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(i as i32));
         assert_eq!(counts(&vm.console().text()), 3);
@@ -142,7 +156,10 @@ fn guest_reports_bad_commands() {
     let reg = Registry::new();
     let vm = start(&reg, "bad", "hello; frobnicate 3");
     assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(2));
-    assert!(vm.console().text().contains("error: frobnicate: unknown command"));
+    assert!(vm
+        .console()
+        .text()
+        .contains("error: frobnicate: unknown command"));
 }
 
 #[test]
@@ -157,9 +174,15 @@ fn touch_writes_memory() {
     let lines: Vec<_> = text.lines().collect();
     assert_eq!(lines.len(), 2);
     assert!(lines[0].starts_with("touched 16 MiB "));
-    assert_eq!(lines[0], lines[1], "same pattern, same checksum; the pages went back to the pool");
+    assert_eq!(
+        lines[0], lines[1],
+        "same pattern, same checksum; the pages went back to the pool"
+    );
     let reg2 = Registry::new();
     let big = start(&reg2, "too-big", "touch 1024");
     assert_eq!(big.wait(TIMEOUT).unwrap(), VmOutcome::Exited(2));
-    assert!(big.console().text().contains("not enough free guest memory"));
+    assert!(big
+        .console()
+        .text()
+        .contains("not enough free guest memory"));
 }

@@ -23,10 +23,13 @@ extern "C" {
     static __guest_image_end: u8;
 }
 
-/// Entry point of every vCPU. `boot` points at the host's boot-info block.
+/// Entry point of every vCPU.
+///
+/// # Safety
+/// Only the host calls it, with `boot` pointing at the boot-info block it wrote.
 #[no_mangle]
 #[link_section = ".text._start"]
-pub extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
+pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
     if vcpu_index != 0 {
         // Secondary vCPUs have nothing to do yet; they sleep without a deadline.
         loop {
@@ -37,7 +40,10 @@ pub extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
     // nothing writes it afterwards.
     let boot = unsafe { &*boot };
     if boot.magic != BOOT_MAGIC || boot.version != BOOT_VERSION {
-        println!("error: boot-info block has bad magic or version {}", boot.version);
+        println!(
+            "error: boot-info block has bad magic or version {}",
+            boot.version
+        );
         io::exit(2);
     }
     // SAFETY: taking the address of a linker-defined symbol; it is never read.
@@ -60,7 +66,11 @@ pub extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
     io::exit(0)
 }
 
-fn run<'a>(name: &str, args: &mut impl Iterator<Item = &'a str>, pool: &mut PagePool) -> Result<(), &'static str> {
+fn run<'a>(
+    name: &str,
+    args: &mut impl Iterator<Item = &'a str>,
+    pool: &mut PagePool,
+) -> Result<(), &'static str> {
     match name {
         "hello" => println!("hello from luvisor guest"),
         "count" => {
@@ -95,7 +105,10 @@ fn arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<u64, &'static str
 fn optional_arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<Option<u64>, &'static str> {
     match args.next() {
         None => Ok(None),
-        Some(word) => word.parse().map(Some).map_err(|_| "argument is not a decimal number"),
+        Some(word) => word
+            .parse()
+            .map(Some)
+            .map_err(|_| "argument is not a decimal number"),
     }
 }
 

@@ -25,7 +25,10 @@ pub struct PagePool {
 impl PagePool {
     /// A pool of all RAM in `regions` at or above `reserved_end`.
     pub fn new(regions: &[RamRegion], reserved_end: u64) -> Self {
-        let mut pool = PagePool { ranges: [Range::default(); MAX_RANGES], count: 0 };
+        let mut pool = PagePool {
+            ranges: [Range::default(); MAX_RANGES],
+            count: 0,
+        };
         for r in regions {
             let start = align_up(r.base.max(reserved_end), PAGE);
             let end = (r.base + r.size) & !(PAGE - 1);
@@ -36,11 +39,12 @@ impl PagePool {
         pool
     }
 
-
     /// Takes `len` bytes (page-rounded) from the first range large enough.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
         let len = align_up(len, PAGE);
-        let i = self.ranges[..self.count].iter().position(|r| r.end - r.start >= len)?;
+        let i = self.ranges[..self.count]
+            .iter()
+            .position(|r| r.end - r.start >= len)?;
         let start = self.ranges[i].start;
         self.ranges[i].start += len;
         if self.ranges[i].start == self.ranges[i].end {
@@ -52,7 +56,10 @@ impl PagePool {
     /// Gives `[start, start + len)` back, merging with its neighbours.
     pub fn free(&mut self, start: u64, len: u64) {
         let end = start + align_up(len, PAGE);
-        let i = self.ranges[..self.count].iter().position(|r| r.start > start).unwrap_or(self.count);
+        let i = self.ranges[..self.count]
+            .iter()
+            .position(|r| r.start > start)
+            .unwrap_or(self.count);
         if i > 0 && self.ranges[i - 1].end == start {
             self.ranges[i - 1].end = end;
             if i < self.count && self.ranges[i].start == end {
@@ -89,7 +96,9 @@ pub fn align_up(v: u64, a: u64) -> u64 {
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees both ranges are valid and do not overlap.
-    unsafe { asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags))
+    };
     dst
 }
 
@@ -111,7 +120,9 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 #[no_mangle]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees the range is valid for writes.
-    unsafe { asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags))
+    };
     dst
 }
 

@@ -20,7 +20,9 @@ pub fn format_value(value: &Value, depth: usize) -> String {
             Ok(vm) => vm.describe(),
             Err(_) => value.to_string().unwrap_or_else(|_| "userdata".into()),
         },
-        other => other.to_string().unwrap_or_else(|_| other.type_name().into()),
+        other => other
+            .to_string()
+            .unwrap_or_else(|_| other.type_name().into()),
     }
 }
 
@@ -31,7 +33,10 @@ fn format_table(t: &Table, depth: usize) -> String {
     let mut array = Vec::new();
     let len = t.raw_len();
     for i in 1..=len.min(MAX_ITEMS) {
-        array.push(format_value(&t.raw_get::<Value>(i).unwrap_or(Value::Nil), depth - 1));
+        array.push(format_value(
+            &t.raw_get::<Value>(i).unwrap_or(Value::Nil),
+            depth - 1,
+        ));
     }
     let mut keyed: Vec<(String, String)> = Vec::new();
     for (k, v) in t.clone().pairs::<Value, Value>().flatten() {
@@ -58,7 +63,12 @@ fn format_table(t: &Table, depth: usize) -> String {
     if len > MAX_ITEMS {
         items.push(format!("... ({} more)", len - MAX_ITEMS));
     }
-    items.extend(keyed.into_iter().take(MAX_ITEMS).map(|(k, v)| format!("{k} = {v}")));
+    items.extend(
+        keyed
+            .into_iter()
+            .take(MAX_ITEMS)
+            .map(|(k, v)| format!("{k} = {v}")),
+    );
     if items.is_empty() {
         "{}".into()
     } else {
@@ -79,8 +89,17 @@ mod tests {
     #[test]
     fn formats_tables_sorted() {
         let lua = mlua::Lua::new();
-        let v: Value = lua.load(r#"return { 1, "two", b = true, a = { x = 1 }, ["not id"] = 3 }"#).eval().unwrap();
-        assert_eq!(format_value(&v, 2), r#"{ 1, "two", ["not id"] = 3, a = { x = 1 }, b = true }"#);
-        assert_eq!(format_value(&v, 1), r#"{ 1, "two", ["not id"] = 3, a = {...}, b = true }"#);
+        let v: Value = lua
+            .load(r#"return { 1, "two", b = true, a = { x = 1 }, ["not id"] = 3 }"#)
+            .eval()
+            .unwrap();
+        assert_eq!(
+            format_value(&v, 2),
+            r#"{ 1, "two", ["not id"] = 3, a = { x = 1 }, b = true }"#
+        );
+        assert_eq!(
+            format_value(&v, 1),
+            r#"{ 1, "two", ["not id"] = 3, a = {...}, b = true }"#
+        );
     }
 }

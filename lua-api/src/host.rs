@@ -11,8 +11,14 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
         "sleep",
         lua.create_function(|_, secs: Value| {
             let duration = seconds_value(&secs)
-                .map_err(|got| mlua::Error::runtime(format!("hv.sleep: seconds must be a number >= 0, got {got}")))?
-                .ok_or_else(|| mlua::Error::runtime("hv.sleep: seconds must be a number >= 0, got nil"))?;
+                .map_err(|got| {
+                    mlua::Error::runtime(format!(
+                        "hv.sleep: seconds must be a number >= 0, got {got}"
+                    ))
+                })?
+                .ok_or_else(|| {
+                    mlua::Error::runtime("hv.sleep: seconds must be a number >= 0, got nil")
+                })?;
             std::thread::sleep(duration);
             Ok(())
         })?,
@@ -29,7 +35,10 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
     t.set("memory_available", info.memory_available)?;
     // This luvisor process: resident memory and CPU time used so far (for benchmarks).
     t.set("process_rss", luvisor_runtime::host::process_rss())?;
-    t.set("process_cpu_seconds", luvisor_runtime::host::process_cpu_seconds())?;
+    t.set(
+        "process_cpu_seconds",
+        luvisor_runtime::host::process_cpu_seconds(),
+    )?;
     match luvisor_runtime::vstate::kvm() {
         Ok(kvm) => {
             let k = KvmInfo::query(&kvm);

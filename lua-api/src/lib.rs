@@ -3,11 +3,11 @@
 //! Each namespace lives in its own module with a `register` function; [`register`] is
 //! the one list that installs them all, so there is a single place to look:
 //!
-//! - [`vm`]: `hv.vm{}`, `hv.vms()` and the `Vm` handle's fields and methods;
-//! - [`guest`]: `hv.guest.builtin{}`;
-//! - [`host`]: `hv.host()` and `hv.sleep()`;
-//! - [`script`]: running a script file the way `luvisor run` does;
-//! - [`display`]: readable forms of values for the REPL.
+//! - [`vm`] has `hv.vm{}`, `hv.vms()` and the `Vm` handle's fields and methods;
+//! - [`guest`] has `hv.guest.builtin{}`;
+//! - [`host`] has `hv.host()` and `hv.sleep()`;
+//! - [`script`] runs a script file the way `luvisor run` does;
+//! - [`display`] gives readable forms of values for the REPL.
 //!
 //! Lua objects are handles: a `Vm` holds an id and resolves it in the runtime's
 //! [`Registry`] on every call, so a destroyed VM raises "vm 'x' no longer exists" and

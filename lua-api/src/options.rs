@@ -34,12 +34,20 @@ impl Options {
                 )));
             }
         }
-        Ok(Options { function: function.to_string(), table })
+        Ok(Options {
+            function: function.to_string(),
+            table,
+        })
     }
 
     /// Accepts a table argument, or reports what the function expects.
     /// A missing table (`nil`) reads as an empty one.
-    pub fn from_value(lua: &mlua::Lua, function: &str, value: Value, valid: &[&str]) -> mlua::Result<Options> {
+    pub fn from_value(
+        lua: &mlua::Lua,
+        function: &str,
+        value: Value,
+        valid: &[&str],
+    ) -> mlua::Result<Options> {
         match value {
             Value::Table(t) => Options::new(function, t, valid),
             Value::Nil => Options::new(function, lua.create_table()?, valid),
@@ -63,7 +71,10 @@ impl Options {
         match self.raw(key)? {
             Value::Nil => Ok(None),
             Value::String(s) => Ok(Some(s.to_str()?.to_string())),
-            other => Err(self.error(format!("option '{key}' must be a string, got a {}", other.type_name()))),
+            other => Err(self.error(format!(
+                "option '{key}' must be a string, got a {}",
+                other.type_name()
+            ))),
         }
     }
 
@@ -71,7 +82,10 @@ impl Options {
         match self.raw(key)? {
             Value::Nil => Ok(None),
             Value::Boolean(b) => Ok(Some(b)),
-            other => Err(self.error(format!("option '{key}' must be a boolean, got a {}", other.type_name()))),
+            other => Err(self.error(format!(
+                "option '{key}' must be a boolean, got a {}",
+                other.type_name()
+            ))),
         }
     }
 
@@ -106,7 +120,11 @@ impl Options {
     /// A duration in seconds (a non-negative number; `math.huge` waits forever).
     pub fn seconds(&self, key: &str) -> mlua::Result<Option<std::time::Duration>> {
         let value = self.raw(key)?;
-        seconds_value(&value).map_err(|got| self.error(format!("option '{key}' must be a number of seconds >= 0, got {got}")))
+        seconds_value(&value).map_err(|got| {
+            self.error(format!(
+                "option '{key}' must be a number of seconds >= 0, got {got}"
+            ))
+        })
     }
 }
 
@@ -135,7 +153,9 @@ pub fn seconds_value(value: &Value) -> Result<Option<std::time::Duration>, Strin
     if secs.is_nan() || secs < 0.0 {
         return Err(describe(value));
     }
-    Ok(Some(std::time::Duration::try_from_secs_f64(secs).unwrap_or(std::time::Duration::MAX)))
+    Ok(Some(
+        std::time::Duration::try_from_secs_f64(secs).unwrap_or(std::time::Duration::MAX),
+    ))
 }
 
 /// A short description of a value for error messages: `"12Q"`, `-3`, `a table`.

@@ -42,14 +42,18 @@ pub fn install_exit(lua: &Lua, registry: Arc<Registry>) -> mlua::Result<()> {
 pub fn run_file(lua: &Lua, path: &Path, args: &[String]) -> Result<(), String> {
     let source = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let arg = lua.create_table().map_err(|e| e.to_string())?;
-    arg.raw_set(0, path.display().to_string()).map_err(|e| e.to_string())?;
+    arg.raw_set(0, path.display().to_string())
+        .map_err(|e| e.to_string())?;
     for (i, a) in args.iter().enumerate() {
         arg.raw_set(i + 1, a.as_str()).map_err(|e| e.to_string())?;
     }
     lua.globals().set("arg", arg).map_err(|e| e.to_string())?;
     // Skip a "#!" first line, as `lua` does.
     let source = if source.starts_with(b"#!") {
-        let end = source.iter().position(|&b| b == b'\n').unwrap_or(source.len());
+        let end = source
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(source.len());
         let mut s = b"--".to_vec();
         s.extend_from_slice(&source[2..end]);
         s.extend_from_slice(&source[end..]);

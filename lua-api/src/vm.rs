@@ -33,7 +33,11 @@ pub struct VmHandle {
 
 impl VmHandle {
     pub fn new(vm: &Vm, registry: Arc<Registry>) -> VmHandle {
-        VmHandle { id: vm.id(), name: vm.name().to_string(), registry }
+        VmHandle {
+            id: vm.id(),
+            name: vm.name().to_string(),
+            registry,
+        }
     }
 
     /// The live VM, or the error every stale handle raises.
@@ -65,7 +69,12 @@ fn lua_err(e: impl std::error::Error) -> mlua::Error {
 }
 
 /// Reads `{ timeout = seconds }` for method `method`.
-fn wait_timeout(lua: &Lua, method: &str, opts: Value, extra: &[&str]) -> mlua::Result<(Duration, Options)> {
+fn wait_timeout(
+    lua: &Lua,
+    method: &str,
+    opts: Value,
+    extra: &[&str],
+) -> mlua::Result<(Duration, Options)> {
     let mut valid = vec!["timeout"];
     valid.extend_from_slice(extra);
     let opts = Options::from_value(lua, &format!("vm:{method}"), opts, &valid)?;
@@ -80,9 +89,14 @@ impl UserData for VmHandle {
         fields.add_field_method_get("vcpus", |_, this| Ok(this.resolve()?.config().vcpus));
         fields.add_field_method_get("memory_size", |_, this| Ok(this.resolve()?.config().memory));
         fields.add_field_method_get("boot_time_ms", |_, this| {
-            Ok(this.resolve()?.boot_time().map(|d| d.as_secs_f64() * 1000.0))
+            Ok(this
+                .resolve()?
+                .boot_time()
+                .map(|d| d.as_secs_f64() * 1000.0))
         });
-        fields.add_field_method_get("run_time_ms", |_, this| Ok(this.resolve()?.run_time().as_secs_f64() * 1000.0));
+        fields.add_field_method_get("run_time_ms", |_, this| {
+            Ok(this.resolve()?.run_time().as_secs_f64() * 1000.0)
+        });
         fields.add_field_method_get("exit_code", |_, this| {
             Ok(match this.resolve()?.outcome() {
                 Some(VmOutcome::Exited(code)) => Some(code),
@@ -95,14 +109,24 @@ impl UserData for VmHandle {
                 _ => None,
             })
         });
-        fields.add_field_method_get("memory_resident", |_, this| Ok(this.resolve()?.memory_resident()));
-        fields.add_field_method_get("console_offset", |_, this| Ok(this.resolve()?.console().total()));
+        fields.add_field_method_get("memory_resident", |_, this| {
+            Ok(this.resolve()?.memory_resident())
+        });
+        fields.add_field_method_get("console_offset", |_, this| {
+            Ok(this.resolve()?.console().total())
+        });
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("start", |_, this, ()| this.resolve()?.start().map_err(lua_err));
-        methods.add_method("pause", |_, this, ()| this.resolve()?.pause().map_err(lua_err));
-        methods.add_method("resume", |_, this, ()| this.resolve()?.resume().map_err(lua_err));
+        methods.add_method("start", |_, this, ()| {
+            this.resolve()?.start().map_err(lua_err)
+        });
+        methods.add_method("pause", |_, this, ()| {
+            this.resolve()?.pause().map_err(lua_err)
+        });
+        methods.add_method("resume", |_, this, ()| {
+            this.resolve()?.resume().map_err(lua_err)
+        });
         methods.add_method("stop", |_, this, ()| {
             this.resolve()?.stop();
             Ok(())
@@ -112,7 +136,9 @@ impl UserData for VmHandle {
             this.registry.destroy(this.id);
             Ok(())
         });
-        methods.add_method("console", |_, this, ()| Ok(this.resolve()?.console().text()));
+        methods.add_method("console", |_, this, ()| {
+            Ok(this.resolve()?.console().text())
+        });
         methods.add_method("wait", |lua, this, opts: Value| {
             let vm = this.resolve()?;
             let (timeout, _) = wait_timeout(lua, "wait", opts, &[])?;
@@ -141,28 +167,38 @@ impl UserData for VmHandle {
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
         methods.add_meta_method(MetaMethod::Eq, |_, this, other: AnyUserData| {
-            Ok(other.borrow::<VmHandle>().map(|o| o.id == this.id).unwrap_or(false))
+            Ok(other
+                .borrow::<VmHandle>()
+                .map(|o| o.id == this.id)
+                .unwrap_or(false))
         });
     }
 }
 
 pub fn register(lua: &Lua, hv: &Table, registry: Arc<Registry>) -> mlua::Result<()> {
     let reg = registry.clone();
-    hv.set("vm", lua.create_function(move |lua, opts: Value| create_vm(lua, opts, &reg))?)?;
+    hv.set(
+        "vm",
+        lua.create_function(move |lua, opts: Value| create_vm(lua, opts, &reg))?,
+    )?;
     let reg = registry;
     hv.set(
         "vms",
         lua.create_function(move |_, ()| {
-            Ok(reg.list().iter().map(|vm| VmHandle::new(vm, reg.clone())).collect::<Vec<_>>())
+            Ok(reg
+                .list()
+                .iter()
+                .map(|vm| VmHandle::new(vm, reg.clone()))
+                .collect::<Vec<_>>())
         })?,
     )
 }
 
 fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<VmHandle> {
     let opts = Options::from_value(lua, "hv.vm", opts, VM_OPTIONS)?;
-    let name = opts
-        .string("name")?
-        .ok_or_else(|| opts.error("option 'name' is required: a unique string such as \"web-1\""))?;
+    let name = opts.string("name")?.ok_or_else(|| {
+        opts.error("option 'name' is required: a unique string such as \"web-1\"")
+    })?;
     let guest = match opts.raw("guest")? {
         Value::UserData(ud) => ud.borrow::<Guest>().map(|g| g.0.clone()).map_err(|_| {
             opts.error("option 'guest' must be a guest such as hv.guest.builtin{ cmdline = \"hello\" }")
@@ -185,6 +221,8 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
         config.memory = memory;
     }
     config.console_file = opts.string("console")?.map(PathBuf::from);
-    let vm = registry.create(config).map_err(|e| opts.error(error_chain(&e)))?;
+    let vm = registry
+        .create(config)
+        .map_err(|e| opts.error(error_chain(&e)))?;
     Ok(VmHandle::new(&vm, registry.clone()))
 }

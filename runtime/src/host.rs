@@ -51,7 +51,10 @@ impl KvmBackend {
 
 /// Identifies the backend from sysfs and `/proc/cpuinfo`.
 pub fn detect_backend() -> KvmBackend {
-    detect_backend_in(Path::new("/sys/module"), &fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+    detect_backend_in(
+        Path::new("/sys/module"),
+        &fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+    )
 }
 
 fn detect_backend_in(sys_module: &Path, cpuinfo: &str) -> KvmBackend {
@@ -116,7 +119,9 @@ impl HostInfo {
     pub fn query() -> HostInfo {
         let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
         HostInfo {
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             memory_total: meminfo_bytes(&meminfo, "MemTotal:"),
             memory_available: meminfo_bytes(&meminfo, "MemAvailable:"),
         }
@@ -135,7 +140,11 @@ fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
 /// Resident set size of this process in bytes, from `/proc/self/statm`.
 pub fn process_rss() -> u64 {
     let statm = fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     // SAFETY: sysconf has no memory-safety preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     pages * page_size
@@ -164,10 +173,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("luvisor-host-{}", std::process::id()));
         fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
         fs::create_dir_all(dir.join("kvm_intel")).unwrap();
-        assert_eq!(detect_backend_in(&dir, "flags : fpu vmx sse2"), KvmBackend::Pvm);
+        assert_eq!(
+            detect_backend_in(&dir, "flags : fpu vmx sse2"),
+            KvmBackend::Pvm
+        );
         fs::remove_dir(dir.join("kvm_pvm")).unwrap();
-        assert_eq!(detect_backend_in(&dir, "flags : fpu vmx sse2"), KvmBackend::Hardware);
-        assert_eq!(detect_backend_in(&dir, "flags : fpu sse2"), KvmBackend::Unknown);
+        assert_eq!(
+            detect_backend_in(&dir, "flags : fpu vmx sse2"),
+            KvmBackend::Hardware
+        );
+        assert_eq!(
+            detect_backend_in(&dir, "flags : fpu sse2"),
+            KvmBackend::Unknown
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -27,7 +27,9 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         "T" | "TB" | "TIB" => 40,
         _ => return Err(SizeError::Malformed(text.to_string())),
     };
-    let value: u64 = digits.parse().map_err(|_| SizeError::Overflow(text.to_string()))?;
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::Overflow(text.to_string()))?;
     value
         .checked_mul(1u64 << shift)
         .ok_or_else(|| SizeError::Overflow(text.to_string()))
@@ -36,7 +38,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 /// Formats bytes with the largest binary suffix that divides them exactly.
 pub fn format_size(bytes: u64) -> String {
     for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{}", bytes >> shift, suffix);
         }
     }
@@ -63,7 +65,10 @@ mod tests {
         assert!(matches!(parse_size("M"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("-1M"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("1.5G"), Err(SizeError::Malformed(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -41,7 +41,9 @@ use crate::registry::VmId;
 use crate::size::format_size;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory::{self, MemoryError, MAX_MEMORY, MIN_MEMORY};
-use crate::vstate::vcpu::{self, deadline_after, GuestEnd, Vcpu, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState};
+use crate::vstate::vcpu::{
+    self, deadline_after, GuestEnd, Vcpu, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState,
+};
 use crate::vstate::{kvm, KvmOpenError};
 
 /// Most vCPUs a VM may have.
@@ -92,7 +94,7 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus as u64));
         }
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || self.memory % 4096 != 0 {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || !self.memory.is_multiple_of(4096) {
             return Err(ConfigError::Memory(self.memory));
         }
         match &self.guest {
@@ -162,7 +164,11 @@ pub enum VmOutcome {
 #[derive(Debug, Error)]
 pub enum VmError {
     #[error("cannot {op} vm '{name}': it is {state}")]
-    InvalidState { name: String, op: &'static str, state: VmState },
+    InvalidState {
+        name: String,
+        op: &'static str,
+        state: VmState,
+    },
     #[error("cannot start vm '{name}'")]
     Kvm {
         name: String,
@@ -208,9 +214,21 @@ pub enum VmError {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WaitError {
     #[error("timed out after {timeout:?} waiting for {what} of vm '{name}'; it is {state}, last console line: {last_line:?}")]
-    TimedOut { name: String, what: String, timeout: Duration, state: VmState, last_line: String },
+    TimedOut {
+        name: String,
+        what: String,
+        timeout: Duration,
+        state: VmState,
+        last_line: String,
+    },
     #[error("vm '{name}' is {state} ({outcome}) and its console never showed {pattern:?}; last console line: {last_line:?}")]
-    Ended { name: String, pattern: String, state: VmState, outcome: String, last_line: String },
+    Ended {
+        name: String,
+        pattern: String,
+        state: VmState,
+        outcome: String,
+        last_line: String,
+    },
     #[error("cannot wait for vm '{name}': it was never started")]
     NotStarted { name: String },
 }
@@ -225,7 +243,11 @@ struct Machine {
 
 impl Machine {
     fn shutdown(self) {
-        let Machine { vcpus, vm_fd, memory } = self;
+        let Machine {
+            vcpus,
+            vm_fd,
+            memory,
+        } = self;
         for v in &vcpus {
             v.command(VcpuCommand::Stop);
         }
@@ -320,14 +342,21 @@ impl Vm {
     }
     /// Bytes of guest memory resident on the host (0 once the VM no longer runs).
     pub fn memory_resident(&self) -> u64 {
-        self.lock().machine.as_ref().map_or(0, |m| memory::resident_bytes(&m.memory))
+        self.lock()
+            .machine
+            .as_ref()
+            .map_or(0, |m| memory::resident_bytes(&m.memory))
     }
     pub fn console(&self) -> &Arc<Console> {
         &self.console
     }
 
     fn invalid(&self, op: &'static str, state: VmState) -> VmError {
-        VmError::InvalidState { name: self.config.name.clone(), op, state }
+        VmError::InvalidState {
+            name: self.config.name.clone(),
+            op,
+            state,
+        }
     }
 
     /// Builds the machine and starts every vCPU.
@@ -363,7 +392,12 @@ impl Vm {
             }
             for v in vcpus {
                 match vcpu::spawn(v, self.name()) {
-                    Ok(handle) => inner.machine.as_mut().expect("machine installed above").vcpus.push(handle),
+                    Ok(handle) => inner
+                        .machine
+                        .as_mut()
+                        .expect("machine installed above")
+                        .vcpus
+                        .push(handle),
                     Err(e) => break 'spawn Err(e),
                 }
             }
@@ -378,62 +412,122 @@ impl Vm {
             inner.started_at = None;
             return Err(self.thread_error(e));
         }
-        tracing::info!(vm = self.name(), vcpus = self.config.vcpus, memory = self.config.memory, "vm started");
+        tracing::info!(
+            vm = self.name(),
+            vcpus = self.config.vcpus,
+            memory = self.config.memory,
+            "vm started"
+        );
         Ok(())
     }
 
     fn thread_error(&self, source: std::io::Error) -> VmError {
-        VmError::Thread { name: self.config.name.clone(), source }
+        VmError::Thread {
+            name: self.config.name.clone(),
+            source,
+        }
     }
 
     /// Creates the KVM VM, memory, devices and vCPUs (not yet running).
     fn build(self: &Arc<Self>) -> Result<(Machine, Vec<Vcpu>), VmError> {
         let name = || self.config.name.clone();
-        let setup = |step| move |source| VmError::Setup { name: name(), step, source };
-        let kvm = kvm().map_err(|source| VmError::Kvm { name: name(), source })?;
+        let setup = |step| {
+            move |source| VmError::Setup {
+                name: name(),
+                step,
+                source,
+            }
+        };
+        let kvm = kvm().map_err(|source| VmError::Kvm {
+            name: name(),
+            source,
+        })?;
         let vm_fd = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
         // Needed on Intel before the first KVM_RUN; other backends may not implement it.
         if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
             tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not supported");
         }
-        vm_fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(setup("KVM_CREATE_IRQCHIP"))?;
 
-        let memory = memory::create_ram(self.config.memory).map_err(|source| VmError::Memory { name: name(), source })?;
-        memory::register_slots(&vm_fd, &memory).map_err(|source| VmError::Memory { name: name(), source })?;
+        let memory = memory::create_ram(self.config.memory).map_err(|source| VmError::Memory {
+            name: name(),
+            source,
+        })?;
+        memory::register_slots(&vm_fd, &memory).map_err(|source| VmError::Memory {
+            name: name(),
+            source,
+        })?;
         let entry = match &self.config.guest {
             GuestSpec::Builtin { cmdline } => builtin::load(&memory, cmdline, self.config.vcpus)
-                .map_err(|source| VmError::Boot { name: name(), source })?,
+                .map_err(|source| VmError::Boot {
+                    name: name(),
+                    source,
+                })?,
         };
 
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
-        vm_fd.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(setup("KVM_IRQFD (serial)"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, serial::COM1_IRQ)
+            .map_err(setup("KVM_IRQFD (serial)"))?;
         let mut pio = Bus::new();
-        let device_error = |source| VmError::Device { name: name(), source };
+        let device_error = |source| VmError::Device {
+            name: name(),
+            source,
+        };
         pio.insert(
             luvisor_guest_abi::ports::SERIAL_COM1 as u64,
             serial::COM1_PORT_COUNT,
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, self.console.clone()))),
+            Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq,
+                self.console.clone(),
+            ))),
         )
         .map_err(device_error)?;
-        pio.insert(system_ports::BASE as u64, system_ports::LEN, Arc::new(Mutex::new(SystemPorts::new(self.clock.clone()))))
-            .map_err(device_error)?;
+        pio.insert(
+            system_ports::BASE as u64,
+            system_ports::LEN,
+            Arc::new(Mutex::new(SystemPorts::new(self.clock.clone()))),
+        )
+        .map_err(device_error)?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
 
-        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
         let host: Arc<dyn VcpuHost> = self.clone();
         let mut vcpus = Vec::with_capacity(self.config.vcpus as usize);
         for index in 0..self.config.vcpus as usize {
-            let fd = vm_fd.create_vcpu(index as u64).map_err(setup("KVM_CREATE_VCPU"))?;
+            let fd = vm_fd
+                .create_vcpu(index as u64)
+                .map_err(setup("KVM_CREATE_VCPU"))?;
             for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
                 // Leaf 1 EBX[31:24] is the initial APIC ID.
                 entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((index as u32) << 24);
             }
             fd.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
-            builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot { name: name(), source })?;
-            vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), host: host.clone() });
+            builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot {
+                name: name(),
+                source,
+            })?;
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                host: host.clone(),
+            });
         }
-        Ok((Machine { vcpus: Vec::new(), vm_fd, memory }, vcpus))
+        Ok((
+            Machine {
+                vcpus: Vec::new(),
+                vm_fd,
+                memory,
+            },
+            vcpus,
+        ))
     }
 
     /// The VM's event thread: waits for device events (later) and for the request to
@@ -447,7 +541,11 @@ impl Vm {
                 return;
             }
         };
-        if let Err(e) = epoll.ctl(ControlOperation::Add, teardown.as_raw_fd(), EpollEvent::new(EventSet::IN, TEARDOWN)) {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            teardown.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TEARDOWN),
+        ) {
             tracing::error!(vm = self.name(), error = %e, "cannot watch the teardown eventfd");
             return;
         }
@@ -479,7 +577,11 @@ impl Vm {
     fn release(&self) {
         let (machine, event_thread, teardown) = {
             let mut inner = self.lock();
-            (inner.machine.take(), inner.event_thread.take(), inner.teardown.take())
+            (
+                inner.machine.take(),
+                inner.event_thread.take(),
+                inner.teardown.take(),
+            )
         };
         self.clock.stop();
         if let Some(machine) = machine {
@@ -513,7 +615,12 @@ impl Vm {
     }
 
     /// Sends `command` to every vCPU and waits until each reports `want` (or has exited).
-    fn command_vcpus(&self, op: &'static str, command: VcpuCommand, want: VcpuRunState) -> Result<MutexGuard<'_, Inner>, VmError> {
+    fn command_vcpus(
+        &self,
+        op: &'static str,
+        command: VcpuCommand,
+        want: VcpuRunState,
+    ) -> Result<MutexGuard<'_, Inner>, VmError> {
         let mut inner = self.lock();
         if let Some(machine) = &inner.machine {
             for v in &machine.vcpus {
@@ -522,15 +629,25 @@ impl Vm {
         }
         let deadline = deadline_after(VCPU_ACK_TIMEOUT);
         loop {
-            let done = inner.vcpu_states.iter().all(|&s| s == want || s == VcpuRunState::Exited);
+            let done = inner
+                .vcpu_states
+                .iter()
+                .all(|&s| s == want || s == VcpuRunState::Exited);
             if done || inner.state.is_final() {
                 return Ok(inner);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(VmError::VcpuTimeout { name: self.config.name.clone(), op });
+                return Err(VmError::VcpuTimeout {
+                    name: self.config.name.clone(),
+                    op,
+                });
             }
-            inner = self.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self
+                .changed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -580,7 +697,9 @@ impl Vm {
         let deadline = deadline_after(timeout);
         let mut inner = self.lock();
         if inner.state == VmState::Created {
-            return Err(WaitError::NotStarted { name: self.config.name.clone() });
+            return Err(WaitError::NotStarted {
+                name: self.config.name.clone(),
+            });
         }
         while !inner.state.is_final() {
             let now = Instant::now();
@@ -593,7 +712,11 @@ impl Vm {
                     last_line: self.console.last_line(),
                 });
             }
-            inner = self.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self
+                .changed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         drop(inner);
         self.stop();
@@ -602,11 +725,21 @@ impl Vm {
 
     /// Waits until the console shows `pattern` at or after stream offset `from`; returns
     /// the line that holds it and the offset just past the match.
-    pub fn wait_for_console(&self, pattern: &str, from: u64, timeout: Duration) -> Result<(String, u64), WaitError> {
+    pub fn wait_for_console(
+        &self,
+        pattern: &str,
+        from: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64), WaitError> {
         if self.state() == VmState::Created {
-            return Err(WaitError::NotStarted { name: self.config.name.clone() });
+            return Err(WaitError::NotStarted {
+                name: self.config.name.clone(),
+            });
         }
-        match self.console.wait_for(pattern, from, deadline_after(timeout)) {
+        match self
+            .console
+            .wait_for(pattern, from, deadline_after(timeout))
+        {
             Ok(found) => Ok(found),
             Err(ConsoleWaitEnd::TimedOut) => Err(WaitError::TimedOut {
                 name: self.config.name.clone(),
@@ -679,4 +812,3 @@ impl VcpuHost for Vm {
         self.changed.notify_all();
     }
 }
-

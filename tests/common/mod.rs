@@ -10,7 +10,11 @@ use luvisor_runtime::{GuestSpec, Registry, Vm, VmConfig};
 /// True when VM tests can run. In CI (`CI=true`) a missing or unusable `/dev/kvm` is a
 /// failure; elsewhere the test is skipped with a message.
 pub fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !usable {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("/dev/kvm is missing or not accessible, and VM tests must run in CI");
@@ -21,7 +25,12 @@ pub fn kvm_available() -> bool {
 }
 
 pub fn builtin(name: &str, cmdline: &str) -> VmConfig {
-    let mut config = VmConfig::new(name, GuestSpec::Builtin { cmdline: cmdline.into() });
+    let mut config = VmConfig::new(
+        name,
+        GuestSpec::Builtin {
+            cmdline: cmdline.into(),
+        },
+    );
     config.memory = 64 << 20;
     config
 }

@@ -109,7 +109,8 @@ impl BootInfo {
 }
 
 // The TSS with its bitmap must end before the page tables.
-const _: () = assert!(layout::TSS_ADDR + layout::TSS_SIZE + layout::IO_BITMAP_SIZE <= layout::PML4_ADDR);
+const _: () =
+    assert!(layout::TSS_ADDR + layout::TSS_SIZE + layout::IO_BITMAP_SIZE <= layout::PML4_ADDR);
 // The block must fit in the page the layout reserves for it.
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 

@@ -19,9 +19,9 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::{Elf, KernelLoader};
 use luvisor_guest_abi::layout::*;
-use luvisor_guest_abi::{BootInfo, RamRegion, BOOT_MAGIC, BOOT_VERSION, MAX_RAM_REGIONS};
 /// The longest command line the built-in guest accepts, in bytes.
 pub use luvisor_guest_abi::MAX_CMDLINE;
+use luvisor_guest_abi::{BootInfo, RamRegion, BOOT_MAGIC, BOOT_VERSION, MAX_RAM_REGIONS};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -88,19 +88,31 @@ pub struct BuiltinEntry {
 }
 
 /// Writes the guest image, GDT, page tables and boot-info block into `mem`.
-pub fn load(mem: &GuestMemoryMmap, cmdline: &str, vcpus: u8) -> Result<BuiltinEntry, BuiltinBootError> {
+pub fn load(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    vcpus: u8,
+) -> Result<BuiltinEntry, BuiltinBootError> {
     if cmdline.len() > MAX_CMDLINE {
         return Err(BuiltinBootError::CmdlineTooLong { len: cmdline.len() });
     }
-    let loaded = Elf::load(mem, None, &mut Cursor::new(GUEST_ELF), None).map_err(BuiltinBootError::Load)?;
+    let loaded =
+        Elf::load(mem, None, &mut Cursor::new(GUEST_ELF), None).map_err(BuiltinBootError::Load)?;
     write_gdt(mem)?;
     write_page_tables(mem)?;
     write_boot_info(mem, cmdline, vcpus)?;
-    Ok(BuiltinEntry { rip: loaded.kernel_load.0 })
+    Ok(BuiltinEntry {
+        rip: loaded.kernel_load.0,
+    })
 }
 
 /// Writes `words` little-endian at `addr`.
-fn write(mem: &GuestMemoryMmap, what: &'static str, words: &[u64], addr: u64) -> Result<(), BuiltinBootError> {
+fn write(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    words: &[u64],
+    addr: u64,
+) -> Result<(), BuiltinBootError> {
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(addr))
         .map_err(|source| BuiltinBootError::Write { what, source })
@@ -110,10 +122,8 @@ fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
     let tss = TSS_ADDR;
     // A 64-bit TSS descriptor spans two entries: base bits 0-31 and limit in the first,
     // base bits 32-63 in the second. Type 0xB = busy 64-bit TSS, present, DPL 0.
-    let tss_low = TSS_LIMIT
-        | ((tss & 0xFF_FFFF) << 16)
-        | (0x8B << 40)
-        | (((tss >> 24) & 0xFF) << 56);
+    let tss_low =
+        TSS_LIMIT | ((tss & 0xFF_FFFF) << 16) | (0x8B << 40) | (((tss >> 24) & 0xFF) << 56);
     let tss_high = tss >> 32;
     let gdt: [u64; GDT_ENTRIES] = [0, GDT_USER_CODE, GDT_USER_DATA, tss_low, tss_high];
     write(mem, "GDT", &gdt, GDT_ADDR)?;
@@ -124,12 +134,19 @@ fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
     tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
     *tss.last_mut().expect("TSS is not empty") = 0xFF;
     mem.write_slice(&tss, GuestAddress(TSS_ADDR))
-        .map_err(|source| BuiltinBootError::Write { what: "TSS", source })
+        .map_err(|source| BuiltinBootError::Write {
+            what: "TSS",
+            source,
+        })
 }
 
 /// The end of the highest RAM region, rounded up to whole GiB: what the map must cover.
 fn mapped_gib(mem: &GuestMemoryMmap) -> u64 {
-    let top = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
+    let top = mem
+        .iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .max()
+        .unwrap_or(0);
     top.div_ceil(1 << 30).clamp(1, MAX_MAPPED_GIB)
 }
 
@@ -153,7 +170,11 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
     Ok(())
 }
 
-fn write_boot_info(mem: &GuestMemoryMmap, cmdline: &str, vcpus: u8) -> Result<(), BuiltinBootError> {
+fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    vcpus: u8,
+) -> Result<(), BuiltinBootError> {
     let mut info = BootInfo {
         magic: BOOT_MAGIC,
         version: BOOT_VERSION,
@@ -164,31 +185,42 @@ fn write_boot_info(mem: &GuestMemoryMmap, cmdline: &str, vcpus: u8) -> Result<()
         cmdline: [0; MAX_CMDLINE],
     };
     for (slot, region) in info.ram.iter_mut().zip(mem.iter()) {
-        *slot = RamRegion { base: region.start_addr().0, size: region.len() };
+        *slot = RamRegion {
+            base: region.start_addr().0,
+            size: region.len(),
+        };
         info.ram_region_count += 1;
     }
     info.cmdline[..cmdline.len()].copy_from_slice(cmdline.as_bytes());
     // SAFETY: BootInfo is repr(C) with only integer fields and no padding (its size is
     // a multiple of 8 and every field is naturally aligned), so every byte is initialised.
     let bytes = unsafe {
-        std::slice::from_raw_parts(&info as *const BootInfo as *const u8, std::mem::size_of::<BootInfo>())
+        std::slice::from_raw_parts(
+            &info as *const BootInfo as *const u8,
+            std::mem::size_of::<BootInfo>(),
+        )
     };
     mem.write_slice(bytes, GuestAddress(BOOT_INFO_ADDR))
-        .map_err(|source| BuiltinBootError::Write { what: "boot-info block", source })
+        .map_err(|source| BuiltinBootError::Write {
+            what: "boot-info block",
+            source,
+        })
 }
 
-fn segment(selector: u16, type_: u8, s: u8, dpl: u8, l: u8, db: u8, base: u64, limit: u32) -> kvm_segment {
+/// A flat 4 GiB user segment (DPL 3) with the given type: code runs in 64-bit mode,
+/// data is a 32-bit read/write segment (its base and limit are ignored in long mode).
+fn user_segment(selector: u16, code: bool) -> kvm_segment {
     kvm_segment {
-        base,
-        limit,
+        base: 0,
+        limit: 0xFFFF_FFFF,
         selector,
-        type_,
+        type_: if code { 0xB } else { 0x3 },
         present: 1,
-        dpl,
-        db,
-        s,
-        l,
-        g: if limit > 0xFFFFF { 1 } else { 0 },
+        dpl: 3,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
         avl: 0,
         unusable: 0,
         padding: 0,
@@ -199,15 +231,26 @@ fn segment(selector: u16, type_: u8, s: u8, dpl: u8, l: u8, db: u8, base: u64, l
 pub fn setup_vcpu(fd: &VcpuFd, index: usize, entry: BuiltinEntry) -> Result<(), BuiltinBootError> {
     let err = |source| BuiltinBootError::Registers { index, source };
     let mut sregs: kvm_sregs = fd.get_sregs().map_err(err)?;
-    sregs.cs = segment(USER_CODE_SELECTOR, 0xB, 1, 3, 1, 0, 0, 0xFFFF_FFFF);
-    let data = segment(USER_DATA_SELECTOR, 0x3, 1, 3, 0, 1, 0, 0xFFFF_FFFF);
+    sregs.cs = user_segment(USER_CODE_SELECTOR, true);
+    let data = user_segment(USER_DATA_SELECTOR, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = segment(TSS_SELECTOR, 0xB, 0, 0, 0, 0, TSS_ADDR, TSS_LIMIT as u32);
-    sregs.ldt = kvm_segment { unusable: 1, type_: 0x2, ..Default::default() };
+    sregs.tr = kvm_segment {
+        base: TSS_ADDR,
+        limit: TSS_LIMIT as u32,
+        selector: TSS_SELECTOR,
+        type_: 0xB, // busy 64-bit TSS
+        present: 1,
+        ..Default::default()
+    };
+    sregs.ldt = kvm_segment {
+        unusable: 1,
+        type_: 0x2,
+        ..Default::default()
+    };
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     sregs.idt.base = 0;
@@ -218,7 +261,11 @@ pub fn setup_vcpu(fd: &VcpuFd, index: usize, entry: BuiltinEntry) -> Result<(), 
     sregs.efer = EFER_LME | EFER_LMA;
     fd.set_sregs(&sregs).map_err(err)?;
 
-    let fpu = kvm_fpu { fcw: 0x37F, mxcsr: 0x1F80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37F,
+        mxcsr: 0x1F80,
+        ..Default::default()
+    };
     fd.set_fpu(&fpu).map_err(err)?;
 
     let regs = kvm_regs {
@@ -252,6 +299,9 @@ mod tests {
     fn rejects_overlong_command_lines() {
         let mem = crate::vstate::memory::create_ram(16 << 20).unwrap();
         let long = "x".repeat(MAX_CMDLINE + 1);
-        assert!(matches!(load(&mem, &long, 1), Err(BuiltinBootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            load(&mem, &long, 1),
+            Err(BuiltinBootError::CmdlineTooLong { .. })
+        ));
     }
 }

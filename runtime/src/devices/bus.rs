@@ -46,7 +46,10 @@ impl Bus {
     }
 
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps_previous = self
             .ranges
             .range(..end)
@@ -66,17 +69,27 @@ impl Bus {
 
     /// Dispatches a read; returns false when no device claims `addr` (data is untouched).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        let Some((offset, device)) = self.find(addr) else { return false };
+        let Some((offset, device)) = self.find(addr) else {
+            return false;
+        };
         // A poisoned lock means a device panicked on another vCPU; keep serving the guest
         // with whatever state the device has rather than taking the host down.
-        device.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+        device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, data);
         true
     }
 
     /// Dispatches a write; `None` when no device claims `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<IoAction> {
         let (offset, device) = self.find(addr)?;
-        Some(device.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data))
+        Some(
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(offset, data),
+        )
     }
 }
 

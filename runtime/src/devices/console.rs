@@ -101,12 +101,21 @@ impl Console {
     /// The last complete or partial line, for error messages.
     pub fn last_line(&self) -> String {
         let text = self.text();
-        text.trim_end_matches('\n').rsplit('\n').next().unwrap_or("").to_string()
+        text.trim_end_matches('\n')
+            .rsplit('\n')
+            .next()
+            .unwrap_or("")
+            .to_string()
     }
 
     /// Waits until `pattern` appears at or after stream offset `from`. Returns the whole
     /// line holding the match and the stream offset just past the match.
-    pub fn wait_for(&self, pattern: &str, from: u64, deadline: Instant) -> Result<(String, u64), ConsoleWaitEnd> {
+    pub fn wait_for(
+        &self,
+        pattern: &str,
+        from: u64,
+        deadline: Instant,
+    ) -> Result<(String, u64), ConsoleWaitEnd> {
         let mut ring = self.lock();
         loop {
             if let Some(found) = find_in_ring(&ring, pattern.as_bytes(), from) {
@@ -119,7 +128,11 @@ impl Console {
             if now >= deadline {
                 return Err(ConsoleWaitEnd::TimedOut);
             }
-            ring = self.grew.wait_timeout(ring, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            ring = self
+                .grew
+                .wait_timeout(ring, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
@@ -135,8 +148,14 @@ fn find_in_ring(ring: &Ring, pattern: &[u8], from: u64) -> Option<(String, u64)>
         hay.windows(pattern.len()).position(|w| w == pattern)
     }?;
     let at = skip + pos;
-    let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let line_end = bytes[at..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| at + i);
+    let line_start = bytes[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line_end = bytes[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| at + i);
     let line = String::from_utf8_lossy(&bytes[line_start..line_end]).into_owned();
     Some((line, first + (at + pattern.len()) as u64))
 }
@@ -167,9 +186,15 @@ mod tests {
         let (line, end) = c.wait_for("luvisor", 0, soon).unwrap();
         assert_eq!(line, "hello from luvisor guest");
         assert_eq!(end, "boot\nhello from luvisor".len() as u64);
-        assert_eq!(c.wait_for("hello", end, soon), Err(ConsoleWaitEnd::TimedOut));
+        assert_eq!(
+            c.wait_for("hello", end, soon),
+            Err(ConsoleWaitEnd::TimedOut)
+        );
         c.close();
-        assert_eq!(c.wait_for("nope", 0, soon + Duration::from_secs(5)), Err(ConsoleWaitEnd::Closed));
+        assert_eq!(
+            c.wait_for("nope", 0, soon + Duration::from_secs(5)),
+            Err(ConsoleWaitEnd::Closed)
+        );
         assert_eq!(c.last_line(), "count 1");
     }
 
@@ -187,7 +212,9 @@ mod tests {
     fn waiter_wakes_on_push() {
         let c = Console::new(64, None);
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait_for("ready", 0, Instant::now() + Duration::from_secs(10)));
+        let t = std::thread::spawn(move || {
+            c2.wait_for("ready", 0, Instant::now() + Duration::from_secs(10))
+        });
         std::thread::sleep(Duration::from_millis(20));
         c.push(b"ready\n");
         assert_eq!(t.join().unwrap().unwrap().0, "ready");

@@ -45,7 +45,8 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps `size` bytes of anonymous guest RAM.
 pub fn create_ram(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map { size, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Map { size, source })
 }
 
 /// Registers every region of `mem` as a KVM memory slot (slot = region index).
@@ -54,7 +55,9 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryErro
         let slot = slot as u32;
         let base = region.start_addr().0;
         let size = region.len();
-        let host = mem.get_host_address(region.start_addr()).expect("region start is mapped") as u64;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("region start is mapped") as u64;
         let desc = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -64,8 +67,12 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryErro
         };
         // SAFETY: the host range is a live mapping owned by `mem`, which the VM keeps
         // until after the VM file descriptor (and so every slot) is gone.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(|source| MemoryError::RegisterSlot { slot, base, size, source })?;
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::RegisterSlot {
+            slot,
+            base,
+            size,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -77,7 +84,9 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let mut resident = 0u64;
     for region in mem.iter() {
-        let Ok(host) = mem.get_host_address(region.start_addr()) else { continue };
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
         let len = region.len() as usize;
         let mut vec = vec![0u8; len.div_ceil(page)];
         // SAFETY: [host, host+len) is one live mapping owned by `mem`, and `vec` has one
@@ -98,7 +107,11 @@ mod tests {
     fn counts_resident_pages() {
         use vm_memory::Bytes;
         let mem = create_ram(8 << 20).unwrap();
-        assert_eq!(resident_bytes(&mem), 0, "fresh anonymous memory is not resident");
+        assert_eq!(
+            resident_bytes(&mem),
+            0,
+            "fresh anonymous memory is not resident"
+        );
         mem.write_obj(1u64, GuestAddress(0x10_0000)).unwrap();
         mem.write_obj(1u64, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(resident_bytes(&mem), 2 * 4096);

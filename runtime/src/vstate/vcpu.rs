@@ -156,7 +156,11 @@ pub fn spawn(vcpu: Vcpu, vm_name: &str) -> std::io::Result<VcpuHandle> {
     let thread = std::thread::Builder::new()
         .name(format!("vcpu-{vm_name}-{index}"))
         .spawn(move || vcpu.run(receiver))?;
-    Ok(VcpuHandle { index, commands, thread: Some(thread) })
+    Ok(VcpuHandle {
+        index,
+        commands,
+        thread: Some(thread),
+    })
 }
 
 /// What the run loop does next.
@@ -178,10 +182,12 @@ impl Vcpu {
     fn run(mut self, commands: Receiver<VcpuCommand>) {
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|f| f.set(immediate_exit));
-        self.host.vcpu_state_changed(self.index, VcpuRunState::Running);
+        self.host
+            .vcpu_state_changed(self.index, VcpuRunState::Running);
         self.run_loop(&commands);
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
-        self.host.vcpu_state_changed(self.index, VcpuRunState::Exited);
+        self.host
+            .vcpu_state_changed(self.index, VcpuRunState::Exited);
     }
 
     fn run_loop(&mut self, commands: &Receiver<VcpuCommand>) {
@@ -208,10 +214,19 @@ impl Vcpu {
                 Step::Action(IoAction::Exit(code)) => self.end(GuestEnd::Exited(code)),
                 Step::Crash(reason) => self.end(GuestEnd::Crashed(reason)),
                 Step::CrashWithRip(what) => {
-                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
-                    self.end(GuestEnd::Crashed(format!("{what} at rip={rip} on vcpu {}", self.index)))
+                    let rip = self
+                        .fd
+                        .get_regs()
+                        .map(|r| format!("{:#x}", r.rip))
+                        .unwrap_or_else(|_| "unknown".into());
+                    self.end(GuestEnd::Crashed(format!(
+                        "{what} at rip={rip} on vcpu {}",
+                        self.index
+                    )))
                 }
-                Step::HostError(reason) => self.end(GuestEnd::Crashed(format!("host error: {reason}"))),
+                Step::HostError(reason) => {
+                    self.end(GuestEnd::Crashed(format!("host error: {reason}")))
+                }
             };
             if let Flow::Stop = flow {
                 return;
@@ -254,10 +269,12 @@ impl Vcpu {
             },
             Ok(VcpuExit::Shutdown) => Step::CrashWithRip("triple fault (shutdown exit)"),
             Ok(VcpuExit::Hlt) => Step::CrashWithRip("hlt with no interrupt to wake the guest"),
-            Ok(VcpuExit::InternalError) => Step::CrashWithRip("KVM internal error (instruction emulation failed)"),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Step::Crash(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"))
+            Ok(VcpuExit::InternalError) => {
+                Step::CrashWithRip("KVM internal error (instruction emulation failed)")
             }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Crash(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            )),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Step::Action(IoAction::Exit(0)),
                 KVM_SYSTEM_EVENT_RESET => Step::CrashWithRip("guest requested a reset"),
@@ -301,11 +318,13 @@ impl Vcpu {
 
     /// Outside `KVM_RUN`, blocked until told to resume or stop.
     fn paused(&mut self, commands: &Receiver<VcpuCommand>) -> Flow {
-        self.host.vcpu_state_changed(self.index, VcpuRunState::Paused);
+        self.host
+            .vcpu_state_changed(self.index, VcpuRunState::Paused);
         loop {
             match commands.recv() {
                 Ok(VcpuCommand::Resume) => {
-                    self.host.vcpu_state_changed(self.index, VcpuRunState::Running);
+                    self.host
+                        .vcpu_state_changed(self.index, VcpuRunState::Running);
                     return Flow::Continue;
                 }
                 Ok(VcpuCommand::Stop) | Err(_) => return Flow::Stop,
@@ -327,5 +346,7 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
 
 /// A deadline `timeout` from now, saturating far in the future.
 pub fn deadline_after(timeout: Duration) -> Instant {
-    Instant::now().checked_add(timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365))
+    Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365))
 }

@@ -29,7 +29,9 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, console: Arc<Console>) -> SerialDevice {
-        SerialDevice { uart: Serial::new(IrqTrigger(irq), ConsoleWriter(console)) }
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), ConsoleWriter(console)),
+        }
     }
 }
 

@@ -62,15 +62,25 @@ mod tests {
     fn decodes_port_writes() {
         let mut dev = SystemPorts::new(Arc::new(RunClock::new()));
         let off = |p: u16| (p - BASE) as u64;
-        assert_eq!(dev.write(off(ports::EXIT), &3u32.to_le_bytes()), IoAction::Exit(3));
+        assert_eq!(
+            dev.write(off(ports::EXIT), &3u32.to_le_bytes()),
+            IoAction::Exit(3)
+        );
         assert_eq!(dev.write(off(ports::READY), &[1]), IoAction::Ready);
         assert_eq!(
             dev.write(off(ports::IDLE), &1500u32.to_le_bytes()),
             IoAction::Idle(Some(Duration::from_micros(1500)))
         );
-        assert_eq!(dev.write(off(ports::IDLE), &u32::MAX.to_le_bytes()), IoAction::Idle(None));
+        assert_eq!(
+            dev.write(off(ports::IDLE), &u32::MAX.to_le_bytes()),
+            IoAction::Idle(None)
+        );
         let mut buf = [0u8; 4];
         dev.read(off(ports::CLOCK_MS), &mut buf);
-        assert_eq!(u32::from_le_bytes(buf), 0, "a clock that never started reads 0");
+        assert_eq!(
+            u32::from_le_bytes(buf),
+            0,
+            "a clock that never started reads 0"
+        );
     }
 }

@@ -1,0 +1,15 @@
+-- start -> ready latency of the built-in guest over many VMs, one after another.
+--   luvisor run bench/boot_latency.lua [COUNT]
+local count = tonumber(arg[1]) or 200
+local times = {}
+for i = 1, count do
+  local vm = hv.vm{ name = "latency-" .. i, memory = "32M", guest = hv.guest.builtin{ cmdline = "exit 0" } }
+  vm:start()
+  assert(vm:wait{ timeout = 30 } == 0)
+  times[#times + 1] = vm.boot_time_ms
+  vm:destroy()
+end
+table.sort(times)
+local function pct(p) return times[math.max(1, math.ceil(#times * p))] end
+print(string.format("start->ready over %d VMs: median %.3f ms, p99 %.3f ms (min %.3f, max %.3f)",
+  count, pct(0.5), pct(0.99), times[1], times[#times]))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every benchmark and prints its figures. Nothing here asserts a time: the machines
+# are shared and noisy, so compare figures taken in one run.
+#
+#   bench/run.sh
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cargo build --release --quiet
+luvisor="$root/target/release/luvisor"
+echo "== boot to exit, luvisor vs QEMU"
+bench/boot_vs_qemu.sh 20
+echo "== start -> ready latency"
+"$luvisor" run bench/boot_latency.lua 200
+echo "== VMM memory overhead per VM"
+"$luvisor" run bench/vmm_overhead.lua 50
+echo "== idle host CPU"
+"$luvisor" run bench/idle_cpu.lua 50 5

@@ -1,0 +1,131 @@
+---@meta hv
+-- LuaLS annotations for luvisor's `hv` module. Point your editor's Lua language server at
+-- this folder (e.g. "workspace.library": ["<luvisor>/lua-api/types"]) for completion and
+-- type checking. The module is available as the global `hv` and as `require "hv"`.
+
+---A size: bytes as an integer, or a string with a binary suffix: "512K", "128M", "2G".
+---@alias hv.Size integer|string
+
+---@class hv
+---@field version string luvisor's version.
+---@field guest hv.guest_ns Guest descriptions.
+hv = {}
+
+---@class hv.guest_ns
+local guest_ns = {}
+
+---@class hv.Guest
+---@field kind "builtin"
+---@field cmdline string
+
+---@class hv.BuiltinGuestOptions
+---@field cmdline? string Commands separated by ";" (see guest/README.md). Default: "" (exit 0 at once).
+
+---Selects the built-in CPL3 test guest.
+---@param opts? hv.BuiltinGuestOptions
+---@return hv.Guest
+function guest_ns.builtin(opts) end
+
+---@class hv.VmOptions
+---@field name string Unique among live VMs.
+---@field vcpus? integer 1 to 8. Default 1.
+---@field memory? hv.Size Guest RAM, a multiple of 4K from 4M. Default "128M".
+---@field guest hv.Guest What runs inside.
+---@field console? string Also append console output to this file.
+
+---@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"
+
+---@class hv.WaitOptions
+---@field timeout? number Seconds; default 30; math.huge waits without limit.
+
+---@class hv.ConsoleWaitOptions: hv.WaitOptions
+---@field after? integer Only match output at or after this console offset.
+
+---A handle on a VM. It resolves the VM on every use; once the VM is destroyed, every
+---field and method raises "vm 'name' no longer exists".
+---@class hv.Vm
+---@field id integer Never reused in this process.
+---@field name string
+---@field state hv.VmState
+---@field vcpus integer
+---@field memory_size integer Guest RAM in bytes.
+---@field memory_resident integer Bytes of guest RAM resident on the host (0 once stopped).
+---@field boot_time_ms number? Time from start() until the guest reported ready.
+---@field run_time_ms number Guest running time, paused time excluded.
+---@field exit_code integer? The guest's exit code, once it exited by itself.
+---@field crash_reason string? Why it crashed (exit kind and RIP).
+---@field console_offset integer Console bytes written so far (for wait_for_console's `after`).
+local Vm = {}
+
+---Builds the machine and starts every vCPU. Only a `created` VM can start.
+function Vm:start() end
+
+---Pauses the guest; returns once every vCPU has left KVM_RUN. No guest time passes while paused.
+function Vm:pause() end
+
+---Continues a paused guest exactly where it was.
+function Vm:resume() end
+
+---Hard stop: vCPUs torn down, guest memory freed. Idempotent. The record (console, exit
+---code) stays until destroy().
+function Vm:stop() end
+
+---Stops the VM if needed and forgets it: its name is free again and this handle is stale.
+function Vm:destroy() end
+
+---The captured console output (the last 1 MiB).
+---@return string
+function Vm:console() end
+
+---Waits for the guest to end. Returns the exit code (nil if it crashed or was stopped), the
+---final state, and a description when there is no exit code.
+---@param opts? hv.WaitOptions
+---@return integer? code
+---@return hv.VmState state
+---@return string? reason
+function Vm:wait(opts) end
+
+---Waits until the console shows `pattern` (plain text). Returns the whole line holding it
+---and the console offset just past the match.
+---@param pattern string
+---@param opts? hv.ConsoleWaitOptions
+---@return string line
+---@return integer offset
+function Vm:wait_for_console(pattern, opts) end
+
+---Creates a VM in state "created".
+---@param opts hv.VmOptions
+---@return hv.Vm
+function hv.vm(opts) end
+
+---Handles of every VM in this process, in creation order.
+---@return hv.Vm[]
+function hv.vms() end
+
+---@class hv.KvmInfo
+---@field api integer KVM API version (12).
+---@field backend "pvm"|"hardware"|"unknown"
+---@field max_vcpus integer
+---@field irqchip boolean
+---@field irqfd boolean
+---@field ioeventfd boolean
+---@field dirty_log boolean
+
+---@class hv.HostInfo
+---@field cpus integer
+---@field memory_total integer Bytes.
+---@field memory_available integer Bytes.
+---@field process_rss integer This process's resident memory, bytes.
+---@field process_cpu_seconds number CPU time this process used so far.
+---@field kvm hv.KvmInfo|false False when /dev/kvm cannot be opened (see kvm_error).
+---@field kvm_error string?
+
+---Facts about this host and its KVM.
+---@return hv.HostInfo
+function hv.host() end
+
+---Sleeps for `seconds` (fractions allowed).
+---@param seconds number
+function hv.sleep(seconds) end
+
+return hv
