@@ -17,6 +17,7 @@ pub mod devices;
 pub mod host;
 pub mod registry;
 pub mod size;
+pub mod storage;
 pub mod vm;
 pub mod vstate;
 
