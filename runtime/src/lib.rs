@@ -6,6 +6,8 @@
 //!   exit/ready/idle/clock ports (later: the virtio-mmio transport and virtio devices).
 //! - [`boot`]: loaders that turn a guest description into memory contents and vCPU
 //!   entry state (today: the built-in CPL3 test guest).
+//! - [`storage`]: disk images (raw, qcow2 overlays) and their locks.
+//! - [`builder`]: the recipe that turns a VM's configuration into a machine.
 //! - [`vm`]: one VM's lifecycle (`created → running ⇄ paused → stopped`, or `crashed`).
 //! - [`registry`]: the set of VMs a process manages, addressed by id and name.
 //! - [`host`]: what this host's KVM is (PVM or hardware) and what it supports.
@@ -13,6 +15,7 @@
 //! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
 
 pub mod boot;
+pub mod builder;
 pub mod devices;
 pub mod host;
 pub mod registry;

@@ -26,33 +26,30 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::builtin::{self, BuiltinBootError};
-use crate::devices::bus::{Bus, BusError};
+use crate::boot::builtin::BuiltinBootError;
+use crate::builder::{self, BuildContext, QueueEventSource, MAX_DISKS};
+use crate::devices::bus::BusError;
 use crate::devices::console::{Console, ConsoleWaitEnd, DEFAULT_CONSOLE_CAPACITY};
-use crate::devices::legacy::{serial, system_ports, SerialDevice, SystemPorts};
 use crate::registry::VmId;
 use crate::size::format_size;
+use crate::storage::{Disk, StorageError};
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory::{self, MemoryError, MAX_MEMORY, MIN_MEMORY};
 use crate::vstate::vcpu::{
-    self, deadline_after, GuestEnd, Vcpu, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState,
+    self, deadline_after, GuestEnd, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState,
 };
-use crate::vstate::{kvm, KvmOpenError};
+use crate::vstate::KvmOpenError;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;
 /// How long `pause`/`resume` wait for every vCPU to acknowledge.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Address KVM needs for its real-mode TSS on Intel hosts (three pages below 4 GiB,
-/// inside the MMIO hole, never RAM).
-const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 
 /// What runs inside the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +69,8 @@ pub struct VmConfig {
     pub console_file: Option<PathBuf>,
     /// Bytes of console output kept in memory.
     pub console_capacity: usize,
+    /// Disks, attached as virtio-blk devices in this order.
+    pub disks: Vec<Arc<Disk>>,
 }
 
 impl VmConfig {
@@ -83,6 +82,7 @@ impl VmConfig {
             guest,
             console_file: None,
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
+            disks: Vec::new(),
         }
     }
 
@@ -96,6 +96,9 @@ impl VmConfig {
         }
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || !self.memory.is_multiple_of(4096) {
             return Err(ConfigError::Memory(self.memory));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disks(self.disks.len()));
         }
         match &self.guest {
             GuestSpec::Builtin { cmdline } if cmdline.len() > luvisor_guest_abi::MAX_CMDLINE => {
@@ -116,6 +119,8 @@ pub enum ConfigError {
     Memory(u64),
     #[error("the guest command line is {0} bytes; the limit is {max}", max = luvisor_guest_abi::MAX_CMDLINE)]
     Cmdline(usize),
+    #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
+    Disks(usize),
 }
 
 /// Where a VM is in its lifecycle.
@@ -194,6 +199,12 @@ pub enum VmError {
         #[source]
         source: BuiltinBootError,
     },
+    #[error("cannot start vm '{name}': attaching a disk")]
+    Disk {
+        name: String,
+        #[source]
+        source: StorageError,
+    },
     #[error("cannot start vm '{name}': registering a device")]
     Device {
         name: String,
@@ -234,11 +245,12 @@ pub enum WaitError {
 }
 
 /// The parts of a running VM. Dropped in this order: vCPU threads, the VM fd (and with it
-/// every memory slot), then guest memory.
+/// every memory slot), then guest memory (devices on the event thread hold the last
+/// reference until that thread ends).
 struct Machine {
     vcpus: Vec<VcpuHandle>,
     vm_fd: VmFd,
-    memory: GuestMemoryMmap,
+    memory: Arc<GuestMemoryMmap>,
 }
 
 impl Machine {
@@ -367,7 +379,12 @@ impl Vm {
             return Err(self.invalid("start", state));
         }
         let started_at = Instant::now();
-        let (machine, vcpus) = self.build()?;
+        let built = builder::build(BuildContext {
+            config: &self.config,
+            console: self.console.clone(),
+            clock: self.clock.clone(),
+            host: self.clone(),
+        })?;
         let teardown = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
         let event_end = teardown.try_clone().map_err(|e| self.thread_error(e))?;
         // The lock is held until every thread is spawned and recorded: a vCPU thread
@@ -377,21 +394,26 @@ impl Vm {
         inner.state = VmState::Running;
         inner.outcome = None;
         inner.started_at = Some(started_at);
-        inner.vcpu_states = vec![VcpuRunState::Running; vcpus.len()];
-        inner.machine = Some(machine);
+        inner.vcpu_states = vec![VcpuRunState::Running; built.vcpus.len()];
+        inner.machine = Some(Machine {
+            vcpus: Vec::new(),
+            vm_fd: built.vm_fd,
+            memory: built.memory,
+        });
         inner.teardown = Some(teardown);
         self.clock.start();
         let vm = self.clone();
+        let queue_events = built.queue_events;
         let spawned: std::io::Result<()> = 'spawn: {
             let thread = std::thread::Builder::new()
                 .name(format!("events-{}", self.name()))
-                .spawn(move || vm.event_loop(event_end));
+                .spawn(move || vm.event_loop(event_end, queue_events));
             match thread {
                 Ok(t) => inner.event_thread = Some(t),
                 Err(e) => break 'spawn Err(e),
             }
-            for v in vcpus {
-                match vcpu::spawn(v, self.name()) {
+            for (v, commands) in built.vcpus {
+                match vcpu::spawn(v, self.name(), commands) {
                     Ok(handle) => inner
                         .machine
                         .as_mut()
@@ -428,128 +450,34 @@ impl Vm {
         }
     }
 
-    /// Creates the KVM VM, memory, devices and vCPUs (not yet running).
-    fn build(self: &Arc<Self>) -> Result<(Machine, Vec<Vcpu>), VmError> {
-        let name = || self.config.name.clone();
-        let setup = |step| {
-            move |source| VmError::Setup {
-                name: name(),
-                step,
-                source,
-            }
-        };
-        let kvm = kvm().map_err(|source| VmError::Kvm {
-            name: name(),
-            source,
-        })?;
-        let vm_fd = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
-        // Needed on Intel before the first KVM_RUN; other backends may not implement it.
-        if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
-            tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not supported");
-        }
-        vm_fd
-            .create_irq_chip()
-            .map_err(setup("KVM_CREATE_IRQCHIP"))?;
-
-        let memory = memory::create_ram(self.config.memory).map_err(|source| VmError::Memory {
-            name: name(),
-            source,
-        })?;
-        memory::register_slots(&vm_fd, &memory).map_err(|source| VmError::Memory {
-            name: name(),
-            source,
-        })?;
-        let entry = match &self.config.guest {
-            GuestSpec::Builtin { cmdline } => builtin::load(&memory, cmdline, self.config.vcpus)
-                .map_err(|source| VmError::Boot {
-                    name: name(),
-                    source,
-                })?,
-        };
-
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
-        vm_fd
-            .register_irqfd(&serial_irq, serial::COM1_IRQ)
-            .map_err(setup("KVM_IRQFD (serial)"))?;
-        let mut pio = Bus::new();
-        let device_error = |source| VmError::Device {
-            name: name(),
-            source,
-        };
-        pio.insert(
-            luvisor_guest_abi::ports::SERIAL_COM1 as u64,
-            serial::COM1_PORT_COUNT,
-            Arc::new(Mutex::new(SerialDevice::new(
-                serial_irq,
-                self.console.clone(),
-            ))),
-        )
-        .map_err(device_error)?;
-        pio.insert(
-            system_ports::BASE as u64,
-            system_ports::LEN,
-            Arc::new(Mutex::new(SystemPorts::new(self.clock.clone()))),
-        )
-        .map_err(device_error)?;
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
-
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
-        let host: Arc<dyn VcpuHost> = self.clone();
-        let mut vcpus = Vec::with_capacity(self.config.vcpus as usize);
-        for index in 0..self.config.vcpus as usize {
-            let fd = vm_fd
-                .create_vcpu(index as u64)
-                .map_err(setup("KVM_CREATE_VCPU"))?;
-            for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-                // Leaf 1 EBX[31:24] is the initial APIC ID.
-                entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((index as u32) << 24);
-            }
-            fd.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
-            builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot {
-                name: name(),
-                source,
-            })?;
-            vcpus.push(Vcpu {
-                index,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                host: host.clone(),
-            });
-        }
-        Ok((
-            Machine {
-                vcpus: Vec::new(),
-                vm_fd,
-                memory,
-            },
-            vcpus,
-        ))
-    }
-
-    /// The VM's event thread: waits for device events (later) and for the request to
-    /// tear the machine down, which comes from `stop` or from a vCPU that saw the guest end.
-    fn event_loop(self: Arc<Self>, teardown: EventFd) {
+    /// The VM's event thread: serves virtio queue notifications, and waits for the
+    /// request to tear the machine down, which comes from `stop` or from a vCPU that saw
+    /// the guest end.
+    fn event_loop(self: Arc<Self>, teardown: EventFd, queues: Vec<QueueEventSource>) {
         const TEARDOWN: u64 = 0;
+        let fail = |what: &str, e: std::io::Error| {
+            tracing::error!(vm = self.name(), error = %e, "{what}; the event thread ends");
+        };
         let epoll = match Epoll::new() {
             Ok(e) => e,
-            Err(e) => {
-                tracing::error!(vm = self.name(), error = %e, "cannot create epoll; the event thread ends");
-                return;
-            }
+            Err(e) => return fail("cannot create epoll", e),
         };
-        if let Err(e) = epoll.ctl(
-            ControlOperation::Add,
-            teardown.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TEARDOWN),
-        ) {
-            tracing::error!(vm = self.name(), error = %e, "cannot watch the teardown eventfd");
-            return;
+        let watch = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        if let Err(e) = watch(teardown.as_raw_fd(), TEARDOWN) {
+            return fail("cannot watch the teardown eventfd", e);
         }
-        let mut events = vec![EpollEvent::default(); 8];
+        for (i, source) in queues.iter().enumerate() {
+            if let Err(e) = watch(source.event.as_raw_fd(), i as u64 + 1) {
+                return fail("cannot watch a queue eventfd", e);
+            }
+        }
+        let mut events = vec![EpollEvent::default(); 16];
         'outer: loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -560,9 +488,22 @@ impl Vm {
                 }
             };
             for event in &events[..n] {
-                if event.data() == TEARDOWN {
-                    let _ = teardown.read();
-                    break 'outer;
+                match event.data() {
+                    TEARDOWN => {
+                        let _ = teardown.read();
+                        break 'outer;
+                    }
+                    token => {
+                        let Some(source) = queues.get(token as usize - 1) else {
+                            continue;
+                        };
+                        let _ = source.event.read();
+                        source
+                            .transport
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .process_queue(source.queue);
+                    }
                 }
             }
         }
@@ -570,6 +511,7 @@ impl Vm {
         if let Some(machine) = machine {
             machine.shutdown();
         }
+        drop(queues);
         self.changed.notify_all();
     }
 

@@ -11,3 +11,4 @@
 pub mod bus;
 pub mod console;
 pub mod legacy;
+pub mod virtio;

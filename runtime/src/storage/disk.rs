@@ -85,10 +85,19 @@ pub struct Disk {
 }
 
 fn open_file(path: &Path, writable: bool) -> Result<File, StorageError> {
-    File::options().read(true).write(writable).open(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => StorageError::NotFound { path: path.to_path_buf() },
-        _ => StorageError::Open { path: path.to_path_buf(), source },
-    })
+    File::options()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => StorageError::NotFound {
+                path: path.to_path_buf(),
+            },
+            _ => StorageError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })
 }
 
 fn detect_format(file: &File, path: &Path) -> Result<DiskFormat, StorageError> {
@@ -101,7 +110,10 @@ fn detect_format(file: &File, path: &Path) -> Result<DiskFormat, StorageError> {
 
 /// The default serial: the file name, cut to the 20 bytes virtio-blk allows.
 fn default_serial(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut serial = String::new();
     for c in name.chars() {
         if serial.len() + c.len_utf8() > 20 {
@@ -123,7 +135,11 @@ fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
 }
 
 /// Opens an image of either format as a backend; qcow2 images bring their backing chain.
-fn open_backend(path: &Path, writable: bool, depth: usize) -> Result<Box<dyn DiskBackend>, StorageError> {
+fn open_backend(
+    path: &Path,
+    writable: bool,
+    depth: usize,
+) -> Result<Box<dyn DiskBackend>, StorageError> {
     if depth > MAX_BACKING_DEPTH {
         return Err(StorageError::Unsupported {
             path: path.to_path_buf(),
@@ -131,7 +147,15 @@ fn open_backend(path: &Path, writable: bool, depth: usize) -> Result<Box<dyn Dis
         });
     }
     let file = open_file(path, writable)?;
-    lock_file(&file, path, if writable { LockMode::Exclusive } else { LockMode::Shared })?;
+    lock_file(
+        &file,
+        path,
+        if writable {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        },
+    )?;
     match detect_format(&file, path)? {
         DiskFormat::Raw => {
             let size = file.metadata().map_err(StorageError::io(path))?.len();
@@ -140,7 +164,11 @@ fn open_backend(path: &Path, writable: bool, depth: usize) -> Result<Box<dyn Dis
         DiskFormat::Qcow2 => {
             let header = qcow2::Header::read(&file, path)?;
             let backing = match &header.backing_file {
-                Some(name) => Some(open_backend(&resolve_backing(path, name), false, depth + 1)?),
+                Some(name) => Some(open_backend(
+                    &resolve_backing(path, name),
+                    false,
+                    depth + 1,
+                )?),
                 None => None,
             };
             Ok(Box::new(Qcow2Backend::open(file, path, writable, backing)?))
@@ -152,18 +180,34 @@ impl Disk {
     /// Creates a sparse raw image of `size` bytes; `path` must not exist.
     pub fn create_raw(path: &Path, size: u64) -> Result<Disk, StorageError> {
         if size == 0 || size % SECTOR_SIZE != 0 {
-            return Err(StorageError::SizeNotSectorMultiple { path: path.to_path_buf(), size });
+            return Err(StorageError::SizeNotSectorMultiple {
+                path: path.to_path_buf(),
+                size,
+            });
         }
-        let file = File::options().read(true).write(true).create_new(true).open(path).map_err(|source| {
-            if source.kind() == io::ErrorKind::AlreadyExists {
-                StorageError::Exists { path: path.to_path_buf() }
-            } else {
-                StorageError::Open { path: path.to_path_buf(), source }
-            }
-        })?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| {
+                if source.kind() == io::ErrorKind::AlreadyExists {
+                    StorageError::Exists {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    StorageError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
+            })?;
         if let Err(source) = file.set_len(size) {
             let _ = std::fs::remove_file(path);
-            return Err(StorageError::Io { path: path.to_path_buf(), source });
+            return Err(StorageError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
         }
         Disk::open(path, false)
     }
@@ -178,7 +222,11 @@ impl Disk {
             path: base.to_path_buf(),
             feature: "a base path that is not UTF-8".into(),
         })?;
-        qcow2::create(path, base_disk.size, Some((name, base_disk.format.as_str())))?;
+        qcow2::create(
+            path,
+            base_disk.size,
+            Some((name, base_disk.format.as_str())),
+        )?;
         Disk::open(path, false)
     }
 
@@ -190,7 +238,10 @@ impl Disk {
         let size = backend.size();
         drop(backend);
         if size == 0 || size % SECTOR_SIZE != 0 {
-            return Err(StorageError::SizeNotSectorMultiple { path: path.to_path_buf(), size });
+            return Err(StorageError::SizeNotSectorMultiple {
+                path: path.to_path_buf(),
+                size,
+            });
         }
         let file = open_file(path, false)?;
         Ok(Disk {
@@ -246,15 +297,31 @@ mod tests {
     #[test]
     fn bad_input_is_rejected() {
         let missing = scratch("missing.img");
-        assert!(matches!(Disk::open(&missing, true), Err(StorageError::NotFound { .. })));
+        assert!(matches!(
+            Disk::open(&missing, true),
+            Err(StorageError::NotFound { .. })
+        ));
         let odd = scratch("odd.img");
         std::fs::write(&odd, vec![0u8; 1000]).unwrap();
-        assert!(matches!(Disk::open(&odd, true), Err(StorageError::SizeNotSectorMultiple { size: 1000, .. })));
-        assert!(matches!(Disk::create_raw(&scratch("x.img"), 1000), Err(StorageError::SizeNotSectorMultiple { .. })));
+        assert!(matches!(
+            Disk::open(&odd, true),
+            Err(StorageError::SizeNotSectorMultiple { size: 1000, .. })
+        ));
+        assert!(matches!(
+            Disk::create_raw(&scratch("x.img"), 1000),
+            Err(StorageError::SizeNotSectorMultiple { .. })
+        ));
         let exists = scratch("exists.img");
         std::fs::write(&exists, vec![0u8; 512]).unwrap();
-        assert!(matches!(Disk::create_raw(&exists, 512), Err(StorageError::Exists { .. })));
-        assert_eq!(std::fs::read(&exists).unwrap().len(), 512, "an existing file is left alone");
+        assert!(matches!(
+            Disk::create_raw(&exists, 512),
+            Err(StorageError::Exists { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&exists).unwrap().len(),
+            512,
+            "an existing file is left alone"
+        );
     }
 
     #[test]
@@ -264,16 +331,28 @@ mod tests {
         assert_eq!(disk.format(), DiskFormat::Raw);
         assert_eq!(disk.serial(), "locked.img");
         let writer = disk.attach().unwrap();
-        assert!(matches!(Disk::open(&path, false), Err(StorageError::Locked { .. })));
-        assert!(matches!(Disk::open(&path, true), Err(StorageError::Locked { .. })));
+        assert!(matches!(
+            Disk::open(&path, false),
+            Err(StorageError::Locked { .. })
+        ));
+        assert!(matches!(
+            Disk::open(&path, true),
+            Err(StorageError::Locked { .. })
+        ));
         let overlay = scratch("over-locked.qcow2");
-        assert!(matches!(Disk::create_overlay(&path, &overlay), Err(StorageError::Locked { .. })));
+        assert!(matches!(
+            Disk::create_overlay(&path, &overlay),
+            Err(StorageError::Locked { .. })
+        ));
         assert!(!overlay.exists(), "a refused overlay leaves no file behind");
         drop(writer);
         let ro = Disk::open(&path, true).unwrap();
         let reader = ro.attach().unwrap();
         let reader2 = ro.attach().unwrap();
-        assert!(matches!(Disk::open(&path, false), Err(StorageError::Locked { .. })), "readers keep writers out");
+        assert!(
+            matches!(Disk::open(&path, false), Err(StorageError::Locked { .. })),
+            "readers keep writers out"
+        );
         drop((reader, reader2));
         Disk::open(&path, false).unwrap();
     }
@@ -294,6 +373,9 @@ mod tests {
         let mut buf = [0u8; 512];
         t.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [5u8; 512]);
-        assert!(matches!(Disk::open(&base, false), Err(StorageError::Locked { .. })), "the base is held shared");
+        assert!(
+            matches!(Disk::open(&base, false), Err(StorageError::Locked { .. })),
+            "the base is held shared"
+        );
     }
 }

@@ -50,8 +50,14 @@ pub enum StorageError {
     Exists { path: PathBuf },
     #[error("disk size {size} of {path} is not a multiple of 512 bytes")]
     SizeNotSectorMultiple { path: PathBuf, size: u64 },
-    #[error("disk image {path} is {held} by another user (a running VM or another process); {wanted}")]
-    Locked { path: PathBuf, held: &'static str, wanted: &'static str },
+    #[error(
+        "disk image {path} is {held} by another user (a running VM or another process); {wanted}"
+    )]
+    Locked {
+        path: PathBuf,
+        held: &'static str,
+        wanted: &'static str,
+    },
     #[error("disk image {path} is not a valid qcow2 image: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("disk image {path} uses a qcow2 feature luvisor does not support: {feature}")]
@@ -66,7 +72,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn io(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
-        move |source| StorageError::Io { path: path.to_path_buf(), source }
+        move |source| StorageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -107,14 +116,24 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<(), Storage
             },
         })
     } else {
-        Err(StorageError::Io { path: path.to_path_buf(), source: err })
+        Err(StorageError::Io {
+            path: path.to_path_buf(),
+            source: err,
+        })
     }
 }
 
 /// `fallocate` with `mode`; `Ok(false)` when the filesystem does not support it.
 pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<bool> {
     // SAFETY: fallocate on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if rc == 0 {
         return Ok(true);
     }

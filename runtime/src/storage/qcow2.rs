@@ -80,10 +80,17 @@ pub fn is_qcow2(file: &File) -> io::Result<bool> {
 impl Header {
     /// Reads and validates the header of `file`.
     pub fn read(file: &File, path: &Path) -> Result<Header, StorageError> {
-        let corrupt = |reason: &str| StorageError::Corrupt { path: path.to_path_buf(), reason: reason.into() };
-        let unsupported = |feature: String| StorageError::Unsupported { path: path.to_path_buf(), feature };
+        let corrupt = |reason: &str| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        };
+        let unsupported = |feature: String| StorageError::Unsupported {
+            path: path.to_path_buf(),
+            feature,
+        };
         let mut h = [0u8; 104];
-        file.read_exact_at(&mut h[..72], 0).map_err(|_| corrupt("the file is shorter than a qcow2 header"))?;
+        file.read_exact_at(&mut h[..72], 0)
+            .map_err(|_| corrupt("the file is shorter than a qcow2 header"))?;
         if be32(&h, 0) != MAGIC {
             return Err(corrupt("bad magic"));
         }
@@ -92,14 +99,17 @@ impl Header {
             return Err(unsupported(format!("version {version}")));
         }
         let (incompatible_features, refcount_order, header_length) = if version == 3 {
-            file.read_exact_at(&mut h[72..104], 72).map_err(|_| corrupt("truncated version 3 header"))?;
+            file.read_exact_at(&mut h[72..104], 72)
+                .map_err(|_| corrupt("truncated version 3 header"))?;
             (be64(&h, 72), be32(&h, 96), be32(&h, 100))
         } else {
             (0, REFCOUNT_ORDER, 72)
         };
         let cluster_bits = be32(&h, 20);
         if !(9..=21).contains(&cluster_bits) {
-            return Err(corrupt(&format!("cluster_bits {cluster_bits} is out of range")));
+            return Err(corrupt(&format!(
+                "cluster_bits {cluster_bits} is out of range"
+            )));
         }
         if be32(&h, 32) != 0 {
             return Err(unsupported("encryption".into()));
@@ -117,7 +127,9 @@ impl Header {
         let l2_entries = cluster_size / 8;
         let needed_l1 = size.div_ceil(cluster_size * l2_entries);
         if (l1_size as u64) < needed_l1 {
-            return Err(corrupt(&format!("L1 table has {l1_size} entries, {needed_l1} needed for {size} bytes")));
+            return Err(corrupt(&format!(
+                "L1 table has {l1_size} entries, {needed_l1} needed for {size} bytes"
+            )));
         }
         let mut header = Header {
             version,
@@ -140,9 +152,11 @@ impl Header {
                 return Err(corrupt("backing file name length is out of range"));
             }
             let mut name = vec![0u8; backing_len as usize];
-            file.read_exact_at(&mut name, backing_offset).map_err(|_| corrupt("backing file name is past the end"))?;
-            header.backing_file =
-                Some(String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?);
+            file.read_exact_at(&mut name, backing_offset)
+                .map_err(|_| corrupt("backing file name is past the end"))?;
+            header.backing_file = Some(
+                String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?,
+            );
         }
         if version == 3 {
             header.read_extensions(file, header_length as u64, cluster_size, path)?;
@@ -150,11 +164,21 @@ impl Header {
         Ok(header)
     }
 
-    fn read_extensions(&mut self, file: &File, mut at: u64, cluster_size: u64, path: &Path) -> Result<(), StorageError> {
-        let corrupt = |reason: &str| StorageError::Corrupt { path: path.to_path_buf(), reason: reason.into() };
+    fn read_extensions(
+        &mut self,
+        file: &File,
+        mut at: u64,
+        cluster_size: u64,
+        path: &Path,
+    ) -> Result<(), StorageError> {
+        let corrupt = |reason: &str| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        };
         while at + 8 <= cluster_size {
             let mut ext = [0u8; 8];
-            file.read_exact_at(&mut ext, at).map_err(|_| corrupt("truncated header extension"))?;
+            file.read_exact_at(&mut ext, at)
+                .map_err(|_| corrupt("truncated header extension"))?;
             let (kind, len) = (be32(&ext, 0), be32(&ext, 4) as u64);
             if kind == EXT_END {
                 return Ok(());
@@ -164,7 +188,8 @@ impl Header {
             }
             if kind == EXT_BACKING_FORMAT {
                 let mut data = vec![0u8; len as usize];
-                file.read_exact_at(&mut data, at + 8).map_err(|_| corrupt("truncated backing format"))?;
+                file.read_exact_at(&mut data, at + 8)
+                    .map_err(|_| corrupt("truncated backing format"))?;
                 self.backing_format = Some(String::from_utf8_lossy(&data).into_owned());
             }
             at += 8 + len.div_ceil(8) * 8;
@@ -176,13 +201,23 @@ impl Header {
 /// Writes a new, empty qcow2 image of `size` bytes at `path` (which must not exist),
 /// optionally backed by `backing` in format `backing_format` ("raw" or "qcow2").
 pub fn create(path: &Path, size: u64, backing: Option<(&str, &str)>) -> Result<(), StorageError> {
-    let file = File::options().read(true).write(true).create_new(true).open(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::AlreadyExists {
-            StorageError::Exists { path: path.to_path_buf() }
-        } else {
-            StorageError::Open { path: path.to_path_buf(), source }
-        }
-    })?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                StorageError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                StorageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
     let result = write_new_image(&file, size, backing);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
@@ -225,7 +260,10 @@ fn write_new_image(file: &File, size: u64, backing: Option<(&str, &str)>) -> io:
     at += 8;
     if let Some((name, _)) = backing {
         if at + name.len() > header.len() || name.len() > 1023 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "backing file name is too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "backing file name is too long",
+            ));
         }
         put64(&mut header, 8, at as u64);
         put32(&mut header, 16, name.len() as u32);
@@ -266,9 +304,17 @@ pub struct Qcow2Backend {
 impl Qcow2Backend {
     /// Opens `file` (already locked by the caller). `backing` is the opened backing image
     /// when the header names one.
-    pub fn open(file: File, path: &Path, writable: bool, backing: Option<Box<dyn DiskBackend>>) -> Result<Qcow2Backend, StorageError> {
+    pub fn open(
+        file: File,
+        path: &Path,
+        writable: bool,
+        backing: Option<Box<dyn DiskBackend>>,
+    ) -> Result<Qcow2Backend, StorageError> {
         let header = Header::read(&file, path)?;
-        let unsupported = |feature: &str| StorageError::Unsupported { path: path.to_path_buf(), feature: feature.into() };
+        let unsupported = |feature: &str| StorageError::Unsupported {
+            path: path.to_path_buf(),
+            feature: feature.into(),
+        };
         if writable {
             if header.nb_snapshots > 0 {
                 return Err(unsupported("writing an image with internal snapshots"));
@@ -277,17 +323,28 @@ impl Qcow2Backend {
                 return Err(unsupported("writing with refcounts other than 16 bits"));
             }
             if header.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
-                return Err(unsupported("writing an image marked dirty or corrupt (run qemu-img check -r all)"));
+                return Err(unsupported(
+                    "writing an image marked dirty or corrupt (run qemu-img check -r all)",
+                ));
             }
         }
         let cluster_size = 1u64 << header.cluster_bits;
         let io = StorageError::io(path);
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(&mut l1_bytes, header.l1_table_offset).map_err(io)?;
-        let l1 = l1_bytes.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect();
-        let mut rt_bytes = vec![0u8; (header.refcount_table_clusters as u64 * cluster_size) as usize];
-        file.read_exact_at(&mut rt_bytes, header.refcount_table_offset).map_err(StorageError::io(path))?;
-        let refcount_table = rt_bytes.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect();
+        file.read_exact_at(&mut l1_bytes, header.l1_table_offset)
+            .map_err(io)?;
+        let l1 = l1_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut rt_bytes =
+            vec![0u8; (header.refcount_table_clusters as u64 * cluster_size) as usize];
+        file.read_exact_at(&mut rt_bytes, header.refcount_table_offset)
+            .map_err(StorageError::io(path))?;
+        let refcount_table = rt_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
         let len = file.metadata().map_err(StorageError::io(path))?.len();
         Ok(Qcow2Backend {
             next_free: len.div_ceil(cluster_size) * cluster_size,
@@ -309,7 +366,10 @@ impl Qcow2Backend {
     }
 
     fn invalid(&self, what: String) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", self.path.display()))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {what}", self.path.display()),
+        )
     }
 
     /// The L2 table at `offset`, from the cache or the file.
@@ -323,7 +383,10 @@ impl Qcow2Backend {
             if self.l2_cache.len() >= L2_CACHE_TABLES {
                 self.l2_cache.clear();
             }
-            let table = bytes.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect();
+            let table = bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect();
             self.l2_cache.insert(offset, table);
         }
         Ok(self.l2_cache.get_mut(&offset).expect("inserted above"))
@@ -361,7 +424,8 @@ impl Qcow2Backend {
         }
         let host = entry & OFFSET_MASK;
         if host != 0 {
-            self.file.read_exact_at(buf, host + offset % self.cluster_size)
+            self.file
+                .read_exact_at(buf, host + offset % self.cluster_size)
         } else if entry & ZERO != 0 {
             buf.fill(0);
             Ok(())
@@ -384,10 +448,13 @@ impl Qcow2Backend {
             // itself, which the recursive call below does once it is installed.
             block = self.next_free;
             self.next_free += self.cluster_size;
-            self.file.write_all_at(&vec![0u8; self.cluster_size as usize], block)?;
-            self.refcount_table[table_index] = block;
             self.file
-                .write_all_at(&block.to_be_bytes(), self.header.refcount_table_offset + table_index as u64 * 8)?;
+                .write_all_at(&vec![0u8; self.cluster_size as usize], block)?;
+            self.refcount_table[table_index] = block;
+            self.file.write_all_at(
+                &block.to_be_bytes(),
+                self.header.refcount_table_offset + table_index as u64 * 8,
+            )?;
             self.set_refcount(block, 1)?;
         }
         let at = block + (cluster % per_block) * 2;
@@ -411,14 +478,18 @@ impl Qcow2Backend {
         let mut l2_offset = self.l1[l1_index] & OFFSET_MASK;
         if l2_offset == 0 {
             l2_offset = self.allocate_cluster()?;
-            self.file.write_all_at(&vec![0u8; self.cluster_size as usize], l2_offset)?;
-            self.l1[l1_index] = l2_offset | COPIED;
             self.file
-                .write_all_at(&(l2_offset | COPIED).to_be_bytes(), self.header.l1_table_offset + l1_index as u64 * 8)?;
+                .write_all_at(&vec![0u8; self.cluster_size as usize], l2_offset)?;
+            self.l1[l1_index] = l2_offset | COPIED;
+            self.file.write_all_at(
+                &(l2_offset | COPIED).to_be_bytes(),
+                self.header.l1_table_offset + l1_index as u64 * 8,
+            )?;
         }
         let index = (cluster % self.l2_entries) as usize;
         self.l2_table(l2_offset)?[index] = entry;
-        self.file.write_all_at(&entry.to_be_bytes(), l2_offset + index as u64 * 8)
+        self.file
+            .write_all_at(&entry.to_be_bytes(), l2_offset + index as u64 * 8)
     }
 
     /// Writes part of one guest cluster, allocating (and filling from the backing file)
@@ -452,7 +523,12 @@ impl Qcow2Backend {
     }
 
     /// Calls `f(offset, len)` for each piece of `[offset, offset+len)` within one cluster.
-    fn for_each_cluster(&mut self, offset: u64, len: u64, mut f: impl FnMut(&mut Self, u64, u64) -> io::Result<()>) -> io::Result<()> {
+    fn for_each_cluster(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&mut Self, u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
         let end = offset + len;
         let mut at = offset;
         while at < end {
@@ -468,7 +544,10 @@ impl Qcow2Backend {
         if self.writable {
             Ok(())
         } else {
-            Err(io::Error::new(io::ErrorKind::PermissionDenied, "the image is open read-only"))
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the image is open read-only",
+            ))
         }
     }
 }
@@ -519,8 +598,14 @@ impl DiskBackend for Qcow2Backend {
             let host = entry & OFFSET_MASK;
             if host != 0 && entry & COMPRESSED == 0 {
                 // Keep the allocation, release the space: the hole reads as zeros.
-                if !fallocate(&q.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, host, cluster_size)? {
-                    q.file.write_all_at(&vec![0u8; cluster_size as usize], host)?;
+                if !fallocate(
+                    &q.file,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    host,
+                    cluster_size,
+                )? {
+                    q.file
+                        .write_all_at(&vec![0u8; cluster_size as usize], host)?;
                 }
                 Ok(())
             } else if q.backing.is_some() || entry & COMPRESSED != 0 {
@@ -586,7 +671,11 @@ mod tests {
         let mut buf = vec![0u8; 5];
         q.read_at(&mut buf, 70_000).unwrap();
         assert_eq!(&buf, &[0xAB, 1, 2, 3, 0xAB]);
-        assert_eq!(std::fs::read(&base_path).unwrap(), vec![0xAB; 1 << 20], "the base is untouched");
+        assert_eq!(
+            std::fs::read(&base_path).unwrap(),
+            vec![0xAB; 1 << 20],
+            "the base is untouched"
+        );
     }
 
     #[test]
@@ -610,13 +699,22 @@ mod tests {
         let path = scratch("garbage.qcow2");
         std::fs::write(&path, b"QFI\xfbnot really").unwrap();
         let file = File::open(&path).unwrap();
-        assert!(matches!(Qcow2Backend::open(file, &path, false, None), Err(StorageError::Corrupt { .. })));
-        assert!(matches!(create(&path, 1 << 20, None), Err(StorageError::Exists { .. })));
+        assert!(matches!(
+            Qcow2Backend::open(file, &path, false, None),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            create(&path, 1 << 20, None),
+            Err(StorageError::Exists { .. })
+        ));
     }
 
     #[test]
     fn qemu_img_accepts_our_images() {
-        let Ok(out) = std::process::Command::new("qemu-img").arg("--version").output() else {
+        let Ok(out) = std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+        else {
             eprintln!("skipping: qemu-img is not installed");
             return;
         };
@@ -630,28 +728,62 @@ mod tests {
         q.write_zeroes(2 << 20, 1 << 16).unwrap();
         q.flush().unwrap();
         drop(q);
-        let check = std::process::Command::new("qemu-img").args(["check", path.to_str().unwrap()]).output().unwrap();
-        assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
-        let converted = scratch("converted.raw");
-        let convert = std::process::Command::new("qemu-img")
-            .args(["convert", "-O", "raw", path.to_str().unwrap(), converted.to_str().unwrap()])
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", path.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(convert.status.success(), "{}", String::from_utf8_lossy(&convert.stderr));
+        assert!(
+            check.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let converted = scratch("converted.raw");
+        let convert = std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-O",
+                "raw",
+                path.to_str().unwrap(),
+                converted.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            convert.status.success(),
+            "{}",
+            String::from_utf8_lossy(&convert.stderr)
+        );
         let flat = std::fs::read(&converted).unwrap();
         assert_eq!(flat.len(), 4 << 20);
         assert!(flat[..1 << 20].iter().all(|&b| b == 0x11));
         assert!(flat[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0x22));
         assert!(flat[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0));
-        assert_eq!(&flat[3 << 20..(3 << 20) + 101], &[[0x33u8; 100].as_slice(), &[0x11]].concat()[..]);
+        assert_eq!(
+            &flat[3 << 20..(3 << 20) + 101],
+            &[[0x33u8; 100].as_slice(), &[0x11]].concat()[..]
+        );
 
         // And we read what qemu-img writes.
         let theirs = scratch("theirs.qcow2");
         let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-b", base_path.to_str().unwrap(), "-F", "raw", theirs.to_str().unwrap()])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                base_path.to_str().unwrap(),
+                "-F",
+                "raw",
+                theirs.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
         let io = std::process::Command::new("qemu-io")
             .args(["-c", "write -P 0x44 8192 4096", theirs.to_str().unwrap()])
             .output();

@@ -61,11 +61,22 @@ impl DiskBackend for RawBackend {
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         // Discard is advisory: without hole punching there is nothing to release.
-        fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).map(|_| ())
+        fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map(|_| ())
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        if fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)? {
+        if fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )? {
             Ok(())
         } else {
             self.write_zero_bytes(offset, len)
@@ -81,7 +92,13 @@ mod tests {
     #[test]
     fn reads_writes_and_punches_holes() {
         let path = std::env::temp_dir().join(format!("luvisor-raw-{}.img", std::process::id()));
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         file.set_len(4 << 20).unwrap();
         let mut disk = RawBackend::new(file, 4 << 20);
         disk.write_at(&[7u8; 65536], 1 << 20).unwrap();
@@ -93,7 +110,10 @@ mod tests {
         disk.write_zeroes(1 << 20, 65536).unwrap();
         disk.read_at(&mut buf, (1 << 20) + 100).unwrap();
         assert_eq!(buf, [0u8; 16]);
-        assert!(std::fs::metadata(&path).unwrap().blocks() < blocks_before, "the hole was punched");
+        assert!(
+            std::fs::metadata(&path).unwrap().blocks() < blocks_before,
+            "the hole was punched"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -72,6 +72,14 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub host: Arc<dyn VcpuHost>,
+    /// Where its commands arrive; the sending side is made by [`command_channel`].
+    pub commands: Receiver<VcpuCommand>,
+}
+
+/// A channel for a vCPU's commands. Senders can be cloned, e.g. for devices that wake
+/// idle vCPUs.
+pub fn command_channel() -> (Sender<VcpuCommand>, Receiver<VcpuCommand>) {
+    mpsc::channel()
 }
 
 /// The control side's handle on a running vCPU thread.
@@ -148,14 +156,18 @@ fn install_kick_handler() -> std::io::Result<()> {
     result
 }
 
-/// Starts the vCPU's thread, which enters the guest at once.
-pub fn spawn(vcpu: Vcpu, vm_name: &str) -> std::io::Result<VcpuHandle> {
+/// Starts the vCPU's thread, which enters the guest at once. `commands` is the sending
+/// side of the channel whose receiver `vcpu` holds.
+pub fn spawn(
+    vcpu: Vcpu,
+    vm_name: &str,
+    commands: Sender<VcpuCommand>,
+) -> std::io::Result<VcpuHandle> {
     install_kick_handler()?;
-    let (commands, receiver) = mpsc::channel();
     let index = vcpu.index;
     let thread = std::thread::Builder::new()
         .name(format!("vcpu-{vm_name}-{index}"))
-        .spawn(move || vcpu.run(receiver))?;
+        .spawn(move || vcpu.run())?;
     Ok(VcpuHandle {
         index,
         commands,
@@ -179,23 +191,23 @@ enum Step {
 }
 
 impl Vcpu {
-    fn run(mut self, commands: Receiver<VcpuCommand>) {
+    fn run(mut self) {
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|f| f.set(immediate_exit));
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Running);
-        self.run_loop(&commands);
+        self.run_loop();
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Exited);
     }
 
-    fn run_loop(&mut self, commands: &Receiver<VcpuCommand>) {
+    fn run_loop(&mut self) {
         loop {
             loop {
-                match commands.try_recv() {
+                match self.commands.try_recv() {
                     Ok(command) => {
-                        if let Flow::Stop = self.obey(command, commands) {
+                        if let Flow::Stop = self.obey(command) {
                             return;
                         }
                     }
@@ -210,7 +222,7 @@ impl Vcpu {
                     self.host.guest_ready();
                     Flow::Continue
                 }
-                Step::Action(IoAction::Idle(timeout)) => self.idle(timeout, commands),
+                Step::Action(IoAction::Idle(timeout)) => self.idle(timeout),
                 Step::Action(IoAction::Exit(code)) => self.end(GuestEnd::Exited(code)),
                 Step::Crash(reason) => self.end(GuestEnd::Crashed(reason)),
                 Step::CrashWithRip(what) => {
@@ -293,35 +305,35 @@ impl Vcpu {
 
     /// Sleeps until `timeout` passes or a command arrives. Any command ends the idle
     /// wait: the guest rechecks its clock and devices and idles again if it must.
-    fn idle(&mut self, timeout: Option<Duration>, commands: &Receiver<VcpuCommand>) -> Flow {
+    fn idle(&mut self, timeout: Option<Duration>) -> Flow {
         let command = match timeout {
-            Some(timeout) => match commands.recv_timeout(timeout) {
+            Some(timeout) => match self.commands.recv_timeout(timeout) {
                 Ok(c) => c,
                 Err(RecvTimeoutError::Timeout) => return Flow::Continue,
                 Err(RecvTimeoutError::Disconnected) => return Flow::Stop,
             },
-            None => match commands.recv() {
+            None => match self.commands.recv() {
                 Ok(c) => c,
                 Err(_) => return Flow::Stop,
             },
         };
-        self.obey(command, commands)
+        self.obey(command)
     }
 
-    fn obey(&mut self, command: VcpuCommand, commands: &Receiver<VcpuCommand>) -> Flow {
+    fn obey(&mut self, command: VcpuCommand) -> Flow {
         match command {
             VcpuCommand::Stop => Flow::Stop,
             VcpuCommand::Wake | VcpuCommand::Resume => Flow::Continue,
-            VcpuCommand::Pause => self.paused(commands),
+            VcpuCommand::Pause => self.paused(),
         }
     }
 
     /// Outside `KVM_RUN`, blocked until told to resume or stop.
-    fn paused(&mut self, commands: &Receiver<VcpuCommand>) -> Flow {
+    fn paused(&mut self) -> Flow {
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Paused);
         loop {
-            match commands.recv() {
+            match self.commands.recv() {
                 Ok(VcpuCommand::Resume) => {
                     self.host
                         .vcpu_state_changed(self.index, VcpuRunState::Running);

@@ -1,0 +1,140 @@
+//! The virtio-blk device: features, configuration space and the request loop.
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::request::{self, Target};
+use crate::devices::virtio::{features, QueueError, VirtioDevice};
+use crate::storage::{Disk, DiskBackend, DiskStats, SECTOR_SIZE};
+use std::sync::Arc;
+
+/// virtio device ID of a block device.
+pub const DEVICE_TYPE: u32 = 2;
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments (descriptors) in one request, advertised through SEG_MAX.
+pub const SEG_MAX: u32 = 128;
+
+/// Feature bits (virtio 1.2, 5.2.3).
+pub mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+pub struct Block {
+    backend: Box<dyn DiskBackend>,
+    readonly: bool,
+    serial: Vec<u8>,
+    stats: Arc<DiskStats>,
+    config: [u8; 64],
+    acked_features: u64,
+}
+
+impl Block {
+    /// A device serving `backend` (already opened and locked through `disk`).
+    pub fn new(disk: &Disk, backend: Box<dyn DiskBackend>) -> Block {
+        let mut config = [0u8; 64];
+        let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &(backend.size() / SECTOR_SIZE).to_le_bytes()); // capacity in sectors
+        put(12, &SEG_MAX.to_le_bytes()); // seg_max
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        let whole_disk = (backend.size() / SECTOR_SIZE).min(u32::MAX as u64) as u32;
+        put(36, &whole_disk.to_le_bytes()); // max_discard_sectors
+        put(40, &(request::MAX_RANGE_SEGMENTS as u32).to_le_bytes()); // max_discard_seg
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &whole_disk.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &(request::MAX_RANGE_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
+        config[56] = 1; // write_zeroes_may_unmap
+        Block {
+            backend,
+            readonly: disk.readonly(),
+            serial: disk.serial().as_bytes().to_vec(),
+            stats: disk.stats().clone(),
+            config,
+            acked_features: 0,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = features::VERSION_1 | feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
+        if self.readonly {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        if let Some(end) = start
+            .checked_add(data.len())
+            .filter(|&e| e <= self.config.len())
+        {
+            data.copy_from_slice(&self.config[start..end]);
+        }
+    }
+
+    fn activate(&mut self, acked_features: u64) {
+        self.acked_features = acked_features;
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
+        let acked = self.acked_features;
+        let mut target = Target {
+            backend: self.backend.as_mut(),
+            readonly: self.readonly,
+            serial: &self.serial,
+            stats: &self.stats,
+            discard: acked & feature::DISCARD != 0,
+            write_zeroes: acked & feature::WRITE_ZEROES != 0,
+            flush: acked & feature::FLUSH != 0,
+        };
+        let mut used_any = false;
+        loop {
+            let chain = {
+                let mut available = queue.iter(mem).map_err(|source| QueueError {
+                    queue: index,
+                    source,
+                })?;
+                match available.next() {
+                    Some(chain) => chain,
+                    None => break,
+                }
+            };
+            let head = chain.head_index();
+            let used_len = request::execute(chain, mem, &mut target).unwrap_or(0);
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(|source| QueueError {
+                    queue: index,
+                    source,
+                })?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}

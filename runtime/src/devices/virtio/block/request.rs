@@ -1,0 +1,240 @@
+//! One virtio-blk request: a 16-byte header the driver wrote, data buffers, and a
+//! status byte the device writes last.
+//!
+//! The descriptor layout is not assumed (virtio 1.2, 2.7.4.2): the request is read
+//! through `virtio-queue`'s `Reader` (device-readable bytes) and `Writer`
+//! (device-writable bytes), which check every descriptor address against guest memory.
+
+use std::io::{Read, Write};
+
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::{ByteValued, GuestMemoryMmap};
+
+use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
+
+/// Request types.
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+/// Status values.
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+/// Length of the serial number GET_ID returns.
+pub const ID_BYTES: usize = 20;
+
+/// The largest data transfer one request may ask for; larger ones fail with IOERR
+/// rather than making the host allocate whatever a guest claims.
+pub const MAX_TRANSFER: usize = 32 << 20;
+/// Most discard/write-zeroes segments in one request.
+pub const MAX_RANGE_SEGMENTS: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RequestHeader {
+    kind: u32,
+    _reserved: u32,
+    sector: u64,
+}
+// SAFETY: plain integers, no padding, any bit pattern is valid.
+unsafe impl ByteValued for RequestHeader {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RangeSegment {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+// SAFETY: plain integers, no padding, any bit pattern is valid.
+unsafe impl ByteValued for RangeSegment {}
+
+/// What the device needs to execute requests.
+pub struct Target<'a> {
+    pub backend: &'a mut dyn DiskBackend,
+    pub readonly: bool,
+    pub serial: &'a [u8],
+    pub stats: &'a DiskStats,
+    /// Request types the driver may use (from negotiated features).
+    pub discard: bool,
+    pub write_zeroes: bool,
+    pub flush: bool,
+}
+
+/// Why a request failed; becomes a status byte.
+enum Failure {
+    /// The request is malformed or the host file failed: IOERR, counted as an error.
+    Io(String),
+    /// A request type this device does not offer.
+    Unsupported(u32),
+}
+
+/// Executes the request in `chain`. Returns the number of bytes written into
+/// device-writable buffers (the used length), or `None` when the chain is too broken to
+/// even carry a status byte (the used length is then 0).
+pub fn execute(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    target: &mut Target,
+) -> Option<u32> {
+    let reader = Reader::new(mem, chain.clone());
+    let writer = Writer::new(mem, chain);
+    let (mut reader, mut writer): (Reader<'_>, Writer<'_>) = match (reader, writer) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(error = %e, "virtio-blk: descriptor chain outside guest memory");
+            DiskStats::add(&target.stats.errors, 1);
+            return None;
+        }
+    };
+    if writer.available_bytes() == 0 {
+        DiskStats::add(&target.stats.errors, 1);
+        return None;
+    }
+    // The status byte is the last device-writable byte; everything before it is data.
+    let mut status_writer = match writer.split_at(writer.available_bytes() - 1) {
+        Ok(s) => s,
+        Err(_) => return None,
+    };
+    let status = match run(&mut reader, &mut writer, target) {
+        Ok(()) => S_OK,
+        Err(Failure::Unsupported(kind)) => {
+            tracing::debug!(kind, "virtio-blk: unsupported request type");
+            S_UNSUPP
+        }
+        Err(Failure::Io(message)) => {
+            tracing::debug!(message, "virtio-blk: request failed");
+            DiskStats::add(&target.stats.errors, 1);
+            S_IOERR
+        }
+    };
+    if status_writer.write_all(&[status]).is_err() {
+        return None;
+    }
+    Some((writer.bytes_written() + 1) as u32)
+}
+
+/// Checks `[sector, sector + bytes)` against the disk and returns its byte offset.
+fn disk_range(sector: u64, bytes: u64, size: u64) -> Result<u64, Failure> {
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or_else(|| Failure::Io(format!("sector {sector} overflows")))?;
+    match offset.checked_add(bytes) {
+        Some(end) if end <= size => Ok(offset),
+        _ => Err(Failure::Io(format!(
+            "sectors {sector}+{} are beyond the disk",
+            bytes / SECTOR_SIZE
+        ))),
+    }
+}
+
+fn run(
+    reader: &mut Reader<'_>,
+    writer: &mut Writer<'_>,
+    target: &mut Target,
+) -> Result<(), Failure> {
+    let header: RequestHeader = reader
+        .read_obj()
+        .map_err(|_| Failure::Io("request header shorter than 16 bytes".into()))?;
+    let size = target.backend.size();
+    match header.kind {
+        T_IN => {
+            let len = writer.available_bytes();
+            if len % SECTOR_SIZE as usize != 0 || len > MAX_TRANSFER {
+                return Err(Failure::Io(format!(
+                    "read of {len} bytes is not whole sectors within {MAX_TRANSFER}"
+                )));
+            }
+            let offset = disk_range(header.sector, len as u64, size)?;
+            let mut data = vec![0u8; len];
+            target
+                .backend
+                .read_at(&mut data, offset)
+                .map_err(|e| Failure::Io(format!("host read failed: {e}")))?;
+            writer
+                .write_all(&data)
+                .map_err(|e| Failure::Io(format!("cannot write guest buffer: {e}")))?;
+            DiskStats::add(&target.stats.reads, 1);
+            DiskStats::add(&target.stats.bytes_read, len as u64);
+            Ok(())
+        }
+        T_OUT => {
+            if target.readonly {
+                return Err(Failure::Io("write to a read-only disk".into()));
+            }
+            let len = reader.available_bytes();
+            if len % SECTOR_SIZE as usize != 0 || len > MAX_TRANSFER {
+                return Err(Failure::Io(format!(
+                    "write of {len} bytes is not whole sectors within {MAX_TRANSFER}"
+                )));
+            }
+            let offset = disk_range(header.sector, len as u64, size)?;
+            let mut data = vec![0u8; len];
+            reader
+                .read_exact(&mut data)
+                .map_err(|e| Failure::Io(format!("cannot read guest buffer: {e}")))?;
+            target
+                .backend
+                .write_at(&data, offset)
+                .map_err(|e| Failure::Io(format!("host write failed: {e}")))?;
+            DiskStats::add(&target.stats.writes, 1);
+            DiskStats::add(&target.stats.bytes_written, len as u64);
+            Ok(())
+        }
+        T_FLUSH if target.flush => {
+            target
+                .backend
+                .flush()
+                .map_err(|e| Failure::Io(format!("fdatasync failed: {e}")))?;
+            DiskStats::add(&target.stats.flushes, 1);
+            Ok(())
+        }
+        T_GET_ID => {
+            let mut id = [0u8; ID_BYTES];
+            let n = target.serial.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&target.serial[..n]);
+            let room = writer.available_bytes().min(ID_BYTES);
+            writer
+                .write_all(&id[..room])
+                .map_err(|e| Failure::Io(format!("cannot write the id: {e}")))
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            let zeroes = header.kind == T_WRITE_ZEROES;
+            if (zeroes && !target.write_zeroes) || (!zeroes && !target.discard) {
+                return Err(Failure::Unsupported(header.kind));
+            }
+            if target.readonly {
+                return Err(Failure::Io(
+                    "discard or write-zeroes on a read-only disk".into(),
+                ));
+            }
+            let segments = reader.available_bytes() / std::mem::size_of::<RangeSegment>();
+            if segments == 0 || segments > MAX_RANGE_SEGMENTS {
+                return Err(Failure::Io(format!(
+                    "{segments} range segments (1 to {MAX_RANGE_SEGMENTS} allowed)"
+                )));
+            }
+            for _ in 0..segments {
+                let seg: RangeSegment = reader
+                    .read_obj()
+                    .map_err(|_| Failure::Io("short range segment".into()))?;
+                let bytes = seg.num_sectors as u64 * SECTOR_SIZE;
+                let offset = disk_range(seg.sector, bytes, size)?;
+                let result = if zeroes {
+                    target.backend.write_zeroes(offset, bytes)
+                } else {
+                    target.backend.discard(offset, bytes)
+                };
+                result.map_err(|e| Failure::Io(format!("host hole punch failed: {e}")))?;
+            }
+            DiskStats::add(&target.stats.discards, 1);
+            Ok(())
+        }
+        other => Err(Failure::Unsupported(other)),
+    }
+}

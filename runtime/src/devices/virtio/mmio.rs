@@ -1,0 +1,314 @@
+//! The virtio-mmio transport (virtio 1.2, 4.2.2), version 2 (modern) only.
+//!
+//! One 4 KiB window per device: registers from 0x000, device configuration from 0x100.
+//! Register accesses are 32-bit and aligned; anything else is ignored (reads return 0),
+//! as is any write that arrives in the wrong device state. A guest that sets up a broken
+//! queue gets DEVICE_NEEDS_RESET, never a host panic.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    features, status, VirtioDevice, VirtioInterrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER,
+};
+use crate::devices::bus::{BusDevice, IoAction};
+
+/// Size of each device's MMIO window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4c55_5653; // "LUVS"
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Offset of the QueueNotify register, where ioeventfds are registered.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMemoryMmap>,
+    queues: Vec<Queue>,
+    /// Signalled on QueueNotify writes that KVM did not catch with an ioeventfd.
+    queue_events: Vec<EventFd>,
+    interrupt: Arc<VirtioInterrupt>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    status: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `queue_events[i]` is what a notification of queue `i` signals.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Arc<GuestMemoryMmap>,
+        queue_events: Vec<EventFd>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> MmioTransport {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            status: 0,
+        }
+    }
+
+    pub fn device_status(&self) -> u32 {
+        self.status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may change only before the queue is enabled, and the driver must
+    /// be between FEATURES_OK and DRIVER_OK.
+    fn queue_configurable(&self) -> bool {
+        let s = self.status;
+        s & status::FEATURES_OK != 0 && s & (status::DRIVER_OK | status::FAILED) == 0
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+        self.interrupt.clear();
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            // Drivers only add bits (clearing needs a reset); ignore anything else.
+            tracing::debug!(
+                old = self.status,
+                new = value,
+                "virtio-mmio: status bits cleared without reset"
+            );
+            return;
+        }
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let valid = self.acked_features & !offered == 0
+                && self.acked_features & features::VERSION_1 != 0;
+            if !valid {
+                // Leaving FEATURES_OK clear tells the driver the subset is unacceptable.
+                self.status = value & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            if self.status & status::FEATURES_OK == 0 {
+                return;
+            }
+            let broken = self
+                .queues
+                .iter()
+                .any(|q| q.ready() && !q.is_valid(self.mem.as_ref()));
+            self.status = value;
+            if broken {
+                self.needs_reset();
+            } else {
+                self.device.activate(self.acked_features);
+            }
+            return;
+        }
+        self.status = value;
+    }
+
+    /// The device hit something it cannot recover from without a reset.
+    fn needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.signal(INTERRUPT_CONFIG_CHANGE);
+        }
+    }
+
+    /// Serves queue `index` (called by the event thread when its ioeventfd fires).
+    pub fn process_queue(&mut self, index: usize) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        match self.device.process_queue(index, queue, &self.mem) {
+            Ok(true) => self.interrupt.signal(INTERRUPT_USED_BUFFER),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio: the driver broke a queue; the device needs a reset");
+                self.needs_reset();
+            }
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size() as u32),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready() as u32),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let configurable = self.queue_configurable();
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                if self.status & (status::FEATURES_OK | status::DRIVER_OK) != 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | value as u64,
+                    1 => {
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | ((value as u64) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM if configurable => {
+                let Some(q) = self.selected_queue().filter(|q| !q.ready()) else {
+                    return;
+                };
+                let valid = value != 0 && value.is_power_of_two() && value <= q.max_size() as u32;
+                if valid {
+                    q.set_size(value as u16);
+                } else {
+                    tracing::warn!(
+                        size = value,
+                        "virtio-mmio: invalid queue size; the device needs a reset"
+                    );
+                    self.needs_reset();
+                }
+            }
+            reg::QUEUE_READY if configurable => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            reg::QUEUE_NOTIFY => {
+                if let Some(evt) = self.queue_events.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            reg::STATUS => self.set_status(value),
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH
+                if configurable =>
+            {
+                let Some(q) = self.selected_queue().filter(|q| !q.ready()) else {
+                    return;
+                };
+                let (low, high) = if offset % 8 == 0 {
+                    (Some(value), None)
+                } else {
+                    (None, Some(value))
+                };
+                match offset & !7 {
+                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                    reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                    _ => q.set_used_ring_address(low, high),
+                }
+            }
+            _ => tracing::trace!(offset, value, "virtio-mmio: ignored register write"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            data.fill(0);
+            self.device.read_config(offset - reg::CONFIG, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> IoAction {
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            self.write_register(
+                offset,
+                u32::from_le_bytes(data.try_into().expect("length checked")),
+            );
+        }
+        IoAction::None
+    }
+}

@@ -1,0 +1,114 @@
+//! virtio devices (virtio 1.2, modern interface only) on the MMIO transport.
+//!
+//! - [`mmio`]: the transport, built once for every device: feature negotiation, device
+//!   status, config space, queue setup and notifications.
+//! - [`block`]: virtio-blk.
+//!
+//! Every device looks the same from the transport's side: it implements
+//! [`VirtioDevice`]. Queue notifications reach the VM's event thread through ioeventfds,
+//! so device work never runs on a vCPU thread; completions raise the device's interrupt
+//! through an irqfd (for interrupt-driven guests such as Linux) and wake idle vCPUs (for
+//! the built-in guest, which polls its used rings with interrupts off).
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Feature bits every device offers.
+pub mod features {
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Bits of the MMIO InterruptStatus register.
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// Why a queue could not be served: the driver set it up or filled it wrongly. The
+/// transport answers by setting DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+#[error("queue {queue} is broken: {source}")]
+pub struct QueueError {
+    pub queue: usize,
+    #[source]
+    pub source: virtio_queue::Error,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 for block).
+    fn device_type(&self) -> u32;
+    /// Feature bits the device offers, including [`features::VERSION_1`].
+    fn features(&self) -> u64;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration space; read-only by default.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver finished setup (DRIVER_OK) having accepted `acked_features`.
+    fn activate(&mut self, acked_features: u64);
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// Serves every available buffer of queue `index`. Returns whether any used buffer
+    /// was added (the driver then gets an interrupt).
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError>;
+}
+
+/// A device's interrupt: the status register, an irqfd into the in-kernel irqchip, and a
+/// waker for idle vCPUs.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+    wake_vcpus: Box<dyn Fn() + Send + Sync>,
+}
+
+impl VirtioInterrupt {
+    pub fn new(irqfd: EventFd, wake_vcpus: Box<dyn Fn() + Send + Sync>) -> VirtioInterrupt {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+            wake_vcpus,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+
+    /// Sets `bits` in the status register and notifies the guest.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!(error = %e, "virtio: cannot signal the irqfd");
+        }
+        (self.wake_vcpus)();
+    }
+}
