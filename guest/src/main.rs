@@ -11,12 +11,16 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod io;
 mod mem;
+mod virtio;
 
+use blk::{Blk, Error};
 use core::panic::PanicInfo;
 use luvisor_guest_abi::{ports, BootInfo, BOOT_MAGIC, BOOT_VERSION};
 use mem::PagePool;
+use virtio::{DeviceEntry, ENTRY_PREFIX};
 
 extern "C" {
     /// End of the loaded image (from linker.ld); free RAM starts above it.
@@ -48,29 +52,74 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
     }
     // SAFETY: taking the address of a linker-defined symbol; it is never read.
     let image_end = unsafe { &__guest_image_end as *const u8 as u64 };
-    let mut pool = PagePool::new(boot.ram_regions(), image_end);
+    let pool = PagePool::new(boot.ram_regions(), image_end);
     io::outl(ports::READY, 1);
 
     let Some(cmdline) = boot.cmdline() else {
         println!("error: command line is not valid UTF-8");
         io::exit(2);
     };
+    let mut state = State {
+        pool,
+        devices: [None; MAX_DEVICES],
+        device_count: 0,
+        current: 0,
+        blk: None,
+    };
+    for word in cmdline.split_whitespace() {
+        if let Some(entry) = virtio::parse_entry(word) {
+            if state.device_count < MAX_DEVICES {
+                state.devices[state.device_count] = Some(entry);
+                state.device_count += 1;
+            }
+        }
+    }
     for command in cmdline.split(';') {
-        let mut words = command.split_whitespace();
+        let mut words = command
+            .split_whitespace()
+            .filter(|w| !w.starts_with(ENTRY_PREFIX));
         let Some(name) = words.next() else { continue };
-        if let Err(message) = run(name, &mut words, &mut pool) {
-            println!("error: {}: {}", name, message);
+        if let Err(error) = run(name, &mut words, &mut state) {
+            println!("error: {}: {}", name, error);
             io::exit(2);
         }
     }
     io::exit(0)
 }
 
+/// Most virtio devices the guest keeps track of.
+const MAX_DEVICES: usize = 16;
+
+/// What commands share: the page pool and the block devices.
+struct State {
+    pool: PagePool,
+    devices: [Option<DeviceEntry>; MAX_DEVICES],
+    device_count: usize,
+    /// Index of the disk `blk-*` commands use (`blk-use N`).
+    current: usize,
+    blk: Option<Blk>,
+}
+
+impl State {
+    /// The driver for the current disk, set up on first use.
+    fn blk(&mut self) -> Result<&mut Blk, Error> {
+        if self.blk.is_none() {
+            let entry = self.devices[..self.device_count]
+                .get(self.current)
+                .copied()
+                .flatten()
+                .ok_or(Error::Msg("no such disk (the VM has fewer disks)"))?;
+            self.blk = Some(Blk::init(entry, &mut self.pool)?);
+        }
+        Ok(self.blk.as_mut().expect("set above"))
+    }
+}
+
 fn run<'a>(
     name: &str,
     args: &mut impl Iterator<Item = &'a str>,
-    pool: &mut PagePool,
-) -> Result<(), &'static str> {
+    state: &mut State,
+) -> Result<(), Error> {
     match name {
         "hello" => println!("hello from luvisor guest"),
         "count" => {
@@ -81,7 +130,7 @@ fn run<'a>(
         "compute" => println!("compute {:016x}", compute(arg(args)?)),
         "touch" => {
             let mib = arg(args)?;
-            let checksum = touch(pool, mib)?;
+            let checksum = touch(&mut state.pool, mib)?;
             println!("touched {} MiB {:016x}", mib, checksum);
         }
         "sleep" => sleep_ms(arg(args)?),
@@ -90,10 +139,81 @@ fn run<'a>(
         },
         "exit" => io::exit(arg(args)? as u32),
         "fault" => fault(),
-        _ => return Err("unknown command"),
+        "blk-use" => {
+            let index = arg(args)? as usize;
+            if index >= state.device_count {
+                return Err(Error::Msg("no such disk (the VM has fewer disks)"));
+            }
+            state.current = index;
+            state.blk = None;
+        }
+        "blk-info" => {
+            let blk = state.blk()?;
+            println!(
+                "blk-info capacity={} ro={} features={:#x}",
+                blk.capacity,
+                blk.readonly() as u8,
+                blk.features()
+            );
+        }
+        "blk-id" => {
+            let mut id = [0u8; 20];
+            let n = state.blk()?.id(&mut id)?;
+            println!("blk-id {}", core::str::from_utf8(&id[..n]).unwrap_or("?"));
+        }
+        "blk-write" => {
+            let (start, count, seed) = (arg(args)?, arg(args)?, arg(args)?);
+            state.blk()?.write_pattern(start, count, seed)?;
+            println!("blk-write {} {} done", start, count);
+        }
+        "blk-verify" => {
+            let (start, count, seed) = (arg(args)?, arg(args)?, arg(args)?);
+            let mut mismatches = 0u64;
+            state.blk()?.verify_pattern(start, count, seed, |sector| {
+                mismatches += 1;
+                if mismatches <= 5 {
+                    println!("mismatch at sector {}", sector);
+                }
+            })?;
+            println!("blk-verify {} {}: {} mismatches", start, count, mismatches);
+        }
+        "blk-flush" => {
+            state.blk()?.flush()?;
+            println!("blk-flush done");
+        }
+        "blk-discard" | "blk-zero" => {
+            let (start, count) = (arg(args)?, arg(args)?);
+            state.blk()?.discard(start, count, name == "blk-zero")?;
+            println!("{} {} {} done", name, start, count);
+        }
+        "blk-bench" => {
+            let random = match args.next() {
+                Some("seq") => false,
+                Some("rand") => true,
+                _ => return Err(Error::Msg("mode must be seq or rand")),
+            };
+            let write = match args.next() {
+                Some("read") => false,
+                Some("write") => true,
+                _ => return Err(Error::Msg("operation must be read or write")),
+            };
+            let (size_kb, seconds) = (arg(args)?, arg(args)?);
+            let (ops, bytes, ms) = state.blk()?.bench(random, write, size_kb * 1024, seconds)?;
+            let tenths_mib = bytes * 10_000 / ms / (1 << 20);
+            println!(
+                "blk-bench {} {} {}K: {}.{} MiB/s, {} IOPS",
+                if random { "rand" } else { "seq" },
+                if write { "write" } else { "read" },
+                size_kb,
+                tenths_mib / 10,
+                tenths_mib % 10,
+                ops * 1000 / ms
+            );
+        }
+        _ => return Err(Error::Msg("unknown command")),
     }
     if args.next().is_some() {
-        return Err("too many arguments");
+        return Err(Error::Msg("too many arguments"));
     }
     Ok(())
 }

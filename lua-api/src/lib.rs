@@ -5,6 +5,7 @@
 //!
 //! - [`vm`] has `hv.vm{}`, `hv.vms()` and the `Vm` handle's fields and methods;
 //! - [`guest`] has `hv.guest.builtin{}`;
+//! - [`disk`] has `hv.disk.create{}`, `hv.disk.open()`, `hv.disk.overlay{}` and the `Disk` object;
 //! - [`host`] has `hv.host()` and `hv.sleep()`;
 //! - [`script`] runs a script file the way `luvisor run` does;
 //! - [`display`] gives readable forms of values for the REPL.
@@ -13,6 +14,7 @@
 //! [`Registry`] on every call, so a destroyed VM raises "vm 'x' no longer exists" and
 //! Lua never holds a borrow into the runtime.
 
+pub mod disk;
 pub mod display;
 pub mod guest;
 pub mod host;
@@ -31,6 +33,7 @@ pub fn register(lua: &Lua, registry: Arc<Registry>) -> mlua::Result<Table> {
     let hv = lua.create_table()?;
     vm::register(lua, &hv, registry.clone())?;
     guest::register(lua, &hv)?;
+    disk::register(lua, &hv)?;
     host::register(lua, &hv)?;
     hv.set("version", env!("CARGO_PKG_VERSION"))?;
     lua.globals().set("hv", hv.clone())?;

@@ -21,7 +21,7 @@ use crate::options::Options;
 /// cannot hang a test run forever. `timeout = math.huge` waits without limit.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-const VM_OPTIONS: &[&str] = &["name", "vcpus", "memory", "guest", "console"];
+const VM_OPTIONS: &[&str] = &["name", "vcpus", "memory", "guest", "console", "disks"];
 
 /// The Lua handle on a VM.
 #[derive(Clone)]
@@ -221,6 +221,7 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
         config.memory = memory;
     }
     config.console_file = opts.string("console")?.map(PathBuf::from);
+    config.disks = crate::disk::disks_option(&opts)?;
     let vm = registry
         .create(config)
         .map_err(|e| opts.error(error_chain(&e)))?;

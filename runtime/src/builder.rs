@@ -219,6 +219,7 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
             mmio: mmio.clone(),
             host: ctx.host.clone(),
             commands: rx,
+            wake_pending: false,
         };
         vcpus.push((vcpu, tx));
     }

@@ -13,7 +13,7 @@ local guest = hv.guest.builtin{ cmdline = "exit 0" }
 
 -- Unknown option keys list the valid ones.
 local err = fails("unknown option 'memroy'", hv.vm, { name = "a", memroy = "64M", guest = guest })
-assert(err:find("valid options are: name, vcpus, memory, guest, console", 1, true), err)
+assert(err:find("valid options are: name, vcpus, memory, guest, console, disks", 1, true), err)
 fails("unknown option 'cmd'", hv.guest.builtin, { cmd = "hello" })
 fails("expected an options table", hv.vm, "demo")
 

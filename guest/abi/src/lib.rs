@@ -116,3 +116,36 @@ const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 
 // Stacks of the largest VM (8 vCPUs) must sit above the page directories.
 const _: () = assert!(layout::STACK_TOP - 8 * layout::STACK_PER_VCPU >= layout::STACK_BOTTOM);
+
+/// The data `blk-write SEED` puts in each disk sector, shared by the guest and the host
+/// tests that check images from outside.
+pub mod pattern {
+    /// Bytes per virtio-blk sector.
+    pub const SECTOR: usize = 512;
+
+    /// Word `word` (0..64) of sector `sector` written with `seed`.
+    pub fn sector_word(seed: u64, sector: u64, word: u64) -> u64 {
+        let mut x = seed
+            ^ sector.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ word.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+
+    /// Fills `buf` (one sector) with the pattern of `sector`.
+    pub fn fill_sector(seed: u64, sector: u64, buf: &mut [u8]) {
+        for (w, chunk) in buf.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&sector_word(seed, sector, w as u64).to_le_bytes());
+        }
+    }
+
+    /// True when `buf` (one sector) holds the pattern of `sector`.
+    pub fn check_sector(seed: u64, sector: u64, buf: &[u8]) -> bool {
+        buf.chunks_exact(8)
+            .enumerate()
+            .all(|(w, chunk)| chunk == sector_word(seed, sector, w as u64).to_le_bytes())
+    }
+}

@@ -140,14 +140,16 @@ fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
         })
 }
 
-/// The end of the highest RAM region, rounded up to whole GiB: what the map must cover.
+/// How many GiB the identity map covers: all RAM, and at least the first 4 GiB so that
+/// the MMIO hole (virtio devices) is reachable.
 fn mapped_gib(mem: &GuestMemoryMmap) -> u64 {
     let top = mem
         .iter()
         .map(|r| r.start_addr().0 + r.len())
         .max()
         .unwrap_or(0);
-    top.div_ceil(1 << 30).clamp(1, MAX_MAPPED_GIB)
+    top.div_ceil(1 << 30)
+        .clamp(HIGH_RAM_START >> 30, MAX_MAPPED_GIB)
 }
 
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {

@@ -212,6 +212,18 @@ impl Disk {
         Disk::open(path, false)
     }
 
+    /// Creates an empty qcow2 image of `size` bytes; `path` must not exist.
+    pub fn create_qcow2(path: &Path, size: u64) -> Result<Disk, StorageError> {
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(StorageError::SizeNotSectorMultiple {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        qcow2::create(path, size, None)?;
+        Disk::open(path, false)
+    }
+
     /// Creates a qcow2 overlay at `path` whose unwritten clusters come from `base`. The
     /// base must exist and nobody may be writing it; it is never written through the
     /// overlay.

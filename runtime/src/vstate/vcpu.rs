@@ -74,6 +74,10 @@ pub struct Vcpu {
     pub host: Arc<dyn VcpuHost>,
     /// Where its commands arrive; the sending side is made by [`command_channel`].
     pub commands: Receiver<VcpuCommand>,
+    /// A `Wake` arrived while the guest was running: its next idle returns at once. (The
+    /// guest checks its devices before idling; without this, an event that lands between
+    /// that check and the idle would be lost until the idle's deadline.)
+    pub wake_pending: bool,
 }
 
 /// A channel for a vCPU's commands. Senders can be cloned, e.g. for devices that wake
@@ -306,6 +310,9 @@ impl Vcpu {
     /// Sleeps until `timeout` passes or a command arrives. Any command ends the idle
     /// wait: the guest rechecks its clock and devices and idles again if it must.
     fn idle(&mut self, timeout: Option<Duration>) -> Flow {
+        if std::mem::take(&mut self.wake_pending) {
+            return Flow::Continue;
+        }
         let command = match timeout {
             Some(timeout) => match self.commands.recv_timeout(timeout) {
                 Ok(c) => c,
@@ -317,13 +324,20 @@ impl Vcpu {
                 Err(_) => return Flow::Stop,
             },
         };
+        if command == VcpuCommand::Wake {
+            return Flow::Continue; // This wake ends this idle; it is not kept for the next.
+        }
         self.obey(command)
     }
 
     fn obey(&mut self, command: VcpuCommand) -> Flow {
         match command {
             VcpuCommand::Stop => Flow::Stop,
-            VcpuCommand::Wake | VcpuCommand::Resume => Flow::Continue,
+            VcpuCommand::Wake => {
+                self.wake_pending = true;
+                Flow::Continue
+            }
+            VcpuCommand::Resume => Flow::Continue,
             VcpuCommand::Pause => self.paused(),
         }
     }
