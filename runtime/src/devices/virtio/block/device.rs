@@ -6,6 +6,7 @@ use vm_memory::GuestMemoryMmap;
 use super::request::{self, Target};
 use crate::devices::virtio::{features, QueueError, VirtioDevice};
 use crate::storage::{Disk, DiskBackend, DiskStats, SECTOR_SIZE};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// virtio device ID of a block device.
@@ -114,25 +115,25 @@ impl VirtioDevice for Block {
             flush: acked & feature::FLUSH != 0,
         };
         let mut used_any = false;
+        let broken = |source| QueueError {
+            queue: index,
+            source,
+        };
         loop {
-            let chain = {
-                let mut available = queue.iter(mem).map_err(|source| QueueError {
-                    queue: index,
-                    source,
-                })?;
-                match available.next() {
-                    Some(chain) => chain,
-                    None => break,
+            // What the driver has published so far; the iterator sees at least this much.
+            let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
+            let next = queue.iter(mem).map_err(broken)?.next();
+            let Some(chain) = next else {
+                if published.0 == queue.next_avail() {
+                    break;
                 }
+                // The iterator stopped at an entry it cannot use (a head index beyond the
+                // queue). It would block the queue forever: the device needs a reset.
+                return Err(broken(virtio_queue::Error::InvalidDescriptorIndex));
             };
             let head = chain.head_index();
             let used_len = request::execute(chain, mem, &mut target).unwrap_or(0);
-            queue
-                .add_used(mem, head, used_len)
-                .map_err(|source| QueueError {
-                    queue: index,
-                    source,
-                })?;
+            queue.add_used(mem, head, used_len).map_err(broken)?;
             used_any = true;
         }
         Ok(used_any)

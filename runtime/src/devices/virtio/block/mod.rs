@@ -9,3 +9,6 @@ pub mod device;
 pub mod request;
 
 pub use device::Block;
+
+#[cfg(test)]
+mod hostile_tests;

@@ -1,0 +1,388 @@
+//! A hostile driver: a host-side harness that sets the device up through its MMIO
+//! registers like a guest would, then writes malformed descriptor chains and rings
+//! straight into guest memory. Every case must end in an error status, a zero-length
+//! used entry or DEVICE_NEEDS_RESET, never a panic or an access outside guest memory.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::{feature, Block};
+use super::request::{S_IOERR, S_OK, S_UNSUPP, T_GET_ID, T_IN, T_OUT};
+use crate::devices::bus::BusDevice;
+use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::{features, status, VirtioInterrupt};
+use crate::storage::{Disk, DiskStats};
+use crate::vstate::memory::create_ram;
+
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const HEADER: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x30000;
+const QUEUE_SIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+struct Harness {
+    mem: Arc<GuestMemoryMmap>,
+    transport: MmioTransport,
+    stats: Arc<DiskStats>,
+    interrupts: Arc<AtomicUsize>,
+    avail_idx: u16,
+    disk_path: PathBuf,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("luvisor-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+impl Harness {
+    fn new(name: &str, readonly: bool, memory: u64) -> Harness {
+        let disk_path = scratch(name);
+        std::fs::write(&disk_path, vec![0x5Au8; 1 << 20]).unwrap();
+        let disk = Disk::open(&disk_path, readonly).unwrap();
+        let backend = disk.attach().unwrap();
+        let mem = Arc::new(create_ram(memory).unwrap());
+        let interrupts = Arc::new(AtomicUsize::new(0));
+        let counter = interrupts.clone();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Box::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }),
+        ));
+        let transport = MmioTransport::new(
+            Box::new(Block::new(&disk, backend)),
+            mem.clone(),
+            vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            interrupt,
+        );
+        Harness {
+            mem,
+            transport,
+            stats: disk.stats().clone(),
+            interrupts,
+            avail_idx: 0,
+            disk_path,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        self.transport.write(offset, &value.to_le_bytes());
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.transport.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// The standard driver setup, with queue parameters the test may spoil.
+    fn setup(&mut self, size: u32, desc: u64) {
+        self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let wanted = features::VERSION_1
+            | feature::FLUSH
+            | feature::RO
+            | feature::DISCARD
+            | feature::WRITE_ZEROES;
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 0);
+        let low = self.read_reg(reg::DEVICE_FEATURES) as u64;
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
+        let offered = low | (self.read_reg(reg::DEVICE_FEATURES) as u64) << 32;
+        let acked = offered & wanted;
+        self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
+        self.write_reg(reg::DRIVER_FEATURES, acked as u32);
+        self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
+        self.write_reg(reg::DRIVER_FEATURES, (acked >> 32) as u32);
+        self.write_reg(
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        self.write_reg(reg::QUEUE_SEL, 0);
+        self.write_reg(reg::QUEUE_NUM, size);
+        self.write_reg(reg::QUEUE_DESC_LOW, desc as u32);
+        self.write_reg(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        self.write_reg(reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+        self.write_reg(reg::QUEUE_DEVICE_LOW, USED as u32);
+        self.write_reg(reg::QUEUE_READY, 1);
+        self.write_reg(
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    fn ready(name: &str) -> Harness {
+        let mut h = Harness::new(name, false, 16 << 20);
+        h.setup(QUEUE_SIZE as u32, DESC);
+        assert!(!h.needs_reset());
+        h
+    }
+
+    fn needs_reset(&mut self) -> bool {
+        self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
+    }
+
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + index as u64 * 16);
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    }
+
+    fn header(&self, kind: u32, sector: u64) {
+        self.mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(HEADER + 4)).unwrap();
+        self.mem
+            .write_obj(sector, GuestAddress(HEADER + 8))
+            .unwrap();
+        self.mem.write_obj(0xEEu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Publishes `head` on the available ring and lets the device run.
+    fn kick(&mut self, head: u16) {
+        let slot = self.avail_idx % QUEUE_SIZE;
+        self.mem
+            .write_obj(head, GuestAddress(AVAIL + 4 + slot as u64 * 2))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.transport.process_queue(0);
+    }
+
+    /// The newest used entry: (descriptor id, length).
+    fn last_used(&self) -> (u32, u32) {
+        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert!(idx > 0, "no used entry");
+        let slot = (idx - 1) % QUEUE_SIZE;
+        let at = GuestAddress(USED + 4 + slot as u64 * 8);
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    fn status_byte(&self) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    /// A well-formed 1-sector read; proves the device still works.
+    fn good_read(&mut self) {
+        self.header(T_IN, 1);
+        self.desc(0, HEADER, 16, F_NEXT, 1);
+        self.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+        self.desc(2, STATUS, 1, F_WRITE, 0);
+        self.kick(0);
+        assert_eq!(self.last_used(), (0, 513));
+        assert_eq!(self.status_byte(), S_OK);
+        let data: [u8; 4] = self.mem.read_obj(GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0x5A; 4]);
+    }
+}
+
+#[test]
+fn well_formed_requests_work() {
+    let mut h = Harness::ready("good.img");
+    h.good_read();
+    assert!(
+        h.interrupts.load(Ordering::SeqCst) > 0,
+        "completion raised the interrupt"
+    );
+    h.header(T_GET_ID, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, DATA, 4, F_WRITE | F_NEXT, 2); // shorter than the 20-byte id: truncated
+    h.desc(2, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_OK);
+    let id: [u8; 4] = h.mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"good");
+}
+
+#[test]
+fn buffers_outside_guest_memory() {
+    let mut h = Harness::ready("outside.img");
+    h.header(T_IN, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, 0xFFFF_0000_0000, 512, F_WRITE | F_NEXT, 2);
+    h.desc(2, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(
+        h.last_used(),
+        (0, 0),
+        "no status can be trusted: used length 0"
+    );
+    // A buffer that starts inside and runs past the end of memory.
+    h.desc(1, (16 << 20) - 256, 512, F_WRITE | F_NEXT, 2);
+    h.kick(0);
+    assert_eq!(h.last_used(), (0, 0));
+    // The status byte itself outside memory.
+    h.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+    h.desc(2, u64::MAX - 1, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.last_used(), (0, 0));
+    assert_eq!(h.stats.snapshot().errors, 3);
+    assert!(!h.needs_reset());
+    h.good_read();
+}
+
+#[test]
+fn descriptor_loops_end() {
+    let mut h = Harness::ready("loop.img");
+    h.header(T_IN, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, DATA, 512, F_WRITE | F_NEXT, 0); // back to the head, forever
+    h.kick(0);
+    let (id, _) = h.last_used();
+    assert_eq!(id, 0, "the looping chain was consumed");
+    // A self-loop of readable descriptors has no status byte at all.
+    h.desc(0, HEADER, 16, F_NEXT, 0);
+    h.kick(0);
+    assert_eq!(h.last_used(), (0, 0));
+    h.good_read();
+}
+
+#[test]
+fn oversized_and_misaligned_transfers() {
+    let mut h = Harness::new("big.img", false, 64 << 20);
+    h.setup(QUEUE_SIZE as u32, DESC);
+    // 40 MiB read: inside guest memory, but beyond the device's transfer limit.
+    h.header(T_IN, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, 0x100000, 40 << 20, F_WRITE | F_NEXT, 2);
+    h.desc(2, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    // Half a sector.
+    h.desc(1, DATA, 100, F_WRITE | F_NEXT, 2);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    // Past the end of the 1 MiB disk, and a sector number that overflows.
+    h.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+    h.header(T_IN, 2048);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    h.header(T_IN, u64::MAX / 2);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    // A header shorter than 16 bytes.
+    h.desc(0, HEADER, 8, F_NEXT, 1);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    assert_eq!(h.stats.snapshot().errors, 5);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.good_read();
+}
+
+#[test]
+fn unknown_requests_are_unsupported() {
+    let mut h = Harness::ready("unsupp.img");
+    h.header(99, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_UNSUPP);
+}
+
+#[test]
+fn indirect_tables_outside_memory() {
+    let mut h = Harness::ready("indirect.img");
+    h.desc(0, 0xFFFF_FFFF_0000, 64, F_INDIRECT, 0);
+    h.kick(0);
+    h.desc(0, DATA, 17, F_INDIRECT, 0); // not a multiple of the descriptor size
+    h.kick(0);
+    h.good_read();
+}
+
+#[test]
+fn read_only_disks_reject_writes() {
+    let mut h = Harness::new("ro.img", true, 16 << 20);
+    h.setup(QUEUE_SIZE as u32, DESC);
+    h.mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
+    h.header(T_OUT, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, DATA, 512, F_NEXT, 2);
+    h.desc(2, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    assert_eq!(h.stats.snapshot().errors, 1);
+    assert_eq!(
+        std::fs::read(&h.disk_path).unwrap(),
+        vec![0x5A; 1 << 20],
+        "the image is unchanged"
+    );
+}
+
+#[test]
+fn bogus_available_index_needs_reset() {
+    let mut h = Harness::ready("avail.img");
+    h.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+    h.transport.process_queue(0);
+    assert!(h.needs_reset());
+    // Further notifications are ignored until the driver resets the device.
+    h.transport.process_queue(0);
+    h.write_reg(reg::STATUS, 0);
+    assert_eq!(h.read_reg(reg::STATUS), 0);
+    h.avail_idx = 0;
+    h.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    h.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+    h.setup(QUEUE_SIZE as u32, DESC);
+    assert!(!h.needs_reset());
+    h.good_read();
+}
+
+#[test]
+fn head_index_out_of_range() {
+    for head in [500, QUEUE_SIZE] {
+        let mut h = Harness::ready("head.img");
+        h.kick(head);
+        assert!(h.needs_reset(), "head {head} would block the queue forever");
+    }
+}
+
+#[test]
+fn bad_queue_setup_needs_reset() {
+    for size in [0u32, 3, 1024] {
+        let mut h = Harness::new("size.img", false, 16 << 20);
+        h.setup(size, DESC);
+        assert!(h.needs_reset(), "queue size {size}");
+    }
+    let mut h = Harness::new("desc.img", false, 16 << 20);
+    h.setup(QUEUE_SIZE as u32, 1 << 40); // descriptor table outside guest memory
+    assert!(h.needs_reset());
+    h.transport.process_queue(0);
+}
+
+#[test]
+fn features_must_be_a_subset_with_version_1() {
+    let mut h = Harness::new("features.img", false, 16 << 20);
+    h.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    h.write_reg(reg::DRIVER_FEATURES_SEL, 0);
+    h.write_reg(reg::DRIVER_FEATURES, 1 << 28); // a feature the device never offered
+    h.write_reg(
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    assert_eq!(h.read_reg(reg::STATUS) & status::FEATURES_OK, 0);
+    // Registers read back sanely even with odd access sizes.
+    let mut b = [0u8; 2];
+    h.transport.read(reg::MAGIC, &mut b);
+    assert_eq!(b, [0, 0]);
+    let mut cap = [0u8; 8];
+    h.transport.read(reg::CONFIG, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+    let mut beyond = [0xFFu8; 8];
+    h.transport.read(reg::CONFIG + 4000, &mut beyond);
+    assert_eq!(beyond, [0; 8]);
+}
