@@ -1,0 +1,86 @@
+-- Disks through the hv module: creation, overlays, stats, and every bad input.
+
+-- Paths are relative: the test runner starts each script in its own scratch directory.
+local dir = ""
+local function fails(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching '" .. pattern .. "'")
+  err = tostring(err)
+  assert(err:find(pattern, 1, true), "error '" .. err .. "' does not mention '" .. pattern .. "'")
+end
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- Creating.
+local base = hv.disk.create{ path = dir .. "base.img", size = "32M" }
+assert(base.size == 32 * 1024 * 1024 and base.format == "raw" and base.readonly == false)
+assert(base.path == dir .. "base.img")
+assert(tostring(base) == "disk<" .. dir .. "base.img raw 32M>", tostring(base))
+fails("already exists; refusing to overwrite it", hv.disk.create, { path = dir .. "base.img", size = "1M" })
+fails("option 'size' must be a non-zero multiple of 512 bytes, got 1000", hv.disk.create, { path = dir .. "odd.img", size = 1000 })
+fails("option 'size' is required", hv.disk.create, { path = dir .. "nosize.img" })
+fails("option 'size' must be a size", hv.disk.create, { path = dir .. "q.img", size = "12Q" })
+fails("option 'format' must be \"raw\" or \"qcow2\"", hv.disk.create, { path = dir .. "f.img", size = "1M", format = "vmdk" })
+fails("unknown option 'sise'", hv.disk.create, { path = dir .. "x.img", sise = "1M" })
+assert(not exists(dir .. "odd.img") and not exists(dir .. "f.img"), "failed creates leave no files")
+local q = hv.disk.create{ path = dir .. "empty.qcow2", size = "16M", format = "qcow2", serial = "q-serial" }
+assert(q.format == "qcow2" and q.serial == "q-serial")
+
+-- Opening.
+fails("does not exist", hv.disk.open, dir .. "missing.img")
+local f = io.open(dir .. "short.img", "wb"); f:write(string.rep("x", 1000)); f:close()
+fails("is not a multiple of 512 bytes", hv.disk.open, dir .. "short.img")
+fails("unknown option 'read_only'", hv.disk.open, dir .. "base.img", { read_only = true })
+fails("option 'serial' must be at most 20 bytes", hv.disk.open, dir .. "base.img", { serial = string.rep("s", 21) })
+local ro = hv.disk.open(dir .. "base.img", { readonly = true })
+assert(ro.readonly and ro.format == "raw")
+
+-- Overlays: created in milliseconds, from a path or a disk.
+local t0 = hv.now()
+local o1 = hv.disk.overlay{ base = dir .. "base.img", path = dir .. "o1.qcow2" }
+local o2 = hv.disk.overlay{ base = base, path = dir .. "o2.qcow2" }
+assert(hv.now() - t0 < 1)
+assert(o1.format == "qcow2" and o1.size == base.size)
+fails("does not exist", hv.disk.overlay, { base = dir .. "nope.img", path = dir .. "o3.qcow2" })
+fails("already exists", hv.disk.overlay, { base = base, path = dir .. "o1.qcow2" })
+fails("option 'base' is required", hv.disk.overlay, { path = dir .. "o4.qcow2" })
+assert(not exists(dir .. "o3.qcow2"))
+
+-- VMs with disks; stats count what the guest did.
+fails("option 'disks' item 1 must be a disk", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { "base.img" } })
+fails("option 'disks' must be a list of disks", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = base })
+local vm = hv.vm{ name = "w", memory = "32M", disks = { o1 },
+                  guest = hv.guest.builtin{ cmdline = "blk-write 0 1000 42; blk-flush; blk-verify 0 1000 42; idle" } }
+vm:start()
+vm:wait_for_console("blk-verify 0 1000: 0 mismatches", { timeout = 30 })
+local s = o1:stats()
+assert(s.writes > 0 and s.reads > 0 and s.flushes == 1 and s.errors == 0)
+assert(s.bytes_written == 1000 * 512 and s.bytes_read == 1000 * 512, s.bytes_written .. " " .. s.bytes_read)
+
+-- A disk a running VM writes cannot be opened for writing, nor used as a base, nor
+-- attached to a second VM.
+fails("is in use", hv.disk.open, dir .. "o1.qcow2")
+fails("is open read-write", hv.disk.open, dir .. "o1.qcow2", { readonly = true })
+fails("is open read-write", hv.disk.overlay, { base = o1, path = dir .. "o5.qcow2" })
+assert(not exists(dir .. "o5.qcow2"))
+local second = hv.vm{ name = "second", memory = "32M", disks = { o1 }, guest = hv.guest.builtin{ cmdline = "exit 0" } }
+fails("cannot start vm 'second': attaching a disk", second.start, second)
+assert(second.state == "created" and vm.state == "running")
+-- The base of running overlays cannot be written either.
+local o2vm = hv.vm{ name = "o2", memory = "32M", disks = { o2 }, guest = hv.guest.builtin{ cmdline = "idle" } }
+o2vm:start()
+fails("is in use", hv.disk.open, dir .. "base.img")
+vm:stop(); o2vm:stop()
+second:start()
+assert(second:wait{ timeout = 10 } == 0)
+-- Once stopped, the overlay opens again, and the base is untouched.
+local again = hv.disk.open(dir .. "o1.qcow2")
+local check = hv.vm{ name = "check", memory = "32M", disks = { base },
+                     guest = hv.guest.builtin{ cmdline = "blk-verify 0 1 42" } }
+check:start()
+assert(check:wait{ timeout = 10 } == 0)
+assert(check:console():find("blk-verify 0 1: 1 mismatches", 1, true), "the base never saw the overlay's write")
+print("storage: ok")
