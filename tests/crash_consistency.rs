@@ -58,11 +58,18 @@ fn flushed_sectors_survive_sigkill() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let flushed = BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l == "FLUSHED");
+        let flushed = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == "FLUSHED");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let out = child.wait_with_output().unwrap();
-        assert!(flushed, "round {round}: the guest never reported its flush: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            flushed,
+            "round {round}: the guest never reported its flush: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // After the last kill: every flushed round is in the image, read from the host.
     let disk = Arc::new(Disk::open(&dir.join("vm.qcow2"), true).unwrap());
@@ -70,11 +77,23 @@ fn flushed_sectors_survive_sigkill() {
     let mut image = vec![0u8; (ROUNDS * SECTORS_PER_ROUND * 512) as usize];
     backend.read_at(&mut image, 0).unwrap();
     for round in 0..ROUNDS {
-        let bad = pattern_mismatches(&image, round * SECTORS_PER_ROUND, SECTORS_PER_ROUND, 1000 + round);
-        assert!(bad.is_empty(), "round {round}: flushed sectors lost: {bad:?}");
+        let bad = pattern_mismatches(
+            &image,
+            round * SECTORS_PER_ROUND,
+            SECTORS_PER_ROUND,
+            1000 + round,
+        );
+        assert!(
+            bad.is_empty(),
+            "round {round}: flushed sectors lost: {bad:?}"
+        );
     }
     drop(backend);
-    if let Ok(out) = Command::new("qemu-img").arg("check").arg(dir.join("vm.qcow2")).output() {
+    if let Ok(out) = Command::new("qemu-img")
+        .arg("check")
+        .arg(dir.join("vm.qcow2"))
+        .output()
+    {
         // 0: clean; 3: only leaked clusters, which a crash between allocation and use may leave.
         assert!(
             matches!(out.status.code(), Some(0) | Some(3)),

@@ -21,7 +21,13 @@ fn vm_with_disks(reg: &Registry, name: &str, cmdline: &str, disks: Vec<Arc<Disk>
 }
 
 /// Runs a VM to its end and returns its console; panics unless it exits with `code`.
-fn run_to_end(reg: &Registry, name: &str, cmdline: &str, disks: Vec<Arc<Disk>>, code: i32) -> String {
+fn run_to_end(
+    reg: &Registry,
+    name: &str,
+    cmdline: &str,
+    disks: Vec<Arc<Disk>>,
+    code: i32,
+) -> String {
     let vm = vm_with_disks(reg, name, cmdline, disks);
     let outcome = vm.wait(TIMEOUT).unwrap();
     let console = vm.console().text();
@@ -54,18 +60,34 @@ fn guest_writes_reach_the_image() {
         vec![disk.clone()],
         0,
     );
-    assert!(console.contains("blk-info capacity=32768 ro=0"), "{console}");
-    assert!(console.contains("blk-verify 10 300: 0 mismatches"), "{console}");
-    assert!(console.contains("blk-verify 10 1: 1 mismatches"), "a different seed must not match:\n{console}");
+    assert!(
+        console.contains("blk-info capacity=32768 ro=0"),
+        "{console}"
+    );
+    assert!(
+        console.contains("blk-verify 10 300: 0 mismatches"),
+        "{console}"
+    );
+    assert!(
+        console.contains("blk-verify 10 1: 1 mismatches"),
+        "a different seed must not match:\n{console}"
+    );
     let image = std::fs::read(&path).unwrap();
     assert!(pattern_mismatches(&image, 10, 300, 7).is_empty());
-    assert!(image[..10 * SECTOR].iter().all(|&b| b == 0), "sectors before the write are untouched");
+    assert!(
+        image[..10 * SECTOR].iter().all(|&b| b == 0),
+        "sectors before the write are untouched"
+    );
     let stats = disk.stats().snapshot();
     assert_eq!(stats.bytes_written, 300 * 512);
     assert_eq!(stats.bytes_read, 301 * 512);
     assert_eq!(stats.flushes, 1);
     assert_eq!(stats.errors, 0);
-    assert_eq!((stats.writes, stats.reads), (2, 3), "128-sector requests: {stats:?}");
+    assert_eq!(
+        (stats.writes, stats.reads),
+        (2, 3),
+        "128-sector requests: {stats:?}"
+    );
 }
 
 #[test]
@@ -77,7 +99,13 @@ fn overlays_share_a_base_and_stay_independent() {
     let base_path = dir.join("base.img");
     let base = Arc::new(Disk::create_raw(&base_path, 8 << 20).unwrap());
     let reg = Registry::new();
-    run_to_end(&reg, "seed-base", "blk-write 0 2000 1; blk-flush", vec![base], 0);
+    run_to_end(
+        &reg,
+        "seed-base",
+        "blk-write 0 2000 1; blk-flush",
+        vec![base],
+        0,
+    );
     drop(reg);
     let base_bytes = std::fs::read(&base_path).unwrap();
     assert!(pattern_mismatches(&base_bytes, 0, 2000, 1).is_empty());
@@ -88,27 +116,60 @@ fn overlays_share_a_base_and_stay_independent() {
         let path = dir.join(format!("vm{i}.qcow2"));
         let started = std::time::Instant::now();
         let overlay = Arc::new(Disk::create_overlay(&base_path, &path).unwrap());
-        assert!(started.elapsed().as_millis() < 1000, "an overlay is created in milliseconds");
+        assert!(
+            started.elapsed().as_millis() < 1000,
+            "an overlay is created in milliseconds"
+        );
         let seed = 100 + i;
         let cmdline = format!(
             "blk-write 500 100 {seed}; blk-flush; blk-verify 500 100 {seed}; blk-verify 0 500 1; blk-verify 600 1400 1"
         );
-        vms.push((i, path, vm_with_disks(&reg, &format!("clone-{i}"), &cmdline, vec![overlay])));
+        vms.push((
+            i,
+            path,
+            vm_with_disks(&reg, &format!("clone-{i}"), &cmdline, vec![overlay]),
+        ));
     }
     for (i, path, vm) in vms {
-        assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0), "{}", vm.console().text());
+        assert_eq!(
+            vm.wait(TIMEOUT).unwrap(),
+            VmOutcome::Exited(0),
+            "{}",
+            vm.console().text()
+        );
         let console = vm.console().text();
-        assert_eq!(console.matches(": 0 mismatches").count(), 3, "clone {i}:\n{console}");
+        assert_eq!(
+            console.matches(": 0 mismatches").count(),
+            3,
+            "clone {i}:\n{console}"
+        );
         let flat = read_disk(&path);
-        assert!(pattern_mismatches(&flat, 500, 100, 100 + i).is_empty(), "clone {i} has its own data");
-        assert!(pattern_mismatches(&flat, 0, 500, 1).is_empty(), "clone {i} sees the base");
+        assert!(
+            pattern_mismatches(&flat, 500, 100, 100 + i).is_empty(),
+            "clone {i} has its own data"
+        );
+        assert!(
+            pattern_mismatches(&flat, 0, 500, 1).is_empty(),
+            "clone {i} sees the base"
+        );
         if i == 0 {
-            if let Ok(out) = std::process::Command::new("qemu-img").arg("check").arg(&path).output() {
-                assert!(out.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&out.stdout));
+            if let Ok(out) = std::process::Command::new("qemu-img")
+                .arg("check")
+                .arg(&path)
+                .output()
+            {
+                assert!(
+                    out.status.success(),
+                    "qemu-img check: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
             }
         }
     }
-    assert!(std::fs::read(&base_path).unwrap() == base_bytes, "the base is byte-identical");
+    assert!(
+        std::fs::read(&base_path).unwrap() == base_bytes,
+        "the base is byte-identical"
+    );
 }
 
 #[test]
@@ -121,9 +182,18 @@ fn read_only_disks_reject_writes() {
     std::fs::write(&path, vec![0x3Cu8; 1 << 20]).unwrap();
     let disk = Arc::new(Disk::open(&path, true).unwrap());
     let reg = Registry::new();
-    let console = run_to_end(&reg, "ro", "blk-info; blk-write 0 1 1", vec![disk.clone()], 2);
+    let console = run_to_end(
+        &reg,
+        "ro",
+        "blk-info; blk-write 0 1 1",
+        vec![disk.clone()],
+        2,
+    );
     assert!(console.contains("ro=1"), "{console}");
-    assert!(console.contains("error: blk-write: request at sector 0 failed with status 1 (IOERR)"), "{console}");
+    assert!(
+        console.contains("error: blk-write: request at sector 0 failed with status 1 (IOERR)"),
+        "{console}"
+    );
     assert_eq!(disk.stats().snapshot().errors, 1);
     assert_eq!(std::fs::read(&path).unwrap(), vec![0x3Cu8; 1 << 20]);
     // Two VMs may share a read-only disk.
@@ -143,19 +213,40 @@ fn discard_and_write_zeroes_punch_holes() {
     let path = dir.join("z.img");
     let disk = Arc::new(Disk::create_raw(&path, 4 << 20).unwrap());
     let reg = Registry::new();
-    run_to_end(&reg, "fill", "blk-write 0 4096 5; blk-flush", vec![disk.clone()], 0);
+    run_to_end(
+        &reg,
+        "fill",
+        "blk-write 0 4096 5; blk-flush",
+        vec![disk.clone()],
+        0,
+    );
     let full_blocks = std::fs::metadata(&path).unwrap().blocks();
-    run_to_end(&reg, "zero", "blk-zero 0 2048; blk-discard 2048 1024; blk-verify 3072 1024 5", vec![disk.clone()], 0);
+    run_to_end(
+        &reg,
+        "zero",
+        "blk-zero 0 2048; blk-discard 2048 1024; blk-verify 3072 1024 5",
+        vec![disk.clone()],
+        0,
+    );
     let image = std::fs::read(&path).unwrap();
     assert!(image[..3072 * SECTOR].iter().all(|&b| b == 0));
     assert!(pattern_mismatches(&image, 3072, 1024, 5).is_empty());
-    assert!(std::fs::metadata(&path).unwrap().blocks() < full_blocks, "space was released");
+    assert!(
+        std::fs::metadata(&path).unwrap().blocks() < full_blocks,
+        "space was released"
+    );
     assert_eq!(disk.stats().snapshot().discards, 2);
 
     // On an overlay, zeroing hides the base.
     let over = dir.join("z.qcow2");
     let overlay = Arc::new(Disk::create_overlay(&path, &over).unwrap());
-    run_to_end(&reg, "zero-overlay", "blk-zero 3072 512; blk-verify 3584 512 5", vec![overlay], 0);
+    run_to_end(
+        &reg,
+        "zero-overlay",
+        "blk-zero 3072 512; blk-verify 3584 512 5",
+        vec![overlay],
+        0,
+    );
     let flat = read_disk(&over);
     assert!(flat[3072 * SECTOR..3584 * SECTOR].iter().all(|&b| b == 0));
     assert!(pattern_mismatches(&flat, 3584, 512, 5).is_empty());
@@ -181,8 +272,14 @@ fn serial_number_and_several_disks() {
     assert!(console.contains("blk-id luvisor-disk-1\n"), "{console}");
     assert!(console.contains("blk-id two.img\n"), "{console}");
     assert!(console.contains("blk-info capacity=4096"), "{console}");
-    assert!(console.contains("blk-verify 0 8: 8 mismatches"), "disk 0 did not get disk 1's data:\n{console}");
-    assert!(console.contains("error: blk-use: no such disk"), "{console}");
+    assert!(
+        console.contains("blk-verify 0 8: 8 mismatches"),
+        "disk 0 did not get disk 1's data:\n{console}"
+    );
+    assert!(
+        console.contains("error: blk-use: no such disk"),
+        "{console}"
+    );
 }
 
 #[test]
@@ -194,14 +291,22 @@ fn a_writable_disk_belongs_to_one_running_vm() {
     let disk = Arc::new(Disk::create_raw(&dir.join("shared.img"), 1 << 20).unwrap());
     let reg = Registry::new();
     let a = vm_with_disks(&reg, "owner", "blk-write 0 1 1; idle", vec![disk.clone()]);
-    a.wait_for_console("blk-write 0 1 done", 0, TIMEOUT).unwrap();
+    a.wait_for_console("blk-write 0 1 done", 0, TIMEOUT)
+        .unwrap();
     let mut config = builtin("intruder", "blk-write 0 1 2");
     config.disks = vec![disk.clone()];
     let b = reg.create(config).unwrap();
     let err = b.start().unwrap_err();
     let chain = luvisor_lua::host::error_chain(&err);
-    assert!(chain.contains("cannot start vm 'intruder'") && chain.contains("in use"), "{chain}");
-    assert_eq!(b.state(), luvisor_runtime::VmState::Created, "a failed start changes nothing");
+    assert!(
+        chain.contains("cannot start vm 'intruder'") && chain.contains("in use"),
+        "{chain}"
+    );
+    assert_eq!(
+        b.state(),
+        luvisor_runtime::VmState::Created,
+        "a failed start changes nothing"
+    );
     assert_eq!(a.state(), luvisor_runtime::VmState::Running);
     a.stop();
     b.start().unwrap();
@@ -218,13 +323,21 @@ fn host_io_errors_reach_the_guest() {
     let path = dir.join("broken.qcow2");
     let disk = Disk::create_qcow2(&path, 1 << 20).unwrap();
     // Point the first L1 entry far past the end of the file: reading it fails on the host.
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let l1_offset = 3 * 65536u64;
-    file.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l1_offset).unwrap();
+    file.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l1_offset)
+        .unwrap();
     drop(file);
     let disk = Arc::new(disk);
     let reg = Registry::new();
     let console = run_to_end(&reg, "broken", "blk-verify 0 1 1", vec![disk.clone()], 2);
-    assert!(console.contains("failed with status 1 (IOERR)"), "{console}");
+    assert!(
+        console.contains("failed with status 1 (IOERR)"),
+        "{console}"
+    );
     assert_eq!(disk.stats().snapshot().errors, 1);
 }

@@ -253,23 +253,26 @@ impl Blk {
         self.check_range(start, count)?;
         let mut next = start;
         let end = start + count;
-        while next < end || self.in_flight() {
-            match self.free_slot() {
-                Some(slot) if next < end => {
-                    let n = (end - next).min(SLOT_SECTORS);
-                    let buf = self.data(slot, (n as usize) * SECTOR);
-                    for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                        pattern::fill_sector(seed, next + i as u64, sector);
-                    }
-                    self.submit(slot, T_OUT, next, n)?;
-                    next += n;
+        loop {
+            let mut queued = false;
+            while let (Some(slot), true) = (self.free_slot(), next < end) {
+                let n = (end - next).min(SLOT_SECTORS);
+                let buf = self.data(slot, (n as usize) * SECTOR);
+                for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
+                    pattern::fill_sector(seed, next + i as u64, sector);
                 }
-                _ => {
-                    self.complete()?;
-                }
+                self.submit(slot, T_OUT, next, n)?;
+                next += n;
+                queued = true;
             }
+            if queued {
+                self.dev.queue.notify();
+            }
+            if !self.in_flight() {
+                return Ok(());
+            }
+            self.complete()?;
         }
-        Ok(())
     }
 
     /// Reads `count` sectors from `start` and compares them with the seeded pattern;
@@ -284,32 +287,36 @@ impl Blk {
         self.check_range(start, count)?;
         let mut next = start;
         let end = start + count;
-        while next < end || self.in_flight() {
-            match self.free_slot() {
-                Some(slot) if next < end => {
-                    let n = (end - next).min(SLOT_SECTORS);
-                    self.submit(slot, T_IN, next, n)?;
-                    next += n;
-                }
-                _ => {
-                    let slot = self.complete()?;
-                    let Slot { sector, count, .. } = self.slots[slot];
-                    let buf = self.data(slot, count as usize * SECTOR);
-                    for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
-                        if !pattern::check_sector(seed, sector + i as u64, data) {
-                            mismatch(sector + i as u64);
-                        }
-                    }
+        loop {
+            let mut queued = false;
+            while let (Some(slot), true) = (self.free_slot(), next < end) {
+                let n = (end - next).min(SLOT_SECTORS);
+                self.submit(slot, T_IN, next, n)?;
+                next += n;
+                queued = true;
+            }
+            if queued {
+                self.dev.queue.notify();
+            }
+            if !self.in_flight() {
+                return Ok(());
+            }
+            let slot = self.complete()?;
+            let Slot { sector, count, .. } = self.slots[slot];
+            let buf = self.data(slot, count as usize * SECTOR);
+            for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
+                if !pattern::check_sector(seed, sector + i as u64, data) {
+                    mismatch(sector + i as u64);
                 }
             }
         }
-        Ok(())
     }
 
     /// Sends one request that carries no data and waits for it.
     fn simple(&mut self, kind: u32, sector: u64, count: u64) -> Result<usize, Error> {
         let slot = self.free_slot().ok_or("no free request slot")?;
         self.submit(slot, kind, sector, count)?;
+        self.dev.queue.notify();
         self.complete()
     }
 
@@ -356,35 +363,36 @@ impl Blk {
         let start = io::clock_ms() as u64;
         let deadline = start + seconds * 1000;
         let (mut ops, mut bytes) = (0u64, 0u64);
-        let mut running = true;
-        while running || self.in_flight() {
-            if running && io::clock_ms() as u64 >= deadline {
-                running = false;
+        loop {
+            let running = (io::clock_ms() as u64) < deadline;
+            let mut queued = false;
+            while let (Some(slot), true) = (self.free_slot(), running) {
+                let index = if random {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % positions
+                } else {
+                    seq = (seq + 1) % positions;
+                    seq
+                };
+                self.submit(
+                    slot,
+                    if write { T_OUT } else { T_IN },
+                    index * sectors,
+                    sectors,
+                )?;
+                queued = true;
             }
-            match self.free_slot() {
-                Some(slot) if running => {
-                    let index = if random {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        rng % positions
-                    } else {
-                        seq = (seq + 1) % positions;
-                        seq
-                    };
-                    self.submit(
-                        slot,
-                        if write { T_OUT } else { T_IN },
-                        index * sectors,
-                        sectors,
-                    )?;
-                }
-                _ => {
-                    self.complete()?;
-                    ops += 1;
-                    bytes += size;
-                }
+            if queued {
+                self.dev.queue.notify();
             }
+            if !self.in_flight() {
+                break;
+            }
+            self.complete()?;
+            ops += 1;
+            bytes += size;
         }
         Ok((ops, bytes, (io::clock_ms() as u64 - start).max(1)))
     }

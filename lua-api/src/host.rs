@@ -9,7 +9,10 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
     hv.set("host", lua.create_function(|lua, ()| host_table(lua))?)?;
     // Seconds on a monotonic clock (for timing in scripts; os.clock() is CPU time).
     let epoch = std::time::Instant::now();
-    hv.set("now", lua.create_function(move |_, ()| Ok(epoch.elapsed().as_secs_f64()))?)?;
+    hv.set(
+        "now",
+        lua.create_function(move |_, ()| Ok(epoch.elapsed().as_secs_f64()))?,
+    )?;
     hv.set(
         "sleep",
         lua.create_function(|_, secs: Value| {

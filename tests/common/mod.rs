@@ -64,7 +64,12 @@ pub fn pattern_mismatches(image: &[u8], start: u64, count: u64, seed: u64) -> Ve
 }
 
 /// Runs `luvisor run` on a script body; returns (exit code, stdout, stderr).
-pub fn run_script(dir: &std::path::Path, name: &str, body: &str, args: &[&str]) -> (Option<i32>, String, String) {
+pub fn run_script(
+    dir: &std::path::Path,
+    name: &str,
+    body: &str,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
     let path = dir.join(name);
     std::fs::write(&path, body).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_luvisor"))
