@@ -351,7 +351,7 @@ impl Blk {
         seconds: u64,
     ) -> Result<(u64, u64, u64), Error> {
         let sectors = size / SECTOR as u64;
-        if sectors == 0 || sectors > SLOT_SECTORS || size % SECTOR as u64 != 0 {
+        if sectors == 0 || sectors > SLOT_SECTORS || !size.is_multiple_of(SECTOR as u64) {
             return Err(Error::Msg("size must be 1 to 128 KiB"));
         }
         if self.capacity < sectors {

@@ -104,7 +104,7 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
             let size = opts
                 .size("size")?
                 .ok_or_else(|| opts.error("option 'size' is required, e.g. size = \"256M\""))?;
-            if size == 0 || size % SECTOR_SIZE != 0 {
+            if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
                 return Err(opts.error(format!(
                     "option 'size' must be a non-zero multiple of 512 bytes, got {size}"
                 )));

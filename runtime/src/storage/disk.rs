@@ -179,7 +179,7 @@ fn open_backend(
 impl Disk {
     /// Creates a sparse raw image of `size` bytes; `path` must not exist.
     pub fn create_raw(path: &Path, size: u64) -> Result<Disk, StorageError> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(StorageError::SizeNotSectorMultiple {
                 path: path.to_path_buf(),
                 size,
@@ -214,7 +214,7 @@ impl Disk {
 
     /// Creates an empty qcow2 image of `size` bytes; `path` must not exist.
     pub fn create_qcow2(path: &Path, size: u64) -> Result<Disk, StorageError> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(StorageError::SizeNotSectorMultiple {
                 path: path.to_path_buf(),
                 size,
@@ -249,7 +249,7 @@ impl Disk {
         let backend = open_backend(path, !readonly, 0)?;
         let size = backend.size();
         drop(backend);
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(StorageError::SizeNotSectorMultiple {
                 path: path.to_path_buf(),
                 size,

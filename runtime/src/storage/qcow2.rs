@@ -375,7 +375,7 @@ impl Qcow2Backend {
     /// The L2 table at `offset`, from the cache or the file.
     fn l2_table(&mut self, offset: u64) -> io::Result<&mut Vec<u64>> {
         if !self.l2_cache.contains_key(&offset) {
-            if offset % self.cluster_size != 0 {
+            if !offset.is_multiple_of(self.cluster_size) {
                 return Err(self.invalid(format!("unaligned L2 table offset {offset:#x}")));
             }
             let mut bytes = vec![0u8; self.cluster_size as usize];

@@ -272,7 +272,7 @@ impl MmioTransport {
                 let Some(q) = self.selected_queue().filter(|q| !q.ready()) else {
                     return;
                 };
-                let (low, high) = if offset % 8 == 0 {
+                let (low, high) = if offset.is_multiple_of(8) {
                     (Some(value), None)
                 } else {
                     (None, Some(value))
@@ -293,7 +293,7 @@ impl BusDevice for MmioTransport {
         if offset >= reg::CONFIG {
             data.fill(0);
             self.device.read_config(offset - reg::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -303,7 +303,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) -> IoAction {
         if offset >= reg::CONFIG {
             self.device.write_config(offset - reg::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             self.write_register(
                 offset,
                 u32::from_le_bytes(data.try_into().expect("length checked")),

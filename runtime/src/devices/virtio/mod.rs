@@ -1,8 +1,8 @@
 //! virtio devices (virtio 1.2, modern interface only) on the MMIO transport.
 //!
-//! - [`mmio`]: the transport, built once for every device: feature negotiation, device
+//! - [`mmio`] is the transport, built once for every device: feature negotiation, device
 //!   status, config space, queue setup and notifications.
-//! - [`block`]: virtio-blk.
+//! - [`block`] is virtio-blk.
 //!
 //! Every device looks the same from the transport's side: it implements
 //! [`VirtioDevice`]. Queue notifications reach the VM's event thread through ioeventfds,

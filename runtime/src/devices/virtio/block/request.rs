@@ -145,7 +145,7 @@ fn run(
     match header.kind {
         T_IN => {
             let len = writer.available_bytes();
-            if len % SECTOR_SIZE as usize != 0 || len > MAX_TRANSFER {
+            if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
                 return Err(Failure::Io(format!(
                     "read of {len} bytes is not whole sectors within {MAX_TRANSFER}"
                 )));
@@ -168,7 +168,7 @@ fn run(
                 return Err(Failure::Io("write to a read-only disk".into()));
             }
             let len = reader.available_bytes();
-            if len % SECTOR_SIZE as usize != 0 || len > MAX_TRANSFER {
+            if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
                 return Err(Failure::Io(format!(
                     "write of {len} bytes is not whole sectors within {MAX_TRANSFER}"
                 )));
