@@ -16,3 +16,5 @@ echo "== VMM memory overhead per VM"
 "$luvisor" run bench/vmm_overhead.lua 50
 echo "== idle host CPU"
 "$luvisor" run bench/idle_cpu.lua 50 5
+echo "== virtio-blk, guest vs host"
+bench/storage.sh 3

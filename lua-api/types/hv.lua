@@ -9,7 +9,65 @@
 ---@class hv
 ---@field version string luvisor's version.
 ---@field guest hv.guest_ns Guest descriptions.
+---@field disk hv.disk_ns Disk images.
 hv = {}
+
+---@class hv.disk_ns
+local disk_ns = {}
+
+---@class hv.DiskStats
+---@field reads integer
+---@field writes integer
+---@field flushes integer
+---@field discards integer Discard and write-zeroes requests.
+---@field bytes_read integer
+---@field bytes_written integer
+---@field errors integer Requests that failed (host I/O errors, malformed requests).
+
+---A disk image. Its file is opened and locked when a VM using it starts.
+---@class hv.Disk
+---@field path string
+---@field size integer Bytes.
+---@field format "raw"|"qcow2"
+---@field readonly boolean
+---@field serial string What GET_ID returns (default: the file name, up to 20 bytes).
+local Disk = {}
+
+---I/O counters of this disk, across every VM that used it through this object.
+---@return hv.DiskStats
+function Disk:stats() end
+
+---@class hv.DiskCreateOptions
+---@field path string Must not exist.
+---@field size hv.Size A non-zero multiple of 512 bytes.
+---@field format? "raw"|"qcow2" Default "raw" (sparse).
+---@field serial? string Up to 20 bytes.
+
+---Creates an empty image.
+---@param opts hv.DiskCreateOptions
+---@return hv.Disk
+function disk_ns.create(opts) end
+
+---@class hv.DiskOpenOptions
+---@field readonly? boolean Default false. Read-only disks reject writes with an I/O error.
+---@field serial? string
+
+---Opens an existing image (raw or qcow2, detected). Fails if it is missing, not a
+---multiple of 512 bytes, or locked against this access by a running VM.
+---@param path string
+---@param opts? hv.DiskOpenOptions
+---@return hv.Disk
+function disk_ns.open(path, opts) end
+
+---@class hv.DiskOverlayOptions
+---@field base string|hv.Disk The image whose data shows through; nobody may be writing it.
+---@field path string The new qcow2 file; must not exist.
+---@field serial? string
+
+---Creates a qcow2 copy-on-write overlay of `base`; the base is never written through it.
+---@param opts hv.DiskOverlayOptions
+---@return hv.Disk
+function disk_ns.overlay(opts) end
 
 ---@class hv.guest_ns
 local guest_ns = {}
@@ -32,6 +90,7 @@ function guest_ns.builtin(opts) end
 ---@field memory? hv.Size Guest RAM, a multiple of 4K from 4M. Default "128M".
 ---@field guest hv.Guest What runs inside.
 ---@field console? string Also append console output to this file.
+---@field disks? hv.Disk[] virtio-blk devices, in this order (at most 16).
 
 ---@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"
 
@@ -127,5 +186,9 @@ function hv.host() end
 ---Sleeps for `seconds` (fractions allowed).
 ---@param seconds number
 function hv.sleep(seconds) end
+
+---Seconds on a monotonic clock, for timing (os.clock() is CPU time).
+---@return number
+function hv.now() end
 
 return hv
