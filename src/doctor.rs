@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use luvisor_lua::host::error_chain;
 use luvisor_runtime::host::{KvmBackend, KvmInfo};
 use luvisor_runtime::{GuestSpec, Registry, VmConfig, VmOutcome};
 
@@ -100,21 +101,10 @@ fn probe_vm() -> Result<Duration, String> {
     config.memory = 16 << 20;
     let vm = registry.create(config).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    vm.start().map_err(|e| chain(&e))?;
+    vm.start().map_err(|e| error_chain(&e))?;
     match vm.wait(Duration::from_secs(20)) {
         Ok(VmOutcome::Exited(0)) => Ok(started.elapsed()),
         Ok(other) => Err(format!("the guest ended unexpectedly: {other:?}")),
         Err(e) => Err(e.to_string()),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

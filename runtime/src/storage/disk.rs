@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::qcow2::{self, Qcow2Backend};
 use super::raw::RawBackend;
-use super::{lock_file, DiskBackend, LockMode, StorageError, SECTOR_SIZE};
+use super::{create_new, lock_file, DiskBackend, LockMode, StorageError, SECTOR_SIZE};
 
 /// How deep overlays may chain (overlay of an overlay of ...).
 const MAX_BACKING_DEPTH: usize = 16;
@@ -185,23 +185,7 @@ impl Disk {
                 size,
             });
         }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::AlreadyExists {
-                    StorageError::Exists {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    StorageError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                }
-            })?;
+        let file = create_new(path)?;
         if let Err(source) = file.set_len(size) {
             let _ = std::fs::remove_file(path);
             return Err(StorageError::Io {

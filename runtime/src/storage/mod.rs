@@ -123,6 +123,28 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<(), Storage
     }
 }
 
+/// Creates `path` for reading and writing; refuses (with [`StorageError::Exists`]) to
+/// touch a file that is already there.
+pub(crate) fn create_new(path: &Path) -> Result<File, StorageError> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                StorageError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                StorageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })
+}
+
 /// `fallocate` with `mode`; `Ok(false)` when the filesystem does not support it.
 pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<bool> {
     // SAFETY: fallocate on a file descriptor we own; no memory is involved.

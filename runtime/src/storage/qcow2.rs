@@ -21,7 +21,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{fallocate, sync_data, DiskBackend, StorageError};
+use super::{create_new, fallocate, sync_data, DiskBackend, StorageError};
 
 pub const MAGIC: u32 = 0x5146_49fb;
 const DEFAULT_CLUSTER_BITS: u32 = 16;
@@ -201,23 +201,7 @@ impl Header {
 /// Writes a new, empty qcow2 image of `size` bytes at `path` (which must not exist),
 /// optionally backed by `backing` in format `backing_format` ("raw" or "qcow2").
 pub fn create(path: &Path, size: u64, backing: Option<(&str, &str)>) -> Result<(), StorageError> {
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|source| {
-            if source.kind() == io::ErrorKind::AlreadyExists {
-                StorageError::Exists {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                StorageError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
+    let file = create_new(path)?;
     let result = write_new_image(&file, size, backing);
     if result.is_err() {
         let _ = std::fs::remove_file(path);

@@ -119,6 +119,17 @@ pub fn execute(
     Some((writer.bytes_written() + 1) as u32)
 }
 
+/// Checks a data transfer's length: whole sectors, at most [`MAX_TRANSFER`].
+fn transfer_len(what: &str, len: usize) -> Result<usize, Failure> {
+    if len.is_multiple_of(SECTOR_SIZE as usize) && len <= MAX_TRANSFER {
+        Ok(len)
+    } else {
+        Err(Failure::Io(format!(
+            "{what} of {len} bytes is not whole sectors within {MAX_TRANSFER}"
+        )))
+    }
+}
+
 /// Checks `[sector, sector + bytes)` against the disk and returns its byte offset.
 fn disk_range(sector: u64, bytes: u64, size: u64) -> Result<u64, Failure> {
     let offset = sector
@@ -144,12 +155,7 @@ fn run(
     let size = target.backend.size();
     match header.kind {
         T_IN => {
-            let len = writer.available_bytes();
-            if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
-                return Err(Failure::Io(format!(
-                    "read of {len} bytes is not whole sectors within {MAX_TRANSFER}"
-                )));
-            }
+            let len = transfer_len("read", writer.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
             let mut data = vec![0u8; len];
             target
@@ -167,12 +173,7 @@ fn run(
             if target.readonly {
                 return Err(Failure::Io("write to a read-only disk".into()));
             }
-            let len = reader.available_bytes();
-            if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
-                return Err(Failure::Io(format!(
-                    "write of {len} bytes is not whole sectors within {MAX_TRANSFER}"
-                )));
-            }
+            let len = transfer_len("write", reader.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
             let mut data = vec![0u8; len];
             reader
