@@ -385,6 +385,11 @@ impl Vm {
             clock: self.clock.clone(),
             host: self.clone(),
         })?;
+        tracing::debug!(
+            vm = self.name(),
+            took_us = started_at.elapsed().as_micros() as u64,
+            "machine built"
+        );
         let teardown = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
         let event_end = teardown.try_clone().map_err(|e| self.thread_error(e))?;
         // The lock is held until every thread is spawned and recorded: a vCPU thread
@@ -498,11 +503,23 @@ impl Vm {
                             continue;
                         };
                         let _ = source.event.read();
-                        source
-                            .transport
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .process_queue(source.queue);
+                        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            source
+                                .transport
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .process_queue(source.queue)
+                        }));
+                        if let Err(panic) = served {
+                            // A device bug: the VM crashes with the reason; the host goes on.
+                            let reason = vcpu::panic_message(panic.as_ref());
+                            self.guest_ended(
+                                0,
+                                GuestEnd::Crashed(format!(
+                                    "host error: a device panicked: {reason}"
+                                )),
+                            );
+                        }
                     }
                 }
             }
@@ -537,7 +554,6 @@ impl Vm {
                 tracing::error!(vm = self.name(), "event thread panicked");
             }
         }
-        self.console.close();
     }
 
     /// Hard stop: tears down the vCPUs and frees guest memory. The record stays.
@@ -552,6 +568,8 @@ impl Vm {
             }
         }
         self.release();
+        // Nothing will print any more: waiters for console output give up now.
+        self.console.close();
         self.changed.notify_all();
         tracing::debug!(vm = self.name(), "vm stopped");
     }
@@ -725,6 +743,7 @@ impl VcpuHost for Vm {
         let mut inner = self.lock();
         if inner.boot_time.is_none() {
             inner.boot_time = inner.started_at.map(|t| t.elapsed());
+            tracing::debug!(vm = self.name(), boot_time = ?inner.boot_time, "guest ready");
         }
     }
 

@@ -200,7 +200,20 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|f| f.set(immediate_exit));
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Running);
-        self.run_loop();
+        // A bug in a device or in this loop must not leave the VM half-alive: it becomes
+        // a crash with a reason, and the thread still reports that it exited.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        if let Err(panic) = outcome {
+            let reason = panic_message(panic.as_ref());
+            tracing::error!(vcpu = self.index, reason, "vCPU thread panicked");
+            self.host.guest_ended(
+                self.index,
+                GuestEnd::Crashed(format!(
+                    "host error: vcpu {} panicked: {reason}",
+                    self.index
+                )),
+            );
+        }
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Exited);
@@ -368,6 +381,15 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
         VcpuExit::Unsupported(_) => "exit reason this KVM crate does not know",
         _ => "unexpected exit",
     }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// A deadline `timeout` from now, saturating far in the future.
