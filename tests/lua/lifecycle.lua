@@ -62,6 +62,17 @@ assert(table.concat(names, ",") == "life,e,c", table.concat(names, ","))
 assert(tostring(e):match("^vm<e #%d+ stopped, 1 vcpu, 64M>$"), tostring(e))
 assert(hv.vms()[2] == e, "handles to the same VM compare equal")
 
+-- Console output can be teed to a file (appended, written line by line).
+local teed = hv.vm{ name = "teed", memory = "16M", console = "console.log",
+                    guest = hv.guest.builtin{ cmdline = "hello; count 1 2" } }
+teed:start()
+assert(teed:wait{ timeout = 10 } == 0)
+local f = assert(io.open("console.log", "rb"))
+local logged = f:read("a")
+f:close()
+assert(logged == "hello from luvisor guest\r\ncount 1\r\ncount 2\r\n", string.format("%q", logged))
+assert(teed:console() == "hello from luvisor guest\ncount 1\ncount 2\n")
+
 -- hv.host()
 local host = hv.host()
 assert(host.cpus >= 1 and host.memory_total > 0 and host.memory_available > 0)
