@@ -336,3 +336,29 @@ fn host_io_errors_reach_the_guest() {
     );
     assert_eq!(disk.stats().snapshot().errors, 1);
 }
+
+#[test]
+fn completions_raise_the_device_interrupt_in_the_irqchip() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("irq");
+    let first = Arc::new(Disk::create_raw(&dir.join("a.img"), 1 << 20).unwrap());
+    let second = Arc::new(Disk::create_raw(&dir.join("b.img"), 1 << 20).unwrap());
+    let reg = Registry::new();
+    let vm = vm_with_disks(
+        &reg,
+        "irq",
+        "blk-use 1; blk-write 0 8 1; idle",
+        vec![first, second],
+    );
+    vm.wait_for_console("blk-write 0 8 done", 0, TIMEOUT)
+        .unwrap();
+    // Disk 1 has IRQ 6. The guest runs with interrupts off, so the PIC keeps it latched;
+    // disk 0 (IRQ 5) was never used.
+    let pending = vm.pending_legacy_irqs().expect("the VM runs");
+    assert_ne!(pending & (1 << 6), 0, "IRQ 6 is pending: {pending:#06x}");
+    assert_eq!(pending & (1 << 5), 0, "IRQ 5 is not: {pending:#06x}");
+    vm.stop();
+    assert_eq!(vm.pending_legacy_irqs(), None);
+}

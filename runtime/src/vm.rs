@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -358,6 +359,24 @@ impl Vm {
             .machine
             .as_ref()
             .map_or(0, |m| memory::resident_bytes(&m.memory))
+    }
+    /// Legacy IRQ lines (0–15) the in-kernel PIC has latched and not yet delivered, as a
+    /// bit mask; `None` when the VM does not run. Device interrupts arrive here through
+    /// irqfds, so this shows whether a device signalled a guest that did not take it.
+    pub fn pending_legacy_irqs(&self) -> Option<u16> {
+        let inner = self.lock();
+        let machine = inner.machine.as_ref()?;
+        let mut irr = 0u16;
+        for (chip_id, shift) in [(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_PIC_SLAVE, 8)] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            machine.vm_fd.get_irqchip(&mut chip).ok()?;
+            // SAFETY: for the PIC chip ids KVM fills the `pic` member of the union.
+            irr |= (unsafe { chip.chip.pic }.irr as u16) << shift;
+        }
+        Some(irr)
     }
     pub fn console(&self) -> &Arc<Console> {
         &self.console
