@@ -1,4 +1,5 @@
-//! `luvisor repl`: an interactive Lua prompt with the `hv` module.
+//! `luvisor repl`: an interactive Lua prompt with the `hv` module. Ctrl-C at the prompt
+//! drops the current input; while a chunk runs, it interrupts the chunk.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,14 +53,36 @@ fn eval(lua: &Lua, source: &str) -> Eval {
     }
 }
 
+extern "C" fn on_sigint(_: libc::c_int) {
+    luvisor_lua::interrupt::request();
+}
+
+/// Ctrl-C outside the line editor (while a chunk runs) interrupts the chunk instead of
+/// killing the process. The editor reads Ctrl-C as a key, so it never sees this.
+fn install_sigint_handler() {
+    // SAFETY: a zeroed sigaction with a handler that only stores to an atomic, which is
+    // async-signal-safe.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigint as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+    }
+}
+
 pub fn run(registry: Arc<Registry>) -> ExitCode {
-    let lua = match luvisor_lua::new_user_state(registry) {
+    let lua = match luvisor_lua::new_user_state(registry).and_then(|lua| {
+        luvisor_lua::interrupt::install_hook(&lua)?;
+        Ok(lua)
+    }) {
         Ok(lua) => lua,
         Err(e) => {
             eprintln!("luvisor: cannot set up Lua: {e}");
             return ExitCode::FAILURE;
         }
     };
+    install_sigint_handler();
     let mut editor = match DefaultEditor::new() {
         Ok(e) => e,
         Err(e) => {
@@ -88,6 +111,7 @@ pub fn run(registry: Arc<Registry>) -> ExitCode {
                     buffer.push('\n');
                 }
                 buffer.push_str(&line);
+                luvisor_lua::interrupt::take(); // a stale Ctrl-C must not hit this chunk
                 match eval(&lua, &buffer) {
                     Eval::Incomplete => continue,
                     Eval::Values(values) => {

@@ -212,3 +212,48 @@ fn repl_evaluates_piped_input() {
     assert!(stderr.contains("oops"), "{stderr}");
     let _ = std::fs::remove_dir_all(state);
 }
+
+#[test]
+fn repl_ctrl_c_interrupts_a_running_chunk() {
+    let state = std::env::temp_dir().join(format!("luvisor-repl-int-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .arg("repl")
+        .env("XDG_STATE_HOME", &state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The banner comes once the REPL handles Ctrl-C itself.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut banner).unwrap();
+    assert!(banner.contains("repl"), "{banner}");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hv.sleep(600)\nwhile true do end\n1 + 1\n")
+        .unwrap();
+    // Keep pressing Ctrl-C until the REPL has worked through its input and exited; a
+    // press that lands between chunks is dropped before the next chunk starts.
+    for _ in 0..200 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("interrupted").count(), 2, "{stderr}");
+    assert!(
+        rest.lines().any(|l| l == "2"),
+        "the REPL goes on after an interrupt: {rest}"
+    );
+    let _ = std::fs::remove_dir_all(state);
+}

@@ -25,8 +25,18 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
                 .ok_or_else(|| {
                     mlua::Error::runtime("hv.sleep: seconds must be a number >= 0, got nil")
                 })?;
-            std::thread::sleep(duration);
-            Ok(())
+            // Sleep in slices so an interrupt (Ctrl-C in the REPL) ends the sleep early.
+            let deadline = luvisor_runtime::vstate::vcpu::deadline_after(duration);
+            loop {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    return Ok(());
+                }
+                if crate::interrupt::take() {
+                    return Err(crate::interrupt::error());
+                }
+                std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
+            }
         })?,
     )
 }

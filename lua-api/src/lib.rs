@@ -18,6 +18,7 @@ pub mod disk;
 pub mod display;
 pub mod guest;
 pub mod host;
+pub mod interrupt;
 pub mod options;
 pub mod script;
 pub mod vm;
