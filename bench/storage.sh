@@ -2,7 +2,9 @@
 # Guest virtio-blk throughput against the host doing the same I/O on the same image file.
 # The guest runs `blk-bench` (16 requests in flight); the host runs fio with the syscalls
 # the device uses (synchronous buffered pread/pwrite from one thread). Prints both and
-# the guest/host ratio.
+# the guest/host ratio. Then the copy-on-write path: the guest fills a fresh qcow2
+# overlay of the image, against `qemu-img bench` (QEMU's own block layer) filling another
+# one with the same 64 KiB writes, 16 in flight, and a flush at the end.
 #
 #   bench/storage.sh [SECONDS]
 set -euo pipefail
@@ -42,3 +44,15 @@ while read -r line; do
   ratio=$(awk -v g="$g_mib" -v h="$h_mib" 'BEGIN { printf "%.2f", g / h }')
   printf "%-22s %14s %12s %14s %12s %8s\n" "$mode $op $size" "$g_mib" "$g_iops" "$h_mib" "$h_iops" "$ratio"
 done <<<"$(grep '^blk-bench' <<<"$guest")"
+
+echo
+guest_fill=$("$luvisor" run bench/storage_overlay.lua "$image" "$work/guest.qcow2")
+echo "$guest_fill"
+qemu-img create -q -f qcow2 -b "$image" -F raw "$work/qemu.qcow2"
+requests=$((256 * 1024 / 64))
+qemu_s=$(qemu-img bench -w -c "$requests" -d 16 -s 65536 --flush-interval="$requests" -f qcow2 "$work/qemu.qcow2" |
+  sed -n 's/^Run completed in \(.*\) seconds\./\1/p')
+qemu_mib=$(awk -v s="$qemu_s" 'BEGIN { printf "%.1f", 256 / s }')
+guest_mib=$(sed -n 's/.*, \([0-9.]*\) MiB\/s$/\1/p' <<<"$guest_fill")
+echo "qemu-img bench fill: 256 MiB in ${qemu_s} s, ${qemu_mib} MiB/s"
+echo "overlay fill ratio luvisor/qemu: $(awk -v g="$guest_mib" -v q="$qemu_mib" 'BEGIN { printf "%.2f", g / q }')"
