@@ -220,6 +220,17 @@ impl Blk {
             .queue
             .wait_used(&self.dev.mmio)
             .ok_or("the device needs a reset")?;
+        self.finish(head)
+    }
+
+    /// Like [`Blk::complete`], without waiting: `None` when nothing has finished. Used to
+    /// take every finished request before queuing more under one notification.
+    fn try_complete(&mut self) -> Option<Result<usize, Error>> {
+        let (head, _) = self.dev.queue.take_used()?;
+        Some(self.finish(head))
+    }
+
+    fn finish(&mut self, head: u16) -> Result<usize, Error> {
         let slot = self
             .slots
             .iter()
@@ -250,6 +261,24 @@ impl Blk {
 
     /// Writes `count` sectors of the seeded pattern from `start`.
     pub fn write_pattern(&mut self, start: u64, count: u64, seed: u64) -> Result<(), Error> {
+        self.write_with(start, count, |sector, buf| {
+            pattern::fill_sector(seed, sector, buf)
+        })
+    }
+
+    /// Writes `count` sectors of the byte `value` from `start` (cheap to produce, for
+    /// measuring the device rather than the guest).
+    pub fn fill(&mut self, start: u64, count: u64, value: u8) -> Result<(), Error> {
+        self.write_with(start, count, |_, buf| buf.fill(value))
+    }
+
+    /// Writes `count` sectors from `start`, each filled by `fill(sector, buf)`.
+    fn write_with(
+        &mut self,
+        start: u64,
+        count: u64,
+        mut fill: impl FnMut(u64, &mut [u8]),
+    ) -> Result<(), Error> {
         self.check_range(start, count)?;
         let mut next = start;
         let end = start + count;
@@ -259,7 +288,7 @@ impl Blk {
                 let n = (end - next).min(SLOT_SECTORS);
                 let buf = self.data(slot, (n as usize) * SECTOR);
                 for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                    pattern::fill_sector(seed, next + i as u64, sector);
+                    fill(next + i as u64, sector);
                 }
                 self.submit(slot, T_OUT, next, n)?;
                 next += n;
@@ -272,6 +301,9 @@ impl Blk {
                 return Ok(());
             }
             self.complete()?;
+            while let Some(done) = self.try_complete() {
+                done?;
+            }
         }
     }
 
@@ -301,13 +333,16 @@ impl Blk {
             if !self.in_flight() {
                 return Ok(());
             }
-            let slot = self.complete()?;
-            let Slot { sector, count, .. } = self.slots[slot];
-            let buf = self.data(slot, count as usize * SECTOR);
-            for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
-                if !pattern::check_sector(seed, sector + i as u64, data) {
-                    mismatch(sector + i as u64);
+            let mut done = Some(self.complete()?);
+            while let Some(slot) = done {
+                let Slot { sector, count, .. } = self.slots[slot];
+                let buf = self.data(slot, count as usize * SECTOR);
+                for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
+                    if !pattern::check_sector(seed, sector + i as u64, data) {
+                        mismatch(sector + i as u64);
+                    }
                 }
+                done = self.try_complete().transpose()?;
             }
         }
     }
@@ -362,7 +397,7 @@ impl Blk {
         let mut seq = 0u64;
         let start = io::clock_ms() as u64;
         let deadline = start + seconds * 1000;
-        let (mut ops, mut bytes) = (0u64, 0u64);
+        let mut ops = 0u64;
         loop {
             let running = (io::clock_ms() as u64) < deadline;
             let mut queued = false;
@@ -392,8 +427,12 @@ impl Blk {
             }
             self.complete()?;
             ops += 1;
-            bytes += size;
+            while let Some(done) = self.try_complete() {
+                done?;
+                ops += 1;
+            }
         }
+        let bytes = ops * size;
         Ok((ops, bytes, (io::clock_ms() as u64 - start).max(1)))
     }
 }

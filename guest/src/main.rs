@@ -166,6 +166,11 @@ fn run<'a>(
             state.blk()?.write_pattern(start, count, seed)?;
             println!("blk-write {} {} done", start, count);
         }
+        "blk-fill" => {
+            let (start, count, value) = (arg(args)?, arg(args)?, arg(args)?);
+            state.blk()?.fill(start, count, value as u8)?;
+            println!("blk-fill {} {} done", start, count);
+        }
         "blk-verify" => {
             let (start, count, seed) = (arg(args)?, arg(args)?, arg(args)?);
             let mut mismatches = 0u64;
