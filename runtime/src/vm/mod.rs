@@ -18,232 +18,40 @@
 //! Who moves the state: control calls (`start`, `pause`, `resume`, `stop`) hold the
 //! `control` lock so they never interleave; vCPU threads report the guest's own ending
 //! through [`VcpuHost`], and the VM's event thread then tears the machine down.
+//!
+//! - [`config`]: [`VmConfig`] and its validation;
+//! - [`state`]: [`VmState`] and [`VmOutcome`];
+//! - [`error`]: [`VmError`] and [`WaitError`].
+
+mod config;
+mod error;
+mod state;
+
+pub use config::{ConfigError, GuestSpec, VmConfig, MAX_VCPUS};
+pub use error::{VmError, WaitError};
+pub use state::{describe_outcome, VmOutcome, VmState};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::builtin::BuiltinBootError;
-use crate::builder::{self, BuildContext, QueueEventSource, MAX_DISKS};
-use crate::devices::bus::BusError;
-use crate::devices::console::{Console, ConsoleWaitEnd, DEFAULT_CONSOLE_CAPACITY};
+use crate::builder::{self, BuildContext, QueueEventSource};
+use crate::devices::console::{Console, ConsoleWaitEnd};
 use crate::registry::VmId;
-use crate::size::format_size;
-use crate::storage::{Disk, StorageError};
 use crate::vstate::clock::RunClock;
-use crate::vstate::memory::{self, MemoryError, MAX_MEMORY, MIN_MEMORY};
+use crate::vstate::memory;
 use crate::vstate::vcpu::{
     self, deadline_after, GuestEnd, VcpuCommand, VcpuHandle, VcpuHost, VcpuRunState,
 };
-use crate::vstate::KvmOpenError;
-
-/// Most vCPUs a VM may have.
-pub const MAX_VCPUS: u8 = 8;
-/// How long `pause`/`resume` wait for every vCPU to acknowledge.
-const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What runs inside the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GuestSpec {
-    /// The embedded CPL3 test guest with this command line.
-    Builtin { cmdline: String },
-}
-
-/// Everything needed to create a VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    pub name: String,
-    pub vcpus: u8,
-    pub memory: u64,
-    pub guest: GuestSpec,
-    /// Also append console output to this file.
-    pub console_file: Option<PathBuf>,
-    /// Bytes of console output kept in memory.
-    pub console_capacity: usize,
-    /// Disks, attached as virtio-blk devices in this order.
-    pub disks: Vec<Arc<Disk>>,
-}
-
-impl VmConfig {
-    pub fn new(name: impl Into<String>, guest: GuestSpec) -> VmConfig {
-        VmConfig {
-            name: name.into(),
-            vcpus: 1,
-            memory: 128 << 20,
-            guest,
-            console_file: None,
-            console_capacity: DEFAULT_CONSOLE_CAPACITY,
-            disks: Vec::new(),
-        }
-    }
-
-    /// Checks every field, naming the first one that is out of range.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.name.is_empty() || self.name.chars().any(|c| c.is_control()) {
-            return Err(ConfigError::Name(self.name.clone()));
-        }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(self.vcpus as u64));
-        }
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || !self.memory.is_multiple_of(4096) {
-            return Err(ConfigError::Memory(self.memory));
-        }
-        if self.disks.len() > MAX_DISKS {
-            return Err(ConfigError::Disks(self.disks.len()));
-        }
-        match &self.guest {
-            GuestSpec::Builtin { cmdline } if cmdline.len() > luvisor_guest_abi::MAX_CMDLINE => {
-                Err(ConfigError::Cmdline(cmdline.len()))
-            }
-            GuestSpec::Builtin { .. } => Ok(()),
-        }
-    }
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ConfigError {
-    #[error("vm name '{0}' is invalid: use a non-empty name without control characters")]
-    Name(String),
-    #[error("vcpus = {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
-    Vcpus(u64),
-    #[error("memory = {0} bytes is invalid: give a multiple of 4K between {min} and {max}", min = format_size(MIN_MEMORY), max = format_size(MAX_MEMORY))]
-    Memory(u64),
-    #[error("the guest command line is {0} bytes; the limit is {max}", max = luvisor_guest_abi::MAX_CMDLINE)]
-    Cmdline(usize),
-    #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
-    Disks(usize),
-}
-
-/// Where a VM is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Stopped,
-    Crashed,
-}
-
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Created => "created",
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopped => "stopped",
-            VmState::Crashed => "crashed",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(self, VmState::Stopped | VmState::Crashed)
-    }
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmOutcome {
-    /// The guest wrote this code to its exit port.
-    Exited(i32),
-    /// The host stopped it (`stop`).
-    Stopped,
-    /// It crashed; the reason names the exit kind and RIP.
-    Crashed(String),
-}
-
-#[derive(Debug, Error)]
-pub enum VmError {
-    #[error("cannot {op} vm '{name}': it is {state}")]
-    InvalidState {
-        name: String,
-        op: &'static str,
-        state: VmState,
-    },
-    #[error("cannot start vm '{name}'")]
-    Kvm {
-        name: String,
-        #[source]
-        source: KvmOpenError,
-    },
-    #[error("cannot start vm '{name}': {step} failed")]
-    Setup {
-        name: String,
-        step: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("cannot start vm '{name}': guest memory")]
-    Memory {
-        name: String,
-        #[source]
-        source: MemoryError,
-    },
-    #[error("cannot start vm '{name}': loading the guest")]
-    Boot {
-        name: String,
-        #[source]
-        source: BuiltinBootError,
-    },
-    #[error("cannot start vm '{name}': attaching a disk")]
-    Disk {
-        name: String,
-        #[source]
-        source: StorageError,
-    },
-    #[error("cannot start vm '{name}': registering a device")]
-    Device {
-        name: String,
-        #[source]
-        source: BusError,
-    },
-    #[error("cannot start vm '{name}': creating a thread")]
-    Thread {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("vm '{name}': vcpu threads did not {op} within {secs} s", secs = VCPU_ACK_TIMEOUT.as_secs())]
-    VcpuTimeout { name: String, op: &'static str },
-}
-
-/// Why a wait ended without what was awaited.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum WaitError {
-    #[error("timed out after {timeout:?} waiting for {what} of vm '{name}'; it is {state}, last console line: {last_line:?}")]
-    TimedOut {
-        name: String,
-        what: String,
-        timeout: Duration,
-        state: VmState,
-        last_line: String,
-    },
-    #[error("vm '{name}' is {state} ({outcome}) and its console never showed {pattern:?}; last console line: {last_line:?}")]
-    Ended {
-        name: String,
-        pattern: String,
-        state: VmState,
-        outcome: String,
-        last_line: String,
-    },
-    #[error("cannot wait for vm '{name}': it was never started")]
-    NotStarted { name: String },
-}
+use error::VCPU_ACK_TIMEOUT;
 
 /// The parts of a running VM. Dropped in this order: vCPU threads, the VM fd (and with it
 /// every memory slot), then guest memory (devices on the event thread hold the last
@@ -735,16 +543,6 @@ impl Vm {
                 last_line: self.console.last_line(),
             }),
         }
-    }
-}
-
-/// A short human description of an outcome, for messages.
-pub fn describe_outcome(outcome: Option<&VmOutcome>) -> String {
-    match outcome {
-        Some(VmOutcome::Exited(code)) => format!("exit code {code}"),
-        Some(VmOutcome::Stopped) => "stopped by the host".into(),
-        Some(VmOutcome::Crashed(reason)) => format!("crashed: {reason}"),
-        None => "still running".into(),
     }
 }
 

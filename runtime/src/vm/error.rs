@@ -1,0 +1,93 @@
+//! What can go wrong when controlling a VM or waiting for it.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::state::VmState;
+use crate::boot::builtin::BuiltinBootError;
+use crate::devices::bus::BusError;
+use crate::storage::StorageError;
+use crate::vstate::memory::MemoryError;
+use crate::vstate::KvmOpenError;
+
+/// How long `pause`/`resume` wait for every vCPU to acknowledge.
+pub(super) const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot {op} vm '{name}': it is {state}")]
+    InvalidState {
+        name: String,
+        op: &'static str,
+        state: VmState,
+    },
+    #[error("cannot start vm '{name}'")]
+    Kvm {
+        name: String,
+        #[source]
+        source: KvmOpenError,
+    },
+    #[error("cannot start vm '{name}': {step} failed")]
+    Setup {
+        name: String,
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start vm '{name}': guest memory")]
+    Memory {
+        name: String,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("cannot start vm '{name}': loading the guest")]
+    Boot {
+        name: String,
+        #[source]
+        source: BuiltinBootError,
+    },
+    #[error("cannot start vm '{name}': attaching a disk")]
+    Disk {
+        name: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("cannot start vm '{name}': registering a device")]
+    Device {
+        name: String,
+        #[source]
+        source: BusError,
+    },
+    #[error("cannot start vm '{name}': creating a thread")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vm '{name}': vcpu threads did not {op} within {secs} s", secs = VCPU_ACK_TIMEOUT.as_secs())]
+    VcpuTimeout { name: String, op: &'static str },
+}
+
+/// Why a wait ended without what was awaited.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WaitError {
+    #[error("timed out after {timeout:?} waiting for {what} of vm '{name}'; it is {state}, last console line: {last_line:?}")]
+    TimedOut {
+        name: String,
+        what: String,
+        timeout: Duration,
+        state: VmState,
+        last_line: String,
+    },
+    #[error("vm '{name}' is {state} ({outcome}) and its console never showed {pattern:?}; last console line: {last_line:?}")]
+    Ended {
+        name: String,
+        pattern: String,
+        state: VmState,
+        outcome: String,
+        last_line: String,
+    },
+    #[error("cannot wait for vm '{name}': it was never started")]
+    NotStarted { name: String },
+}

@@ -1,0 +1,54 @@
+//! Where a VM is in its lifecycle, and how it ended.
+
+/// Where a VM is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+    Crashed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, VmState::Stopped | VmState::Crashed)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote this code to its exit port.
+    Exited(i32),
+    /// The host stopped it (`stop`).
+    Stopped,
+    /// It crashed; the reason names the exit kind and RIP.
+    Crashed(String),
+}
+
+/// A short human description of an outcome, for messages.
+pub fn describe_outcome(outcome: Option<&VmOutcome>) -> String {
+    match outcome {
+        Some(VmOutcome::Exited(code)) => format!("exit code {code}"),
+        Some(VmOutcome::Stopped) => "stopped by the host".into(),
+        Some(VmOutcome::Crashed(reason)) => format!("crashed: {reason}"),
+        None => "still running".into(),
+    }
+}
