@@ -117,10 +117,13 @@ impl Console {
         deadline: Instant,
     ) -> Result<(String, u64), ConsoleWaitEnd> {
         let mut ring = self.lock();
+        // Each wake-up searches only what is new (plus a pattern's length of overlap).
+        let mut search_from = from;
         loop {
-            if let Some(found) = find_in_ring(&ring, pattern.as_bytes(), from) {
+            if let Some(found) = find_in_ring(&mut ring, pattern.as_bytes(), search_from) {
                 return Ok(found);
             }
+            search_from = search_from.max(ring.total.saturating_sub(pattern.len() as u64));
             if ring.closed {
                 return Err(ConsoleWaitEnd::Closed);
             }
@@ -137,10 +140,11 @@ impl Console {
     }
 }
 
-fn find_in_ring(ring: &Ring, pattern: &[u8], from: u64) -> Option<(String, u64)> {
+fn find_in_ring(ring: &mut Ring, pattern: &[u8], from: u64) -> Option<(String, u64)> {
     let first = ring.total - ring.bytes.len() as u64;
     let skip = from.saturating_sub(first).min(ring.bytes.len() as u64) as usize;
-    let bytes: Vec<u8> = ring.bytes.iter().copied().collect();
+    // Contiguous in place: no copy (it only moves bytes after the ring wrapped).
+    let bytes: &[u8] = ring.bytes.make_contiguous();
     let hay = &bytes[skip..];
     let pos = if pattern.is_empty() {
         Some(0)
