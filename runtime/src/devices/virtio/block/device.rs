@@ -13,8 +13,6 @@ use std::sync::Arc;
 pub const DEVICE_TYPE: u32 = 2;
 /// Descriptors per queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Most data segments (descriptors) in one request, advertised through SEG_MAX.
-pub const SEG_MAX: u32 = 128;
 
 /// Feature bits (virtio 1.2, 5.2.3).
 pub mod feature {
@@ -41,7 +39,7 @@ impl Block {
         let mut config = [0u8; 64];
         let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, &(backend.size() / SECTOR_SIZE).to_le_bytes()); // capacity in sectors
-        put(12, &SEG_MAX.to_le_bytes()); // seg_max
+        put(12, &request::MAX_SEGMENTS.to_le_bytes()); // seg_max
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         let whole_disk = (backend.size() / SECTOR_SIZE).min(u32::MAX as u64) as u32;
         put(36, &whole_disk.to_le_bytes()); // max_discard_sectors

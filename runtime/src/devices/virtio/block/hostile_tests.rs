@@ -286,6 +286,21 @@ fn oversized_and_misaligned_transfers() {
 }
 
 #[test]
+fn more_segments_than_seg_max() {
+    let mut h = Harness::new("segments.img", false, 16 << 20);
+    h.setup(256, DESC);
+    h.header(T_IN, 0);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    for i in 1..=140u16 {
+        h.desc(i, DATA + (i as u64 - 1) * 512, 512, F_WRITE | F_NEXT, i + 1);
+    }
+    h.desc(141, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!(h.status_byte(), S_IOERR);
+    assert_eq!(h.stats.snapshot().errors, 1);
+}
+
+#[test]
 fn unknown_requests_are_unsupported() {
     let mut h = Harness::ready("unsupp.img");
     h.header(99, 0);

@@ -31,6 +31,8 @@ pub const ID_BYTES: usize = 20;
 /// The largest data transfer one request may ask for; larger ones fail with IOERR
 /// rather than making the host allocate whatever a guest claims.
 pub const MAX_TRANSFER: usize = 32 << 20;
+/// Most data descriptors in one request (advertised as SEG_MAX).
+pub const MAX_SEGMENTS: u32 = 128;
 /// Most discard/write-zeroes segments in one request.
 pub const MAX_RANGE_SEGMENTS: usize = 256;
 
@@ -82,6 +84,8 @@ pub fn execute(
     mem: &GuestMemoryMmap,
     target: &mut Target,
 ) -> Option<u32> {
+    // Header and status come on top of the data segments.
+    let descriptors = chain.clone().count();
     let reader = Reader::new(mem, chain.clone());
     let writer = Writer::new(mem, chain);
     let (mut reader, mut writer): (Reader<'_>, Writer<'_>) = match (reader, writer) {
@@ -101,7 +105,14 @@ pub fn execute(
         Ok(s) => s,
         Err(_) => return None,
     };
-    let status = match run(&mut reader, &mut writer, target) {
+    let result = if descriptors > MAX_SEGMENTS as usize + 2 {
+        Err(Failure::Io(format!(
+            "{descriptors} descriptors exceed SEG_MAX ({MAX_SEGMENTS}) plus header and status"
+        )))
+    } else {
+        run(&mut reader, &mut writer, target)
+    };
+    let status = match result {
         Ok(()) => S_OK,
         Err(Failure::Unsupported(kind)) => {
             tracing::debug!(kind, "virtio-blk: unsupported request type");
