@@ -52,8 +52,8 @@ enum Command {
     /// An interactive Lua prompt with the `hv` module loaded.
     ///
     /// Expressions print their values; an incomplete chunk continues on the next line.
-    /// Ctrl-C cancels the current input or interrupts a running chunk (a wait on a VM
-    /// first runs to its timeout); Ctrl-D exits and stops every VM.
+    /// Ctrl-C cancels the current input or interrupts a running chunk, waits on VMs
+    /// included; Ctrl-D exits and stops every VM.
     Repl,
     /// Check that this host can run VMs, and explain what kind of KVM it has.
     ///

@@ -1,8 +1,7 @@
 //! Interrupting running Lua code (Ctrl-C in the REPL).
 //!
 //! A signal handler calls [`request`]; Lua code notices within a few thousand
-//! instructions through a hook, and `hv.sleep` within 50 ms. Blocking waits on VMs end at
-//! their own timeout first.
+//! instructions through a hook, and `hv.sleep` and waits on VMs within 50 ms.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

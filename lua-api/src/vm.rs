@@ -142,7 +142,9 @@ impl UserData for VmHandle {
         methods.add_method("wait", |lua, this, opts: Value| {
             let vm = this.resolve()?;
             let (timeout, _) = wait_timeout(lua, "wait", opts, &[])?;
-            let outcome = vm.wait(timeout).map_err(lua_err)?;
+            let outcome = vm
+                .wait_cancellable(timeout, &crate::interrupt::take)
+                .map_err(lua_err)?;
             let state = vm.state().as_str();
             Ok(match outcome {
                 VmOutcome::Exited(code) => (Some(code), state, None),
@@ -162,7 +164,9 @@ impl UserData for VmHandle {
             };
             let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
             let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
-            let (line, end) = vm.wait_for_console(&pattern, after, timeout).map_err(lua_err)?;
+            let (line, end) = vm
+                .wait_for_console_cancellable(&pattern, after, timeout, &crate::interrupt::take)
+                .map_err(lua_err)?;
             Ok((line, end))
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));

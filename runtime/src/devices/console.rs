@@ -33,7 +33,12 @@ pub struct Console {
 pub enum ConsoleWaitEnd {
     TimedOut,
     Closed,
+    /// The caller's cancel check said to stop.
+    Cancelled,
 }
+
+/// How often a wait polls its cancel check.
+pub const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Console {
     pub fn new(capacity: usize, tee: Option<File>) -> Arc<Console> {
@@ -110,11 +115,13 @@ impl Console {
 
     /// Waits until `pattern` appears at or after stream offset `from`. Returns the whole
     /// line holding the match and the stream offset just past the match.
+    /// `cancel` is polled every [`CANCEL_POLL`]; when it returns true the wait ends.
     pub fn wait_for(
         &self,
         pattern: &str,
         from: u64,
         deadline: Instant,
+        cancel: &dyn Fn() -> bool,
     ) -> Result<(String, u64), ConsoleWaitEnd> {
         let mut ring = self.lock();
         // Each wake-up searches only what is new (plus a pattern's length of overlap).
@@ -131,9 +138,12 @@ impl Console {
             if now >= deadline {
                 return Err(ConsoleWaitEnd::TimedOut);
             }
+            if cancel() {
+                return Err(ConsoleWaitEnd::Cancelled);
+            }
             ring = self
                 .grew
-                .wait_timeout(ring, deadline - now)
+                .wait_timeout(ring, (deadline - now).min(CANCEL_POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -187,16 +197,16 @@ mod tests {
         let c = Console::new(64, None);
         c.push(b"boot\r\nhello from luvisor guest\r\ncount 1\n");
         let soon = Instant::now() + Duration::from_millis(10);
-        let (line, end) = c.wait_for("luvisor", 0, soon).unwrap();
+        let (line, end) = c.wait_for("luvisor", 0, soon, &|| false).unwrap();
         assert_eq!(line, "hello from luvisor guest");
         assert_eq!(end, "boot\nhello from luvisor".len() as u64);
         assert_eq!(
-            c.wait_for("hello", end, soon),
+            c.wait_for("hello", end, soon, &|| false),
             Err(ConsoleWaitEnd::TimedOut)
         );
         c.close();
         assert_eq!(
-            c.wait_for("nope", 0, soon + Duration::from_secs(5)),
+            c.wait_for("nope", 0, soon + Duration::from_secs(5), &|| false),
             Err(ConsoleWaitEnd::Closed)
         );
         assert_eq!(c.last_line(), "count 1");
@@ -208,7 +218,7 @@ mod tests {
         c.push(b"0123456789abcdef");
         assert_eq!(c.text(), "89abcdef");
         assert_eq!(c.total(), 16);
-        let (_, end) = c.wait_for("cd", 3, Instant::now()).unwrap();
+        let (_, end) = c.wait_for("cd", 3, Instant::now(), &|| false).unwrap();
         assert_eq!(end, 14);
     }
 
@@ -217,7 +227,12 @@ mod tests {
         let c = Console::new(64, None);
         let c2 = c.clone();
         let t = std::thread::spawn(move || {
-            c2.wait_for("ready", 0, Instant::now() + Duration::from_secs(10))
+            c2.wait_for(
+                "ready",
+                0,
+                Instant::now() + Duration::from_secs(10),
+                &|| false,
+            )
         });
         std::thread::sleep(Duration::from_millis(20));
         c.push(b"ready\n");

@@ -88,6 +88,8 @@ pub enum WaitError {
         outcome: String,
         last_line: String,
     },
+    #[error("interrupted while waiting for {what} of vm '{name}'")]
+    Cancelled { name: String, what: String },
     #[error("cannot wait for vm '{name}': it was never started")]
     NotStarted { name: String },
 }

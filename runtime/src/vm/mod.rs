@@ -44,7 +44,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::{self, BuildContext, QueueEventSource};
-use crate::devices::console::{Console, ConsoleWaitEnd};
+use crate::devices::console::{Console, ConsoleWaitEnd, CANCEL_POLL};
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -481,6 +481,16 @@ impl Vm {
 
     /// Waits until the guest ends, then releases its resources and returns how it ended.
     pub fn wait(&self, timeout: Duration) -> Result<VmOutcome, WaitError> {
+        self.wait_cancellable(timeout, &|| false)
+    }
+
+    /// [`Vm::wait`], also ending (with [`WaitError::Cancelled`]) once `cancel` returns
+    /// true; it is polled every [`CANCEL_POLL`].
+    pub fn wait_cancellable(
+        &self,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<VmOutcome, WaitError> {
         let deadline = deadline_after(timeout);
         let mut inner = self.lock();
         if inner.state == VmState::Created {
@@ -499,9 +509,15 @@ impl Vm {
                     last_line: self.console.last_line(),
                 });
             }
+            if cancel() {
+                return Err(WaitError::Cancelled {
+                    name: self.config.name.clone(),
+                    what: "the guest to end".into(),
+                });
+            }
             inner = self
                 .changed
-                .wait_timeout(inner, deadline - now)
+                .wait_timeout(inner, (deadline - now).min(CANCEL_POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -518,6 +534,17 @@ impl Vm {
         from: u64,
         timeout: Duration,
     ) -> Result<(String, u64), WaitError> {
+        self.wait_for_console_cancellable(pattern, from, timeout, &|| false)
+    }
+
+    /// [`Vm::wait_for_console`], also ending once `cancel` returns true.
+    pub fn wait_for_console_cancellable(
+        &self,
+        pattern: &str,
+        from: u64,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<(String, u64), WaitError> {
         if self.state() == VmState::Created {
             return Err(WaitError::NotStarted {
                 name: self.config.name.clone(),
@@ -525,7 +552,7 @@ impl Vm {
         }
         match self
             .console
-            .wait_for(pattern, from, deadline_after(timeout))
+            .wait_for(pattern, from, deadline_after(timeout), cancel)
         {
             Ok(found) => Ok(found),
             Err(ConsoleWaitEnd::TimedOut) => Err(WaitError::TimedOut {
@@ -534,6 +561,10 @@ impl Vm {
                 timeout,
                 state: self.state(),
                 last_line: self.console.last_line(),
+            }),
+            Err(ConsoleWaitEnd::Cancelled) => Err(WaitError::Cancelled {
+                name: self.config.name.clone(),
+                what: format!("console output {pattern:?}"),
             }),
             Err(ConsoleWaitEnd::Closed) => Err(WaitError::Ended {
                 name: self.config.name.clone(),
