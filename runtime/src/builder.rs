@@ -4,7 +4,8 @@
 //!
 //! Boot sequence:
 //! 1. `KVM_CREATE_VM`, the in-kernel irqchip;
-//! 2. guest RAM (anonymous, `MAP_NORESERVE`) registered as memory slots;
+//! 2. guest RAM (anonymous, `MAP_NORESERVE`) registered as memory slots (steps 1 and 2
+//!    usually come ready-made from [`prepared`], built in the background);
 //! 3. legacy devices on the port bus: COM1 (IRQ 4 through an irqfd) and the paravirtual
 //!    exit/ready/idle/clock ports;
 //! 4. one virtio-blk device per disk on the MMIO bus at [`VIRTIO_MMIO_BASE`] + i × 4 KiB,
@@ -31,7 +32,7 @@ use crate::devices::virtio::VirtioInterrupt;
 use crate::vm::{GuestSpec, VmConfig, VmError};
 use crate::vstate::clock::RunClock;
 use crate::vstate::kvm;
-use crate::vstate::memory;
+use crate::vstate::prepared::{self, PreparedVm};
 use crate::vstate::vcpu::{self, Vcpu, VcpuCommand, VcpuHost};
 
 /// Where the first virtio-mmio device sits (inside the MMIO hole below 4 GiB).
@@ -40,9 +41,6 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Most disks per VM (IRQs 5 to 20 on the 24-pin IOAPIC).
 pub const MAX_DISKS: usize = 16;
-/// Address KVM needs for its real-mode TSS on Intel hosts (three pages inside the MMIO
-/// hole, never RAM).
-const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 
 /// A queue notification the VM's event thread waits for.
 pub struct QueueEventSource {
@@ -87,23 +85,13 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         name: name(),
         source,
     })?;
-    let vm_fd = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
-    // Needed on Intel before the first KVM_RUN; other backends may not implement it.
-    if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
-        tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not supported");
-    }
-    vm_fd
-        .create_irq_chip()
-        .map_err(setup("KVM_CREATE_IRQCHIP"))?;
-
-    let memory = memory::create_ram(config.memory).map_err(|source| VmError::Memory {
-        name: name(),
-        source,
-    })?;
-    memory::register_slots(&vm_fd, &memory).map_err(|source| VmError::Memory {
-        name: name(),
-        source,
-    })?;
+    let PreparedVm { vm_fd, memory } = match prepared::take(config.memory) {
+        Some(ready) => ready,
+        None => prepared::prepare(config.memory).map_err(|source| VmError::Prepare {
+            name: name(),
+            source,
+        })?,
+    };
     let memory = Arc::new(memory);
 
     // vCPU command channels exist before the devices, so devices can wake idle vCPUs.

@@ -35,6 +35,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot start vm '{name}': creating the KVM VM")]
+    Prepare {
+        name: String,
+        #[source]
+        source: crate::vstate::prepared::PrepareError,
+    },
     #[error("cannot start vm '{name}': guest memory")]
     Memory {
         name: String,

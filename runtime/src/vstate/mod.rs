@@ -3,9 +3,11 @@
 //! - [`memory`]: guest RAM layout, allocation and KVM memory slots.
 //! - [`vcpu`]: one thread per vCPU, driven by typed commands, running `KVM_RUN`.
 //! - [`clock`]: the VM's running-time clock (stops while paused).
+//! - [`prepared`]: a VM fd with registered RAM kept ready ahead of time.
 
 pub mod clock;
 pub mod memory;
+pub mod prepared;
 pub mod vcpu;
 
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,144 @@
+//! KVM VMs prepared ahead of time.
+//!
+//! Most of a VM's start→ready time on PVM is one `KVM_SET_USER_MEMORY_REGION`: 4–5 ms of
+//! waiting for an SRCU grace period, whatever the memory size. A background thread
+//! therefore keeps one VM ready (VM fd, TSS address, in-kernel irqchip, guest RAM
+//! registered as memory slots) for the memory size that was asked for last. Starting a VM
+//! of that size takes it and asks for the next; any other size builds its own as before.
+//!
+//! A prepared VM costs no guest memory (its RAM is untouched `MAP_NORESERVE` mappings) and
+//! nothing of it is ever reused: each VM fd and RAM mapping serves exactly one VM.
+
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::memory::{self, MemoryError};
+use super::{kvm, KvmOpenError};
+
+/// Address KVM needs for its real-mode TSS on Intel hosts (three pages inside the MMIO
+/// hole, never RAM).
+const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
+
+/// A VM with its RAM registered, not yet given vCPUs or devices.
+pub struct PreparedVm {
+    pub vm_fd: VmFd,
+    pub memory: GuestMemoryMmap,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Kvm(#[from] KvmOpenError),
+    #[error("{step} failed")]
+    Setup {
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Builds a VM fd with its irqchip and `size` bytes of registered RAM.
+pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
+    let setup = |step| move |source| PrepareError::Setup { step, source };
+    let vm_fd = kvm()?.create_vm().map_err(setup("KVM_CREATE_VM"))?;
+    // Needed on Intel before the first KVM_RUN; other backends may not implement it.
+    if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
+        tracing::debug!(error = %e, "KVM_SET_TSS_ADDR not supported");
+    }
+    vm_fd
+        .create_irq_chip()
+        .map_err(setup("KVM_CREATE_IRQCHIP"))?;
+    let memory = memory::create_ram(size)?;
+    memory::register_slots(&vm_fd, &memory)?;
+    Ok(PreparedVm { vm_fd, memory })
+}
+
+#[derive(Default)]
+struct Pool {
+    /// The VM kept ready, with its memory size.
+    ready: Option<(u64, PreparedVm)>,
+    /// The size the worker should prepare next, if any.
+    wanted: Option<u64>,
+}
+
+struct Shared {
+    pool: Mutex<Pool>,
+    work: Condvar,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("vm-preparer".into())
+            .spawn(worker);
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the VM preparer; every VM is built on demand");
+        }
+        Shared {
+            pool: Mutex::new(Pool::default()),
+            work: Condvar::new(),
+        }
+    })
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Pool> {
+    shared.pool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes the prepared VM if it has `size` bytes of RAM, and asks for another of that size.
+pub fn take(size: u64) -> Option<PreparedVm> {
+    let shared = shared();
+    let mut pool = lock(shared);
+    let taken = match pool.ready.take() {
+        Some((ready_size, vm)) if ready_size == size => Some(vm),
+        other => {
+            pool.ready = other;
+            None
+        }
+    };
+    pool.wanted = Some(size);
+    drop(pool);
+    shared.work.notify_one();
+    taken
+}
+
+/// The preparer thread: keeps one VM of the wanted size ready. It lives as long as the
+/// process, so thread counts stay steady.
+fn worker() {
+    let shared = shared();
+    loop {
+        let size = {
+            let mut pool = lock(shared);
+            loop {
+                let satisfied = match (&pool.ready, pool.wanted) {
+                    (_, None) => true,
+                    (Some((ready, _)), Some(wanted)) => *ready == wanted,
+                    (None, Some(_)) => false,
+                };
+                if !satisfied {
+                    break pool.wanted.expect("checked above");
+                }
+                pool = shared.work.wait(pool).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        match prepare(size) {
+            Ok(vm) => {
+                let mut pool = lock(shared);
+                // A VM of another size kept until now is dropped here.
+                pool.ready = Some((size, vm));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, size, "cannot prepare a VM ahead of time");
+                let mut pool = lock(shared);
+                if pool.wanted == Some(size) {
+                    pool.wanted = None; // Do not retry in a loop; the next start asks again.
+                }
+            }
+        }
+    }
+}
