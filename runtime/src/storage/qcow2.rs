@@ -30,6 +30,11 @@ const HEADER_V3_LENGTH: u32 = 104;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 const EXT_END: u32 = 0;
 
+/// Largest virtual size accepted (what QEMU allows, 2^56 bytes, rounded down).
+const MAX_VIRTUAL_SIZE: u64 = 1 << 55;
+/// Largest L1 or refcount table read into memory.
+const MAX_TABLE_BYTES: u64 = 32 << 20;
+
 /// Bits of L1 and L2 entries.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -123,12 +128,43 @@ impl Header {
         }
         let cluster_size = 1u64 << cluster_bits;
         let size = be64(&h, 24);
+        if size > MAX_VIRTUAL_SIZE {
+            return Err(corrupt(&format!(
+                "virtual size {size} is beyond {MAX_VIRTUAL_SIZE}"
+            )));
+        }
         let l1_size = be32(&h, 36);
         let l2_entries = cluster_size / 8;
         let needed_l1 = size.div_ceil(cluster_size * l2_entries);
         if (l1_size as u64) < needed_l1 {
             return Err(corrupt(&format!(
                 "L1 table has {l1_size} entries, {needed_l1} needed for {size} bytes"
+            )));
+        }
+        // Tables are read whole into memory: bound them by what they can describe and by
+        // the file, so a hostile header cannot make the host allocate gigabytes.
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let within_file = |offset: u64, bytes: u64| {
+            offset % cluster_size == 0
+                && offset.checked_add(bytes).is_some_and(|end| end <= file_len)
+        };
+        let l1_bytes = l1_size as u64 * 8;
+        if l1_bytes > MAX_TABLE_BYTES || !within_file(be64(&h, 40), l1_bytes) {
+            return Err(corrupt(
+                "the L1 table is misaligned, too large, or past the end of the file",
+            ));
+        }
+        let refcount_bytes = be32(&h, 56) as u64 * cluster_size;
+        if refcount_bytes > MAX_TABLE_BYTES || !within_file(be64(&h, 48), refcount_bytes) {
+            return Err(corrupt(
+                "the refcount table is misaligned, too large, or past the end of the file",
+            ));
+        }
+        if version == 3
+            && !(HEADER_V3_LENGTH as u64..=cluster_size).contains(&(header_length as u64))
+        {
+            return Err(corrupt(&format!(
+                "header length {header_length} is out of range"
             )));
         }
         let mut header = Header {
@@ -691,6 +727,66 @@ mod tests {
             create(&path, 1 << 20, None),
             Err(StorageError::Exists { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_headers_fail_cleanly() {
+        // Start from a valid image and corrupt one header field at a time, with values
+        // chosen to break bounds: every open must return an error or succeed, never panic
+        // or allocate without limit.
+        let path = scratch("hostile.qcow2");
+        create(&path, 1 << 20, None).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let fields: &[(usize, usize)] = &[
+            (4, 4),
+            (8, 8),
+            (16, 4),
+            (20, 4),
+            (24, 8),
+            (32, 4),
+            (36, 4),
+            (40, 8),
+            (48, 8),
+            (56, 4),
+            (60, 4),
+            (72, 8),
+            (96, 4),
+            (100, 4),
+        ];
+        let values: &[u64] = &[
+            0,
+            1,
+            7,
+            0x200,
+            0xFFFF,
+            0x7FFF_FFFF,
+            0xFFFF_FFFF,
+            1 << 40,
+            u64::MAX,
+        ];
+        let mut rng = 0x1234_5678_9ABC_DEF0u64;
+        for &(offset, len) in fields {
+            for &value in values {
+                let mut bytes = good.clone();
+                let be = value.to_be_bytes();
+                bytes[offset..offset + len].copy_from_slice(&be[8 - len..]);
+                std::fs::write(&path, &bytes).unwrap();
+                let file = File::open(&path).unwrap();
+                if let Ok(mut q) = Qcow2Backend::open(file, &path, false, None) {
+                    // Whatever opened must also survive reads anywhere.
+                    let mut buf = [0u8; 4096];
+                    for _ in 0..8 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let size = q.size();
+                        if size >= 4096 {
+                            let _ = q.read_at(&mut buf, (rng % (size - 4095)) & !511);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
