@@ -16,6 +16,15 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts that a command's stderr mentions `needle`, showing the stderr otherwise.
+fn assert_stderr_has(out: &Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(needle),
+        "stderr lacks {needle:?}:\n{stderr}"
+    );
+}
+
 fn script(name: &str, body: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("luvisor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -49,21 +58,13 @@ fn help_and_version() {
 fn bad_options_are_rejected() {
     let out = luvisor(&["--log-format", "xml", "doctor"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("possible values: text, json"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "possible values: text, json");
     let out = luvisor(&["run"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("<SCRIPT>"));
     let out = luvisor(&["run", "/nonexistent/script.lua"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("cannot read /nonexistent/script.lua"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "cannot read /nonexistent/script.lua");
 }
 
 #[test]
@@ -84,11 +85,7 @@ fn script_error_prints_traceback_and_exits_1() {
     let syntax = script("syntax.lua", "local x = = 1\n");
     let out = luvisor(&["run", syntax.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("syntax.lua:1:"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "syntax.lua:1:");
 }
 
 #[test]

@@ -279,32 +279,18 @@ impl Blk {
         count: u64,
         mut fill: impl FnMut(u64, &mut [u8]),
     ) -> Result<(), Error> {
-        self.check_range(start, count)?;
-        let mut next = start;
-        let end = start + count;
-        loop {
-            let mut queued = false;
-            while let (Some(slot), true) = (self.free_slot(), next < end) {
-                let n = (end - next).min(SLOT_SECTORS);
-                let buf = self.data(slot, (n as usize) * SECTOR);
+        self.transfer(
+            T_OUT,
+            start,
+            count,
+            |blk, slot, first, n| {
+                let buf = blk.data(slot, n as usize * SECTOR);
                 for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                    fill(next + i as u64, sector);
+                    fill(first + i as u64, sector);
                 }
-                self.submit(slot, T_OUT, next, n)?;
-                next += n;
-                queued = true;
-            }
-            if queued {
-                self.dev.queue.notify();
-            }
-            if !self.in_flight() {
-                return Ok(());
-            }
-            self.complete()?;
-            while let Some(done) = self.try_complete() {
-                done?;
-            }
-        }
+            },
+            |_, _| {},
+        )
     }
 
     /// Reads `count` sectors from `start` and compares them with the seeded pattern;
@@ -316,6 +302,35 @@ impl Blk {
         seed: u64,
         mut mismatch: impl FnMut(u64),
     ) -> Result<(), Error> {
+        self.transfer(
+            T_IN,
+            start,
+            count,
+            |_, _, _, _| {},
+            |blk, slot| {
+                let Slot { sector, count, .. } = blk.slots[slot];
+                let buf = blk.data(slot, count as usize * SECTOR);
+                for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
+                    if !pattern::check_sector(seed, sector + i as u64, data) {
+                        mismatch(sector + i as u64);
+                    }
+                }
+            },
+        )
+    }
+
+    /// Moves `count` sectors from `start` in requests of `kind` (T_IN or T_OUT), keeping
+    /// every slot busy: `prepare(blk, slot, first_sector, sectors)` runs before a request
+    /// is queued, `finished(blk, slot)` after it completed. Everything that finished is
+    /// taken before more is queued, so a batch costs one notification.
+    fn transfer(
+        &mut self,
+        kind: u32,
+        start: u64,
+        count: u64,
+        mut prepare: impl FnMut(&mut Self, usize, u64, u64),
+        mut finished: impl FnMut(&mut Self, usize),
+    ) -> Result<(), Error> {
         self.check_range(start, count)?;
         let mut next = start;
         let end = start + count;
@@ -323,7 +338,8 @@ impl Blk {
             let mut queued = false;
             while let (Some(slot), true) = (self.free_slot(), next < end) {
                 let n = (end - next).min(SLOT_SECTORS);
-                self.submit(slot, T_IN, next, n)?;
+                prepare(self, slot, next, n);
+                self.submit(slot, kind, next, n)?;
                 next += n;
                 queued = true;
             }
@@ -335,13 +351,7 @@ impl Blk {
             }
             let mut done = Some(self.complete()?);
             while let Some(slot) = done {
-                let Slot { sector, count, .. } = self.slots[slot];
-                let buf = self.data(slot, count as usize * SECTOR);
-                for (i, data) in buf.chunks_exact(SECTOR).enumerate() {
-                    if !pattern::check_sector(seed, sector + i as u64, data) {
-                        mismatch(sector + i as u64);
-                    }
-                }
+                finished(self, slot);
                 done = self.try_complete().transpose()?;
             }
         }

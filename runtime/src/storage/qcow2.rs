@@ -145,7 +145,7 @@ impl Header {
         // the file, so a hostile header cannot make the host allocate gigabytes.
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let within_file = |offset: u64, bytes: u64| {
-            offset % cluster_size == 0
+            offset.is_multiple_of(cluster_size)
                 && offset.checked_add(bytes).is_some_and(|end| end <= file_len)
         };
         let l1_bytes = l1_size as u64 * 8;
