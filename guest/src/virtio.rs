@@ -57,6 +57,10 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 64;
 pub const F_VERSION_1: u64 = 1 << 32;
 
+/// How many times to look at the used ring before idling (about 100 µs at most). Tuned
+/// with bench/storage.sh: 500 left throughput on the table, 8000 gained nothing more.
+const SPIN_POLLS: u32 = 2000;
+
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
@@ -197,21 +201,40 @@ impl Queue {
 
     /// Waits for the next completion. Returns None if the device stopped working.
     pub fn wait_used(&mut self, mmio: &Mmio) -> Option<(u16, u32)> {
+        let mut idles_without_progress = 0;
         loop {
             if let Some(done) = self.take_used() {
                 return Some(done);
             }
-            // A completion wakes the idle vCPU at once. Only when none came for the
-            // whole timeout is it worth an MMIO read (an exit) to see if the device broke.
-            let before = io::clock_ms();
+            // A completion wakes the idle vCPU at once, so an idle that ends with nothing
+            // done is rare. Only after several in a row is it worth an MMIO read (an
+            // exit) to see whether the device broke.
+            if self.spin_for_used() {
+                continue;
+            }
             io::idle(100_000);
-            if io::clock_ms().wrapping_sub(before) >= 100
-                && self.take_used_pending() == 0
-                && mmio.needs_reset()
-            {
-                return None;
+            if self.take_used_pending() == 0 {
+                idles_without_progress += 1;
+                if idles_without_progress >= 10 {
+                    if mmio.needs_reset() {
+                        return None;
+                    }
+                    idles_without_progress = 0;
+                }
             }
         }
+    }
+
+    /// Polls the used ring for a short while before the guest gives up its vCPU: a
+    /// completion that lands meanwhile costs no exit at all.
+    fn spin_for_used(&self) -> bool {
+        for _ in 0..SPIN_POLLS {
+            if self.take_used_pending() != 0 {
+                return true;
+            }
+            core::hint::spin_loop();
+        }
+        false
     }
 
     /// Completions published but not yet taken.
