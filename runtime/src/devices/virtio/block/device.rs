@@ -31,6 +31,8 @@ pub struct Block {
     stats: Arc<DiskStats>,
     config: [u8; 64],
     acked_features: u64,
+    /// Reused for every request's data (up to the 32 MiB request limit).
+    buffer: Vec<u8>,
 }
 
 impl Block {
@@ -55,6 +57,7 @@ impl Block {
             stats: disk.stats().clone(),
             config,
             acked_features: 0,
+            buffer: Vec::new(),
         }
     }
 }
@@ -111,6 +114,7 @@ impl VirtioDevice for Block {
             discard: acked & feature::DISCARD != 0,
             write_zeroes: acked & feature::WRITE_ZEROES != 0,
             flush: acked & feature::FLUSH != 0,
+            buffer: &mut self.buffer,
         };
         let mut used_any = false;
         let broken = |source| QueueError {

@@ -66,6 +66,17 @@ pub struct Target<'a> {
     pub discard: bool,
     pub write_zeroes: bool,
     pub flush: bool,
+    /// Bounce buffer between guest memory and the backend, kept across requests.
+    pub buffer: &'a mut Vec<u8>,
+}
+
+/// `buffer` resized to `len` bytes, growing it only when needed (old contents remain;
+/// callers overwrite all of it).
+fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
 }
 
 /// Why a request failed; becomes a status byte.
@@ -168,13 +179,13 @@ fn run(
         T_IN => {
             let len = transfer_len("read", writer.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            let mut data = vec![0u8; len];
+            let data = bounce(target.buffer, len);
             target
                 .backend
-                .read_at(&mut data, offset)
+                .read_at(data, offset)
                 .map_err(|e| Failure::Io(format!("host read failed: {e}")))?;
             writer
-                .write_all(&data)
+                .write_all(data)
                 .map_err(|e| Failure::Io(format!("cannot write guest buffer: {e}")))?;
             DiskStats::add(&target.stats.reads, 1);
             DiskStats::add(&target.stats.bytes_read, len as u64);
@@ -186,13 +197,13 @@ fn run(
             }
             let len = transfer_len("write", reader.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            let mut data = vec![0u8; len];
+            let data = bounce(target.buffer, len);
             reader
-                .read_exact(&mut data)
+                .read_exact(data)
                 .map_err(|e| Failure::Io(format!("cannot read guest buffer: {e}")))?;
             target
                 .backend
-                .write_at(&data, offset)
+                .write_at(data, offset)
                 .map_err(|e| Failure::Io(format!("host write failed: {e}")))?;
             DiskStats::add(&target.stats.writes, 1);
             DiskStats::add(&target.stats.bytes_written, len as u64);
