@@ -269,3 +269,74 @@ fn repl_ctrl_c_interrupts_a_running_chunk() {
     );
     let _ = std::fs::remove_dir_all(state);
 }
+
+/// Runs a copy of the binary as user `nobody`, who cannot open /dev/kvm. Needs root and
+/// setpriv; returns None (after saying so) where they are missing.
+fn run_without_kvm_access(args: &[&str]) -> Option<Output> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipping: needs root and setpriv to drop /dev/kvm access");
+        return None;
+    }
+    // A copy in a world-readable place, whatever directory the checkout is in.
+    let dir = std::env::temp_dir().join(format!("luvisor-nokvm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.join("luvisor");
+    std::fs::copy(env!("CARGO_BIN_EXE_luvisor"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.join("start.lua");
+    std::fs::write(
+        &script,
+        "local vm = hv.vm{ name = 'x', memory = '16M', guest = hv.guest.builtin{ cmdline = 'exit 0' } }\n\
+         local ok, err = pcall(vm.start, vm)\n\
+         assert(not ok and vm.state == 'created')\n\
+         print(tostring(err):match('[^\\n]*'))\n\
+         print(hv.host().kvm, hv.host().kvm_error)\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("SCRIPT", script.to_str().unwrap()))
+        .collect();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .args(&args)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(out)
+}
+
+#[test]
+fn without_kvm_access_doctor_fails_and_start_says_why() {
+    let Some(out) = run_without_kvm_access(&["doctor"]) else {
+        return;
+    };
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] /dev/kvm: cannot open it (Permission denied"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("No VM can run on this host."), "{stdout}");
+
+    let Some(out) = run_without_kvm_access(&["run", "SCRIPT"]) else {
+        return;
+    };
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("cannot start vm 'x': cannot open /dev/kvm: Permission denied"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("false\tcannot open /dev/kvm: Permission denied"),
+        "{stdout}"
+    );
+}
