@@ -10,18 +10,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// virtio device ID of a block device.
-pub const DEVICE_TYPE: u32 = 2;
+pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Descriptors per queue.
 pub const QUEUE_SIZE: u16 = 256;
 
-/// Feature bits (virtio 1.2, 5.2.3).
+/// Feature bits (virtio 1.2, 5.2.3), from `virtio-bindings`.
 pub mod feature {
-    pub const SEG_MAX: u64 = 1 << 2;
-    pub const RO: u64 = 1 << 5;
-    pub const BLK_SIZE: u64 = 1 << 6;
-    pub const FLUSH: u64 = 1 << 9;
-    pub const DISCARD: u64 = 1 << 13;
-    pub const WRITE_ZEROES: u64 = 1 << 14;
+    use virtio_bindings::virtio_blk as b;
+    pub const SEG_MAX: u64 = 1 << b::VIRTIO_BLK_F_SEG_MAX;
+    pub const RO: u64 = 1 << b::VIRTIO_BLK_F_RO;
+    pub const BLK_SIZE: u64 = 1 << b::VIRTIO_BLK_F_BLK_SIZE;
+    pub const FLUSH: u64 = 1 << b::VIRTIO_BLK_F_FLUSH;
+    pub const DISCARD: u64 = 1 << b::VIRTIO_BLK_F_DISCARD;
+    pub const WRITE_ZEROES: u64 = 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
 pub struct Block {

@@ -12,21 +12,23 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
 
-/// Request types.
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
+use virtio_bindings::virtio_blk as b;
+
+/// Request types, from `virtio-bindings`.
+pub const T_IN: u32 = b::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = b::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = b::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = b::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = b::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = b::VIRTIO_BLK_T_WRITE_ZEROES;
 
 /// Status values.
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const S_OK: u8 = b::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Length of the serial number GET_ID returns.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = b::VIRTIO_BLK_ID_BYTES as usize;
 
 /// The largest data transfer one request may ask for; larger ones fail with IOERR
 /// rather than making the host allocate whatever a guest claims.
