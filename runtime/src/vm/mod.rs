@@ -19,9 +19,9 @@
 //! `control` lock so they never interleave; vCPU threads report the guest's own ending
 //! through [`VcpuHost`], and the VM's event thread then tears the machine down.
 //!
-//! - [`config`]: [`VmConfig`] and its validation;
-//! - [`state`]: [`VmState`] and [`VmOutcome`];
-//! - [`error`]: [`VmError`] and [`WaitError`].
+//! - `config.rs`: [`VmConfig`] and its validation;
+//! - `state.rs`: [`VmState`] and [`VmOutcome`];
+//! - `error.rs`: [`VmError`] and [`WaitError`].
 
 mod config;
 mod error;
