@@ -362,3 +362,37 @@ fn completions_raise_the_device_interrupt_in_the_irqchip() {
     vm.stop();
     assert_eq!(vm.pending_legacy_irqs(), None);
 }
+
+#[test]
+fn a_hostile_guest_gets_errors_and_the_device_recovers_after_reset() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("evil");
+    let disk = Arc::new(Disk::create_raw(&dir.join("evil.img"), 1 << 20).unwrap());
+    let reg = Registry::new();
+    // The guest sends a buffer outside its memory, a looping chain and a bogus available
+    // index through the real path (ioeventfd, event thread); then resets the device and
+    // uses it normally.
+    let console = run_to_end(
+        &reg,
+        "evil",
+        "blk-evil oob; blk-evil loop; blk-evil avail; blk-write 0 8 1; blk-verify 0 8 1",
+        vec![disk.clone()],
+        0,
+    );
+    assert!(
+        console.contains("blk-evil oob: used length 0 status 0xff"),
+        "{console}"
+    );
+    assert!(console.contains("blk-evil loop: used length"), "{console}");
+    assert!(
+        console.contains("blk-evil avail: device needs reset"),
+        "{console}"
+    );
+    assert!(
+        console.contains("blk-verify 0 8: 0 mismatches"),
+        "{console}"
+    );
+    assert!(disk.stats().snapshot().errors >= 2);
+}

@@ -357,6 +357,36 @@ impl Blk {
         }
     }
 
+    /// Sends a malformed request of `kind` (`oob`: a data buffer outside guest memory;
+    /// `loop`: a descriptor chain that loops; `avail`: an available index far ahead) and
+    /// reports what the device did: `Some((used length, status byte))`, or `None` when
+    /// the device asked for a reset. The driver is unusable afterwards; set it up again.
+    pub fn evil(&mut self, kind: &str) -> Result<Option<(u32, u8)>, Error> {
+        let slot = self.free_slot().ok_or("no free request slot")?;
+        match kind {
+            "oob" | "loop" => {
+                self.submit(slot, T_IN, 0, 1)?;
+                let head = self.slots[slot].head;
+                if kind == "oob" {
+                    // Point the data descriptor (the head's next) far outside guest memory.
+                    self.dev.queue.redirect_next(head, 0xFFFF_0000_0000);
+                } else {
+                    self.dev.queue.loop_chain(head);
+                }
+            }
+            "avail" => self.dev.queue.publish_bogus_avail_index(),
+            _ => return Err(Error::Msg("kind must be oob, loop or avail")),
+        }
+        self.dev.queue.notify();
+        match self.dev.queue.wait_used(&self.dev.mmio) {
+            // SAFETY: the slot's status byte.
+            Some((_, len)) => Ok(Some((len, unsafe {
+                (self.status_addr(slot) as *const u8).read_volatile()
+            }))),
+            None => Ok(None),
+        }
+    }
+
     /// Sends one request that carries no data and waits for it.
     fn simple(&mut self, kind: u32, sector: u64, count: u64) -> Result<usize, Error> {
         let slot = self.free_slot().ok_or("no free request slot")?;

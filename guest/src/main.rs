@@ -182,6 +182,20 @@ fn run<'a>(
             })?;
             println!("blk-verify {} {}: {} mismatches", start, count, mismatches);
         }
+        "blk-evil" => {
+            let kind = args.next().ok_or(Error::Msg("missing argument"))?;
+            let outcome = state.blk()?.evil(kind)?;
+            // The driver's view of the queue is now wrong: the next blk-* command resets
+            // the device and sets it up again.
+            state.blk = None;
+            match outcome {
+                Some((len, status)) => println!(
+                    "blk-evil {}: used length {} status {:#x}",
+                    kind, len, status
+                ),
+                None => println!("blk-evil {}: device needs reset", kind),
+            }
+        }
         "blk-flush" => {
             state.blk()?.flush()?;
             println!("blk-flush done");

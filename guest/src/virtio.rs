@@ -159,6 +159,44 @@ impl Queue {
         Some(ids[0])
     }
 
+    /// For hostile-driver tests: makes the chain at `head` loop back to its start.
+    pub fn loop_chain(&mut self, head: u16) {
+        let mut d = head;
+        for _ in 0..self.size {
+            // SAFETY: d < size (checked below before it is used again).
+            let mut desc = unsafe { read_volatile(self.desc.add(d as usize)) };
+            if desc.flags & DESC_F_NEXT == 0 {
+                desc.flags |= DESC_F_NEXT;
+                desc.next = head;
+                // SAFETY: as above.
+                unsafe { write_volatile(self.desc.add(d as usize), desc) };
+                return;
+            }
+            d = desc.next;
+            if d >= self.size {
+                return;
+            }
+        }
+    }
+
+    /// For hostile-driver tests: points the descriptor after `head` at `addr`.
+    pub fn redirect_next(&mut self, head: u16, addr: u64) {
+        // SAFETY: head came from submit, so it and its next are below the queue size.
+        unsafe {
+            let first = read_volatile(self.desc.add(head as usize));
+            let mut second = read_volatile(self.desc.add(first.next as usize));
+            second.addr = addr;
+            write_volatile(self.desc.add(first.next as usize), second);
+        }
+    }
+
+    /// For hostile-driver tests: claims far more available buffers than the queue holds.
+    pub fn publish_bogus_avail_index(&mut self) {
+        fence(Ordering::SeqCst);
+        // SAFETY: avail->idx is the second u16 of the ring.
+        unsafe { write_volatile(self.avail.add(1), self.avail_idx.wrapping_add(1000)) };
+    }
+
     /// Tells the device there are new requests (one trapped MMIO write).
     pub fn notify(&self) {
         fence(Ordering::SeqCst);
