@@ -43,7 +43,7 @@ enum Command {
     /// A script error prints the message with a traceback and exits 1; `os.exit(n)`
     /// exits n. Every VM the script started is stopped on any exit.
     Run {
-        /// The Lua script to run.
+        /// The Lua script to run; `-` reads it from standard input.
         script: PathBuf,
         /// Arguments for the script (`arg[1]`, `arg[2]`, ... and `...`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

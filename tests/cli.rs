@@ -340,3 +340,27 @@ fn without_kvm_access_doctor_fails_and_start_says_why() {
         "{stdout}"
     );
 }
+
+#[test]
+fn run_reads_a_script_from_stdin() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["run", "-", "x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"print(arg[0], arg[1], hv.version)\nerror('late')\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout),
+        format!("-\tx\t{}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_stderr_has(&out, "stdin:2: late");
+}

@@ -38,9 +38,17 @@ pub fn install_exit(lua: &Lua, registry: Arc<Registry>) -> mlua::Result<()> {
     )
 }
 
-/// Runs `path` with `args`. On failure returns the error message with a traceback.
+/// Runs `path` with `args` (`-` reads the script from standard input, as `lua` does). On
+/// failure returns the error message with a traceback.
 pub fn run_file(lua: &Lua, path: &Path, args: &[String]) -> Result<(), String> {
-    let source = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let source = if path == Path::new("-") {
+        let mut source = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut source)
+            .map_err(|e| format!("cannot read the script from standard input: {e}"))?;
+        source
+    } else {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    };
     let arg = lua.create_table().map_err(|e| e.to_string())?;
     arg.raw_set(0, path.display().to_string())
         .map_err(|e| e.to_string())?;
@@ -61,9 +69,14 @@ pub fn run_file(lua: &Lua, path: &Path, args: &[String]) -> Result<(), String> {
     } else {
         source
     };
+    let name = if path == Path::new("-") {
+        "=stdin".to_string()
+    } else {
+        format!("@{}", path.display())
+    };
     let chunk = lua
         .load(source)
-        .set_name(format!("@{}", path.display()))
+        .set_name(name)
         .into_function()
         .map_err(|e| e.to_string())?;
     call_with_traceback(lua, chunk, args)
