@@ -207,6 +207,10 @@ fn repl_evaluates_piped_input() {
     assert!(stdout.contains("{ \"x\", a = 1 }"), "{stdout}");
     assert!(stdout.contains("\"running\""), "{stdout}");
     assert!(stderr.contains("oops"), "{stderr}");
+    // The history persists, multi-line chunks as one entry.
+    let history = std::fs::read_to_string(state.join("luvisor/history")).expect("history file");
+    assert!(history.contains("1 + 1"), "{history}");
+    assert!(history.contains("twice(21)"), "{history}");
     let _ = std::fs::remove_dir_all(state);
 }
 
