@@ -159,13 +159,10 @@ fn json_logs_go_to_stderr() {
     assert!(text(&out.stdout).is_empty());
 }
 
-#[test]
-fn repl_evaluates_piped_input() {
-    if !common::kvm_available() {
-        return;
-    }
-    let state = std::env::temp_dir().join(format!("luvisor-repl-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+/// Starts `luvisor repl` with piped stdio and its history under a fresh state directory.
+fn spawn_repl(name: &str) -> (std::path::PathBuf, std::process::Child) {
+    let state = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
         .arg("repl")
         .env("XDG_STATE_HOME", &state)
         .stdin(Stdio::piped())
@@ -173,6 +170,15 @@ fn repl_evaluates_piped_input() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    (state, child)
+}
+
+#[test]
+fn repl_evaluates_piped_input() {
+    if !common::kvm_available() {
+        return;
+    }
+    let (state, mut child) = spawn_repl("luvisor-repl");
     let input = "1 + 1\n\
                  function twice(x)\n  return 2 * x\nend\n\
                  twice(21)\n\
@@ -216,15 +222,7 @@ fn repl_evaluates_piped_input() {
 
 #[test]
 fn repl_ctrl_c_interrupts_a_running_chunk() {
-    let state = std::env::temp_dir().join(format!("luvisor-repl-int-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
-        .arg("repl")
-        .env("XDG_STATE_HOME", &state)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (state, mut child) = spawn_repl("luvisor-repl-int");
     // The banner comes once the REPL handles Ctrl-C itself.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
