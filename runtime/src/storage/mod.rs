@@ -4,11 +4,18 @@
 //! - [`qcow2`]: copy-on-write overlays in the qcow2 format (version 3, no compression,
 //!   encryption or internal snapshots), readable and checkable by `qemu-img`.
 //! - [`disk`]: a disk as the rest of luvisor sees it: path, format, size, read-only
-//!   flag, statistics, and the file locks that keep two VMs from writing one image.
+//!   flag, statistics; opening a whole backing chain.
+//! - [`probe`]: recognising formats from the first sector, and the guard that keeps a
+//!   guest from changing how a probed raw image would be opened.
+//! - [`lock`]: QEMU-compatible image locks that keep two writers apart.
 
 pub mod disk;
+pub mod lock;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
+#[cfg(test)]
+pub(crate) mod test_tools;
 
 use std::fs::File;
 use std::io;
@@ -17,7 +24,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-pub use disk::{Disk, DiskFormat, DiskStats, DiskStatsSnapshot};
+pub use disk::{Disk, DiskFormat, DiskStats, DiskStatsSnapshot, OpenOptions};
+pub use lock::LockMode;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -50,13 +58,24 @@ pub enum StorageError {
     Exists { path: PathBuf },
     #[error("disk size {size} of {path} is not a multiple of 512 bytes")]
     SizeNotSectorMultiple { path: PathBuf, size: u64 },
+    #[error("disk image {path} is locked: {reason}")]
+    Locked { path: PathBuf, reason: String },
+    #[error("backing file {backing} of overlay {overlay} does not exist")]
+    BackingNotFound { overlay: PathBuf, backing: PathBuf },
+    #[error("the backing chain of {path} loops: {chain}")]
+    BackingLoop { path: PathBuf, chain: String },
     #[error(
-        "disk image {path} is {held} by another user (a running VM or another process); {wanted}"
+        "disk image {path} is in the {format} format, which luvisor does not read; convert it \
+         with `qemu-img convert -O qcow2` (or `-O raw`)"
     )]
-    Locked {
+    UnsupportedFormat { path: PathBuf, format: String },
+    #[error("disk image {path} changed since it was opened: {what}; open it again")]
+    Changed { path: PathBuf, what: String },
+    #[error("disk image {path} is listed twice in one VM (disks {first} and {second}); a VM can use an image once")]
+    ListedTwice {
         path: PathBuf,
-        held: &'static str,
-        wanted: &'static str,
+        first: usize,
+        second: usize,
     },
     #[error("disk image {path} is not a valid qcow2 image: {reason}")]
     Corrupt { path: PathBuf, reason: String },
@@ -76,50 +95,6 @@ impl StorageError {
             path: path.to_path_buf(),
             source,
         }
-    }
-}
-
-/// How a disk's file is locked while a VM uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockMode {
-    /// Readers share the image; nobody may write it meanwhile.
-    Shared,
-    /// One writer, nobody else.
-    Exclusive,
-}
-
-/// Takes an advisory `flock` on `file`, failing at once if it conflicts.
-///
-/// `flock` locks belong to the open file description, so two opens of one image in the
-/// same process conflict exactly like two processes do.
-pub fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<(), StorageError> {
-    let op = match mode {
-        LockMode::Shared => libc::LOCK_SH,
-        LockMode::Exclusive => libc::LOCK_EX,
-    } | libc::LOCK_NB;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(match mode {
-            LockMode::Exclusive => StorageError::Locked {
-                path: path.to_path_buf(),
-                held: "in use",
-                wanted: "it cannot be opened read-write while anything else has it open",
-            },
-            LockMode::Shared => StorageError::Locked {
-                path: path.to_path_buf(),
-                held: "open read-write",
-                wanted: "it cannot be read while something writes it",
-            },
-        })
-    } else {
-        Err(StorageError::Io {
-            path: path.to_path_buf(),
-            source: err,
-        })
     }
 }
 

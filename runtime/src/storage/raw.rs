@@ -3,17 +3,82 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
+use super::probe::{self, PROBE_BYTES};
 use super::{fallocate, sync_data, DiskBackend};
 
 pub struct RawBackend {
     file: File,
     size: u64,
+    /// Set when the image's format was probed rather than given: the image must keep
+    /// probing as raw, so guest writes that would plant another format's magic in its
+    /// first sector are refused (the path is for the message).
+    format_guard: Option<PathBuf>,
 }
 
 impl RawBackend {
     pub fn new(file: File, size: u64) -> RawBackend {
-        RawBackend { file, size }
+        RawBackend {
+            file,
+            size,
+            format_guard: None,
+        }
+    }
+
+    /// A raw image whose format was probed: writes that would make its first sector
+    /// probe as another format fail with `PermissionDenied` and change nothing (what
+    /// QEMU does for probed raw images).
+    pub fn probed(file: File, size: u64, path: PathBuf) -> RawBackend {
+        RawBackend {
+            format_guard: Some(path),
+            ..RawBackend::new(file, size)
+        }
+    }
+
+    /// Refuses writing `data` at `offset` if it would change what the image probes as.
+    fn check_format_kept(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        let Some(path) = &self.format_guard else {
+            return Ok(());
+        };
+        if offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        let mut head = [0u8; PROBE_BYTES];
+        let n = (self.size as usize).min(PROBE_BYTES);
+        let path = path.clone();
+        self.read_at(&mut head[..n], 0)?;
+        if !probe::would_change_format(&head[..n], data, offset) {
+            return Ok(());
+        }
+        let mut after = head;
+        let start = offset as usize;
+        let len = data.len().min(PROBE_BYTES - start);
+        after[start..start + len].copy_from_slice(&data[..len]);
+        let format = probe::probe(&after).name();
+        tracing::warn!(
+            image = %path.display(),
+            format,
+            "refused a guest write that would make sector 0 of a probed raw image look like a {format} image"
+        );
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: refused a write that would make sector 0 of this probed raw image look \
+                 like a {format} image (give format = \"raw\" to allow it)",
+                path.display()
+            ),
+        ))
+    }
+
+    /// Like [`Self::check_format_kept`] for a range that will read as zeros.
+    fn check_zeroes_keep_format(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.format_guard.is_none() || offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        let zeros = [0u8; PROBE_BYTES];
+        let n = len.min(PROBE_BYTES as u64 - offset) as usize;
+        self.check_format_kept(&zeros[..n], offset)
     }
 
     /// Zeros `[offset, offset+len)` by writing zeros, for filesystems without hole punching.
@@ -52,6 +117,7 @@ impl DiskBackend for RawBackend {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_format_kept(buf, offset)?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -60,6 +126,7 @@ impl DiskBackend for RawBackend {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_zeroes_keep_format(offset, len)?;
         // Discard is advisory: without hole punching there is nothing to release.
         fallocate(
             &self.file,
@@ -71,6 +138,7 @@ impl DiskBackend for RawBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_zeroes_keep_format(offset, len)?;
         if fallocate(
             &self.file,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -114,6 +182,31 @@ mod tests {
             std::fs::metadata(&path).unwrap().blocks() < blocks_before,
             "the hole was punched"
         );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn probed_images_keep_probing_as_raw() {
+        let path = std::env::temp_dir().join(format!("luvisor-raw-guard-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let open = || File::options().read(true).write(true).open(&path).unwrap();
+        let mut disk = RawBackend::probed(open(), 1 << 20, path.clone());
+        let mut qcow2_header = [0u8; 512];
+        qcow2_header[..4].copy_from_slice(b"QFI\xfb");
+        let err = disk.write_at(&qcow2_header, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("qcow2"), "{err}");
+        // Byte by byte does not get around it either.
+        disk.write_at(b"QFI", 0).unwrap();
+        assert!(disk.write_at(b"\xfb", 3).is_err());
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"QFI\0", "nothing was written");
+        // Anywhere past the first sector is the guest's business, and so is raw data.
+        disk.write_at(&qcow2_header, 512).unwrap();
+        disk.write_at(&[0xEE; 512], 0).unwrap();
+        disk.write_zeroes(0, 4096).unwrap();
+        // Given explicitly, the format is never second-guessed.
+        let mut explicit = RawBackend::new(open(), 1 << 20);
+        explicit.write_at(&qcow2_header, 0).unwrap();
         std::fs::remove_file(path).unwrap();
     }
 }

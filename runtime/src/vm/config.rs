@@ -63,6 +63,9 @@ impl VmConfig {
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::Disks(self.disks.len()));
         }
+        if let Err(e) = crate::storage::disk::check_distinct(&self.disks) {
+            return Err(ConfigError::DiskListedTwice(e.to_string()));
+        }
         match &self.guest {
             GuestSpec::Builtin { cmdline } if cmdline.len() > luvisor_guest_abi::MAX_CMDLINE => {
                 Err(ConfigError::Cmdline(cmdline.len()))
@@ -84,4 +87,6 @@ pub enum ConfigError {
     Cmdline(usize),
     #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
     Disks(usize),
+    #[error("{0}")]
+    DiskListedTwice(String),
 }
