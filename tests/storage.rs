@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use luvisor_guest_abi::pattern::SECTOR;
-use luvisor_runtime::storage::Disk;
+use luvisor_runtime::storage::{Disk, DiskFormat, OpenOptions};
 use luvisor_runtime::{Registry, Vm, VmOutcome};
 
 fn vm_with_disks(reg: &Registry, name: &str, cmdline: &str, disks: Vec<Arc<Disk>>) -> Arc<Vm> {
@@ -147,12 +147,13 @@ fn overlays_share_a_base_and_stay_independent() {
             pattern_mismatches(&flat, 0, 500, 1).is_empty(),
             "clone {i} sees the base"
         );
-        if i == 0 {
-            if let Ok(out) = std::process::Command::new("qemu-img")
-                .arg("check")
-                .arg(&path)
-                .output()
+        if i == 0 && qemu_tool_available("qemu-img") {
             {
+                let out = std::process::Command::new("qemu-img")
+                    .arg("check")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
                 assert!(
                     out.status.success(),
                     "qemu-img check: {}",
@@ -294,7 +295,7 @@ fn a_writable_disk_belongs_to_one_running_vm() {
     let err = b.start().unwrap_err();
     let chain = luvisor_lua::host::error_chain(&err);
     assert!(
-        chain.contains("cannot start vm 'intruder'") && chain.contains("in use"),
+        chain.contains("cannot start vm 'intruder'") && chain.contains("is locked"),
         "{chain}"
     );
     assert_eq!(
@@ -395,4 +396,143 @@ fn a_hostile_guest_gets_errors_and_the_device_recovers_after_reset() {
         "{console}"
     );
     assert!(disk.stats().snapshot().errors >= 2);
+}
+
+/// The qcow2 magic and version 3, as a hostile guest would plant them in sector 0.
+const QCOW2_HEAD_HEX: &str = "514649fb00000003";
+
+#[test]
+fn a_guest_cannot_turn_a_probed_raw_disk_into_another_format() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("format-guard");
+    let path = dir.join("probed.img");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let disk = Arc::new(Disk::open(&path, false).unwrap());
+    assert!(!disk.format_given());
+    let reg = Registry::new();
+    // VMDK, VHDX, VDI (magic at 64) and QED headers are refused the same way; the write
+    // at sector 1 and plain data at sector 0 are the guest's business.
+    let cmdline = format!(
+        "blk-poke 0 {QCOW2_HEAD_HEX}; blk-poke 0 4b444d56; blk-poke 0 7668647866696c65; \
+         blk-poke 0 {vdi}; blk-poke 0 51454400; blk-poke 1 {QCOW2_HEAD_HEX}; blk-poke 0 0102",
+        vdi = format!("{}7f10dabe", "00".repeat(64))
+    );
+    let console = run_to_end(&reg, "hostile", &cmdline, vec![disk.clone()], 0);
+    assert_eq!(
+        console.matches("blk-poke 0: status 0x1").count(),
+        5,
+        "every planted header is an I/O error:\n{console}"
+    );
+    assert!(console.contains("blk-poke 1: ok"), "{console}");
+    assert!(console.contains("blk-poke 0: ok"), "{console}");
+    assert_eq!(disk.stats().snapshot().errors, 5);
+    let image = std::fs::read(&path).unwrap();
+    assert_eq!(&image[..2], &[1, 2], "only the harmless write landed");
+    assert_eq!(&image[512..516], b"QFI\xfb");
+    assert_eq!(Disk::open(&path, true).unwrap().format(), DiskFormat::Raw);
+
+    // With the format given, the host never second-guesses it: the write lands.
+    let given = Arc::new(
+        Disk::open_with(
+            &path,
+            OpenOptions {
+                readonly: false,
+                format: Some(DiskFormat::Raw),
+            },
+        )
+        .unwrap(),
+    );
+    let console = run_to_end(
+        &reg,
+        "trusted",
+        &format!("blk-poke 0 {QCOW2_HEAD_HEX}"),
+        vec![given],
+        0,
+    );
+    assert!(console.contains("blk-poke 0: ok"), "{console}");
+    assert_eq!(&std::fs::read(&path).unwrap()[..4], b"QFI\xfb");
+}
+
+#[test]
+fn a_refused_header_write_is_logged() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("format-guard-log");
+    let script = format!(
+        r#"
+local d = hv.disk.create{{ path = "probed.img", size = "1M" }}
+local vm = hv.vm{{ name = "hostile", memory = "32M", disks = {{ d }},
+                  guest = hv.guest.builtin{{ cmdline = "blk-poke 0 {QCOW2_HEAD_HEX}" }} }}
+vm:start()
+assert(vm:wait{{ timeout = 20 }} == 0)
+assert(vm:console():find("blk-poke 0: status 0x1", 1, true), vm:console())
+assert(d:stats().errors == 1 and d:stats().format_probed)
+"#
+    );
+    let (code, _, stderr) = run_script(&dir, "guard.lua", &script, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("refused a guest write") && stderr.contains("qcow2"),
+        "the host logs the refusal: {stderr}"
+    );
+}
+
+#[test]
+fn a_vm_refuses_an_image_qemu_is_writing() {
+    if !kvm_available() || !qemu_tool_available("qemu-io") {
+        return;
+    }
+    let dir = scratch_dir("qemu-holds");
+    let path = dir.join("held.img");
+    let disk = Arc::new(Disk::create_raw(&path, 1 << 20).unwrap());
+    let reg = Registry::new();
+    // A VM holds the image: qemu-io cannot write it.
+    let vm = vm_with_disks(&reg, "holder", "blk-write 0 1 1; idle", vec![disk.clone()]);
+    vm.wait_for_console("blk-write 0 1 done", 0, TIMEOUT)
+        .unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x55 0 512",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "qemu-io wrote the disk of a running VM"
+    );
+    vm.stop();
+    // qemu-io holds it for writing: the VM cannot start.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", path.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until qemu-io has the image open (its lock shows up), not for a time.
+    let held = (0..1000).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        Disk::open(&path, true).is_err()
+    });
+    let mut config = builtin("second", "blk-verify 0 1 1");
+    config.memory = 32 << 20;
+    config.disks = vec![disk.clone()];
+    let second = reg.create(config).unwrap();
+    let err = second.start().unwrap_err();
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    assert!(held, "qemu-io never locked the image");
+    let chain = luvisor_lua::host::error_chain(&err);
+    assert!(
+        chain.contains(path.to_str().unwrap()) && chain.contains("another process"),
+        "{chain}"
+    );
+    second.start().unwrap();
+    assert_eq!(second.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
 }

@@ -272,6 +272,16 @@ impl Blk {
         self.write_with(start, count, |_, buf| buf.fill(value))
     }
 
+    /// Writes one sector that starts with `bytes` and is zero after them (at most a
+    /// sector's worth): lets tests play a guest that plants headers in its disk.
+    pub fn poke(&mut self, sector: u64, bytes: &[u8]) -> Result<(), Error> {
+        self.write_with(sector, 1, |_, buf| {
+            buf.fill(0);
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+        })
+    }
+
     /// Writes `count` sectors from `start`, each filled by `fill(sector, buf)`.
     fn write_with(
         &mut self,

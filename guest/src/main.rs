@@ -196,6 +196,20 @@ fn run<'a>(
                 None => println!("blk-evil {}: device needs reset", kind),
             }
         }
+        "blk-poke" => {
+            let sector = arg(args)?;
+            let mut bytes = [0u8; 512];
+            let n = parse_hex(args.next().ok_or(Error::Msg("missing argument"))?, &mut bytes)?;
+            // The outcome is printed rather than ending the guest: refusals are what tests
+            // of a hostile guest expect to see.
+            match state.blk()?.poke(sector, &bytes[..n]) {
+                Ok(()) => println!("blk-poke {}: ok", sector),
+                Err(Error::Status { status, .. }) => {
+                    println!("blk-poke {}: status {:#x}", sector, status)
+                }
+                Err(e) => return Err(e),
+            }
+        }
         "blk-flush" => {
             state.blk()?.flush()?;
             println!("blk-flush done");
@@ -235,6 +249,27 @@ fn run<'a>(
         return Err(Error::Msg("too many arguments"));
     }
     Ok(())
+}
+
+/// Parses hex digits (two per byte, no prefix) into `out`; returns the byte count.
+fn parse_hex(text: &str, out: &mut [u8]) -> Result<usize, &'static str> {
+    let digits = text.as_bytes();
+    if digits.is_empty() || digits.len() % 2 != 0 {
+        return Err("hex bytes must be an even, non-zero number of digits");
+    }
+    if digits.len() / 2 > out.len() {
+        return Err("more hex bytes than a sector holds");
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Ok(c - b'A' + 10),
+        _ => Err("not a hex digit"),
+    };
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Ok(digits.len() / 2)
 }
 
 fn arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<u64, &'static str> {

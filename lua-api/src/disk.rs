@@ -2,19 +2,20 @@
 //!
 //! ```lua
 //! local base = hv.disk.create{ path = "base.img", size = "256M" }      -- sparse raw file
-//! local d = hv.disk.open("data.img", { readonly = true })
+//! local d = hv.disk.open("data.img", { readonly = true, format = "raw" })
 //! local o = hv.disk.overlay{ base = "base.img", path = "vm1.qcow2" }   -- copy-on-write clone
 //! print(o.path, o.size, o.format, o.readonly)
-//! local s = o:stats()  -- { reads, writes, flushes, discards, bytes_read, bytes_written, errors }
+//! local s = o:stats()  -- { reads, writes, ..., format_probed, backing = { ... } }
 //! ```
 //!
-//! A disk is attached to a VM with `hv.vm{ disks = { d } }`; its file is opened and
-//! locked when the VM starts (exclusively when writable) and released when it stops.
+//! A disk is attached to a VM with `hv.vm{ disks = { d, { path = "x.img", format = "raw" } } }`;
+//! its file is opened and locked when the VM starts (exclusively when writable) and
+//! released when it stops.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use luvisor_runtime::storage::{Disk, SECTOR_SIZE};
+use luvisor_runtime::storage::{Disk, DiskFormat, OpenOptions, SECTOR_SIZE};
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
 
 use crate::host::error_chain;
@@ -44,6 +45,23 @@ impl UserData for DiskHandle {
             t.set("bytes_read", s.bytes_read)?;
             t.set("bytes_written", s.bytes_written)?;
             t.set("errors", s.errors)?;
+            t.set("format", this.0.format().as_str())?;
+            t.set("format_probed", !this.0.format_given())?;
+            let chain = lua.create_table()?;
+            for image in this.0.backing_chain() {
+                let b = lua.create_table()?;
+                b.set("path", image.path.display().to_string())?;
+                b.set("format", image.format.as_str())?;
+                b.set("format_recorded", image.format_recorded)?;
+                if !image.format_recorded {
+                    b.set(
+                        "note",
+                        "the overlay records no backing format, so this image is read as raw",
+                    )?;
+                }
+                chain.push(b)?;
+            }
+            t.set("backing", chain)?;
             Ok(t)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
@@ -82,15 +100,54 @@ fn path_value(function: &str, what: &str, value: Value) -> mlua::Result<PathBuf>
     }
 }
 
-fn apply_serial(disk: Disk, opts: &Options) -> mlua::Result<Disk> {
+/// Reads the optional `serial` option: at most 20 bytes, no NUL (the guest reads it as a
+/// NUL-padded string, so a NUL would cut it short).
+fn serial_option(opts: &Options) -> mlua::Result<Option<String>> {
+    let Some(serial) = opts.string("serial")? else {
+        return Ok(None);
+    };
+    if serial.len() > 20 {
+        return Err(opts.error(format!(
+            "option 'serial' must be at most 20 bytes, got {} bytes",
+            serial.len()
+        )));
+    }
+    if serial.contains('\0') {
+        return Err(opts.error("option 'serial' must not contain NUL bytes"));
+    }
+    Ok(Some(serial))
+}
+
+fn apply_serial(disk: Disk, serial: Option<String>) -> Disk {
     let mut disk = disk;
-    if let Some(serial) = opts.string("serial")? {
-        if serial.len() > 20 {
-            return Err(opts.error("option 'serial' must be at most 20 bytes"));
-        }
+    if let Some(serial) = serial {
         disk.set_serial(&serial);
     }
-    Ok(disk)
+    disk
+}
+
+/// Reads the optional `format` option ("raw" or "qcow2"); `None` means probe.
+fn format_option(opts: &Options) -> mlua::Result<Option<DiskFormat>> {
+    match opts.string("format")? {
+        None => Ok(None),
+        Some(name) => DiskFormat::parse(&name).map(Some).ok_or_else(|| {
+            opts.error(format!(
+                "option 'format' must be \"raw\" or \"qcow2\", got {name:?}"
+            ))
+        }),
+    }
+}
+
+/// Opens a disk from an options table with `path`, `readonly`, `format` and `serial`:
+/// what `hv.disk.open` and a disk spec in `hv.vm{ disks = ... }` share.
+fn open_disk(function: &str, path: PathBuf, opts: &Options) -> mlua::Result<DiskHandle> {
+    let serial = serial_option(opts)?;
+    let options = OpenOptions {
+        readonly: opts.boolean("readonly")?.unwrap_or(false),
+        format: format_option(opts)?,
+    };
+    let disk = Disk::open_with(&path, options).map_err(|e| storage_err(function, e))?;
+    Ok(DiskHandle(Arc::new(apply_serial(disk, serial))))
 }
 
 pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
@@ -109,17 +166,10 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
                     "option 'size' must be a non-zero multiple of 512 bytes, got {size}"
                 )));
             }
-            let created = match opts.string("format")?.as_deref() {
-                None | Some("raw") => Disk::create_raw(&path, size),
-                Some("qcow2") => Disk::create_qcow2(&path, size),
-                Some(other) => {
-                    return Err(opts.error(format!(
-                        "option 'format' must be \"raw\" or \"qcow2\", got {other:?}"
-                    )))
-                }
-            };
-            let disk = created.map_err(|e| storage_err(F, e))?;
-            Ok(DiskHandle(Arc::new(apply_serial(disk, &opts)?)))
+            let serial = serial_option(&opts)?;
+            let disk =
+                Disk::create(&path, size, format_option(&opts)?).map_err(|e| storage_err(F, e))?;
+            Ok(DiskHandle(Arc::new(apply_serial(disk, serial))))
         })?,
     )?;
     disk.set(
@@ -127,52 +177,82 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (path, opts): (Value, Value)| {
             const F: &str = "hv.disk.open";
             let path = path_value(F, "the path", path)?;
-            let opts = Options::from_value(lua, F, opts, &["readonly", "serial"])?;
-            let readonly = opts.boolean("readonly")?.unwrap_or(false);
-            let disk = Disk::open(&path, readonly).map_err(|e| storage_err(F, e))?;
-            Ok(DiskHandle(Arc::new(apply_serial(disk, &opts)?)))
+            let opts = Options::from_value(lua, F, opts, &["readonly", "serial", "format"])?;
+            open_disk(F, path, &opts)
         })?,
     )?;
     disk.set(
         "overlay",
         lua.create_function(|lua, opts: Value| {
             const F: &str = "hv.disk.overlay";
-            let opts = Options::from_value(lua, F, opts, &["base", "path", "serial"])?;
+            let opts = Options::from_value(lua, F, opts, &["base", "path", "serial", "format"])?;
             let base = path_value(F, "option 'base'", opts.raw("base")?)?;
             let path = path_value(F, "option 'path'", opts.raw("path")?)?;
-            let disk = Disk::create_overlay(&base, &path).map_err(|e| storage_err(F, e))?;
-            Ok(DiskHandle(Arc::new(apply_serial(disk, &opts)?)))
+            let serial = serial_option(&opts)?;
+            // `format` is the base's: the overlay itself is always qcow2, and records it.
+            let disk = Disk::create_overlay_with(&base, format_option(&opts)?, &path)
+                .map_err(|e| storage_err(F, e))?;
+            Ok(DiskHandle(Arc::new(apply_serial(disk, serial))))
         })?,
     )?;
     hv.set("disk", disk)
 }
 
-/// Reads the `disks` option of `hv.vm`: a list of disks.
+/// Keys of a disk spec table in `hv.vm{ disks = { ... } }`.
+const DISK_SPEC_OPTIONS: &[&str] = &["path", "readonly", "format", "serial"];
+
+/// Reads the `disks` option of `hv.vm`: a list whose items are disks (from
+/// `hv.disk.open/create/overlay`), or specs `{ path = ..., format = ..., readonly = ...,
+/// serial = ... }` opened here as `hv.disk.open` would.
 pub fn disks_option(opts: &Options) -> mlua::Result<Vec<Arc<Disk>>> {
-    match opts.raw("disks")? {
-        Value::Nil => Ok(Vec::new()),
-        Value::Table(list) => {
-            let mut disks = Vec::new();
-            for (i, value) in list.sequence_values::<Value>().enumerate() {
-                match value? {
-                    Value::UserData(ud) => match ud.borrow::<DiskHandle>() {
-                        Ok(d) => disks.push(d.0.clone()),
-                        Err(_) => return Err(opts.error(format!("option 'disks' item {} is not a disk", i + 1))),
-                    },
-                    other => {
-                        return Err(opts.error(format!(
-                            "option 'disks' item {} must be a disk from hv.disk.open/create/overlay, got {}",
-                            i + 1,
-                            describe(&other)
-                        )))
-                    }
-                }
-            }
-            Ok(disks)
+    let list = match opts.raw("disks")? {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Table(list) => list,
+        other => {
+            return Err(opts.error(format!(
+                "option 'disks' must be a list of disks, got {}",
+                describe(&other)
+            )))
         }
-        other => Err(opts.error(format!(
-            "option 'disks' must be a list of disks, got {}",
-            describe(&other)
-        ))),
+    };
+    let len = list.raw_len();
+    for pair in list.pairs::<Value, Value>() {
+        let (key, _) = pair?;
+        let in_sequence = matches!(key, Value::Integer(i) if i >= 1 && (i as usize) <= len);
+        if !in_sequence {
+            return Err(opts.error(format!(
+                "option 'disks' must be a list (disks = {{ d1, d2 }}), but it has the key {}",
+                match &key {
+                    Value::String(s) => format!("'{}'", s.to_string_lossy()),
+                    other => describe(other),
+                }
+            )));
+        }
     }
+    let mut disks = Vec::new();
+    for (i, value) in list.sequence_values::<Value>().enumerate() {
+        let item = i + 1;
+        match value? {
+            Value::UserData(ud) => match ud.borrow::<DiskHandle>() {
+                Ok(d) => disks.push(d.0.clone()),
+                Err(_) => {
+                    return Err(opts.error(format!("option 'disks' item {item} is not a disk")))
+                }
+            },
+            Value::Table(spec) => {
+                let function = format!("hv.vm: disk spec {item}");
+                let spec = Options::new(&function, spec, DISK_SPEC_OPTIONS)?;
+                let path = path_value(&function, "option 'path'", spec.raw("path")?)?;
+                disks.push(open_disk(&function, path, &spec)?.0);
+            }
+            other => {
+                return Err(opts.error(format!(
+                    "option 'disks' item {item} must be a disk from hv.disk.open/create/overlay \
+                     or a spec table {{ path = ..., format = ..., readonly = ... }}, got {}",
+                    describe(&other)
+                )))
+            }
+        }
+    }
+    Ok(disks)
 }

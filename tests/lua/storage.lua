@@ -60,9 +60,9 @@ assert(s.bytes_written == 1000 * 512 and s.bytes_read == 1000 * 512, s.bytes_wri
 
 -- A disk a running VM writes cannot be opened for writing, nor used as a base, nor
 -- attached to a second VM.
-fails("is in use", hv.disk.open, dir .. "o1.qcow2")
-fails("is open read-write", hv.disk.open, dir .. "o1.qcow2", { readonly = true })
-fails("is open read-write", hv.disk.overlay, { base = o1, path = dir .. "o5.qcow2" })
+fails("is locked", hv.disk.open, dir .. "o1.qcow2")
+fails("holds it for writing", hv.disk.open, dir .. "o1.qcow2", { readonly = true })
+fails("holds it for writing", hv.disk.overlay, { base = o1, path = dir .. "o5.qcow2" })
 assert(not exists(dir .. "o5.qcow2"))
 local second = hv.vm{ name = "second", memory = "32M", disks = { o1 }, guest = hv.guest.builtin{ cmdline = "exit 0" } }
 fails("cannot start vm 'second': attaching a disk", second.start, second)
@@ -70,7 +70,7 @@ assert(second.state == "created" and vm.state == "running")
 -- The base of running overlays cannot be written either.
 local o2vm = hv.vm{ name = "o2", memory = "32M", disks = { o2 }, guest = hv.guest.builtin{ cmdline = "idle" } }
 o2vm:start()
-fails("is in use", hv.disk.open, dir .. "base.img")
+fails("is locked", hv.disk.open, dir .. "base.img")
 vm:stop(); o2vm:stop()
 second:start()
 assert(second:wait{ timeout = 10 } == 0)
@@ -81,4 +81,38 @@ local check = hv.vm{ name = "check", memory = "32M", disks = { base },
 check:start()
 assert(check:wait{ timeout = 10 } == 0)
 assert(check:console():find("blk-verify 0 1: 1 mismatches", 1, true), "the base never saw the overlay's write")
+
+-- Formats: given, never second-guessed; omitted, probed, and other formats refused by name.
+local function write_file(path, bytes)
+  local f = assert(io.open(path, "wb")); f:write(bytes); f:close()
+end
+write_file(dir .. "fake.vmdk", "KDMV" .. string.rep("\0", 1024 * 1024 - 4))
+fails("is in the vmdk format, which luvisor does not read", hv.disk.open, dir .. "fake.vmdk")
+fails("is in the vmdk format", hv.disk.overlay, { base = dir .. "fake.vmdk", path = dir .. "o6.qcow2" })
+assert(not exists(dir .. "o6.qcow2"))
+local as_raw = hv.disk.open(dir .. "fake.vmdk", { format = "raw", readonly = true })
+assert(as_raw.format == "raw" and as_raw:stats().format_probed == false)
+fails("option 'format' must be \"raw\" or \"qcow2\", got \"vmdk\"", hv.disk.open, dir .. "base.img", { format = "vmdk" })
+fails("is not a valid qcow2 image", hv.disk.open, dir .. "base.img", { format = "qcow2" })
+local probed = hv.disk.open(dir .. "base.img", { readonly = true })
+assert(probed:stats().format_probed == true and probed:stats().format == "raw")
+local o7 = hv.disk.overlay{ base = dir .. "fake.vmdk", format = "raw", path = dir .. "o7.qcow2" }
+local st = o7:stats()
+assert(#st.backing == 1 and st.backing[1].format == "raw" and st.backing[1].format_recorded == true)
+assert(st.backing[1].path:find("fake.vmdk", 1, true))
+
+-- Disk specs in hv.vm, and what a disks list may not be.
+local spec_vm = hv.vm{ name = "spec", memory = "32M",
+                       disks = { { path = dir .. "base.img", format = "raw", readonly = true, serial = "from-spec" } },
+                       guest = hv.guest.builtin{ cmdline = "blk-id; blk-verify 0 1 42" } }
+spec_vm:start()
+assert(spec_vm:wait{ timeout = 10 } == 0)
+assert(spec_vm:console():find("blk-id from-spec", 1, true), spec_vm:console())
+fails("unknown option 'size'", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { { path = dir .. "base.img", size = 1 } } })
+fails("option 'path' is required", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { { format = "raw" } } })
+fails("but it has the key 'a'", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { a = 1 } })
+fails("but it has the key", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { [3] = base } })
+fails("is listed twice in one VM (disks 1 and 2)", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { ro, probed } })
+fails("option 'serial' must not contain NUL bytes", hv.disk.open, dir .. "base.img", { serial = "a\0b" })
+fails("option 'serial' must not contain NUL bytes", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { { path = dir .. "base.img", readonly = true, serial = "a\0b" } } })
 print("storage: ok")

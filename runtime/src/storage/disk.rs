@@ -341,7 +341,11 @@ impl Disk {
     /// or an empty qcow2 image. With `format` `None` the image is raw, and treated like a
     /// probed one: the guest may not make its first sector look like another format. A
     /// create that fails leaves no file.
-    pub fn create(path: &Path, size: u64, format: Option<DiskFormat>) -> Result<Disk, StorageError> {
+    pub fn create(
+        path: &Path,
+        size: u64,
+        format: Option<DiskFormat>,
+    ) -> Result<Disk, StorageError> {
         if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(StorageError::SizeNotSectorMultiple {
                 path: path.to_path_buf(),
@@ -472,8 +476,8 @@ impl Disk {
             what,
         };
         let given = self.format_given.then_some(self.format);
-        let (image, _) = ChainOpener::open_top(&self.path, given, !self.readonly).map_err(|e| {
-            match e {
+        let (image, _) =
+            ChainOpener::open_top(&self.path, given, !self.readonly).map_err(|e| match e {
                 StorageError::UnsupportedFormat { format, .. } => changed(format!(
                     "it was {} and now looks like a {format} image",
                     self.format.as_str()
@@ -482,8 +486,7 @@ impl Disk {
                     changed(format!("it was {} bytes and is now {size}", self.size))
                 }
                 other => other,
-            }
-        })?;
+            })?;
         if image.identity != self.identity {
             return Err(changed("the file was replaced by another file".into()));
         }
@@ -700,7 +703,11 @@ mod tests {
                 "qemu-img",
                 &["create", "-q", "-f", format, path.to_str().unwrap(), "4M"],
             );
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let err = Disk::open(&path, false).unwrap_err();
             let expected = if format == "vpc" { "vhd" } else { format };
             assert!(
@@ -764,7 +771,11 @@ mod tests {
         );
         let mut buf = [0u8; 4];
         disk.attach().unwrap().read_at(&mut buf, 0).unwrap();
-        assert_eq!(buf, qcow2::MAGIC.to_be_bytes(), "the base is read as raw bytes");
+        assert_eq!(
+            buf,
+            qcow2::MAGIC.to_be_bytes(),
+            "the base is read as raw bytes"
+        );
         // Overlays luvisor makes record the format.
         let recorded = scratch("recorded.qcow2");
         let raw_base = scratch("plain-base.img");
@@ -825,7 +836,10 @@ mod tests {
             .set_len(2 << 20)
             .unwrap();
         let err = disk.attach().err().expect("attach must fail");
-        assert!(err.to_string().contains("changed since it was opened"), "{err}");
+        assert!(
+            err.to_string().contains("changed since it was opened"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -847,18 +861,31 @@ mod tests {
             &["resize", "-f", "raw", p, "2M"],
         ] {
             let out = run("qemu-img", args);
-            assert!(!out.status.success(), "qemu-img {args:?} ran on an image a VM writes");
+            assert!(
+                !out.status.success(),
+                "qemu-img {args:?} ran on an image a VM writes"
+            );
         }
         // Read-only opens that share still work.
         let out = run("qemu-img", &["info", "-U", p]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         drop(writer);
         // A read-only holder shares with QEMU readers but keeps QEMU writers out.
         let reader = Disk::open(&path, true).unwrap().attach().unwrap();
-        assert!(run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 512", p]).status.success());
-        assert!(!run("qemu-io", &["-f", "raw", "-c", "write 0 512", p]).status.success());
+        assert!(run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 512", p])
+            .status
+            .success());
+        assert!(!run("qemu-io", &["-f", "raw", "-c", "write 0 512", p])
+            .status
+            .success());
         drop(reader);
-        assert!(run("qemu-io", &["-f", "raw", "-c", "write 0 512", p]).status.success());
+        assert!(run("qemu-io", &["-f", "raw", "-c", "write 0 512", p])
+            .status
+            .success());
 
         // While qemu-io holds the image for writing, luvisor refuses it.
         let mut holder = std::process::Command::new("qemu-io")

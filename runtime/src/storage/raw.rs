@@ -187,7 +187,8 @@ mod tests {
 
     #[test]
     fn probed_images_keep_probing_as_raw() {
-        let path = std::env::temp_dir().join(format!("luvisor-raw-guard-{}.img", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("luvisor-raw-guard-{}.img", std::process::id()));
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         let open = || File::options().read(true).write(true).open(&path).unwrap();
         let mut disk = RawBackend::probed(open(), 1 << 20, path.clone());
@@ -199,7 +200,11 @@ mod tests {
         // Byte by byte does not get around it either.
         disk.write_at(b"QFI", 0).unwrap();
         assert!(disk.write_at(b"\xfb", 3).is_err());
-        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"QFI\0", "nothing was written");
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[..4],
+            b"QFI\0",
+            "nothing was written"
+        );
         // Anywhere past the first sector is the guest's business, and so is raw data.
         disk.write_at(&qcow2_header, 512).unwrap();
         disk.write_at(&[0xEE; 512], 0).unwrap();
