@@ -417,7 +417,7 @@ fn a_guest_cannot_turn_a_probed_raw_disk_into_another_format() {
     let cmdline = format!(
         "blk-poke 0 {QCOW2_HEAD_HEX}; blk-poke 0 4b444d56; blk-poke 0 7668647866696c65; \
          blk-poke 0 {vdi}; blk-poke 0 51454400; blk-poke 1 {QCOW2_HEAD_HEX}; blk-poke 0 0102",
-        vdi = format!("{}7f10dabe", "00".repeat(64))
+        vdi = "00".repeat(64) + "7f10dabe"
     );
     let console = run_to_end(&reg, "hostile", &cmdline, vec![disk.clone()], 0);
     assert_eq!(
