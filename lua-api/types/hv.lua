@@ -23,6 +23,15 @@ local disk_ns = {}
 ---@field bytes_read integer
 ---@field bytes_written integer
 ---@field errors integer Requests that failed (host I/O errors, malformed requests).
+---@field format "raw"|"qcow2"
+---@field format_probed boolean True when no format was given and it was probed.
+---@field backing hv.BackingImage[] The images under an overlay, nearest first.
+
+---@class hv.BackingImage
+---@field path string
+---@field format "raw"|"qcow2"
+---@field format_recorded boolean False when the overlay records no backing format (read as raw).
+---@field note? string Set when format_recorded is false.
 
 ---A disk image. Its file is opened and locked when a VM using it starts.
 ---@class hv.Disk
@@ -40,8 +49,8 @@ function Disk:stats() end
 ---@class hv.DiskCreateOptions
 ---@field path string Must not exist.
 ---@field size hv.Size A non-zero multiple of 512 bytes.
----@field format? "raw"|"qcow2" Default "raw" (sparse).
----@field serial? string Up to 20 bytes.
+---@field format? "raw"|"qcow2" Default raw (sparse), treated as probed: the guest may not plant another format's header in sector 0.
+---@field serial? string Up to 20 bytes, no NUL.
 
 ---Creates an empty image.
 ---@param opts hv.DiskCreateOptions
@@ -50,10 +59,15 @@ function disk_ns.create(opts) end
 
 ---@class hv.DiskOpenOptions
 ---@field readonly? boolean Default false. Read-only disks reject writes with an I/O error.
----@field serial? string
+---@field format? "raw"|"qcow2" Used as given. Omitted: probed, other formats refused, and a probed raw disk refuses guest writes that would make it probe as another format.
+---@field serial? string Up to 20 bytes, no NUL.
 
----Opens an existing image (raw or qcow2, detected). Fails if it is missing, not a
----multiple of 512 bytes, or locked against this access by a running VM.
+---@class hv.DiskSpec: hv.DiskOpenOptions
+---@field path string
+
+---Opens an existing image. Fails if it is missing, not a multiple of 512 bytes, in a
+---format luvisor does not read, or locked against this access by another VM or process
+---(QEMU included).
 ---@param path string
 ---@param opts? hv.DiskOpenOptions
 ---@return hv.Disk
@@ -62,6 +76,7 @@ function disk_ns.open(path, opts) end
 ---@class hv.DiskOverlayOptions
 ---@field base string|hv.Disk The image whose data shows through; nobody may be writing it.
 ---@field path string The new qcow2 file; must not exist.
+---@field format? "raw"|"qcow2" The base's format (probed when omitted); recorded in the overlay.
 ---@field serial? string
 
 ---Creates a qcow2 copy-on-write overlay of `base`; the base is never written through it.
@@ -90,7 +105,7 @@ function guest_ns.builtin(opts) end
 ---@field memory? hv.Size Guest RAM, a multiple of 4K from 4M. Default "128M".
 ---@field guest hv.Guest What runs inside.
 ---@field console? string Also append console output to this file.
----@field disks? hv.Disk[] virtio-blk devices, in this order (at most 16).
+---@field disks? (hv.Disk|hv.DiskSpec)[] virtio-blk devices, in this order (at most 16); each image once.
 
 ---@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"
 
