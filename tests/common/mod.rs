@@ -24,21 +24,7 @@ pub fn kvm_available() -> bool {
     usable
 }
 
-/// True when a QEMU tool (`qemu-img`, `qemu-io`) can run. In CI (`CI=true`) a missing tool
-/// is a failure, because `.ci/run` installs it; elsewhere the test is skipped with a message.
-pub fn qemu_tool_available(tool: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is missing, and the checks that use it must run in CI");
-        }
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
+pub use luvisor_runtime::storage::test_tools::tool_available as qemu_tool_available;
 
 pub fn builtin(name: &str, cmdline: &str) -> VmConfig {
     let mut config = VmConfig::new(

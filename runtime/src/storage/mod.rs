@@ -14,8 +14,9 @@ pub mod lock;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
-#[cfg(test)]
-pub(crate) mod test_tools;
+/// Shared by the runtime's unit tests and the integration tests; not part of the API.
+#[doc(hidden)]
+pub mod test_tools;
 
 use std::fs::File;
 use std::io;
