@@ -24,6 +24,7 @@ pub fn kvm_available() -> bool {
     usable
 }
 
+#[allow(unused_imports)] // not every test binary checks images with QEMU's tools
 pub use luvisor_runtime::storage::test_tools::tool_available as qemu_tool_available;
 
 pub fn builtin(name: &str, cmdline: &str) -> VmConfig {
