@@ -78,6 +78,12 @@ pub enum StorageError {
         first: usize,
         second: usize,
     },
+    #[error("disk size {size} of {path} is too large: {limit}")]
+    SizeTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: String,
+    },
     #[error("disk image {path} is not a valid qcow2 image: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("disk image {path} uses a qcow2 feature luvisor does not support: {feature}")]

@@ -6,14 +6,31 @@
 //! written. Images luvisor creates are version 3 with 64 KiB clusters and 16-bit
 //! refcounts, and pass `qemu-img check`.
 //!
+//! Limits, the same as QEMU's so that every image one of us makes the other opens: the
+//! L1 table holds at most 32 MiB, which caps the virtual size (2^51 bytes, 2 PiB, with
+//! 64 KiB clusters: [`MAX_SIZE`]); the refcount table holds at most 8 MiB, which caps the
+//! size of the image file (2 PiB with 64 KiB clusters, 128 GiB with 512-byte ones).
+//!
 //! Crash safety: metadata is written through (never cached dirty), in the order
 //! refcount → data → L2 entry. A crash can leak a cluster (which `qemu-img check`
 //! reports as a leak, not corruption) but never maps a cluster whose data was not
 //! written. `flush` is `fdatasync`.
 //!
+//! Overlap check: a writable image keeps a map of the host clusters that hold metadata
+//! (header, L1 table, L2 tables, refcount table, refcount blocks), built at open and
+//! updated on every allocation. Every write into a host cluster first checks that the
+//! cluster plays exactly the role being written (none, for guest data). A damaged image
+//! whose L2 entry points at, say, its L1 table thus cannot be turned by a guest into a
+//! worse one: the write fails with an I/O error, the image is marked corrupt in its
+//! header (incompatible feature bit 1, as QEMU does) and refuses further writes, but stays
+//! readable. A later writable open is refused until `qemu-img check -r all` repairs it.
+//!
 //! Layout of a new image: cluster 0 holds the header, its extensions and the backing
 //! file name; cluster 1 the refcount table; cluster 2 the first refcount block; the L1
-//! table follows. Data and L2 clusters are appended at the end of the file.
+//! table follows. Data, L2 tables and refcount blocks are appended at the end of the
+//! file. When the refcount table is full, a bigger one is written at the end of the file
+//! together with the refcount blocks that count it; the header is switched over to it,
+//! and the old table's clusters are freed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,10 +47,25 @@ const HEADER_V3_LENGTH: u32 = 104;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 const EXT_END: u32 = 0;
 
-/// Largest virtual size accepted (what QEMU allows, 2^56 bytes, rounded down).
-const MAX_VIRTUAL_SIZE: u64 = 1 << 55;
-/// Largest L1 or refcount table read into memory.
-const MAX_TABLE_BYTES: u64 = 32 << 20;
+/// Where header fields luvisor rewrites live.
+const HEADER_REFCOUNT_TABLE_OFFSET: u64 = 48; // followed by the cluster count at 56
+const HEADER_INCOMPATIBLE_FEATURES: u64 = 72;
+
+/// Largest L1 table (QEMU's bound, which also keeps a hostile header from making the host
+/// allocate gigabytes).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table (QEMU's bound).
+const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+
+/// Largest virtual size with `cluster_bits`: what a full L1 table maps.
+const fn max_virtual_size(cluster_bits: u32) -> u64 {
+    let cluster_size = 1u64 << cluster_bits;
+    (MAX_L1_BYTES / 8) * (cluster_size / 8) * cluster_size
+}
+
+/// Largest image [`create`] makes: 2^51 bytes (2 PiB), as `qemu-img create -f qcow2` with
+/// its default 64 KiB clusters.
+pub const MAX_SIZE: u64 = max_virtual_size(DEFAULT_CLUSTER_BITS);
 
 /// Bits of L1 and L2 entries.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -53,6 +85,29 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+fn be64_table(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `bytes` in the largest binary unit that divides it exactly ("2 PiB", "1536 KiB").
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let (mut value, mut unit) = (bytes, 0);
+    while unit + 1 < UNITS.len() && value >= 1024 && value.is_multiple_of(1024) {
+        value /= 1024;
+        unit += 1;
+    }
+    format!("{value} {}", UNITS[unit])
 }
 
 /// The header fields luvisor uses.
@@ -128,9 +183,12 @@ impl Header {
         }
         let cluster_size = 1u64 << cluster_bits;
         let size = be64(&h, 24);
-        if size > MAX_VIRTUAL_SIZE {
+        let max_size = max_virtual_size(cluster_bits);
+        if size > max_size {
             return Err(corrupt(&format!(
-                "virtual size {size} is beyond {MAX_VIRTUAL_SIZE}"
+                "virtual size {size} is beyond {max_size} ({}), the most a 32 MiB L1 table maps with {} clusters",
+                human_size(max_size),
+                human_size(cluster_size)
             )));
         }
         let l1_size = be32(&h, 36);
@@ -149,15 +207,15 @@ impl Header {
                 && offset.checked_add(bytes).is_some_and(|end| end <= file_len)
         };
         let l1_bytes = l1_size as u64 * 8;
-        if l1_bytes > MAX_TABLE_BYTES || !within_file(be64(&h, 40), l1_bytes) {
+        if l1_bytes > MAX_L1_BYTES || !within_file(be64(&h, 40), l1_bytes) {
             return Err(corrupt(
-                "the L1 table is misaligned, too large, or past the end of the file",
+                "the L1 table is misaligned, larger than 32 MiB, or past the end of the file",
             ));
         }
         let refcount_bytes = be32(&h, 56) as u64 * cluster_size;
-        if refcount_bytes > MAX_TABLE_BYTES || !within_file(be64(&h, 48), refcount_bytes) {
+        if refcount_bytes > MAX_REFCOUNT_TABLE_BYTES || !within_file(be64(&h, 48), refcount_bytes) {
             return Err(corrupt(
-                "the refcount table is misaligned, too large, or past the end of the file",
+                "the refcount table is misaligned, larger than 8 MiB, or past the end of the file",
             ));
         }
         if version == 3
@@ -236,17 +294,49 @@ impl Header {
 
 /// Writes a new, empty qcow2 image of `size` bytes at `path` (which must not exist),
 /// optionally backed by `backing` in format `backing_format` ("raw" or "qcow2").
+///
+/// A size above [`MAX_SIZE`] is refused before anything is created; a create that fails
+/// part way removes what it wrote.
 pub fn create(path: &Path, size: u64, backing: Option<(&str, &str)>) -> Result<(), StorageError> {
+    create_with_cluster_bits(path, size, backing, DEFAULT_CLUSTER_BITS)
+}
+
+/// [`create`] with another cluster size; tests use small clusters to reach the limits of
+/// the metadata tables quickly.
+fn create_with_cluster_bits(
+    path: &Path,
+    size: u64,
+    backing: Option<(&str, &str)>,
+    cluster_bits: u32,
+) -> Result<(), StorageError> {
+    let max = max_virtual_size(cluster_bits);
+    if size > max {
+        return Err(StorageError::SizeTooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: format!(
+                "a qcow2 image with {} clusters holds at most {max} bytes ({}), what its \
+                 largest (32 MiB) L1 table maps; qemu-img has the same limit",
+                human_size(1 << cluster_bits),
+                human_size(max)
+            ),
+        });
+    }
     let file = create_new(path)?;
-    let result = write_new_image(&file, size, backing);
+    let result = write_new_image(&file, size, backing, cluster_bits);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
     result.map_err(StorageError::io(path))
 }
 
-fn write_new_image(file: &File, size: u64, backing: Option<(&str, &str)>) -> io::Result<()> {
-    let cluster_size = 1u64 << DEFAULT_CLUSTER_BITS;
+fn write_new_image(
+    file: &File,
+    size: u64,
+    backing: Option<(&str, &str)>,
+    cluster_bits: u32,
+) -> io::Result<()> {
+    let cluster_size = 1u64 << cluster_bits;
     let l2_entries = cluster_size / 8;
     let l1_size = size.div_ceil(cluster_size * l2_entries).max(1);
     let l1_clusters = (l1_size * 8).div_ceil(cluster_size);
@@ -254,13 +344,19 @@ fn write_new_image(file: &File, size: u64, backing: Option<(&str, &str)>) -> io:
     let refcount_block_offset = 2 * cluster_size;
     let l1_table_offset = 3 * cluster_size;
     let total_clusters = 3 + l1_clusters;
+    if total_clusters > cluster_size / 2 {
+        // Only reachable with tiny clusters and huge sizes (64 KiB clusters at MAX_SIZE
+        // need 515 of the 32768 refcounts one block holds).
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the image's metadata does not fit what one refcount block counts",
+        ));
+    }
 
     let mut header = vec![0u8; cluster_size as usize];
-    let put32 = |h: &mut [u8], at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    let put64 = |h: &mut [u8], at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
     put32(&mut header, 0, MAGIC);
     put32(&mut header, 4, 3);
-    put32(&mut header, 20, DEFAULT_CLUSTER_BITS);
+    put32(&mut header, 20, cluster_bits);
     put64(&mut header, 24, size);
     put32(&mut header, 36, l1_size as u32);
     put64(&mut header, 40, l1_table_offset);
@@ -270,6 +366,12 @@ fn write_new_image(file: &File, size: u64, backing: Option<(&str, &str)>) -> io:
     put32(&mut header, 100, HEADER_V3_LENGTH);
     let mut at = HEADER_V3_LENGTH as usize;
     if let Some((_, format)) = backing {
+        if at + 16 + format.len() > header.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "backing format name is too long",
+            ));
+        }
         put32(&mut header, at, EXT_BACKING_FORMAT);
         put32(&mut header, at + 4, format.len() as u32);
         header[at + 8..at + 8 + format.len()].copy_from_slice(format.as_bytes());
@@ -305,6 +407,124 @@ fn write_new_image(file: &File, size: u64, backing: Option<(&str, &str)>) -> io:
     sync_data(file)
 }
 
+/// Roles a host cluster plays in the image's metadata, as bits: a damaged image can give
+/// one cluster several.
+mod role {
+    pub const HEADER: u8 = 1 << 0;
+    pub const L1: u8 = 1 << 1;
+    pub const L2: u8 = 1 << 2;
+    pub const REFCOUNT_TABLE: u8 = 1 << 3;
+    pub const REFCOUNT_BLOCK: u8 = 1 << 4;
+    /// The cluster was claimed more than once (two roles, or two L1 entries naming one
+    /// L2 table): no write into it is safe.
+    pub const SHARED: u8 = 1 << 7;
+
+    pub fn describe(roles: u8) -> String {
+        if roles == 0 {
+            return "a cluster that holds no metadata".into();
+        }
+        let names = [
+            (HEADER, "the header"),
+            (L1, "the L1 table"),
+            (L2, "an L2 table"),
+            (REFCOUNT_TABLE, "the refcount table"),
+            (REFCOUNT_BLOCK, "a refcount block"),
+        ];
+        let mut parts: Vec<&str> = names
+            .iter()
+            .filter(|(bit, _)| roles & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+        if roles & SHARED != 0 {
+            parts.push("(claimed twice)");
+        }
+        parts.join(" and ")
+    }
+}
+
+/// The host clusters that hold metadata, by cluster index, for the overlap check.
+#[derive(Default)]
+struct MetadataMap(HashMap<u64, u8>);
+
+impl MetadataMap {
+    fn add(&mut self, cluster: u64, role: u8) {
+        let roles = self.0.entry(cluster).or_insert(0);
+        if *roles != 0 {
+            *roles |= role::SHARED;
+        }
+        *roles |= role;
+    }
+
+    fn remove(&mut self, cluster: u64, role: u8) {
+        if let Some(roles) = self.0.get_mut(&cluster) {
+            *roles &= !role;
+            if *roles == 0 {
+                self.0.remove(&cluster);
+            }
+        }
+    }
+
+    fn roles(&self, cluster: u64) -> u8 {
+        self.0.get(&cluster).copied().unwrap_or(0)
+    }
+
+    /// The last cluster in `[start, start + count)` that holds metadata.
+    fn last_in(&self, start: u64, count: u64) -> Option<u64> {
+        (start..start + count)
+            .rev()
+            .find(|&cluster| self.roles(cluster) != 0)
+    }
+}
+
+/// L2 tables kept in memory; when full, the least recently used one is evicted. Tables
+/// are never dirty (metadata is written through), so evicting one just drops it.
+struct L2Cache {
+    /// Host offset of the table → (its entries, when it was last used).
+    tables: HashMap<u64, (Vec<u64>, u64)>,
+    clock: u64,
+    capacity: usize,
+}
+
+impl L2Cache {
+    fn new(capacity: usize) -> L2Cache {
+        L2Cache {
+            tables: HashMap::new(),
+            clock: 0,
+            capacity,
+        }
+    }
+
+    fn contains(&self, offset: u64) -> bool {
+        self.tables.contains_key(&offset)
+    }
+
+    fn get(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
+        self.clock += 1;
+        let now = self.clock;
+        self.tables.get_mut(&offset).map(|(table, used)| {
+            *used = now;
+            table
+        })
+    }
+
+    fn insert(&mut self, offset: u64, table: Vec<u64>) -> &mut Vec<u64> {
+        if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
+            // A linear scan: it runs only on a miss, which costs a disk read anyway.
+            let oldest = self
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(&at, _)| at);
+            if let Some(oldest) = oldest {
+                self.tables.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.tables.insert(offset, (table, self.clock));
+        &mut self.tables.get_mut(&offset).expect("inserted above").0
+    }
+}
+
 /// An open qcow2 image.
 pub struct Qcow2Backend {
     file: File,
@@ -313,9 +533,11 @@ pub struct Qcow2Backend {
     cluster_size: u64,
     l2_entries: u64,
     l1: Vec<u64>,
-    l2_cache: HashMap<u64, Vec<u64>>,
+    l2_cache: L2Cache,
     refcount_table: Vec<u64>,
-    /// Where the next allocated cluster goes (the end of the file, cluster-aligned).
+    /// Metadata clusters, for the overlap check (empty when read-only: nothing is written).
+    metadata: MetadataMap,
+    /// Where the next allocated cluster goes: the end of the file, cluster-aligned.
     next_free: u64,
     backing: Option<Box<dyn DiskBackend>>,
     writable: bool,
@@ -335,46 +557,57 @@ impl Qcow2Backend {
             path: path.to_path_buf(),
             feature: feature.into(),
         };
+        let corrupt = |reason: String| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
         if writable {
+            if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+                return Err(corrupt(
+                    "it is marked corrupt (damaged metadata was found while writing it), so it \
+                     can only be opened read-only; `qemu-img check -r all` repairs it"
+                        .into(),
+                ));
+            }
             if header.nb_snapshots > 0 {
                 return Err(unsupported("writing an image with internal snapshots"));
             }
             if header.refcount_order != REFCOUNT_ORDER {
                 return Err(unsupported("writing with refcounts other than 16 bits"));
             }
-            if header.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
+            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 return Err(unsupported(
-                    "writing an image marked dirty or corrupt (run qemu-img check -r all)",
+                    "writing an image marked dirty by lazy refcounts (run qemu-img check -r all)",
                 ));
             }
         }
         let cluster_size = 1u64 << header.cluster_bits;
-        let io = StorageError::io(path);
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         file.read_exact_at(&mut l1_bytes, header.l1_table_offset)
-            .map_err(io)?;
-        let l1 = l1_bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect();
+            .map_err(StorageError::io(path))?;
+        let l1 = be64_table(&l1_bytes);
         let mut rt_bytes =
             vec![0u8; (header.refcount_table_clusters as u64 * cluster_size) as usize];
         file.read_exact_at(&mut rt_bytes, header.refcount_table_offset)
             .map_err(StorageError::io(path))?;
-        let refcount_table = rt_bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect();
+        let refcount_table = be64_table(&rt_bytes);
         let len = file.metadata().map_err(StorageError::io(path))?.len();
+        let next_free = len.div_ceil(cluster_size) * cluster_size;
+        let metadata = if writable {
+            metadata_map(&header, &l1, &refcount_table)
+        } else {
+            MetadataMap::default()
+        };
         Ok(Qcow2Backend {
-            next_free: len.div_ceil(cluster_size) * cluster_size,
+            next_free,
             file,
             path: path.to_path_buf(),
             cluster_size,
             l2_entries: cluster_size / 8,
             l1,
-            l2_cache: HashMap::new(),
+            l2_cache: L2Cache::new(L2_CACHE_TABLES),
             refcount_table,
+            metadata,
             backing,
             writable,
             header,
@@ -392,24 +625,98 @@ impl Qcow2Backend {
         )
     }
 
+    /// Marks the image corrupt, as QEMU does: in memory, so this open refuses further
+    /// writes, and in the header (version 3 only; version 2 has no feature bits), so later
+    /// writable opens are refused too. Returns the error for the write that found it.
+    fn mark_corrupt(&mut self, what: String) -> io::Error {
+        if self.header.incompatible_features & INCOMPAT_CORRUPT == 0 {
+            self.header.incompatible_features |= INCOMPAT_CORRUPT;
+            tracing::error!(
+                image = %self.path.display(),
+                "{what}: marking the qcow2 image corrupt; writes to it are refused from now on"
+            );
+            if self.header.version >= 3 {
+                let marked = self
+                    .file
+                    .write_all_at(
+                        &self.header.incompatible_features.to_be_bytes(),
+                        HEADER_INCOMPATIBLE_FEATURES,
+                    )
+                    .and_then(|()| sync_data(&self.file));
+                if let Err(e) = marked {
+                    tracing::error!(
+                        image = %self.path.display(),
+                        "could not set the corrupt bit in the header: {e}"
+                    );
+                }
+            }
+        }
+        self.invalid(format!(
+            "{what}; the image is now marked corrupt: writes are refused, reads still work, \
+             and `qemu-img check -r all` repairs it"
+        ))
+    }
+
+    /// Refuses a write into the host cluster holding `host` unless that cluster plays
+    /// exactly the role `allowed` (0: guest data). Anything else means the image's
+    /// metadata is damaged and the write would damage it further: the image is marked
+    /// corrupt.
+    fn check_overlap(&mut self, host: u64, allowed: u8) -> io::Result<()> {
+        let roles = self.metadata.roles(host / self.cluster_size);
+        if roles == allowed {
+            return Ok(());
+        }
+        let what = if allowed == 0 {
+            "guest data".to_string()
+        } else {
+            role::describe(allowed)
+        };
+        Err(self.mark_corrupt(format!(
+            "a write of {what} at host offset {host:#x} would overwrite {}",
+            role::describe(roles)
+        )))
+    }
+
+    /// Checks that guest data may go into the data cluster an L2 entry names.
+    fn check_data_cluster(&mut self, host: u64) -> io::Result<()> {
+        if !host.is_multiple_of(self.cluster_size) {
+            return Err(self.mark_corrupt(format!(
+                "an L2 entry names the unaligned host offset {host:#x}"
+            )));
+        }
+        if host >= self.next_free {
+            // New clusters are allocated there; data written now would end up under
+            // them.
+            return Err(self.mark_corrupt(format!(
+                "an L2 entry names host offset {host:#x}, past the end of the file"
+            )));
+        }
+        self.check_overlap(host, 0)
+    }
+
+    /// Checks that the L2 entry of guest cluster `cluster` may be written, or, when no L2
+    /// table covers it yet, the L1 entry that will point at a new one.
+    fn check_mapping(&mut self, cluster: u64) -> io::Result<()> {
+        let l1_index = cluster / self.l2_entries;
+        let l2_offset = self.l1.get(l1_index as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        if l2_offset != 0 {
+            self.check_overlap(l2_offset, role::L2)
+        } else {
+            self.check_overlap(self.header.l1_table_offset + l1_index * 8, role::L1)
+        }
+    }
+
     /// The L2 table at `offset`, from the cache or the file.
     fn l2_table(&mut self, offset: u64) -> io::Result<&mut Vec<u64>> {
-        if !self.l2_cache.contains_key(&offset) {
-            if !offset.is_multiple_of(self.cluster_size) {
-                return Err(self.invalid(format!("unaligned L2 table offset {offset:#x}")));
-            }
-            let mut bytes = vec![0u8; self.cluster_size as usize];
-            self.file.read_exact_at(&mut bytes, offset)?;
-            if self.l2_cache.len() >= L2_CACHE_TABLES {
-                self.l2_cache.clear();
-            }
-            let table = bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-                .collect();
-            self.l2_cache.insert(offset, table);
+        if self.l2_cache.contains(offset) {
+            return Ok(self.l2_cache.get(offset).expect("checked above"));
         }
-        Ok(self.l2_cache.get_mut(&offset).expect("inserted above"))
+        if !offset.is_multiple_of(self.cluster_size) {
+            return Err(self.invalid(format!("unaligned L2 table offset {offset:#x}")));
+        }
+        let mut bytes = vec![0u8; self.cluster_size as usize];
+        self.file.read_exact_at(&mut bytes, offset)?;
+        Ok(self.l2_cache.insert(offset, be64_table(&bytes)))
     }
 
     /// The L2 entry for guest cluster `cluster` (0 when no L2 table covers it).
@@ -460,31 +767,160 @@ impl Qcow2Backend {
         let per_block = self.cluster_size / 2;
         let table_index = (cluster / per_block) as usize;
         if table_index >= self.refcount_table.len() {
-            return Err(self.invalid("the image outgrew its refcount table".into()));
+            if value == 0 {
+                return Ok(()); // Beyond the table, every refcount is already 0.
+            }
+            self.grow_refcount_table(table_index)?;
         }
         let mut block = self.refcount_table[table_index] & OFFSET_MASK;
         if block == 0 {
+            if value == 0 {
+                return Ok(()); // No block: the refcounts it would hold are 0.
+            }
+            let entry_at = self.header.refcount_table_offset + table_index as u64 * 8;
+            self.check_overlap(entry_at, role::REFCOUNT_TABLE)?;
             // A new refcount block, placed at the end of the file; it may have to count
             // itself, which the recursive call below does once it is installed.
-            block = self.next_free;
-            self.next_free += self.cluster_size;
+            block = self.take_clusters(1);
+            self.metadata
+                .add(block / self.cluster_size, role::REFCOUNT_BLOCK);
             self.file
                 .write_all_at(&vec![0u8; self.cluster_size as usize], block)?;
             self.refcount_table[table_index] = block;
-            self.file.write_all_at(
-                &block.to_be_bytes(),
-                self.header.refcount_table_offset + table_index as u64 * 8,
-            )?;
+            self.file.write_all_at(&block.to_be_bytes(), entry_at)?;
             self.set_refcount(block, 1)?;
         }
+        if !block.is_multiple_of(self.cluster_size) {
+            return Err(self.mark_corrupt(format!(
+                "refcount table entry {table_index} names the unaligned host offset {block:#x}"
+            )));
+        }
+        self.check_overlap(block, role::REFCOUNT_BLOCK)?;
         let at = block + (cluster % per_block) * 2;
         self.file.write_all_at(&value.to_be_bytes(), at)
     }
 
+    /// Replaces the refcount table, which has no entry `needed_index`, by a bigger one.
+    ///
+    /// The new table goes at the end of the file after the refcount blocks that count it
+    /// (and everything between the old table's reach and the new table's end), so it is
+    /// self-contained. Order, for crash safety: new blocks and table, sync; header, sync;
+    /// then free the old table's clusters. A crash before the header write leaves
+    /// unreferenced clusters past the old table's reach; after it, the old table is
+    /// leaked at worst. Either way the image stays consistent.
+    fn grow_refcount_table(&mut self, needed_index: usize) -> io::Result<()> {
+        let cs = self.cluster_size;
+        let per_block = cs / 2;
+        let entries_per_cluster = cs / 8;
+        let old_entries = self.refcount_table.len() as u64;
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = self.header.refcount_table_clusters as u64;
+        // Refuse before writing anything when the header cannot take the new table.
+        self.check_overlap(0, role::HEADER)?;
+
+        // Where the new area goes and how big it is depend on each other: start at the
+        // end of the file, and move past any metadata in the way (damaged images only).
+        let mut start = self.next_free / cs;
+        let (blocks, table_clusters) = loop {
+            // Double the table (so a growing image rarely regrows it), or more if needed.
+            let mut table_clusters = (old_clusters * 2)
+                .max((needed_index as u64 + 1).div_ceil(entries_per_cluster))
+                .max(1);
+            let blocks = loop {
+                // Blocks to count every cluster from the old table's reach up to the end
+                // of the new area; the area holds those blocks, so iterate to a fixed
+                // point.
+                let mut blocks = 0;
+                loop {
+                    let end = start + blocks + table_clusters;
+                    let needed = end.div_ceil(per_block).saturating_sub(old_entries);
+                    if needed <= blocks {
+                        break;
+                    }
+                    blocks = needed;
+                }
+                if old_entries + blocks <= table_clusters * entries_per_cluster {
+                    break blocks;
+                }
+                table_clusters += 1;
+            };
+            match self.metadata.last_in(start, blocks + table_clusters) {
+                Some(taken) => start = taken + 1,
+                None => break (blocks, table_clusters),
+            }
+        };
+        if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(self.invalid(format!(
+                "the image file would need a refcount table larger than {}, the most QEMU \
+                 opens: it cannot grow further",
+                human_size(MAX_REFCOUNT_TABLE_BYTES)
+            )));
+        }
+
+        let area_clusters = blocks + table_clusters;
+        let mut area = vec![0u8; (area_clusters * cs) as usize];
+        for c in start..start + area_clusters {
+            let block = c / per_block - old_entries;
+            let at = (block * cs + (c % per_block) * 2) as usize;
+            area[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+        }
+        let mut table = self.refcount_table.clone();
+        table.extend((0..blocks).map(|b| (start + b) * cs));
+        table.resize((table_clusters * entries_per_cluster) as usize, 0);
+        let table_at = (blocks * cs) as usize;
+        for (i, entry) in table.iter().enumerate() {
+            put64(&mut area, table_at + i * 8, *entry);
+        }
+        self.file.write_all_at(&area, start * cs)?;
+        sync_data(&self.file)?;
+
+        let new_offset = (start + blocks) * cs;
+        let mut fields = [0u8; 12];
+        put64(&mut fields, 0, new_offset);
+        put32(&mut fields, 8, table_clusters as u32);
+        self.file
+            .write_all_at(&fields, HEADER_REFCOUNT_TABLE_OFFSET)?;
+        sync_data(&self.file)?;
+
+        self.next_free = (start + area_clusters) * cs;
+        self.refcount_table = table;
+        self.header.refcount_table_offset = new_offset;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        for b in 0..blocks {
+            self.metadata.add(start + b, role::REFCOUNT_BLOCK);
+        }
+        for c in 0..table_clusters {
+            self.metadata.add(start + blocks + c, role::REFCOUNT_TABLE);
+        }
+        for c in 0..old_clusters {
+            self.metadata
+                .remove(old_offset / cs + c, role::REFCOUNT_TABLE);
+        }
+        for c in 0..old_clusters {
+            self.set_refcount(old_offset + c * cs, 0)?;
+        }
+        tracing::debug!(
+            image = %self.path.display(),
+            "grew the refcount table from {old_clusters} to {table_clusters} clusters"
+        );
+        Ok(())
+    }
+
+    /// Takes `count` contiguous clusters at the end of the file and returns the host
+    /// offset of the first. Metadata a damaged image names past the end of its file is
+    /// stepped over, so nothing new is put on top of it.
+    fn take_clusters(&mut self, count: u64) -> u64 {
+        let mut start = self.next_free / self.cluster_size;
+        while let Some(taken) = self.metadata.last_in(start, count) {
+            start = taken + 1;
+        }
+        self.next_free = (start + count) * self.cluster_size;
+        start * self.cluster_size
+    }
+
     /// Allocates one cluster at the end of the file, with refcount 1.
     fn allocate_cluster(&mut self) -> io::Result<u64> {
-        let host = self.next_free;
-        self.next_free += self.cluster_size;
+        let host = self.take_clusters(1);
         self.set_refcount(host, 1)?;
         Ok(host)
     }
@@ -495,9 +931,11 @@ impl Qcow2Backend {
         if l1_index >= self.l1.len() {
             return Err(self.invalid(format!("cluster {cluster} is beyond the L1 table")));
         }
+        self.check_mapping(cluster)?;
         let mut l2_offset = self.l1[l1_index] & OFFSET_MASK;
         if l2_offset == 0 {
             l2_offset = self.allocate_cluster()?;
+            self.metadata.add(l2_offset / self.cluster_size, role::L2);
             self.file
                 .write_all_at(&vec![0u8; self.cluster_size as usize], l2_offset)?;
             self.l1[l1_index] = l2_offset | COPIED;
@@ -522,15 +960,19 @@ impl Qcow2Backend {
             return Err(self.invalid("compressed clusters are not supported".into()));
         }
         let host = entry & OFFSET_MASK;
-        if host != 0 {
-            if entry & ZERO != 0 {
-                // A preallocated zero cluster: the data on disk is stale, so zero the rest.
-                let mut data = vec![0u8; self.cluster_size as usize];
-                data[within as usize..within as usize + buf.len()].copy_from_slice(buf);
-                self.file.write_all_at(&data, host)?;
-                return self.set_l2_entry(cluster, host | COPIED);
-            }
+        if host != 0 && entry & ZERO == 0 {
+            self.check_data_cluster(host)?;
             return self.file.write_all_at(buf, host + within);
+        }
+        // The L2 entry changes below: refuse before allocating if it cannot.
+        self.check_mapping(cluster)?;
+        if host != 0 {
+            // A preallocated zero cluster: the data on disk is stale, so zero the rest.
+            self.check_data_cluster(host)?;
+            let mut data = vec![0u8; self.cluster_size as usize];
+            data[within as usize..within as usize + buf.len()].copy_from_slice(buf);
+            self.file.write_all_at(&data, host)?;
+            return self.set_l2_entry(cluster, host | COPIED);
         }
         let mut data = vec![0u8; self.cluster_size as usize];
         if buf.len() as u64 != self.cluster_size && entry & ZERO == 0 {
@@ -538,6 +980,7 @@ impl Qcow2Backend {
         }
         data[within as usize..within as usize + buf.len()].copy_from_slice(buf);
         let new = self.allocate_cluster()?;
+        self.check_overlap(new, 0)?;
         self.file.write_all_at(&data, new)?;
         self.set_l2_entry(cluster, new | COPIED)
     }
@@ -561,15 +1004,58 @@ impl Qcow2Backend {
     }
 
     fn check_writable(&self) -> io::Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(io::Error::new(
+        if !self.writable {
+            return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "the image is open read-only",
-            ))
+            ));
+        }
+        if self.header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+            return Err(self.invalid(
+                "the image is marked corrupt (damaged metadata was found while writing it): \
+                 writes are refused, reads still work, and `qemu-img check -r all` repairs it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The metadata clusters of an image, from its header, L1 table and refcount table.
+fn metadata_map(header: &Header, l1: &[u64], refcount_table: &[u64]) -> MetadataMap {
+    let cs = 1u64 << header.cluster_bits;
+    let mut map = MetadataMap::default();
+    let add_range = |map: &mut MetadataMap, offset: u64, bytes: u64, role: u8| {
+        for cluster in offset / cs..(offset + bytes).div_ceil(cs) {
+            map.add(cluster, role);
+        }
+    };
+    add_range(&mut map, 0, cs, role::HEADER);
+    add_range(
+        &mut map,
+        header.l1_table_offset,
+        header.l1_size as u64 * 8,
+        role::L1,
+    );
+    add_range(
+        &mut map,
+        header.refcount_table_offset,
+        header.refcount_table_clusters as u64 * cs,
+        role::REFCOUNT_TABLE,
+    );
+    for entry in l1 {
+        let offset = entry & OFFSET_MASK;
+        if offset != 0 {
+            map.add(offset / cs, role::L2);
         }
     }
+    for entry in refcount_table {
+        let offset = entry & OFFSET_MASK;
+        if offset != 0 {
+            map.add(offset / cs, role::REFCOUNT_BLOCK);
+        }
+    }
+    map
 }
 
 impl DiskBackend for Qcow2Backend {
@@ -618,6 +1104,7 @@ impl DiskBackend for Qcow2Backend {
             let host = entry & OFFSET_MASK;
             if host != 0 && entry & COMPRESSED == 0 {
                 // Keep the allocation, release the space: the hole reads as zeros.
+                q.check_data_cluster(host)?;
                 if !fallocate(
                     &q.file,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -642,6 +1129,8 @@ impl DiskBackend for Qcow2Backend {
 mod tests {
     use super::*;
     use crate::storage::raw::RawBackend;
+    use crate::storage::Disk;
+    use std::process::Command;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("luvisor-qcow2-{}", std::process::id()));
@@ -656,11 +1145,65 @@ mod tests {
         Qcow2Backend::open(file, path, true, backing).unwrap()
     }
 
+    fn open_ro(path: &Path) -> Qcow2Backend {
+        Qcow2Backend::open(File::open(path).unwrap(), path, false, None).unwrap()
+    }
+
     fn raw_base(name: &str, size: u64, fill: u8) -> (PathBuf, Box<dyn DiskBackend>) {
         let path = scratch(name);
         std::fs::write(&path, vec![fill; size as usize]).unwrap();
         let file = File::open(&path).unwrap();
         (path, Box::new(RawBackend::new(file, size)))
+    }
+
+    /// Whether the QEMU tool `tool` can run. Where it cannot, the test is skipped with a
+    /// message, except in CI (`CI=true`), where a missing tool is a failure: CI must run
+    /// the checks against QEMU.
+    fn have_tool(tool: &str) -> bool {
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{tool} is required when CI=true, but it cannot be run"
+            );
+            eprintln!("skipping: {tool} is not installed");
+        }
+        found
+    }
+
+    /// Runs a QEMU tool and returns its stdout, failing the test when it fails.
+    fn run_tool(tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn qemu_img_check(path: &Path) {
+        run_tool("qemu-img", &["check", path.to_str().unwrap()]);
+    }
+
+    fn qemu_img_to_raw(path: &Path) -> Vec<u8> {
+        let converted = path.with_extension("raw");
+        let _ = std::fs::remove_file(&converted);
+        run_tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                path.to_str().unwrap(),
+                converted.to_str().unwrap(),
+            ],
+        );
+        std::fs::read(&converted).unwrap()
     }
 
     #[test]
@@ -791,14 +1334,9 @@ mod tests {
 
     #[test]
     fn qemu_img_accepts_our_images() {
-        let Ok(out) = std::process::Command::new("qemu-img")
-            .arg("--version")
-            .output()
-        else {
-            eprintln!("skipping: qemu-img is not installed");
+        if !have_tool("qemu-img") || !have_tool("qemu-io") {
             return;
-        };
-        assert!(out.status.success());
+        }
         let (base_path, base) = raw_base("qbase.img", 4 << 20, 0x11);
         let path = scratch("qoverlay.qcow2");
         create(&path, 4 << 20, Some((base_path.to_str().unwrap(), "raw"))).unwrap();
@@ -808,32 +1346,8 @@ mod tests {
         q.write_zeroes(2 << 20, 1 << 16).unwrap();
         q.flush().unwrap();
         drop(q);
-        let check = std::process::Command::new("qemu-img")
-            .args(["check", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "qemu-img check: {}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-        let converted = scratch("converted.raw");
-        let convert = std::process::Command::new("qemu-img")
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                path.to_str().unwrap(),
-                converted.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            convert.status.success(),
-            "{}",
-            String::from_utf8_lossy(&convert.stderr)
-        );
-        let flat = std::fs::read(&converted).unwrap();
+        qemu_img_check(&path);
+        let flat = qemu_img_to_raw(&path);
         assert_eq!(flat.len(), 4 << 20);
         assert!(flat[..1 << 20].iter().all(|&b| b == 0x11));
         assert!(flat[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0x22));
@@ -843,10 +1357,11 @@ mod tests {
             &[[0x33u8; 100].as_slice(), &[0x11]].concat()[..]
         );
 
-        // And we read what qemu-img writes.
+        // And we read what qemu-img and qemu-io write.
         let theirs = scratch("theirs.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args([
+        run_tool(
+            "qemu-img",
+            &[
                 "create",
                 "-q",
                 "-f",
@@ -856,25 +1371,352 @@ mod tests {
                 "-F",
                 "raw",
                 theirs.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
+            ],
         );
-        let io = std::process::Command::new("qemu-io")
-            .args(["-c", "write -P 0x44 8192 4096", theirs.to_str().unwrap()])
-            .output();
+        run_tool(
+            "qemu-io",
+            &["-c", "write -P 0x44 8192 4096", theirs.to_str().unwrap()],
+        );
         let (_, base) = raw_base("qbase.img", 4 << 20, 0x11);
         let file = File::open(&theirs).unwrap();
         let mut q = Qcow2Backend::open(file, &theirs, false, Some(base)).unwrap();
         let mut buf = vec![0u8; 3 * 4096];
         q.read_at(&mut buf, 4096).unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 0x11));
-        if io.is_ok_and(|o| o.status.success()) {
-            assert!(buf[4096..8192].iter().all(|&b| b == 0x44));
+        assert!(buf[4096..8192].iter().all(|&b| b == 0x44));
+    }
+
+    #[test]
+    fn largest_image_is_created_and_opened() {
+        assert_eq!(MAX_SIZE, 1 << 51, "2 PiB with 64 KiB clusters");
+        let path = scratch("largest.qcow2");
+        create(&path, MAX_SIZE, None).unwrap();
+        let mut q = open_rw(&path, None);
+        assert_eq!(q.size(), MAX_SIZE);
+        q.write_at(&[0x5A; 512], MAX_SIZE - 512).unwrap();
+        let mut buf = [0u8; 512];
+        q.read_at(&mut buf, MAX_SIZE - 512).unwrap();
+        assert_eq!(buf, [0x5A; 512]);
+        drop(q);
+        // Through the disk layer too: created, then opened as a VM would.
+        let disk_path = scratch("largest-disk.qcow2");
+        let disk = Disk::create_qcow2(&disk_path, MAX_SIZE).unwrap();
+        assert_eq!(disk.size(), MAX_SIZE);
+        disk.attach().unwrap();
+
+        if !have_tool("qemu-img") {
+            return;
         }
+        let info = run_tool("qemu-img", &["info", path.to_str().unwrap()]);
+        assert!(
+            info.contains(&format!("({MAX_SIZE} bytes)")),
+            "qemu-img info: {info}"
+        );
+        qemu_img_check(&path);
+        // QEMU draws the line at the same place.
+        let theirs = scratch("too-large-theirs.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", theirs.to_str().unwrap()])
+            .arg((MAX_SIZE + 512).to_string())
+            .output()
+            .unwrap();
+        assert!(!made.status.success(), "qemu-img accepts MAX_SIZE + 512");
+        assert!(!theirs.exists());
+    }
+
+    #[test]
+    fn too_large_images_are_refused_up_front() {
+        for size in [MAX_SIZE + 512, 1 << 52, 1 << 56, 1 << 58, u64::MAX & !511] {
+            let path = scratch("too-large.qcow2");
+            let err = create(&path, size, None).unwrap_err();
+            assert!(
+                matches!(err, StorageError::SizeTooLarge { size: s, .. } if s == size),
+                "{err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&MAX_SIZE.to_string()) && message.contains("2 PiB"),
+                "the message states the maximum: {message}"
+            );
+            assert!(!path.exists(), "a refused create leaves no file");
+            let err = Disk::create_qcow2(&path, size).unwrap_err();
+            assert!(matches!(err, StorageError::SizeTooLarge { .. }), "{err}");
+            assert!(!path.exists(), "a refused create leaves no file");
+        }
+        // A failed create removes what it wrote: a backing name that does not fit.
+        let path = scratch("long-backing.qcow2");
+        let long = "b".repeat(2000);
+        assert!(matches!(
+            create(&path, 1 << 20, Some((&long, "raw"))),
+            Err(StorageError::Io { .. })
+        ));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn l2_cache_evicts_the_least_recently_used_table() {
+        let mut cache = L2Cache::new(3);
+        for offset in [1, 2, 3] {
+            cache.insert(offset, vec![offset]);
+        }
+        assert_eq!(cache.get(1), Some(&mut vec![1]));
+        cache.insert(4, vec![4]);
+        assert!(!cache.contains(2), "2 was used least recently");
+        assert!(cache.contains(1) && cache.contains(3) && cache.contains(4));
+        assert_eq!(cache.tables.len(), 3);
+        cache.get(3);
+        cache.insert(5, vec![5]);
+        assert!(!cache.contains(1) && cache.contains(3));
+    }
+
+    #[test]
+    fn many_l2_tables_through_a_small_cache() {
+        // 512-byte clusters: each L2 table maps 32 KiB, so 200 scattered writes use far
+        // more tables than the cache holds, in an order that keeps evicting them.
+        let path = scratch("many-l2.qcow2");
+        create_with_cluster_bits(&path, 64 << 20, None, 9).unwrap();
+        let mut q = open_rw(&path, None);
+        let spot = |i: u64| (i * 7919 % 2000) * (32 << 10) + (i % 64) * 512;
+        for i in 0..200u64 {
+            q.write_at(&[i as u8; 512], spot(i)).unwrap();
+        }
+        for i in (0..200u64).rev() {
+            let mut buf = [0u8; 512];
+            q.read_at(&mut buf, spot(i)).unwrap();
+            assert_eq!(buf, [i as u8; 512], "write {i}");
+        }
+        assert!(q.l2_cache.tables.len() <= L2_CACHE_TABLES);
+    }
+
+    /// Where metadata lies in an image made by `create` with 64 KiB clusters and one
+    /// guest write at offset 0: header, refcount table, refcount block, L1 table, then
+    /// the data cluster, then the L2 table (allocated after the data it maps).
+    const CS: u64 = 1 << 16;
+    const REFCOUNT_TABLE_AT: u64 = CS;
+    const REFCOUNT_BLOCK_AT: u64 = 2 * CS;
+    const L1_AT: u64 = 3 * CS;
+    const L2_AT: u64 = 5 * CS;
+
+    fn image_with_data(name: &str) -> PathBuf {
+        let path = scratch(name);
+        create(&path, 1 << 30, None).unwrap();
+        let mut q = open_rw(&path, None);
+        q.write_at(&[0x77; 4096], 0).unwrap();
+        assert_eq!(q.l1[0] & OFFSET_MASK, L2_AT, "layout as expected");
+        drop(q);
+        path
+    }
+
+    fn patch_u64(path: &Path, at: u64, value: u64) {
+        let file = File::options().write(true).open(path).unwrap();
+        file.write_all_at(&value.to_be_bytes(), at).unwrap();
+    }
+
+    /// The file without the incompatible-features field, which marking corrupt changes.
+    fn bytes_but_features(path: &Path) -> Vec<u8> {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[72..80].fill(0);
+        bytes
+    }
+
+    fn assert_marked_corrupt(path: &Path) {
+        let header = Header::read(&File::open(path).unwrap(), path).unwrap();
+        assert_ne!(header.incompatible_features & INCOMPAT_CORRUPT, 0);
+        // A later read-only open works and reads...
+        let mut q = open_ro(path);
+        let mut buf = [0u8; 512];
+        q.read_at(&mut buf, 8 << 19).unwrap();
+        // ...a writable one is refused, saying why and what to do.
+        let file = File::options().read(true).write(true).open(path).unwrap();
+        let err = Qcow2Backend::open(file, path, true, None)
+            .err()
+            .expect("a corrupt image opens read-only only");
+        let message = err.to_string();
+        assert!(
+            message.contains("marked corrupt") && message.contains("qemu-img check -r all"),
+            "{message}"
+        );
+        if have_tool("qemu-img") {
+            let info = run_tool("qemu-img", &["info", path.to_str().unwrap()]);
+            assert!(info.contains("corrupt: true"), "qemu-img info: {info}");
+        }
+    }
+
+    #[test]
+    fn writes_into_metadata_are_refused_and_mark_the_image_corrupt() {
+        for (name, target) in [
+            // Offset 0 would mean "unallocated": an unaligned offset reaches the header.
+            ("header", 0x200),
+            ("refcount-table", REFCOUNT_TABLE_AT),
+            ("refcount-block", REFCOUNT_BLOCK_AT),
+            ("l1", L1_AT),
+            ("l2", L2_AT),
+        ] {
+            let path = image_with_data(&format!("overlap-{name}.qcow2"));
+            // Guest cluster 0's L2 entry now names a metadata cluster.
+            patch_u64(&path, L2_AT, target | COPIED);
+            let before = bytes_but_features(&path);
+            let mut q = open_rw(&path, None);
+            let err = q.write_at(&[0xEE; 512], 512).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{name}: {err}");
+            assert!(err.to_string().contains("marked corrupt"), "{err}");
+            assert_eq!(
+                bytes_but_features(&path),
+                before,
+                "{name}: the metadata is unchanged"
+            );
+            // Zeroing the cluster (a hole punch) is refused the same way.
+            assert!(q.write_zeroes(0, CS).is_err());
+            // Once corrupt, every write is refused, even a harmless one.
+            assert!(q.write_at(&[1; 512], 4 << 20).is_err());
+            assert_eq!(bytes_but_features(&path), before, "{name}");
+            // Reads still work in this open.
+            let mut buf = vec![0u8; 512];
+            q.read_at(&mut buf, 0).unwrap();
+            let mut on_disk = vec![0u8; 512];
+            File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut on_disk, target)
+                .unwrap();
+            assert_eq!(buf, on_disk, "{name}: reads what is there");
+            drop(q);
+            assert_marked_corrupt(&path);
+        }
+    }
+
+    #[test]
+    fn an_l1_entry_naming_metadata_cannot_be_written_through() {
+        // L1 entry 0 names the refcount table as its L2 table: refcount table entry 1 is
+        // 0, so guest cluster 1 looks unallocated, and writing it would put an L2 entry
+        // into the refcount table.
+        let path = image_with_data("overlap-l1-entry.qcow2");
+        patch_u64(&path, L1_AT, REFCOUNT_TABLE_AT | COPIED);
+        let before = bytes_but_features(&path);
+        let mut q = open_rw(&path, None);
+        assert!(q.write_at(&[0xEE; 512], CS).is_err());
+        drop(q);
+        assert_eq!(
+            bytes_but_features(&path),
+            before,
+            "nothing was written, not even an allocation"
+        );
+        assert_marked_corrupt(&path);
+    }
+
+    #[test]
+    fn metadata_past_the_end_of_the_file_is_never_allocated_over() {
+        // L1 entry 1 names an L2 table two clusters past the end of the file. Clusters
+        // allocated at the end must step over it: were one of them placed there, guest
+        // data would become the L2 table of another part of the disk.
+        let path = image_with_data("l2-past-end.qcow2");
+        let end = std::fs::metadata(&path).unwrap().len() / CS;
+        let hidden = end + 2;
+        patch_u64(&path, L1_AT + 8, (hidden * CS) | COPIED);
+        let mut q = open_rw(&path, None);
+        for i in 1..5u64 {
+            q.write_at(&[0x10 + i as u8; 512], i * CS).unwrap();
+        }
+        let mut hosts = Vec::new();
+        for i in 1..5u64 {
+            hosts.push(q.l2_entry(i).unwrap() & OFFSET_MASK);
+        }
+        assert!(!hosts.contains(&(hidden * CS)), "{hosts:x?}");
+        // The file now reaches past the hidden table, which still reads as an empty one.
+        let mut buf = [0xFFu8; 512];
+        q.read_at(&mut buf, (1 << 29) + 4096).unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        drop(q);
+
+        // A data cluster past the end is refused when written, and marks the image.
+        let path = image_with_data("data-past-end.qcow2");
+        let len = std::fs::metadata(&path).unwrap().len();
+        patch_u64(&path, L2_AT + 8, (len + 4 * CS) | COPIED);
+        let mut q = open_rw(&path, None);
+        assert!(q.write_at(&[1; 512], CS).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        drop(q);
+        assert_marked_corrupt(&path);
+    }
+
+    /// Writes `total` bytes in 64 KiB pieces, each filled with a byte of its own.
+    fn fill_with_pattern(q: &mut Qcow2Backend, total: u64) {
+        for piece in 0..total / CS {
+            q.write_at(&vec![piece as u8 ^ 0x5A; CS as usize], piece * CS)
+                .unwrap();
+        }
+    }
+
+    fn assert_pattern(data: &[u8], total: u64) {
+        for piece in 0..total / CS {
+            let at = (piece * CS) as usize;
+            assert!(
+                data[at..at + CS as usize]
+                    .iter()
+                    .all(|&b| b == piece as u8 ^ 0x5A),
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn refcount_table_grows() {
+        // 512-byte clusters: one refcount table cluster (64 entries) with blocks of 256
+        // refcounts counts 8 MiB of file; 20 MiB of data needs two growths.
+        let path = scratch("grow-ours.qcow2");
+        create_with_cluster_bits(&path, 64 << 20, None, 9).unwrap();
+        let total = 20 << 20;
+        let mut q = open_rw(&path, None);
+        let old_table = q.header().refcount_table_offset;
+        fill_with_pattern(&mut q, total);
+        assert!(q.header().refcount_table_clusters >= 4);
+        drop(q);
+        let header = Header::read(&File::open(&path).unwrap(), &path).unwrap();
+        assert_ne!(header.refcount_table_offset, old_table);
+        assert!(header.refcount_table_clusters >= 4);
+        // Reopened (the new table is found, and the metadata map accepts it), more writes
+        // go in, and everything reads back.
+        let mut q = open_rw(&path, None);
+        q.write_at(&[0xC3; 512], 40 << 20).unwrap();
+        let mut data = vec![0u8; total as usize];
+        q.read_at(&mut data, 0).unwrap();
+        assert_pattern(&data, total);
+        drop(q);
+        if !have_tool("qemu-img") {
+            return;
+        }
+        qemu_img_check(&path);
+        let flat = qemu_img_to_raw(&path);
+        assert_pattern(&flat, total);
+        assert!(flat[40 << 20..(40 << 20) + 512].iter().all(|&b| b == 0xC3));
+    }
+
+    #[test]
+    fn refcount_table_grows_in_a_qemu_made_image() {
+        if !have_tool("qemu-img") {
+            return;
+        }
+        let path = scratch("grow-theirs.qcow2");
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                path.to_str().unwrap(),
+                "64M",
+            ],
+        );
+        let mut q = open_rw(&path, None);
+        let clusters = q.header().refcount_table_clusters;
+        let total = 20 << 20;
+        fill_with_pattern(&mut q, total);
+        assert!(q.header().refcount_table_clusters > clusters, "it grew");
+        q.flush().unwrap();
+        drop(q);
+        qemu_img_check(&path);
+        assert_pattern(&qemu_img_to_raw(&path), total);
     }
 }
