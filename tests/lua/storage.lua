@@ -115,4 +115,12 @@ fails("but it has the key", hv.vm, { name = "bad", guest = hv.guest.builtin{}, d
 fails("is listed twice in one VM (disks 1 and 2)", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { ro, probed } })
 fails("option 'serial' must not contain NUL bytes", hv.disk.open, dir .. "base.img", { serial = "a\0b" })
 fails("option 'serial' must not contain NUL bytes", hv.vm, { name = "bad", guest = hv.guest.builtin{}, disks = { { path = dir .. "base.img", readonly = true, serial = "a\0b" } } })
+
+-- qcow2 sizes: the largest is created and opens; beyond it, refused up front with no file.
+local huge = hv.disk.create{ path = dir .. "huge.qcow2", size = 1 << 51, format = "qcow2" }
+assert(huge.size == 1 << 51 and hv.disk.open(dir .. "huge.qcow2", { readonly = true }).size == 1 << 51)
+for _, size in ipairs{ (1 << 51) + 512, 1 << 52, 1 << 56, 1 << 58 } do
+  fails("is too large", hv.disk.create, { path = dir .. "too-big.qcow2", size = size, format = "qcow2" })
+  assert(not exists(dir .. "too-big.qcow2"), "a refused create leaves no file")
+end
 print("storage: ok")

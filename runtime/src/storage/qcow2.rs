@@ -1156,23 +1156,7 @@ mod tests {
         (path, Box::new(RawBackend::new(file, size)))
     }
 
-    /// Whether the QEMU tool `tool` can run. Where it cannot, the test is skipped with a
-    /// message, except in CI (`CI=true`), where a missing tool is a failure: CI must run
-    /// the checks against QEMU.
-    fn have_tool(tool: &str) -> bool {
-        let found = Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{tool} is required when CI=true, but it cannot be run"
-            );
-            eprintln!("skipping: {tool} is not installed");
-        }
-        found
-    }
+    use crate::storage::test_tools::tool_available as have_tool;
 
     /// Runs a QEMU tool and returns its stdout, failing the test when it fails.
     fn run_tool(tool: &str, args: &[&str]) -> String {
