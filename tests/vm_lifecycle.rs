@@ -132,7 +132,7 @@ fn sixteen_vms_at_once() {
         .map(|i| start(&reg, &format!("many-{i}"), &format!("count 10 3; exit {i}")))
         .collect();
     for (i, vm) in vms.iter().enumerate() {
-        assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(i as i32));
+        assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(i as u32));
         assert_eq!(counts(&vm.console().text()), 3);
     }
 }
@@ -192,4 +192,21 @@ fn touch_writes_memory() {
         .console()
         .text()
         .contains("not enough free guest memory"));
+}
+
+/// Exit codes are the unsigned 32-bit value the guest wrote to the exit port.
+#[test]
+fn exit_codes_are_unsigned_32_bit() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    for code in [4_294_967_295u32, 2_147_483_648] {
+        let vm = start(&reg, &format!("exit-{code}"), &format!("exit {code}"));
+        assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(code));
+        assert_eq!(
+            luvisor_runtime::vm::describe_outcome(vm.outcome().as_ref()),
+            format!("exit code {code}")
+        );
+    }
 }
