@@ -210,3 +210,71 @@ fn exit_codes_are_unsigned_32_bit() {
         );
     }
 }
+
+/// The command-line limit counts the `virtio_mmio.device` entries the VM adds for its
+/// disks, and is checked when the VM is created: a command line that fills the limit
+/// exactly with 16 disks boots (the guest sees the last disk), one byte more is refused
+/// by `Registry::create`, not later by `start`.
+#[test]
+fn cmdline_limit_counts_disk_entries() {
+    if !kvm_available() {
+        return;
+    }
+    use luvisor_runtime::boot::builtin::MAX_CMDLINE;
+    use luvisor_runtime::builder::{full_cmdline, MAX_DISKS};
+    use luvisor_runtime::storage::Disk;
+    let dir = scratch_dir("cmdline-disks");
+    let disks: Vec<_> = (0..MAX_DISKS)
+        .map(|i| {
+            std::sync::Arc::new(Disk::create_raw(&dir.join(format!("{i}.img")), 1 << 20).unwrap())
+        })
+        .collect();
+    let entries = full_cmdline("", MAX_DISKS).len();
+    let commands = "blk-use 15; blk-info;";
+    let fill = |len: usize| format!("{commands}{}", " ".repeat(len - commands.len()));
+
+    let reg = Registry::new();
+    let mut config = builtin("too-long", &fill(MAX_CMDLINE - entries + 1));
+    config.disks = disks.clone();
+    let err = reg
+        .create(config)
+        .err()
+        .expect("one byte over with its disks");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the guest command line is {} bytes ({entries} of them for the virtio_mmio.device \
+             entries the VM adds for its 16 disks); the limit is {MAX_CMDLINE}",
+            MAX_CMDLINE + 1
+        )
+    );
+    assert!(reg.list().is_empty());
+
+    let mut config = builtin("just-fits", &fill(MAX_CMDLINE - entries));
+    config.disks = disks;
+    let vm = reg.create(config).unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    assert!(
+        vm.console().text().starts_with("blk-info capacity=2048 "),
+        "{}",
+        vm.console().text()
+    );
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A NUL byte in the command line is refused when the VM is created.
+#[test]
+fn cmdline_with_nul_is_refused() {
+    let reg = Registry::new();
+    let err = reg
+        .create(builtin("nul", "hello\0exit 3"))
+        .err()
+        .expect("NUL refused");
+    assert_eq!(
+        err.to_string(),
+        "the guest command line has a NUL byte at offset 5; it must be text without NUL bytes"
+    );
+    assert!(reg.list().is_empty());
+}
