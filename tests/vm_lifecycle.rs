@@ -194,6 +194,116 @@ fn touch_writes_memory() {
         .contains("not enough free guest memory"));
 }
 
+/// `wait_for_console` returns the whole line holding the match, even when the match
+/// arrives before the rest of its line: the guest prints `count N` a byte at a time, and
+/// the pattern `count ` is complete before the number is written.
+#[test]
+fn wait_for_console_returns_whole_lines() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let vm = start(&reg, "lines", "count 1 200");
+    let mut after = 0;
+    for n in 1..=200u64 {
+        let (line, end) = vm.wait_for_console("count ", after, TIMEOUT).unwrap();
+        assert_eq!(line, format!("count {n}"), "match number {n}");
+        after = end;
+    }
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+}
+
+/// A console file that cannot be written (here /dev/full) does not stop the guest; the
+/// error is reported, once, and the in-memory console goes on.
+#[test]
+fn console_file_write_error_is_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let reg = Registry::new();
+    let mut config = builtin("full", "hello; count 1 3");
+    config.console_file = Some("/dev/full".into());
+    let vm = reg.create(config).unwrap();
+    assert_eq!(vm.console().tee_error(), None);
+    vm.start().unwrap();
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    let error = vm.console().tee_error().expect("the write error is kept");
+    assert!(
+        error.starts_with("writing console file /dev/full failed: No space left on device"),
+        "{error}"
+    );
+    assert_eq!(
+        vm.console().text(),
+        "hello from luvisor guest\ncount 1\ncount 2\ncount 3\n"
+    );
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: c_path is a valid NUL-terminated string for the call's duration.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+}
+
+/// A fifo console with no reader is refused at once (opening it for writing would block
+/// until a reader came); with a reader that does not keep up, the guest is never held up.
+#[test]
+fn console_fifo_never_blocks() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("console-fifo");
+    let fifo = dir.join("console.fifo");
+    mkfifo(&fifo);
+    let reg = std::sync::Arc::new(Registry::new());
+    let mut config = builtin("fifo", "count 0 10000");
+    config.console_file = Some(fifo.clone());
+    // Created on another thread: should it block, a reader opened here unblocks it and
+    // the test fails instead of hanging.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (reg2, config2) = (reg.clone(), config.clone());
+    let creator = std::thread::spawn(move || {
+        let result = reg2.create(config2).map(|_| ());
+        let _ = done_tx.send(());
+        result
+    });
+    if done_rx.recv_timeout(TIMEOUT).is_err() {
+        let _unblock = std::fs::File::open(&fifo);
+        panic!("creating a VM with a reader-less console fifo blocked");
+    }
+    let err = creator.join().unwrap().expect_err("no reader: refused");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("console fifo {} has no reader", fifo.display())),
+        "{err}"
+    );
+    assert!(reg.list().is_empty(), "nothing was created");
+
+    // A reader that opens the fifo and reads nothing until the guest is done.
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut reader = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let vm = reg.create(config).unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    let console = vm.console().text();
+    assert_eq!(
+        console.lines().count(),
+        10_000,
+        "the console has every line"
+    );
+    assert_eq!(vm.console().tee_error(), None);
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut got);
+    let got = String::from_utf8(got).unwrap();
+    // Far more was printed than a pipe holds: the fifo got whole lines from the start.
+    assert!(got.len() < console.len() && got.starts_with("count 1\r\ncount 2\r\n"));
+    assert!(got.ends_with("\r\n"), "whole lines only");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Exit codes are the unsigned 32-bit value the guest wrote to the exit port.
 #[test]
 fn exit_codes_are_unsigned_32_bit() {
