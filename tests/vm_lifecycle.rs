@@ -321,6 +321,46 @@ fn exit_codes_are_unsigned_32_bit() {
     }
 }
 
+/// The largest memory size a VM may have is accepted and boots; one page more is refused
+/// with a message stating that same limit, which the docs state too.
+#[test]
+fn memory_limit_boundary() {
+    if !kvm_available() {
+        return;
+    }
+    use luvisor_runtime::size::format_size;
+    use luvisor_runtime::vstate::memory::MAX_MEMORY;
+    let reg = Registry::new();
+    let mut config = builtin("largest", "hello; touch 16; exit 0");
+    config.memory = MAX_MEMORY;
+    let vm = reg.create(config.clone()).unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait(TIMEOUT).unwrap(),
+        VmOutcome::Exited(0),
+        "{}",
+        vm.console().text()
+    );
+
+    config.name = "too-large".into();
+    config.memory = MAX_MEMORY + 4096;
+    let err = reg.create(config).err().expect("one page over the limit");
+    let limit = format_size(MAX_MEMORY);
+    assert_eq!(limit, "63G");
+    assert!(
+        err.to_string().contains(&format!("between 4M and {limit}")),
+        "{err}"
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for doc in ["docs/lua-api.md", "lua-api/types/hv.lua"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        assert!(
+            text.contains(&format!("from 4M to {limit}")),
+            "{doc} states the memory limit"
+        );
+    }
+}
+
 /// The command-line limit counts the `virtio_mmio.device` entries the VM adds for its
 /// disks, and is checked when the VM is created: a command line that fills the limit
 /// exactly with 16 disks boots (the guest sees the last disk), one byte more is refused
