@@ -26,7 +26,7 @@ fn run_to_end(
     name: &str,
     cmdline: &str,
     disks: Vec<Arc<Disk>>,
-    code: i32,
+    code: u32,
 ) -> String {
     let vm = vm_with_disks(reg, name, cmdline, disks);
     let outcome = vm.wait(TIMEOUT).unwrap();

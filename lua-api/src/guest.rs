@@ -37,6 +37,12 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, opts: Value| {
             let opts = Options::from_value(lua, "hv.guest.builtin", opts, &["cmdline"])?;
             let cmdline = opts.string("cmdline")?.unwrap_or_default();
+            // The guest reads its command line as text; a NUL would cut it short there.
+            if let Some(at) = cmdline.bytes().position(|b| b == 0) {
+                return Err(opts.error(format!(
+                    "option 'cmdline' has a NUL byte at offset {at}; give text without NUL bytes"
+                )));
+            }
             if cmdline.len() > MAX_CMDLINE {
                 return Err(opts.error(format!(
                     "option 'cmdline' is {} bytes; the built-in guest accepts at most {MAX_CMDLINE}",

@@ -21,8 +21,8 @@ impl Options {
                 Value::String(s) => s.to_string_lossy(),
                 other => {
                     return Err(mlua::Error::runtime(format!(
-                        "{function}: option keys must be strings, got a {}; valid options are: {}",
-                        other.type_name(),
+                        "{function}: option keys must be strings, got {}; valid options are: {}",
+                        a_type_name(other),
                         valid.join(", ")
                     )))
                 }
@@ -52,9 +52,9 @@ impl Options {
             Value::Table(t) => Options::new(function, t, valid),
             Value::Nil => Options::new(function, lua.create_table()?, valid),
             other => Err(mlua::Error::runtime(format!(
-                "{function}: expected an options table {{ {} = ... }}, got a {}",
+                "{function}: expected an options table {{ {} = ... }}, got {}",
                 valid.join(" = ..., "),
-                other.type_name()
+                a_type_name(&other)
             ))),
         }
     }
@@ -72,8 +72,8 @@ impl Options {
             Value::Nil => Ok(None),
             Value::String(s) => Ok(Some(s.to_str()?.to_string())),
             other => Err(self.error(format!(
-                "option '{key}' must be a string, got a {}",
-                other.type_name()
+                "option '{key}' must be a string, got {}",
+                a_type_name(&other)
             ))),
         }
     }
@@ -83,8 +83,8 @@ impl Options {
             Value::Nil => Ok(None),
             Value::Boolean(b) => Ok(Some(b)),
             other => Err(self.error(format!(
-                "option '{key}' must be a boolean, got a {}",
-                other.type_name()
+                "option '{key}' must be a boolean, got {}",
+                a_type_name(&other)
             ))),
         }
     }
@@ -166,6 +166,33 @@ pub fn describe(value: &Value) -> String {
         Value::Number(n) => n.to_string(),
         Value::Boolean(b) => b.to_string(),
         Value::Nil => "nil".into(),
-        other => format!("a {}", other.type_name()),
+        other => a_type_name(other),
+    }
+}
+
+/// A value's Lua type with its article, for messages: "a table", "an integer".
+pub fn a_type_name(value: &Value) -> String {
+    let name = value.type_name();
+    let article = if name.starts_with(['a', 'e', 'i', 'o']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_take_the_right_article() {
+        assert_eq!(a_type_name(&Value::Integer(1)), "an integer");
+        assert_eq!(a_type_name(&Value::Number(1.5)), "a number");
+        assert_eq!(a_type_name(&Value::Boolean(true)), "a boolean");
+        let lua = mlua::Lua::new();
+        let table = Value::Table(lua.create_table().unwrap());
+        assert_eq!(a_type_name(&table), "a table");
+        assert_eq!(describe(&table), "a table");
     }
 }

@@ -15,7 +15,7 @@ use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDa
 
 use crate::guest::Guest;
 use crate::host::error_chain;
-use crate::options::Options;
+use crate::options::{a_type_name, Options};
 
 /// Waits without a `timeout` option give up after this long, so a forgotten timeout
 /// cannot hang a test run forever. `timeout = math.huge` waits without limit.
@@ -83,8 +83,10 @@ fn wait_timeout(
 
 impl UserData for VmHandle {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("id", |_, this| Ok(this.id.0));
-        fields.add_field_method_get("name", |_, this| Ok(this.name.clone()));
+        // Even `id` and `name` resolve the VM: a destroyed VM's handle answers nothing
+        // but "no longer exists", so a script cannot mistake it for a live one.
+        fields.add_field_method_get("id", |_, this| Ok(this.resolve()?.id().0));
+        fields.add_field_method_get("name", |_, this| Ok(this.resolve()?.name().to_string()));
         fields.add_field_method_get("state", |_, this| Ok(this.resolve()?.state().as_str()));
         fields.add_field_method_get("vcpus", |_, this| Ok(this.resolve()?.config().vcpus));
         fields.add_field_method_get("memory_size", |_, this| Ok(this.resolve()?.config().memory));
@@ -114,6 +116,9 @@ impl UserData for VmHandle {
         });
         fields.add_field_method_get("console_offset", |_, this| {
             Ok(this.resolve()?.console().total())
+        });
+        fields.add_field_method_get("console_error", |_, this| {
+            Ok(this.resolve()?.console().tee_error())
         });
     }
 
@@ -157,8 +162,8 @@ impl UserData for VmHandle {
                 Value::String(s) => s.to_str()?.to_string(),
                 other => {
                     return Err(mlua::Error::runtime(format!(
-                        "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got a {}",
-                        other.type_name()
+                        "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got {}",
+                        a_type_name(&other)
                     )))
                 }
             };
@@ -212,8 +217,8 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
         }
         other => {
             return Err(opts.error(format!(
-                "option 'guest' must be a guest such as hv.guest.builtin{{ cmdline = \"hello\" }}, got a {}",
-                other.type_name()
+                "option 'guest' must be a guest such as hv.guest.builtin{{ cmdline = \"hello\" }}, got {}",
+                a_type_name(&other)
             )))
         }
     };

@@ -93,6 +93,7 @@ local guest_ns = {}
 
 ---@class hv.BuiltinGuestOptions
 ---@field cmdline? string Commands separated by ";" (see guest/README.md). Default: "" (exit 0 at once).
+---At most 3072 bytes, counting the entry each disk adds at start (35 or 36 bytes); no NUL bytes.
 
 ---Selects the built-in CPL3 test guest.
 ---@param opts? hv.BuiltinGuestOptions
@@ -102,9 +103,11 @@ function guest_ns.builtin(opts) end
 ---@class hv.VmOptions
 ---@field name string Unique among live VMs.
 ---@field vcpus? integer 1 to 8. Default 1.
----@field memory? hv.Size Guest RAM, a multiple of 4K from 4M. Default "128M".
+---@field memory? hv.Size Guest RAM, a multiple of 4K from 4M to 63G. Default "128M".
 ---@field guest hv.Guest What runs inside.
----@field console? string Also append console output to this file.
+---@field console? string Also append console output to this file (or fifo, which must
+---already have a reader; output a full fifo has no room for is dropped). A write error
+---stops the copying and is reported in `Vm.console_error`.
 ---@field disks? (hv.Disk|hv.DiskSpec)[] virtio-blk devices, in this order (at most 16); each image once.
 
 ---@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"
@@ -126,9 +129,10 @@ function guest_ns.builtin(opts) end
 ---@field memory_resident integer Bytes of guest RAM resident on the host (0 once stopped).
 ---@field boot_time_ms number? Time from start() until the guest reported ready.
 ---@field run_time_ms number Guest running time, paused time excluded.
----@field exit_code integer? The guest's exit code, once it exited by itself.
+---@field exit_code integer? The guest's exit code (0 to 4294967295), once it exited by itself.
 ---@field crash_reason string? Why it crashed (exit kind and RIP).
 ---@field console_offset integer Console bytes written so far (for wait_for_console's `after`).
+---@field console_error string? Why console output stopped being copied to the `console` file (a write failed), or nil.
 local Vm = {}
 
 ---Builds the machine and starts every vCPU. Only a `created` VM can start.
@@ -154,13 +158,15 @@ function Vm:console() end
 ---Waits for the guest to end. Returns the exit code (nil if it crashed or was stopped), the
 ---final state, and a description when there is no exit code.
 ---@param opts? hv.WaitOptions
----@return integer? code
+---@return integer? code 0 to 4294967295
 ---@return hv.VmState state
 ---@return string? reason
 function Vm:wait(opts) end
 
 ---Waits until the console shows `pattern` (plain text). Returns the whole line holding it
----and the console offset just past the match.
+---and the console offset just past the match. When the match arrives before the end of
+---its line, the wait goes on for the line's newline; if the VM ends or the timeout runs
+---out first, the line as far as it got is returned.
 ---@param pattern string
 ---@param opts? hv.ConsoleWaitOptions
 ---@return string line

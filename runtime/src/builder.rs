@@ -42,6 +42,23 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Most disks per VM (IRQs 5 to 20 on the 24-pin IOAPIC).
 pub const MAX_DISKS: usize = 16;
 
+/// The command-line entry that tells the guest of virtio device `index`:
+/// ` virtio_mmio.device=4K@<addr>:<irq>`, with its leading space.
+pub fn virtio_cmdline_entry(index: usize) -> String {
+    let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW;
+    let irq = VIRTIO_IRQ_BASE + index as u32;
+    format!(" virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+/// The guest's whole command line: the configured one, then one entry per disk.
+pub fn full_cmdline(cmdline: &str, disks: usize) -> String {
+    let mut full = cmdline.to_string();
+    for i in 0..disks {
+        full.push_str(&virtio_cmdline_entry(i));
+    }
+    full
+}
+
 /// A queue notification the VM's event thread waits for.
 pub struct QueueEventSource {
     pub event: EventFd,
@@ -133,7 +150,6 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
     // virtio-blk devices.
     let mut mmio = Bus::new();
     let mut queue_events = Vec::new();
-    let mut device_entries = String::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
         let irq = VIRTIO_IRQ_BASE + i as u32;
@@ -168,12 +184,11 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
             transport,
             queue: 0,
         });
-        device_entries.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
 
     let entry = match &config.guest {
         GuestSpec::Builtin { cmdline } => {
-            let full = format!("{cmdline}{device_entries}");
+            let full = full_cmdline(cmdline, config.disks.len());
             builtin::load(&memory, &full, config.vcpus).map_err(|source| VmError::Boot {
                 name: name(),
                 source,
@@ -217,4 +232,22 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         vcpus,
         queue_events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_names_every_disk() {
+        assert_eq!(full_cmdline("hello", 0), "hello");
+        assert_eq!(
+            full_cmdline("hello", 2),
+            "hello virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(
+            virtio_cmdline_entry(MAX_DISKS - 1),
+            " virtio_mmio.device=4K@0xd000f000:20"
+        );
+    }
 }

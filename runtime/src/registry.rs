@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
+use crate::devices::console::ConsoleFileError;
 use crate::vm::{ConfigError, Vm, VmConfig};
 
 /// A VM's identity in a registry; never reused within a process.
@@ -19,12 +20,8 @@ pub enum RegistryError {
     DuplicateName(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open console file {path}")]
-    ConsoleFile {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ConsoleFile(#[from] ConsoleFileError),
 }
 
 #[derive(Default)]
@@ -50,12 +47,7 @@ impl Registry {
             return Err(RegistryError::DuplicateName(config.name));
         }
         let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
-        let path = config.console_file.clone();
-        let vm = Vm::new(id, config).map_err(|source| RegistryError::ConsoleFile {
-            path: path.map(|p| p.display().to_string()).unwrap_or_default(),
-            source,
-        })?;
-        let vm = Arc::new(vm);
+        let vm = Arc::new(Vm::new(id, config)?);
         vms.insert(id, vm.clone());
         Ok(vm)
     }

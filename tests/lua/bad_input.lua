@@ -37,6 +37,33 @@ fails("option 'guest' is required", hv.vm, { name = "a" })
 fails("option 'guest' must be a guest", hv.vm, { name = "a", guest = "hello" })
 fails("option 'name' must be a string", hv.vm, { name = 42, guest = guest })
 
+-- Type errors read as English.
+fails("option 'name' must be a string, got an integer", hv.vm, { name = 42, guest = guest })
+fails("option 'cmdline' must be a string, got a table", hv.guest.builtin, { cmdline = {} })
+
+-- The memory limit: 63G is accepted, one page more is refused, stating the same limit.
+local big = hv.vm{ name = "big", memory = "63G", guest = guest }
+assert(big.memory_size == 63 * 1024 * 1024 * 1024)
+big:destroy()
+fails("memory = 67645739008 bytes is invalid: give a multiple of 4K between 4M and 63G",
+      hv.vm, { name = "a", memory = 63 * 1024 * 1024 * 1024 + 4096, guest = guest })
+
+-- The command line: no NUL bytes, and at most 3072 bytes with the entries the VM adds
+-- for its disks (checked by hv.vm{}, not only at start).
+fails("hv.guest.builtin: option 'cmdline' has a NUL byte at offset 1; give text without NUL bytes",
+      hv.guest.builtin, { cmdline = "a\0b" })
+local disks = {}
+for i = 1, 16 do disks[i] = hv.disk.create{ path = "cmdline-" .. i .. ".img", size = "1M" } end
+local long = hv.guest.builtin{ cmdline = "exit 0;" .. string.rep(" ", 3000 - 7) }
+hv.vm{ name = "long", memory = "16M", guest = long }:destroy() -- fits alone
+fails("hv.vm: the guest command line is 3571 bytes (571 of them for the virtio_mmio.device entries the VM adds for its 16 disks); the limit is 3072",
+      hv.vm, { name = "long", memory = "16M", guest = long, disks = disks })
+
+-- A console fifo with no reader is refused at once (it used to block forever).
+assert(os.execute("mkfifo console.fifo"))
+fails("console fifo console.fifo has no reader", hv.vm,
+      { name = "a", memory = "16M", guest = guest, console = "console.fifo" })
+
 -- None of the failures above created a VM.
 assert(#hv.vms() == 0, "failed constructors must not leave VMs behind")
 
@@ -60,11 +87,21 @@ fails("cannot start vm 'a': it is running", a.start, a)
 assert(a:wait{ timeout = 10 } == 0)
 fails("cannot pause vm 'a': it is stopped", a.pause, a)
 
--- Stale handles.
+-- Stale handles: every field and every method gives the same error.
 a:destroy()
-fails("vm 'a' no longer exists", function() return a.state end)
-fails("vm 'a' no longer exists", a.start, a)
-fails("vm 'a' no longer exists", a.destroy, a)
+for _, field in ipairs{ "id", "name", "state", "vcpus", "memory_size", "memory_resident",
+                        "boot_time_ms", "run_time_ms", "exit_code", "crash_reason",
+                        "console_offset", "console_error" } do
+  err = fails("vm 'a' no longer exists", function() return a[field] end)
+  assert(not err:find("no longer exists.*no longer exists"), err)
+end
+for _, call in ipairs{
+  { "start" }, { "pause" }, { "resume" }, { "stop" }, { "destroy" }, { "console" },
+  { "wait", { timeout = 1 } }, { "wait_for_console", "x", { timeout = 1 } },
+} do
+  local method = a[call[1]] -- methods resolve the VM when called, not when looked up
+  fails("vm 'a' no longer exists", method, a, table.unpack(call, 2))
+end
 assert(tostring(a):find("destroyed", 1, true), tostring(a))
 assert(#hv.vms() == 0)
 

@@ -73,6 +73,36 @@ f:close()
 assert(logged == "hello from luvisor guest\r\ncount 1\r\ncount 2\r\n", string.format("%q", logged))
 assert(teed:console() == "hello from luvisor guest\ncount 1\ncount 2\n")
 
+-- A console file that cannot be written: the guest goes on, the error is reported.
+local full = hv.vm{ name = "full", memory = "16M", console = "/dev/full",
+                    guest = hv.guest.builtin{ cmdline = "hello; exit 0" } }
+assert(full.console_error == nil)
+full:start()
+assert(full:wait{ timeout = 10 } == 0)
+assert(full:console() == "hello from luvisor guest\n")
+assert(full.console_error:find("writing console file /dev/full failed: No space left on device", 1, true),
+       full.console_error)
+assert(teed.console_error == nil)
+
+-- wait_for_console returns whole lines: `count ` is on the console before its number.
+local counter = hv.vm{ name = "lines", memory = "16M", guest = hv.guest.builtin{ cmdline = "count 1 100" } }
+counter:start()
+local after = 0
+for n = 1, 100 do
+  line, after = counter:wait_for_console("count ", { timeout = 10, after = after })
+  assert(line == "count " .. n, string.format("match %d returned %q", n, line))
+end
+assert(counter:wait{ timeout = 10 } == 0)
+
+-- Exit codes are unsigned 32-bit values.
+local max = hv.vm{ name = "max", memory = "16M", guest = hv.guest.builtin{ cmdline = "exit 4294967295" } }
+max:start()
+code, state = max:wait{ timeout = 10 }
+assert(code == 4294967295 and state == "stopped", tostring(code))
+assert(max.exit_code == 4294967295, tostring(max.exit_code))
+ok, err = pcall(max.wait_for_console, max, "never", { timeout = 5 })
+assert(not ok and tostring(err):find("(exit code 4294967295)", 1, true), tostring(err))
+
 -- hv.host()
 local host = hv.host()
 assert(host.cpus >= 1 and host.memory_total > 0 and host.memory_available > 0)

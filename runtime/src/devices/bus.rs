@@ -13,8 +13,8 @@ pub enum IoAction {
     None,
     /// The guest has nothing to do until this much time has passed, or an event arrives.
     Idle(Option<Duration>),
-    /// The guest asked to end with this exit code.
-    Exit(i32),
+    /// The guest asked to end with this exit code (the 32-bit value it wrote).
+    Exit(u32),
     /// The guest reports that it has booted.
     Ready,
 }

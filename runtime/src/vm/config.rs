@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::builder::MAX_DISKS;
+use crate::boot::builtin::MAX_CMDLINE;
+use crate::builder::{full_cmdline, MAX_DISKS};
 use crate::devices::console::DEFAULT_CONSOLE_CAPACITY;
 use crate::size::format_size;
 use crate::storage::Disk;
@@ -67,11 +68,35 @@ impl VmConfig {
             return Err(ConfigError::DiskListedTwice(e.to_string()));
         }
         match &self.guest {
-            GuestSpec::Builtin { cmdline } if cmdline.len() > luvisor_guest_abi::MAX_CMDLINE => {
-                Err(ConfigError::Cmdline(cmdline.len()))
+            GuestSpec::Builtin { cmdline } => {
+                if let Some(at) = cmdline.bytes().position(|b| b == 0) {
+                    return Err(ConfigError::CmdlineNul { at });
+                }
+                // Checked with what the VM adds at start, so that a VM that was
+                // accepted does not fail to start for it.
+                let total = full_cmdline(cmdline, self.disks.len()).len();
+                if total > MAX_CMDLINE {
+                    return Err(ConfigError::Cmdline {
+                        given: cmdline.len(),
+                        disks: self.disks.len(),
+                        total,
+                    });
+                }
+                Ok(())
             }
-            GuestSpec::Builtin { .. } => Ok(()),
         }
+    }
+}
+
+/// "" or " (N bytes of it are the disks' virtio_mmio.device entries)", for messages.
+fn disk_entries_note(given: usize, disks: usize, total: usize) -> String {
+    match disks {
+        0 => String::new(),
+        n => format!(
+            " ({} of them for the virtio_mmio.device entries the VM adds for its {n} disk{})",
+            total - given,
+            if n == 1 { "" } else { "s" }
+        ),
     }
 }
 
@@ -83,10 +108,70 @@ pub enum ConfigError {
     Vcpus(u64),
     #[error("memory = {0} bytes is invalid: give a multiple of 4K between {min} and {max}", min = format_size(MIN_MEMORY), max = format_size(MAX_MEMORY))]
     Memory(u64),
-    #[error("the guest command line is {0} bytes; the limit is {max}", max = luvisor_guest_abi::MAX_CMDLINE)]
-    Cmdline(usize),
+    #[error("the guest command line is {total} bytes{note}; the limit is {MAX_CMDLINE}", note = disk_entries_note(*given, *disks, *total))]
+    Cmdline {
+        /// Bytes of the configured command line.
+        given: usize,
+        disks: usize,
+        /// Bytes with every entry the VM adds.
+        total: usize,
+    },
+    #[error(
+        "the guest command line has a NUL byte at offset {at}; it must be text without NUL bytes"
+    )]
+    CmdlineNul { at: usize },
     #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
     Disks(usize),
     #[error("{0}")]
     DiskListedTwice(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(cmdline: &str) -> VmConfig {
+        VmConfig::new(
+            "t",
+            GuestSpec::Builtin {
+                cmdline: cmdline.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn memory_limit_is_the_stated_one() {
+        let mut c = config("");
+        c.memory = MAX_MEMORY;
+        assert_eq!(c.validate(), Ok(()));
+        c.memory = MAX_MEMORY + 4096;
+        assert_eq!(c.validate(), Err(ConfigError::Memory(MAX_MEMORY + 4096)));
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "memory = 67645739008 bytes is invalid: give a multiple of 4K between 4M and 63G"
+        );
+        c.memory = MIN_MEMORY - 4096;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn cmdline_without_disks_may_fill_the_limit() {
+        assert_eq!(config(&"x".repeat(MAX_CMDLINE)).validate(), Ok(()));
+        let err = config(&"x".repeat(MAX_CMDLINE + 1)).validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the guest command line is {} bytes; the limit is {MAX_CMDLINE}",
+                MAX_CMDLINE + 1
+            )
+        );
+    }
+
+    #[test]
+    fn nul_in_cmdline_is_refused() {
+        assert_eq!(
+            config("a\0b").validate(),
+            Err(ConfigError::CmdlineNul { at: 1 })
+        );
+    }
 }

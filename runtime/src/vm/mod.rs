@@ -31,7 +31,6 @@ pub use config::{ConfigError, GuestSpec, VmConfig, MAX_VCPUS};
 pub use error::{VmError, WaitError};
 pub use state::{describe_outcome, VmOutcome, VmState};
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -44,7 +43,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::{self, BuildContext, QueueEventSource};
-use crate::devices::console::{Console, ConsoleWaitEnd, CANCEL_POLL};
+use crate::devices::console::{Console, ConsoleFileError, ConsoleWaitEnd, Tee, CANCEL_POLL};
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -105,11 +104,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub(crate) fn new(id: VmId, config: VmConfig) -> std::io::Result<Vm> {
-        let tee = match &config.console_file {
-            Some(path) => Some(File::options().create(true).append(true).open(path)?),
-            None => None,
-        };
+    pub(crate) fn new(id: VmId, config: VmConfig) -> Result<Vm, ConsoleFileError> {
+        let tee = config.console_file.as_deref().map(Tee::open).transpose()?;
         Ok(Vm {
             id,
             console: Console::new(config.console_capacity, tee),

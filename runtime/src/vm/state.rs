@@ -35,8 +35,8 @@ impl std::fmt::Display for VmState {
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmOutcome {
-    /// The guest wrote this code to its exit port.
-    Exited(i32),
+    /// The guest wrote this code to its exit port: any 32-bit value, reported unsigned.
+    Exited(u32),
     /// The host stopped it (`stop`).
     Stopped,
     /// It crashed; the reason names the exit kind and RIP.

@@ -12,7 +12,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 /// Smallest RAM a VM may have: the built-in guest's image, stacks and page tables fit.
 pub const MIN_MEMORY: u64 = 4 << 20;
-/// Largest RAM: everything must sit inside the guest's identity map.
+/// Largest RAM, 63 GiB: everything must sit inside the guest's identity map, which covers
+/// the first [`MAX_MAPPED_GIB`] (64) GiB of guest-physical space, 1 GiB of which is the
+/// MMIO hole. `docs/lua-api.md` and `lua-api/types/hv.lua` state this value; a VM test
+/// checks that they agree with it.
 pub const MAX_MEMORY: u64 = (MAX_MAPPED_GIB << 30) - (HIGH_RAM_START - LOW_RAM_END);
 
 #[derive(Debug, Error)]
@@ -115,6 +118,14 @@ mod tests {
         mem.write_obj(1u64, GuestAddress(0x10_0000)).unwrap();
         mem.write_obj(1u64, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(resident_bytes(&mem), 2 * 4096);
+    }
+
+    #[test]
+    fn largest_ram_ends_where_the_identity_map_ends() {
+        assert_eq!(MAX_MEMORY, 63 << 30);
+        let ranges = ram_ranges(MAX_MEMORY);
+        let (base, len) = ranges[ranges.len() - 1];
+        assert_eq!(base.0 + len as u64, MAX_MAPPED_GIB << 30);
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub enum VcpuRunState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestEnd {
     /// The guest wrote its exit code to the exit port.
-    Exited(i32),
+    Exited(u32),
     /// A triple fault, an emulation failure, or a host-side error; the reason says which.
     Crashed(String),
 }

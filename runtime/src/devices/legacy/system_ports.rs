@@ -45,7 +45,7 @@ impl BusDevice for SystemPorts {
     fn write(&mut self, offset: u64, data: &[u8]) -> IoAction {
         let value = le_u32(data);
         match (offset + BASE as u64) as u16 {
-            ports::EXIT => IoAction::Exit(value as i32),
+            ports::EXIT => IoAction::Exit(value),
             ports::READY => IoAction::Ready,
             ports::IDLE if value == u32::MAX => IoAction::Idle(None),
             ports::IDLE => IoAction::Idle(Some(Duration::from_micros(value as u64))),
@@ -65,6 +65,11 @@ mod tests {
         assert_eq!(
             dev.write(off(ports::EXIT), &3u32.to_le_bytes()),
             IoAction::Exit(3)
+        );
+        assert_eq!(
+            dev.write(off(ports::EXIT), &u32::MAX.to_le_bytes()),
+            IoAction::Exit(u32::MAX),
+            "exit codes are unsigned 32-bit values"
         );
         assert_eq!(dev.write(off(ports::READY), &[1]), IoAction::Ready);
         assert_eq!(
