@@ -252,24 +252,30 @@ impl Header {
                 String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?,
             );
         }
-        if version == 3 {
-            header.read_extensions(file, header_length as u64, cluster_size, path)?;
-        }
+        // Extensions follow the header in version 2 too (qemu-img writes the backing
+        // format there); they end at the backing file name when it comes first.
+        let extensions_end = if backing_offset > header_length as u64 {
+            backing_offset.min(cluster_size)
+        } else {
+            cluster_size
+        };
+        header.read_extensions(file, header_length as u64, extensions_end, path)?;
         Ok(header)
     }
 
+    /// Reads the header extensions in `[at, end)`.
     fn read_extensions(
         &mut self,
         file: &File,
         mut at: u64,
-        cluster_size: u64,
+        end: u64,
         path: &Path,
     ) -> Result<(), StorageError> {
         let corrupt = |reason: &str| StorageError::Corrupt {
             path: path.to_path_buf(),
             reason: reason.into(),
         };
-        while at + 8 <= cluster_size {
+        while at + 8 <= end {
             let mut ext = [0u8; 8];
             file.read_exact_at(&mut ext, at)
                 .map_err(|_| corrupt("truncated header extension"))?;
@@ -277,8 +283,10 @@ impl Header {
             if kind == EXT_END {
                 return Ok(());
             }
-            if at + 8 + len > cluster_size {
-                return Err(corrupt("header extension runs past the first cluster"));
+            if at + 8 + len > end {
+                return Err(corrupt(
+                    "a header extension runs past the first cluster or into the backing file name",
+                ));
             }
             if kind == EXT_BACKING_FORMAT {
                 let mut data = vec![0u8; len as usize];
@@ -750,12 +758,14 @@ impl Qcow2Backend {
             return Err(self.invalid("compressed clusters are not supported (convert with qemu-img convert -O qcow2 without -c)".into()));
         }
         let host = entry & OFFSET_MASK;
-        if host != 0 {
-            self.file
-                .read_exact_at(buf, host + offset % self.cluster_size)
-        } else if entry & ZERO != 0 {
+        // The zero flag wins over an allocation: QEMU keeps the cluster allocated when a
+        // guest zeroes written data, and the old data is still on disk there.
+        if entry & ZERO != 0 {
             buf.fill(0);
             Ok(())
+        } else if host != 0 {
+            self.file
+                .read_exact_at(buf, host + offset % self.cluster_size)
         } else {
             self.read_backing(buf, offset)
         }
@@ -1115,6 +1125,9 @@ impl DiskBackend for Qcow2Backend {
                         .write_all_at(&vec![0u8; cluster_size as usize], host)?;
                 }
                 Ok(())
+            } else if (q.backing.is_some() || entry & COMPRESSED != 0) && q.header.version < 3 {
+                // Version 2 has no zero flag: hide the backing data with a cluster of zeros.
+                q.write_in_cluster(&vec![0u8; cluster_size as usize], at)
             } else if q.backing.is_some() || entry & COMPRESSED != 0 {
                 // Unallocated over a backing file: a zero cluster hides the backing data.
                 q.set_l2_entry(cluster, ZERO)
@@ -1702,5 +1715,92 @@ mod tests {
         drop(q);
         qemu_img_check(&path);
         assert_pattern(&qemu_img_to_raw(&path), total);
+    }
+
+    #[test]
+    fn qemu_made_zero_clusters_and_version_2_images() {
+        if !have_tool("qemu-img") || !have_tool("qemu-io") {
+            return;
+        }
+        // A zero cluster that keeps its allocation (what QEMU makes when written data is
+        // zeroed) reads as zeros, not as the stale data still on disk.
+        let zeroed = scratch("zero-alloc.qcow2");
+        let z = zeroed.to_str().unwrap();
+        run_tool("qemu-img", &["create", "-q", "-f", "qcow2", z, "1M"]);
+        run_tool(
+            "qemu-io",
+            &["-c", "write -P 0x55 0 64k", "-c", "write -z 0 64k", z],
+        );
+        let mut buf = vec![0xEEu8; 65536];
+        open_ro(&zeroed).read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "a zero cluster read stale data"
+        );
+
+        // A version 2 overlay records its backing format in a header extension too.
+        let base = scratch("v2-base.qcow2");
+        let b = base.to_str().unwrap();
+        run_tool("qemu-img", &["create", "-q", "-f", "qcow2", b, "1M"]);
+        run_tool("qemu-io", &["-c", "write -P 0x66 0 64k", b]);
+        let top = scratch("v2-top.qcow2");
+        let t = top.to_str().unwrap();
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                b,
+                "-F",
+                "qcow2",
+                t,
+            ],
+        );
+        let header = Header::read(&File::open(&top).unwrap(), &top).unwrap();
+        assert_eq!(header.version, 2);
+        assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+        let disk = crate::storage::Disk::open(&top, true).unwrap();
+        let mut sector = [0u8; 512];
+        disk.attach().unwrap().read_at(&mut sector, 0).unwrap();
+        assert_eq!(sector, [0x66; 512], "the qcow2 base was not read as qcow2");
+
+        // Zeroing over a backing file in version 2, which has no zero flag, writes zeros
+        // and leaves an image QEMU accepts.
+        let (raw_path, raw) = raw_base("v2-raw-base.img", 1 << 20, 0x77);
+        let over = scratch("v2-over-raw.qcow2");
+        let o = over.to_str().unwrap();
+        let r = raw_path.to_str().unwrap();
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                r,
+                "-F",
+                "raw",
+                o,
+            ],
+        );
+        let mut q = open_rw(&over, Some(raw));
+        q.write_zeroes(0, 65536).unwrap();
+        q.discard(131072, 65536).unwrap();
+        q.flush().unwrap();
+        drop(q);
+        qemu_img_check(&over);
+        let flat = qemu_img_to_raw(&over);
+        assert!(flat[..65536].iter().all(|&b| b == 0));
+        assert!(flat[65536..131072].iter().all(|&b| b == 0x77));
+        assert!(flat[131072..196608].iter().all(|&b| b == 0));
+        assert!(flat[196608..].iter().all(|&b| b == 0x77));
     }
 }
