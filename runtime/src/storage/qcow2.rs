@@ -212,6 +212,9 @@ impl Header {
                 "the L1 table is misaligned, larger than 32 MiB, or past the end of the file",
             ));
         }
+        if be32(&h, 56) == 0 {
+            return Err(corrupt("the image has no refcount table"));
+        }
         let refcount_bytes = be32(&h, 56) as u64 * cluster_size;
         if refcount_bytes > MAX_REFCOUNT_TABLE_BYTES || !within_file(be64(&h, 48), refcount_bytes) {
             return Err(corrupt(
@@ -245,6 +248,16 @@ impl Header {
             if backing_len == 0 || backing_len > 1023 {
                 return Err(corrupt("backing file name length is out of range"));
             }
+            // The name must lie in the header cluster, after the fixed header: anywhere
+            // else it could sit in a data cluster that a guest writes, and the guest would
+            // choose which host file is opened next time.
+            if backing_offset < header_length as u64
+                || backing_offset + backing_len as u64 > cluster_size
+            {
+                return Err(corrupt(
+                    "the backing file name is not inside the header cluster",
+                ));
+            }
             let mut name = vec![0u8; backing_len as usize];
             file.read_exact_at(&mut name, backing_offset)
                 .map_err(|_| corrupt("backing file name is past the end"))?;
@@ -254,12 +267,14 @@ impl Header {
         }
         // Extensions follow the header in version 2 too (qemu-img writes the backing
         // format there); they end at the backing file name when it comes first.
-        let extensions_end = if backing_offset > header_length as u64 {
-            backing_offset.min(cluster_size)
+        let extensions_end = if backing_offset != 0 {
+            backing_offset
         } else {
             cluster_size
         };
-        header.read_extensions(file, header_length as u64, extensions_end, path)?;
+        if extensions_end > header_length as u64 {
+            header.read_extensions(file, header_length as u64, extensions_end, path)?;
+        }
         Ok(header)
     }
 
@@ -582,6 +597,19 @@ impl Qcow2Backend {
             }
             if header.refcount_order != REFCOUNT_ORDER {
                 return Err(unsupported("writing with refcounts other than 16 bits"));
+            }
+            if header.version >= 3 {
+                // Autoclear features (persistent dirty bitmaps, ...) describe the data as
+                // their writer left it; the spec says a writer that does not maintain them
+                // clears the bits before its first write, so nobody trusts stale state.
+                let mut autoclear = [0u8; 8];
+                file.read_exact_at(&mut autoclear, 88)
+                    .map_err(StorageError::io(path))?;
+                if autoclear != [0u8; 8] {
+                    file.write_all_at(&[0u8; 8], 88)
+                        .and_then(|()| sync_data(&file))
+                        .map_err(StorageError::io(path))?;
+                }
             }
             if header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 return Err(unsupported(
@@ -1802,5 +1830,72 @@ mod tests {
         assert!(flat[65536..131072].iter().all(|&b| b == 0x77));
         assert!(flat[131072..196608].iter().all(|&b| b == 0));
         assert!(flat[196608..].iter().all(|&b| b == 0x77));
+    }
+
+    #[test]
+    fn backing_names_and_autoclear_bits_are_handled_as_qemu_does() {
+        if !have_tool("qemu-img") {
+            return;
+        }
+        // The old version 2 layout: the backing name straight after the 72-byte header.
+        let (base_path, _) = raw_base("v2-plain-base.img", 1 << 20, 0x42);
+        let old = scratch("v2-name-at-72.qcow2");
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                old.to_str().unwrap(),
+                "1M",
+            ],
+        );
+        let name = base_path.to_str().unwrap().as_bytes();
+        let mut img = std::fs::read(&old).unwrap();
+        img[72..72 + name.len()].copy_from_slice(name);
+        img[8..16].copy_from_slice(&72u64.to_be_bytes());
+        img[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        std::fs::write(&old, &img).unwrap();
+        run_tool("qemu-img", &["info", "-U", old.to_str().unwrap()]);
+        let header = Header::read(&File::open(&old).unwrap(), &old).unwrap();
+        assert_eq!(header.backing_file.as_deref(), base_path.to_str());
+        assert_eq!(header.backing_format, None);
+
+        // A name outside the header cluster (here in a data cluster) is refused.
+        let outside = scratch("name-outside.qcow2");
+        std::fs::write(&outside, &img).unwrap();
+        patch_u64(&outside, 8, 1 << 16);
+        let err = Header::read(&File::open(&outside).unwrap(), &outside).unwrap_err();
+        assert!(
+            err.to_string().contains("not inside the header cluster"),
+            "{err}"
+        );
+
+        // Unknown autoclear bits are cleared by a writable open.
+        let bitmap = scratch("autoclear.qcow2");
+        let b = bitmap.to_str().unwrap();
+        run_tool("qemu-img", &["create", "-q", "-f", "qcow2", b, "1M"]);
+        run_tool("qemu-img", &["bitmap", "--add", b, "dirty0"]);
+        let autoclear = |path: &Path| std::fs::read(path).unwrap()[88..96].to_vec();
+        assert_ne!(autoclear(&bitmap), vec![0u8; 8]);
+        drop(open_ro(&bitmap));
+        assert_ne!(
+            autoclear(&bitmap),
+            vec![0u8; 8],
+            "a read-only open changes nothing"
+        );
+        let mut q = open_rw(&bitmap, None);
+        q.write_at(&[1u8; 512], 0).unwrap();
+        drop(q);
+        assert_eq!(autoclear(&bitmap), vec![0u8; 8]);
+        // QEMU now ignores the stale bitmap; its clusters count as leaked (exit code 3),
+        // which is harmless, and nothing is corrupt.
+        let check = Command::new("qemu-img").args(["check", b]).output().unwrap();
+        assert!(matches!(check.status.code(), Some(0) | Some(3)), "{check:?}");
+        let info = run_tool("qemu-img", &["info", "-U", b]);
+        assert!(!info.contains("dirty0"), "the stale bitmap is still trusted: {info}");
     }
 }
