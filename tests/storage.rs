@@ -465,11 +465,11 @@ fn a_refused_header_write_is_logged() {
         r#"
 local d = hv.disk.create{{ path = "probed.img", size = "1M" }}
 local vm = hv.vm{{ name = "hostile", memory = "32M", disks = {{ d }},
-                  guest = hv.guest.builtin{{ cmdline = "blk-poke 0 {QCOW2_HEAD_HEX}" }} }}
+                  guest = hv.guest.builtin{{ cmdline = "blk-poke 0 {QCOW2_HEAD_HEX}; blk-poke 0 {QCOW2_HEAD_HEX}" }} }}
 vm:start()
 assert(vm:wait{{ timeout = 20 }} == 0)
 assert(vm:console():find("blk-poke 0: status 0x1", 1, true), vm:console())
-assert(d:stats().errors == 1 and d:stats().format_probed)
+assert(d:stats().errors == 2 and d:stats().format_probed)
 "#
     );
     let (code, _, stderr) = run_script(&dir, "guard.lua", &script, &[]);
@@ -477,6 +477,11 @@ assert(d:stats().errors == 1 and d:stats().format_probed)
     assert!(
         stderr.contains("refused a guest write") && stderr.contains("qcow2"),
         "the host logs the refusal: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("refused a guest write").count(),
+        1,
+        "one warning per disk, however often the guest tries: {stderr}"
     );
 }
 
@@ -509,25 +514,13 @@ fn a_vm_refuses_an_image_qemu_is_writing() {
     );
     vm.stop();
     // qemu-io holds it for writing: the VM cannot start.
-    let mut holder = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", path.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until qemu-io has the image open (its lock shows up), not for a time.
-    let held = (0..1000).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        Disk::open(&path, true).is_err()
-    });
+    let holder = luvisor_runtime::storage::test_tools::QemuIoHolder::start(&path);
     let mut config = builtin("second", "blk-verify 0 1 1");
     config.memory = 32 << 20;
     config.disks = vec![disk.clone()];
     let second = reg.create(config).unwrap();
     let err = second.start().unwrap_err();
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
-    assert!(held, "qemu-io never locked the image");
+    holder.release();
     let chain = luvisor_lua::host::error_chain(&err);
     assert!(
         chain.contains(path.to_str().unwrap()) && chain.contains("another process"),

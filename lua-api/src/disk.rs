@@ -230,9 +230,9 @@ pub fn disks_option(opts: &Options) -> mlua::Result<Vec<Arc<Disk>>> {
         }
     }
     let mut disks = Vec::new();
-    for (i, value) in list.sequence_values::<Value>().enumerate() {
-        let item = i + 1;
-        match value? {
+    for item in 1..=len {
+        // raw_get rather than sequence_values, which would stop at a hole ({ d, nil, d }).
+        match list.raw_get::<Value>(item)? {
             Value::UserData(ud) => match ud.borrow::<DiskHandle>() {
                 Ok(d) => disks.push(d.0.clone()),
                 Err(_) => {
@@ -245,6 +245,7 @@ pub fn disks_option(opts: &Options) -> mlua::Result<Vec<Arc<Disk>>> {
                 let path = path_value(&function, "option 'path'", spec.raw("path")?)?;
                 disks.push(open_disk(&function, path, &spec)?.0);
             }
+            Value::Nil => return Err(opts.error(format!("option 'disks' item {item} is nil"))),
             other => {
                 return Err(opts.error(format!(
                     "option 'disks' item {item} must be a disk from hv.disk.open/create/overlay \

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,10 +138,15 @@ pub struct Disk {
     stats: Arc<DiskStats>,
 }
 
+/// Opens an image file. Only regular files and block devices are images: the open does
+/// not block (a FIFO named as a backing file would otherwise hang it forever), and
+/// anything else is refused. O_NONBLOCK stays set; it changes nothing for regular files
+/// and block devices.
 fn open_file(path: &Path, writable: bool) -> Result<File, StorageError> {
-    File::options()
+    let file = File::options()
         .read(true)
         .write(writable)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => StorageError::NotFound {
@@ -151,7 +156,24 @@ fn open_file(path: &Path, writable: bool) -> Result<File, StorageError> {
                 path: path.to_path_buf(),
                 source,
             },
-        })
+        })?;
+    let kind = file.metadata().map_err(StorageError::io(path))?.file_type();
+    if kind.is_file() || kind.is_block_device() {
+        return Ok(file);
+    }
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a character device"
+    };
+    Err(StorageError::NotAnImage {
+        path: path.to_path_buf(),
+        what,
+    })
 }
 
 /// What the first sector of `file` says it is; formats luvisor does not read are errors.
@@ -818,6 +840,23 @@ mod tests {
     }
 
     #[test]
+    fn only_files_and_block_devices_are_images() {
+        let fifo = scratch("backing.fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = Disk::open(&fifo, true).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        // As a backing file, too: the open must not hang.
+        let overlay = scratch("fifo-backed.qcow2");
+        qcow2::create(&overlay, 1 << 20, Some((fifo.to_str().unwrap(), "raw"))).unwrap();
+        let err = Disk::open(&overlay, true).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        let err = Disk::open(&std::env::temp_dir(), true).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+    }
+
+    #[test]
     fn a_replaced_file_is_an_error_at_attach() {
         let path = scratch("replaced.img");
         let disk = Disk::create_raw(&path, 1 << 20).unwrap();
@@ -888,21 +927,15 @@ mod tests {
             .success());
 
         // While qemu-io holds the image for writing, luvisor refuses it.
-        let mut holder = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", p])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let locked = (0..500).any(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            matches!(Disk::open(&path, false), Err(StorageError::Locked { .. }))
-        });
-        let err = Disk::open(&path, true).err();
-        drop(holder.stdin.take());
-        holder.wait().unwrap();
-        assert!(locked, "luvisor opened an image qemu-io holds for writing");
-        let err = err.expect("a reader is refused while qemu-io writes");
+        let holder = crate::storage::test_tools::QemuIoHolder::start(&path);
+        let writer_err = Disk::open(&path, false).err();
+        let reader_err = Disk::open(&path, true).err();
+        holder.release();
+        assert!(
+            matches!(writer_err, Some(StorageError::Locked { .. })),
+            "luvisor opened an image qemu-io holds for writing"
+        );
+        let err = reader_err.expect("a reader is refused while qemu-io writes");
         assert!(err.to_string().contains(p), "{err}");
         assert!(err.to_string().contains("another process"), "{err}");
         Disk::open(&path, false).unwrap();

@@ -61,6 +61,8 @@ pub enum StorageError {
     SizeNotSectorMultiple { path: PathBuf, size: u64 },
     #[error("disk image {path} is locked: {reason}")]
     Locked { path: PathBuf, reason: String },
+    #[error("{path} is {what}, not a disk image (a regular file or a block device)")]
+    NotAnImage { path: PathBuf, what: &'static str },
     #[error("backing file {backing} of overlay {overlay} does not exist")]
     BackingNotFound { overlay: PathBuf, backing: PathBuf },
     #[error("the backing chain of {path} loops: {chain}")]

@@ -15,6 +15,9 @@ pub struct RawBackend {
     /// probing as raw, so guest writes that would plant another format's magic in its
     /// first sector are refused (the path is for the message).
     format_guard: Option<PathBuf>,
+    /// Whether a refused write was logged already: one warning per disk, so a guest that
+    /// keeps trying cannot flood the host log (each refusal is still counted).
+    refusal_logged: bool,
 }
 
 impl RawBackend {
@@ -23,6 +26,7 @@ impl RawBackend {
             file,
             size,
             format_guard: None,
+            refusal_logged: false,
         }
     }
 
@@ -56,11 +60,15 @@ impl RawBackend {
         let len = data.len().min(PROBE_BYTES - start);
         after[start..start + len].copy_from_slice(&data[..len]);
         let format = probe::probe(&after).name();
-        tracing::warn!(
-            image = %path.display(),
-            format,
-            "refused a guest write that would make sector 0 of a probed raw image look like a {format} image"
-        );
+        if !self.refusal_logged {
+            self.refusal_logged = true;
+            tracing::warn!(
+                image = %path.display(),
+                format,
+                "refused a guest write that would make sector 0 of a probed raw image look \
+                 like a {format} image (further refusals on this disk are only counted)"
+            );
+        }
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
