@@ -135,6 +135,8 @@ pub struct Disk {
     serial: String,
     identity: FileIdentity,
     backing: Vec<BackingImage>,
+    /// The files of `backing`, to tell when one VM lists an overlay and its own base.
+    backing_identities: Vec<FileIdentity>,
     stats: Arc<DiskStats>,
 }
 
@@ -251,13 +253,13 @@ impl ChainOpener {
         path: &Path,
         format: Option<DiskFormat>,
         writable: bool,
-    ) -> Result<(OpenedImage, Vec<BackingImage>), StorageError> {
+    ) -> Result<(OpenedImage, ChainOpener), StorageError> {
         let mut opener = ChainOpener {
             seen: Vec::new(),
             backing: Vec::new(),
         };
         let image = opener.open(path, format, writable)?;
-        Ok((image, opener.backing))
+        Ok((image, opener))
     }
 
     /// Opens and locks `path` as `format` (probing when `None`: only ever for the top
@@ -469,7 +471,7 @@ impl Disk {
     /// Opens an existing image as `options` say.
     pub fn open_with(path: &Path, options: OpenOptions) -> Result<Disk, StorageError> {
         // Open the whole chain once, exactly as a VM would, then let it go.
-        let (image, backing) = ChainOpener::open_top(path, options.format, !options.readonly)?;
+        let (image, chain) = ChainOpener::open_top(path, options.format, !options.readonly)?;
         let size = image.backend.size();
         if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(StorageError::SizeNotSectorMultiple {
@@ -485,7 +487,8 @@ impl Disk {
             size,
             serial: default_serial(path),
             identity: image.identity,
-            backing,
+            backing: chain.backing,
+            backing_identities: chain.seen.iter().skip(1).map(|(id, _)| *id).collect(),
             stats: Arc::new(DiskStats::default()),
         })
     }
@@ -561,7 +564,9 @@ impl Disk {
     }
 }
 
-/// Refuses a list of disks for one VM that names one image file twice (through any path).
+/// Refuses a list of disks for one VM that names one image file twice (through any path),
+/// or a writable disk together with an overlay that reads it as a backing file (the VM
+/// would conflict with its own lock). A read-only disk may also be another disk's base.
 pub fn check_distinct(disks: &[Arc<Disk>]) -> Result<(), StorageError> {
     for (second, disk) in disks.iter().enumerate() {
         if let Some(first) = disks[..second]
@@ -572,6 +577,22 @@ pub fn check_distinct(disks: &[Arc<Disk>]) -> Result<(), StorageError> {
                 path: disk.path.clone(),
                 first: first + 1,
                 second: second + 1,
+            });
+        }
+    }
+    for (base_index, base) in disks.iter().enumerate() {
+        if base.readonly {
+            continue;
+        }
+        if let Some(overlay_index) = disks
+            .iter()
+            .position(|d| d.backing_identities.contains(&base.identity))
+        {
+            return Err(StorageError::BaseListedWritable {
+                base: base.path.clone(),
+                base_index: base_index + 1,
+                overlay: disks[overlay_index].path.clone(),
+                overlay_index: overlay_index + 1,
             });
         }
     }
@@ -835,8 +856,18 @@ mod tests {
         // One image twice in one VM.
         let one = Arc::new(Disk::open(&base, true).unwrap());
         let again = Arc::new(Disk::open(&base, true).unwrap());
-        let err = check_distinct(&[one, again]).unwrap_err();
+        let err = check_distinct(&[one.clone(), again]).unwrap_err();
         assert!(err.to_string().contains("listed twice"), "{err}");
+        // An overlay and its own base: fine when the base is read-only, not writable.
+        let overlay = scratch("with-base.qcow2");
+        let over = Arc::new(Disk::create_overlay(&base, &overlay).unwrap());
+        check_distinct(&[over.clone(), one]).unwrap();
+        let writable_base = Arc::new(Disk::open(&base, false).unwrap());
+        let err = check_distinct(&[over, writable_base]).unwrap_err();
+        assert!(
+            err.to_string().contains("is the backing file of disk 1"),
+            "{err}"
+        );
     }
 
     #[test]

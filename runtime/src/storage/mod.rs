@@ -61,6 +61,17 @@ pub enum StorageError {
     SizeNotSectorMultiple { path: PathBuf, size: u64 },
     #[error("disk image {path} is locked: {reason}")]
     Locked { path: PathBuf, reason: String },
+    #[error(
+        "disk {base_index} ({base}) is the backing file of disk {overlay_index} ({overlay}) in \
+         the same VM; a VM cannot write an image it also reads through an overlay (open it \
+         read-only)"
+    )]
+    BaseListedWritable {
+        base: PathBuf,
+        base_index: usize,
+        overlay: PathBuf,
+        overlay_index: usize,
+    },
     #[error("{path} is {what}, not a disk image (a regular file or a block device)")]
     NotAnImage { path: PathBuf, what: &'static str },
     #[error("backing file {backing} of overlay {overlay} does not exist")]
