@@ -817,16 +817,28 @@ impl Qcow2Backend {
             }
             let entry_at = self.header.refcount_table_offset + table_index as u64 * 8;
             self.check_overlap(entry_at, role::REFCOUNT_TABLE)?;
-            // A new refcount block, placed at the end of the file; it may have to count
-            // itself, which the recursive call below does once it is installed.
+            // A new refcount block, placed at the end of the file. It is counted before
+            // the table links it, so no crash leaves a referenced cluster with refcount
+            // 0: when it falls in its own range it is written already counting itself,
+            // otherwise the block that covers it counts it first.
             block = self.take_clusters(1);
             self.metadata
                 .add(block / self.cluster_size, role::REFCOUNT_BLOCK);
-            self.file
-                .write_all_at(&vec![0u8; self.cluster_size as usize], block)?;
-            self.refcount_table[table_index] = block;
+            let block_cluster = block / self.cluster_size;
+            let counts_itself = block_cluster / per_block == table_index as u64;
+            let mut data = vec![0u8; self.cluster_size as usize];
+            if counts_itself {
+                let at = ((block_cluster % per_block) * 2) as usize;
+                data[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+            }
+            self.file.write_all_at(&data, block)?;
+            if !counts_itself {
+                self.set_refcount(block, 1)?;
+            }
+            // Disk first, memory second: a failed write must not leave a mapping that
+            // exists only in memory.
             self.file.write_all_at(&block.to_be_bytes(), entry_at)?;
-            self.set_refcount(block, 1)?;
+            self.refcount_table[table_index] = block;
         }
         if !block.is_multiple_of(self.cluster_size) {
             return Err(self.mark_corrupt(format!(
@@ -976,16 +988,20 @@ impl Qcow2Backend {
             self.metadata.add(l2_offset / self.cluster_size, role::L2);
             self.file
                 .write_all_at(&vec![0u8; self.cluster_size as usize], l2_offset)?;
-            self.l1[l1_index] = l2_offset | COPIED;
+            // Disk first, memory second, here and below: if the write fails (ENOSPC in
+            // the sparse L1 table), later writes must not succeed against a mapping that
+            // exists only in memory.
             self.file.write_all_at(
                 &(l2_offset | COPIED).to_be_bytes(),
                 self.header.l1_table_offset + l1_index as u64 * 8,
             )?;
+            self.l1[l1_index] = l2_offset | COPIED;
         }
         let index = (cluster % self.l2_entries) as usize;
-        self.l2_table(l2_offset)?[index] = entry;
         self.file
-            .write_all_at(&entry.to_be_bytes(), l2_offset + index as u64 * 8)
+            .write_all_at(&entry.to_be_bytes(), l2_offset + index as u64 * 8)?;
+        self.l2_table(l2_offset)?[index] = entry;
+        Ok(())
     }
 
     /// Writes part of one guest cluster, allocating (and filling from the backing file)
