@@ -56,6 +56,8 @@ const HEADER_INCOMPATIBLE_FEATURES: u64 = 72;
 const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table (QEMU's bound).
 const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+/// Most bytes one refcount-table growth may write (new blocks and table together).
+const MAX_REFCOUNT_GROWTH_BYTES: u64 = 64 << 20;
 
 /// Largest virtual size with `cluster_bits`: what a full L1 table maps.
 const fn max_virtual_size(cluster_bits: u32) -> u64 {
@@ -908,6 +910,16 @@ impl Qcow2Backend {
         }
 
         let area_clusters = blocks + table_clusters;
+        // In a sound image the file ends near the old table's reach, so the area is a
+        // few clusters. A file that runs far past it (sparse, or damaged) would make the
+        // host allocate and write blocks in proportion to its length: refuse instead.
+        if area_clusters * cs > MAX_REFCOUNT_GROWTH_BYTES {
+            return Err(self.invalid(format!(
+                "the image file runs far past what its refcount table covers (growing it \
+                 would take {}); the image looks damaged: run qemu-img check -r all",
+                human_size(area_clusters * cs)
+            )));
+        }
         let mut area = vec![0u8; (area_clusters * cs) as usize];
         for c in start..start + area_clusters {
             let block = c / per_block - old_entries;
@@ -1909,9 +1921,57 @@ mod tests {
         assert_eq!(autoclear(&bitmap), vec![0u8; 8]);
         // QEMU now ignores the stale bitmap; its clusters count as leaked (exit code 3),
         // which is harmless, and nothing is corrupt.
-        let check = Command::new("qemu-img").args(["check", b]).output().unwrap();
-        assert!(matches!(check.status.code(), Some(0) | Some(3)), "{check:?}");
+        let check = Command::new("qemu-img")
+            .args(["check", b])
+            .output()
+            .unwrap();
+        assert!(
+            matches!(check.status.code(), Some(0) | Some(3)),
+            "{check:?}"
+        );
         let info = run_tool("qemu-img", &["info", "-U", b]);
-        assert!(!info.contains("dirty0"), "the stale bitmap is still trusted: {info}");
+        assert!(
+            !info.contains("dirty0"),
+            "the stale bitmap is still trusted: {info}"
+        );
+    }
+
+    #[test]
+    fn a_file_far_past_its_refcount_table_is_not_grown_into() {
+        if !have_tool("qemu-img") {
+            return;
+        }
+        // 512-byte clusters: one refcount-table cluster covers 8 MiB of file. A file
+        // stretched (sparsely) to 16 GiB would need 64 MiB of new blocks to grow it.
+        let path = scratch("stretched.qcow2");
+        let p = path.to_str().unwrap();
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                p,
+                "1M",
+            ],
+        );
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(16 << 30)
+            .unwrap();
+        let mut q = open_rw(&path, None);
+        let err = q.write_at(&[1u8; 512], 0).unwrap_err();
+        assert!(err.to_string().contains("runs far past"), "{err}");
+        drop(q);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            16 << 30,
+            "nothing was written"
+        );
     }
 }
