@@ -32,7 +32,7 @@ assert(q.format == "qcow2" and q.serial == "q-serial")
 -- Opening.
 fails("does not exist", hv.disk.open, dir .. "missing.img")
 local f = io.open(dir .. "short.img", "wb"); f:write(string.rep("x", 1000)); f:close()
-fails("is not a multiple of 512 bytes", hv.disk.open, dir .. "short.img")
+fails("not a multiple of 512 bytes", hv.disk.open, dir .. "short.img")
 fails("unknown option 'read_only'", hv.disk.open, dir .. "base.img", { read_only = true })
 fails("option 'serial' must be at most 20 bytes", hv.disk.open, dir .. "base.img", { serial = string.rep("s", 21) })
 local ro = hv.disk.open(dir .. "base.img", { readonly = true })

@@ -57,7 +57,7 @@ pub enum StorageError {
     },
     #[error("{path} already exists; refusing to overwrite it (remove it first)")]
     Exists { path: PathBuf },
-    #[error("disk size {size} of {path} is not a multiple of 512 bytes")]
+    #[error("disk size {size} of {path} is empty or not a multiple of 512 bytes")]
     SizeNotSectorMultiple { path: PathBuf, size: u64 },
     #[error("disk image {path} is locked: {reason}")]
     Locked { path: PathBuf, reason: String },

@@ -81,6 +81,8 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 
 /// Most L2 tables kept in memory (64 KiB each with default clusters).
 const L2_CACHE_TABLES: usize = 64;
+/// Most bytes of L2 tables cached per image: large clusters mean fewer, larger tables.
+const L2_CACHE_BYTES: u64 = 4 << 20;
 
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
@@ -643,7 +645,9 @@ impl Qcow2Backend {
             cluster_size,
             l2_entries: cluster_size / 8,
             l1,
-            l2_cache: L2Cache::new(L2_CACHE_TABLES),
+            l2_cache: L2Cache::new(
+                L2_CACHE_TABLES.min((L2_CACHE_BYTES / cluster_size).max(2) as usize),
+            ),
             refcount_table,
             metadata,
             backing,
