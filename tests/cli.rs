@@ -586,7 +586,10 @@ fn repl_ctrl_c_interrupts_a_running_chunk() {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let line = stderr.wait_for("the interruption", |l| l.starts_with("error:"));
-        assert!(line.starts_with("error: interrupted"), "chunk {chunk:?}: {line}");
+        assert!(
+            line.starts_with("error: interrupted"),
+            "chunk {chunk:?}: {line}"
+        );
     }
     writeln!(stdin, "1 + 1").unwrap();
     drop(stdin);
