@@ -5,11 +5,12 @@ mod doctor;
 mod logging;
 mod repl;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use luvisor_runtime::Registry;
 
 #[derive(Parser)]
@@ -20,7 +21,9 @@ use luvisor_runtime::Registry;
     long_about = "luvisor runs virtual machines on Linux KVM. VMs, their memory and their \
                   consoles are Lua objects: scripts create, drive and check them through the \
                   `hv` module.\n\nExamples:\n  luvisor run examples/quickstart.lua\n  \
-                  luvisor repl\n  luvisor doctor"
+                  luvisor run -i lab.lua\n  \
+                  luvisor repl\n  luvisor doctor\n  \
+                  luvisor completions bash > /etc/bash_completion.d/luvisor"
 )]
 struct Cli {
     /// Log level for messages on stderr: error, warn, info, debug or trace. RUST_LOG,
@@ -40,25 +43,66 @@ struct Cli {
 enum Command {
     /// Run a Lua script with the `hv` module; `arg` is set as in `lua`.
     ///
-    /// A script error prints the message with a traceback and exits 1; `os.exit(n)`
-    /// exits n. Every VM the script started is stopped on any exit.
+    /// `-e CODE` runs CODE first (repeatable, in order, as in `lua -e`); `-i` then enters
+    /// the REPL with the globals the code left. A script error prints the message with a
+    /// traceback and exits 1; `os.exit(n)` exits n. Every VM the script started is stopped
+    /// on any exit.
+    #[command(after_help = "Examples:\n  luvisor run examples/quickstart.lua\n  \
+                            luvisor run -e 'print(hv.version)'\n  \
+                            luvisor run -i lab.lua        # then explore the lab's VMs at the prompt\n  \
+                            cat test.lua | luvisor run - arg1")]
     Run {
-        /// The Lua script to run; `-` reads it from standard input.
-        script: PathBuf,
+        /// Run CODE before the script; may be given several times.
+        #[arg(short = 'e', value_name = "CODE", allow_hyphen_values = true)]
+        code: Vec<String>,
+        /// After the code and the script ran, enter the REPL with their globals.
+        #[arg(short = 'i')]
+        interactive: bool,
+        /// The Lua script to run; `-` reads it from standard input. Needed unless -e or
+        /// -i is given.
+        #[arg(required_unless_present_any = ["code", "interactive"])]
+        script: Option<PathBuf>,
         /// Arguments for the script (`arg[1]`, `arg[2]`, ... and `...`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// An interactive Lua prompt with the `hv` module loaded.
     ///
-    /// Expressions print their values; an incomplete chunk continues on the next line.
-    /// Ctrl-C cancels the current input or interrupts a running chunk, waits on VMs
-    /// included; Ctrl-D exits and stops every VM.
+    /// Expressions print their values; an incomplete chunk continues on the next line; Tab
+    /// completes global names and the fields and methods of `a.b.` and `a:`. Ctrl-C
+    /// cancels the current input or interrupts a running chunk, waits on VMs included;
+    /// Ctrl-D exits and stops every VM. History is kept in
+    /// $XDG_STATE_HOME/luvisor/history (default ~/.local/state/luvisor/history). With
+    /// input piped in, nothing goes into the history, and the exit code is 1 if any
+    /// chunk failed.
     Repl,
     /// Check that this host can run VMs, and explain what kind of KVM it has.
     ///
-    /// Exits non-zero when no VM can run here.
-    Doctor,
+    /// Opens /dev/kvm, asks it for its API version and the capabilities luvisor needs,
+    /// and boots a probe VM. Exits non-zero when no VM can run here.
+    Doctor {
+        /// Print one JSON object with every check, its status and its values.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script for luvisor.
+    ///
+    /// For example: `luvisor completions bash > ~/.local/share/bash-completion/completions/luvisor`,
+    /// or `luvisor completions zsh > ~/.zfunc/_luvisor`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print a manual page (roff) on standard output.
+    ///
+    /// Without COMMAND, luvisor(1), which lists the subcommands; with it, that
+    /// subcommand's page (luvisor-run(1) for `run`). For example:
+    /// `luvisor manpage > luvisor.1 && man ./luvisor.1`.
+    Manpage {
+        /// A subcommand whose page to print: run, repl, doctor, completions or manpage.
+        #[arg(value_name = "COMMAND")]
+        command: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,15 +110,49 @@ fn main() -> ExitCode {
     logging::init(cli.log_level, cli.log_format);
     let registry = Arc::new(Registry::new());
     let code = match cli.command {
-        Command::Run { script, args } => run(&registry, &script, &args),
+        Command::Run {
+            code,
+            interactive,
+            script,
+            args,
+        } => {
+            if interactive && script.as_deref() == Some(Path::new("-")) {
+                usage_error(
+                    "run",
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "-i reads the prompt's input from standard input, so the script cannot \
+                     come from it too ('-'); give the script as a file",
+                );
+            }
+            run(&registry, &code, script.as_deref(), &args, interactive)
+        }
         Command::Repl => repl::run(registry.clone()),
-        Command::Doctor => doctor::run(),
+        Command::Doctor { json } => doctor::run(json),
+        Command::Completions { shell } => completions(shell),
+        Command::Manpage { command } => manpage(command.as_deref()),
     };
     registry.stop_all();
     code
 }
 
-fn run(registry: &Arc<Registry>, script: &std::path::Path, args: &[String]) -> ExitCode {
+/// Exits with clap's usage error (code 2) for `subcommand`.
+fn usage_error(subcommand: &str, kind: clap::error::ErrorKind, message: &str) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    match command.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(kind, message).exit(),
+        None => command.error(kind, message).exit(),
+    }
+}
+
+/// `luvisor run`: the -e code in order, then the script, then (with -i) the REPL.
+fn run(
+    registry: &Arc<Registry>,
+    code: &[String],
+    script: Option<&Path>,
+    args: &[String],
+    interactive: bool,
+) -> ExitCode {
     let lua = match luvisor_lua::new_user_state(registry.clone()) {
         Ok(lua) => lua,
         Err(e) => {
@@ -82,10 +160,78 @@ fn run(registry: &Arc<Registry>, script: &std::path::Path, args: &[String]) -> E
             return ExitCode::FAILURE;
         }
     };
-    match luvisor_lua::script::run_file(&lua, script, args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = (|| {
+        // `arg` is there for -e code too, as in `lua`.
+        luvisor_lua::script::set_arg(&lua, script, args)?;
+        for chunk in code {
+            luvisor_lua::script::run_code(&lua, chunk)?;
+        }
+        match script {
+            Some(script) => luvisor_lua::script::run_file(&lua, script, args),
+            None => Ok(()),
+        }
+    })();
+    match result {
         Err(message) => {
             eprintln!("luvisor: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(()) if interactive => repl::interact(&lua),
+        Ok(()) => ExitCode::SUCCESS,
+    }
+}
+
+/// `luvisor completions SHELL`: the completion script on standard output.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap_complete::Generator;
+    let mut command = Cli::command();
+    command.set_bin_name("luvisor");
+    command.build();
+    let mut out = std::io::stdout().lock();
+    // try_generate, not generate: a closed pipe must be an error message, not a panic.
+    match shell
+        .try_generate(&command, &mut out)
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luvisor: cannot write the completion script: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `luvisor manpage [COMMAND]`: luvisor(1), or luvisor-COMMAND(1).
+fn manpage(subcommand: Option<&str>) -> ExitCode {
+    // Building names the subcommands `luvisor-run` etc., as their pages are called.
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    let page = match subcommand {
+        None => command,
+        Some(name) => match command.find_subcommand(name) {
+            Some(sub) => sub.clone(),
+            None => {
+                let names: Vec<&str> = command.get_subcommands().map(|s| s.get_name()).collect();
+                usage_error(
+                    "manpage",
+                    clap::error::ErrorKind::InvalidValue,
+                    &format!(
+                        "there is no subcommand '{name}'; pages exist for: {}",
+                        names.join(", ")
+                    ),
+                );
+            }
+        },
+    };
+    let mut out = std::io::stdout().lock();
+    let result = clap_mangen::Man::new(page)
+        .source(format!("luvisor {}", env!("CARGO_PKG_VERSION")))
+        .render(&mut out)
+        .and_then(|()| out.flush());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luvisor: cannot write the manual page: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,9 +1,14 @@
-//! The `luvisor` command line: help, version, exit codes, errors, doctor, REPL.
+//! The `luvisor` command line: help, version, exit codes, errors, doctor, REPL, run -e/-i,
+//! completions and the manual page.
+//!
+//! Tests that interact with a running process wait for the output they need (a line on
+//! stdout or stderr) before they act, never for a length of time.
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 
 fn luvisor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_luvisor"))
@@ -41,11 +46,38 @@ fn help_and_version() {
     for word in ["run", "repl", "doctor", "--log-level", "--log-format"] {
         assert!(out.contains(word), "--help mentions {word}:\n{out}");
     }
+    for word in ["completions", "manpage"] {
+        assert!(out.contains(word), "--help mentions {word}:\n{out}");
+    }
     let run_help = text(&luvisor(&["run", "--help"]).stdout);
     assert!(
         run_help.contains("traceback") && run_help.contains("os.exit"),
         "{run_help}"
     );
+    // Every subcommand answers --help with what it offers.
+    for (command, words) in [
+        (
+            "run",
+            &["-e <CODE>", "-i", "[SCRIPT]", "standard input"][..],
+        ),
+        ("repl", &["Tab", "history", "piped"][..]),
+        ("doctor", &["--json", "/dev/kvm"][..]),
+        (
+            "completions",
+            &["bash", "zsh", "fish", "elvish", "powershell"][..],
+        ),
+        ("manpage", &["roff", "[COMMAND]"][..]),
+    ] {
+        let help = luvisor(&[command, "--help"]);
+        assert!(help.status.success(), "{command} --help");
+        let help = text(&help.stdout);
+        for word in words {
+            assert!(
+                help.contains(word),
+                "{command} --help mentions {word}:\n{help}"
+            );
+        }
+    }
     let version = luvisor(&["--version"]);
     assert!(version.status.success());
     assert_eq!(
@@ -88,6 +120,71 @@ fn script_error_prints_traceback_and_exits_1() {
     assert_stderr_has(&out, "syntax.lua:1:");
 }
 
+/// Runs `luvisor ARGS` with `input` on its standard input.
+fn luvisor_with_input(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A child that exits without reading its input (a failed `run -i`) closes the pipe.
+    if let Err(e) = stdin.write_all(input.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// An error from a `hv` function caught with pcall is its message alone, and one that
+/// ends the script is printed once with one traceback, whichever way the script came.
+#[test]
+fn hv_errors_are_plain_messages_with_one_traceback() {
+    let body = "local ok, e = pcall(hv.disk.open, '/nonexistent/x.img')\n\
+                print(type(e), e)\n\
+                hv.disk.open('/nonexistent/y.img')\n";
+    let path = script("hv_error.lua", body);
+    let from_file = luvisor(&["run", path.to_str().unwrap()]);
+    let from_stdin = luvisor_with_input(&["run", "-"], body);
+    for (out, chunk) in [(from_file, path.to_str().unwrap()), (from_stdin, "stdin")] {
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            text(&out.stdout),
+            "string\thv.disk.open: disk image /nonexistent/x.img does not exist\n"
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with(
+                "luvisor: hv.disk.open: disk image /nonexistent/y.img does not exist\n\
+                 stack traceback:\n"
+            ),
+            "{err}"
+        );
+        assert_eq!(err.matches("stack traceback:").count(), 1, "{err}");
+        assert_eq!(err.matches("does not exist").count(), 1, "{err}");
+        assert!(err.contains(&format!("{chunk}:3: in main chunk")), "{err}");
+        assert!(!err.contains("runtime error"), "{err}");
+    }
+
+    // The REPL prints the message and one traceback, and catches like a script does
+    // (each line is a chunk of its own, so no locals).
+    let out = luvisor_with_input(&["repl"], &body.replace("local ok, e", "ok, e"));
+    let stdout = text(&out.stdout);
+    let err = text(&out.stderr);
+    assert!(
+        stdout.contains("string\thv.disk.open: disk image /nonexistent/x.img does not exist\n"),
+        "{stdout}"
+    );
+    assert!(
+        err.starts_with("error: hv.disk.open: disk image /nonexistent/y.img does not exist\n"),
+        "{err}"
+    );
+    assert_eq!(err.matches("stack traceback:").count(), 1, "{err}");
+    assert!(!err.contains("runtime error"), "{err}");
+}
+
 #[test]
 fn os_exit_code_and_vms_stopped() {
     if !common::kvm_available() {
@@ -117,14 +214,152 @@ fn doctor_reports_backend() {
     let out = luvisor(&["doctor"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("KVM API version: 12"), "{stdout}");
+    assert!(stdout.contains("[ ok ] KVM API version: 12"), "{stdout}");
     assert!(stdout.contains("probe VM"), "{stdout}");
+    // What luvisor allows comes first, KVM's own limit is labelled as such.
+    assert!(
+        stdout.contains("vCPUs per VM: luvisor allows 1 to 8; KVM allows up to "),
+        "{stdout}"
+    );
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(stdout.contains("backend: pvm"), "{stdout}");
         assert!(
             stdout.contains("PVM is software virtualization"),
             "{stdout}"
         );
+    }
+}
+
+/// Every check `luvisor doctor` makes, by id.
+const DOCTOR_CHECKS: &[&str] = &[
+    "device",
+    "api_version",
+    "backend",
+    "user_memory",
+    "irqchip",
+    "irqfd",
+    "ioeventfd",
+    "dirty_log",
+    "immediate_exit",
+    "vcpus",
+    "probe",
+];
+
+fn doctor_json(out: &Output) -> serde_json::Value {
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one JSON object:\n{stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn doctor_json_has_every_check_with_its_values() {
+    if !common::kvm_available() {
+        return;
+    }
+    let out = luvisor(&["doctor", "--json"]);
+    let report = doctor_json(&out);
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert_eq!(report["luvisor"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(report["verdict"], "This host can run VMs.");
+    let order: Vec<&str> = report["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(order, DOCTOR_CHECKS);
+    for id in DOCTOR_CHECKS {
+        let check = &report["checks"][id];
+        let status = check["status"].as_str().unwrap_or_default();
+        assert!(status == "ok" || status == "warn", "{id}: {check:#}");
+        assert!(
+            check["title"].is_string() && check["detail"].is_string(),
+            "{check:#}"
+        );
+    }
+    let checks = &report["checks"];
+    assert_eq!(checks["api_version"]["values"]["api_version"], 12);
+    assert_eq!(checks["device"]["values"]["device"], "10:232");
+    assert_eq!(checks["irqfd"]["values"]["supported"], true);
+    let vcpus = &checks["vcpus"]["values"];
+    assert_eq!(vcpus["luvisor_max"], 8, "{vcpus:#}");
+    let kvm_max = vcpus["kvm_max"].as_i64().unwrap();
+    assert!(kvm_max >= 1, "{vcpus:#}");
+    assert_eq!(vcpus["usable_max"].as_i64(), Some(kvm_max.min(8)));
+    assert!(checks["probe"]["values"]["milliseconds"].as_f64().unwrap() > 0.0);
+}
+
+/// Runs `luvisor ARGS` in a mount namespace where /dev/kvm is /dev/null: a file that
+/// opens fine but is not KVM. Needs root, `unshare` and an existing /dev/kvm to mount
+/// over; returns None (after saying so) where they are missing.
+fn run_with_dev_null_as_kvm(args: &[&str]) -> Option<Output> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let have_unshare = Command::new("unshare").arg("--version").output().is_ok();
+    if !root || !have_unshare || !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipping: needs root, unshare and /dev/kvm to bind-mount /dev/null over it");
+        return None;
+    }
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg("mount --bind /dev/null /dev/kvm || exit 99; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_luvisor"))
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.code() == Some(99) {
+        eprintln!("skipping: cannot bind-mount here: {}", text(&out.stderr));
+        return None;
+    }
+    Some(out)
+}
+
+#[test]
+fn doctor_fails_when_dev_kvm_is_not_kvm() {
+    let Some(out) = run_with_dev_null_as_kvm(&["doctor"]) else {
+        return;
+    };
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "[FAIL] KVM API version: ioctl KVM_GET_API_VERSION on /dev/kvm failed: \
+             Inappropriate ioctl for device"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("not KVM's 10:232: it is not KVM"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[skip] probe VM"), "{stdout}");
+    assert!(stdout.contains("No VM can run on this host."), "{stdout}");
+    // Nothing made up from failed ioctls.
+    assert!(!stdout.contains("API version: -1"), "{stdout}");
+    assert!(!stdout.contains("18446744073709551615"), "{stdout}");
+    assert!(!stdout.contains("[ ok ] user memory"), "{stdout}");
+
+    let Some(out) = run_with_dev_null_as_kvm(&["doctor", "--json"]) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(1));
+    let report = doctor_json(&out);
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["verdict"], "No VM can run on this host.");
+    let checks = &report["checks"];
+    assert_eq!(checks["device"]["status"], "ok");
+    assert_eq!(checks["device"]["values"]["device"], "1:3");
+    assert_eq!(checks["api_version"]["status"], "fail");
+    assert!(
+        checks["api_version"]["values"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("KVM_GET_API_VERSION"),
+        "{report:#}"
+    );
+    for id in ["user_memory", "irqfd", "vcpus", "probe"] {
+        assert_eq!(checks[id]["status"], "skipped", "{id}: {report:#}");
     }
 }
 
@@ -159,11 +394,11 @@ fn json_logs_go_to_stderr() {
     assert!(text(&out.stdout).is_empty());
 }
 
-/// Starts `luvisor repl` with piped stdio and its history under a fresh state directory.
-fn spawn_repl(name: &str) -> (std::path::PathBuf, std::process::Child) {
+/// Starts `luvisor ARGS` with piped stdio and its history under a fresh state directory.
+fn spawn_repl_with(name: &str, args: &[&str]) -> (std::path::PathBuf, std::process::Child) {
     let state = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
-        .arg("repl")
+        .args(args)
         .env("XDG_STATE_HOME", &state)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -171,6 +406,60 @@ fn spawn_repl(name: &str) -> (std::path::PathBuf, std::process::Child) {
         .spawn()
         .unwrap();
     (state, child)
+}
+
+fn spawn_repl(name: &str) -> (std::path::PathBuf, std::process::Child) {
+    spawn_repl_with(name, &["repl"])
+}
+
+/// The lines a child writes on one of its pipes, read as they come by a thread, so a test
+/// can wait for the line it needs before it acts.
+struct Lines {
+    receiver: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn new(pipe: impl Read + Send + 'static) -> Lines {
+        let (sender, receiver) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            receiver,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Blocks until a line matching `wanted` arrives and returns it; panics, showing what
+    /// came, if the pipe closes first.
+    fn wait_for(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        loop {
+            match self.receiver.recv() {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "the pipe closed before {what}; it had:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Every line, up to the end of the pipe.
+    fn all(mut self) -> Vec<String> {
+        self.seen.extend(self.receiver.iter());
+        self.seen
+    }
 }
 
 #[test]
@@ -198,7 +487,8 @@ fn repl_evaluates_piped_input() {
     let out = child.wait_with_output().unwrap();
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    // Piped input with an error in it: the REPL goes on, and exits 1 at the end.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.contains(&"2"), "{stdout}");
     assert!(
@@ -212,63 +502,252 @@ fn repl_evaluates_piped_input() {
     );
     assert!(stdout.contains("{ \"x\", a = 1 }"), "{stdout}");
     assert!(stdout.contains("\"running\""), "{stdout}");
-    assert!(stderr.contains("oops"), "{stderr}");
-    // The history persists, multi-line chunks as one entry.
-    let history = std::fs::read_to_string(state.join("luvisor/history")).expect("history file");
-    assert!(history.contains("1 + 1"), "{history}");
-    assert!(history.contains("twice(21)"), "{history}");
+    assert!(stderr.contains("error: stdin:1: oops"), "{stderr}");
     let _ = std::fs::remove_dir_all(state);
 }
 
+/// Piped input is not typed by a person: it stays out of the history, and any error makes
+/// the exit code 1 once the input ends.
 #[test]
-fn repl_ctrl_c_interrupts_a_running_chunk() {
-    let (state, mut child) = spawn_repl("luvisor-repl-int");
-    // The banner comes once the REPL handles Ctrl-C itself.
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut banner = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut banner).unwrap();
-    assert!(banner.contains("repl"), "{banner}");
-    let mut input = String::from("hv.sleep(600)\nwhile true do end\n");
-    let with_vm = common::kvm_available();
-    if with_vm {
-        // Each chunk (re)does its setup, so wherever a press lands the chunk ends with
-        // "interrupted" and nothing else.
-        let setup = "vm = vm or hv.vms()[1] or hv.vm{ name = 'w', memory = '16M', \
-                     guest = hv.guest.builtin{ cmdline = 'idle' } }; \
-                     if vm.state == 'created' then vm:start() end; ";
-        input.push_str(&format!(
-            "{setup}vm:wait_for_console('never printed', {{ timeout = 600 }})\n"
-        ));
-        input.push_str(&format!("{setup}vm:wait{{ timeout = 600 }}\n"));
-    }
-    input.push_str("1 + 1\n");
+fn repl_piped_input_skips_history_and_sets_the_exit_code() {
+    let (state, mut child) = spawn_repl("luvisor-repl-piped");
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(input.as_bytes())
+        .write_all(b"x = 20\nx + 22\n")
         .unwrap();
-    // Keep pressing Ctrl-C until the REPL has worked through its input and exited; a
-    // press that lands between chunks is dropped before the next chunk starts.
-    for _ in 0..200 {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).lines().any(|l| l == "42"));
+    assert!(
+        !state.join("luvisor/history").exists(),
+        "piped input went into the history"
+    );
+
+    for (input, message) in [
+        ("error('first')\n1 + 1\n", "error: stdin:1: first"),
+        (
+            "1 + 1\nlocal = 3\n",
+            "error: stdin:1: <name> expected near '='",
+        ),
+        (
+            "function f(\n",
+            "error: stdin:1: <name> or '...' expected near <eof>",
+        ),
+    ] {
+        let (state, mut child) = spawn_repl("luvisor-repl-piped-err");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{input:?}: {stderr}");
+        assert!(stderr.contains(message), "{input:?}: {stderr}");
+        assert!(!state.join("luvisor/history").exists());
+        let _ = std::fs::remove_dir_all(state);
+    }
+    let _ = std::fs::remove_dir_all(state);
+}
+
+/// Each chunk announces that it runs, then blocks; the test presses Ctrl-C only once the
+/// announcement is out, and sends the next chunk only once "interrupted" came back.
+#[test]
+fn repl_ctrl_c_interrupts_a_running_chunk() {
+    let (state, mut child) = spawn_repl("luvisor-repl-int");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = Lines::new(child.stdout.take().unwrap());
+    let mut stderr = Lines::new(child.stderr.take().unwrap());
+    // The banner comes once the REPL handles Ctrl-C itself.
+    stdout.wait_for("the banner", |l| l.contains("repl"));
+    // Lua's print goes through C stdio, which holds output to a pipe back; the
+    // announcements must arrive while the chunk still runs.
+    writeln!(stdin, "io.stdout:setvbuf('no')").unwrap();
+    let mut chunks = vec![
+        "print('ready 1'); hv.sleep(600)".to_string(),
+        "print('ready 2'); while true do end".to_string(),
+    ];
+    if common::kvm_available() {
+        chunks.push(
+            "vm = hv.vm{ name = 'w', memory = '16M', guest = hv.guest.builtin{ cmdline = 'idle' } }; \
+             vm:start(); print('ready 3'); vm:wait_for_console('never printed', { timeout = 600 })"
+                .to_string(),
+        );
+        chunks.push("print('ready 4'); vm:wait{ timeout = 600 }".to_string());
+    }
+    for (i, chunk) in chunks.iter().enumerate() {
+        writeln!(stdin, "{chunk}").unwrap();
+        stdin.flush().unwrap();
+        let ready = format!("ready {}", i + 1);
+        stdout.wait_for(&ready, |l| l == ready);
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let line = stderr.wait_for("the interruption", |l| l.starts_with("error:"));
+        assert!(
+            line.starts_with("error: interrupted"),
+            "chunk {chunk:?}: {line}"
+        );
     }
-    let out = child.wait_with_output().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let expected = if with_vm { 4 } else { 2 };
-    assert_eq!(stderr.matches("interrupted").count(), expected, "{stderr}");
+    writeln!(stdin, "1 + 1").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    let stdout = stdout.all();
+    let stderr = stderr.all();
+    // The interrupted chunks count as errors of piped input.
+    assert_eq!(status.code(), Some(1), "{stderr:?}");
+    let interrupted = stderr.iter().filter(|l| l.contains("interrupted")).count();
+    assert_eq!(interrupted, chunks.len(), "{stderr:?}");
     assert!(
-        rest.lines().any(|l| l == "2"),
-        "the REPL goes on after an interrupt: {rest}"
+        stdout.iter().any(|l| l == "2"),
+        "the REPL goes on after an interrupt: {stdout:?}"
     );
+    let _ = std::fs::remove_dir_all(state);
+}
+
+/// A pseudo-terminal for a child: the child gets the slave side as stdin, stdout and
+/// stderr; the test reads and writes the master side.
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+}
+
+fn open_pty() -> Pty {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds into the integers we pass; a null name and termios
+    // mean "don't report the name" and "default settings"; size is read only.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // Other tests spawn children at the same time; none may inherit these fds, or the
+    // master would not see the end of the session when this child exits.
+    for fd in [master, slave] {
+        // SAFETY: fcntl on fds we own, setting only the close-on-exec flag.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(rc, 0, "fcntl: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just opened by openpty and are owned by nothing else.
+    unsafe {
+        Pty {
+            master: std::fs::File::from_raw_fd(master),
+            slave: std::fs::File::from_raw_fd(slave),
+        }
+    }
+}
+
+/// Bytes from the master side of a pty, read by a thread; `next_prompt` blocks until the
+/// REPL asks for the next line. The read ends with EIO once the child is gone.
+struct Screen {
+    receiver: Receiver<Vec<u8>>,
+    seen: String,
+    /// How far `next_prompt` has matched: each wait looks only at newer output.
+    matched: usize,
+}
+
+impl Screen {
+    fn new(mut master: std::fs::File) -> Screen {
+        let (sender, receiver) = channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 || sender.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Screen {
+            receiver,
+            seen: String::new(),
+            matched: 0,
+        }
+    }
+
+    /// Blocks until the editor shows an empty prompt after the previous one, and returns
+    /// what came in between. An empty prompt is drawn as the prompt followed by a carriage
+    /// return (the cursor goes back to place itself after it); a prompt redrawn with text
+    /// on the line, as after a completion, is not.
+    fn next_prompt(&mut self) -> String {
+        const EMPTY_PROMPT: &str = "hv> \r";
+        loop {
+            if let Some(at) = self.seen[self.matched..].find(EMPTY_PROMPT) {
+                let shown = self.seen[self.matched..self.matched + at].to_string();
+                self.matched += at + EMPTY_PROMPT.len();
+                return shown;
+            }
+            match self.receiver.recv() {
+                Ok(bytes) => self.seen.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(_) => panic!("the terminal closed before a prompt:\n{:?}", self.seen),
+            }
+        }
+    }
+
+    fn rest(mut self) -> String {
+        for bytes in self.receiver.iter() {
+            self.seen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        self.seen
+    }
+}
+
+/// In a terminal the REPL edits lines: Tab completes, and what was typed is kept in the
+/// history file for the next session.
+#[test]
+fn repl_in_a_terminal_completes_and_keeps_history() {
+    let state = std::env::temp_dir().join(format!("luvisor-repl-tty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let pty = open_pty();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .arg("repl")
+        .env("XDG_STATE_HOME", &state)
+        .env("TERM", "xterm")
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave)
+        .spawn()
+        .unwrap();
+    let mut keyboard = pty.master.try_clone().unwrap();
+    let mut screen = Screen::new(pty.master);
+    // Between lines the editor puts the terminal back in cooked mode, where Ctrl-D would
+    // be taken by the kernel's line discipline; the prompt is drawn once raw mode is on
+    // again, so every line is typed once the next empty prompt is on the screen.
+    screen.next_prompt();
+    keyboard.write_all(b"answer = 6 * 7\r").unwrap();
+    screen.next_prompt();
+    // `hv.vers` + Tab completes to `hv.version`, which evaluates to the version string.
+    keyboard.write_all(b"hv.vers\t\r").unwrap();
+    let shown = screen.next_prompt();
+    assert!(
+        shown.contains("hv> hv.version")
+            && shown.contains(&format!("\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{shown:?}"
+    );
+    keyboard.write_all(b"answer\r").unwrap();
+    let shown = screen.next_prompt();
+    assert!(shown.contains("42"), "{shown:?}");
+    // Ctrl-D at an empty prompt ends the session.
+    keyboard.write_all(b"\x04").unwrap();
+    let status = child.wait().unwrap();
+    let screen = screen.rest();
+    assert!(status.success(), "{screen}");
+    let history = std::fs::read_to_string(state.join("luvisor/history")).expect("history file");
+    assert!(history.contains("answer = 6 * 7"), "{history}");
+    assert!(history.contains("hv.version"), "{history}");
     let _ = std::fs::remove_dir_all(state);
 }
 
@@ -365,4 +844,165 @@ fn run_reads_a_script_from_stdin() {
         format!("-\tx\t{}\n", env!("CARGO_PKG_VERSION"))
     );
     assert_stderr_has(&out, "stdin:2: late");
+}
+
+#[test]
+fn run_e_runs_code_before_the_script() {
+    // Alone, repeated, in order.
+    let out = luvisor(&[
+        "run",
+        "-e",
+        "x = 20",
+        "-e",
+        "x = x + 22",
+        "-e",
+        "print(x, hv.version)",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("42\t{}\n", env!("CARGO_PKG_VERSION"))
+    );
+    // Before a script, which sees its globals; `arg` is set for both.
+    let path = script("after_e.lua", "print(x, arg[1], ...)\n");
+    let out = luvisor(&[
+        "run",
+        "-e",
+        "x = 'from -e'; print(arg[0] ~= nil, arg[1])",
+        path.to_str().unwrap(),
+        "one",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "true\tone\nfrom -e\tone\tone\n");
+    // An error in -e code stops there, named as lua names it.
+    let out = luvisor(&["run", "-e", "error('bad code')", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).is_empty(), "the script did not run");
+    assert_stderr_has(
+        &out,
+        "luvisor: (command line):1: bad code\nstack traceback:",
+    );
+    // Code that starts with a dash is code, not an option.
+    let out = luvisor(&["run", "-e", "-- a comment"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn run_i_enters_the_repl_with_the_scripts_globals() {
+    let path = script(
+        "lab.lua",
+        "greeting = 'hello from ' .. arg[1]\nlocal hidden = 1\n",
+    );
+    let (state, mut child) = spawn_repl_with(
+        "luvisor-run-i",
+        &[
+            "run",
+            "-i",
+            "-e",
+            "suffix = '!'",
+            path.to_str().unwrap(),
+            "lab",
+        ],
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"greeting .. suffix\nhidden\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("repl"), "the REPL started: {stdout}");
+    assert!(stdout.contains("\"hello from lab!\""), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "nil"),
+        "locals stay local: {stdout}"
+    );
+    let _ = std::fs::remove_dir_all(state);
+
+    // A script that fails does not reach the prompt.
+    let failing = script("lab_fails.lua", "error('no lab')\n");
+    let out = luvisor_with_input(&["run", "-i", failing.to_str().unwrap()], "1 + 1\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stdout).contains("repl"), "{}", text(&out.stdout));
+    assert_stderr_has(&out, "no lab");
+    // The prompt needs standard input, so the script cannot come from it.
+    let out = luvisor_with_input(&["run", "-i", "-"], "print(1)\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "give the script as a file");
+}
+
+#[test]
+fn completions_for_every_shell() {
+    for (shell, marker) in [
+        ("bash", "_luvisor()"),
+        ("zsh", "#compdef luvisor"),
+        ("fish", "complete -c luvisor"),
+        ("elvish", "edit:completion:arg-completer[luvisor]"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = luvisor(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains(marker), "{shell}:\n{script}");
+        for word in ["doctor", "completions", "manpage"] {
+            assert!(script.contains(word), "{shell} completes {word}");
+        }
+    }
+    let out = luvisor(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Where bash is installed, the script really completes.
+    if Command::new("bash").arg("--version").output().is_err() {
+        eprintln!("skipping the bash run: no bash");
+        return;
+    }
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source <(\"$0\" completions bash) || exit 1\n\
+             COMP_WORDS=(luvisor do); COMP_CWORD=1; _luvisor luvisor do luvisor\n\
+             echo \"${COMPREPLY[@]}\"\n\
+             COMP_WORDS=(luvisor doctor --j); COMP_CWORD=2; _luvisor luvisor --j doctor\n\
+             echo \"${COMPREPLY[@]}\"",
+        )
+        .arg(env!("CARGO_BIN_EXE_luvisor"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "doctor\n--json\n");
+}
+
+#[test]
+fn manpage_is_roff() {
+    let out = luvisor(&["manpage"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(
+        page.contains(&format!(
+            ".TH luvisor 1  \"luvisor {}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{page}"
+    );
+    assert!(
+        page.contains(".SH SYNOPSIS") && page.contains(".SH SUBCOMMANDS"),
+        "{page}"
+    );
+    for sub in ["run", "repl", "doctor", "completions", "manpage"] {
+        assert!(page.contains(&format!("luvisor\\-{sub}(1)")), "{page}");
+    }
+    // Each subcommand has the page the list refers to.
+    let out = luvisor(&["manpage", "run"]);
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH luvisor-run 1"), "{page}");
+    assert!(page.contains("\\fB\\-e\\fR"), "{page}");
+    let out = luvisor(&["manpage", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(
+        &out,
+        "pages exist for: run, repl, doctor, completions, manpage",
+    );
 }

@@ -7,7 +7,8 @@
 //! - [`guest`] has `hv.guest.builtin{}`;
 //! - [`disk`] has `hv.disk.create{}`, `hv.disk.open()`, `hv.disk.overlay{}` and the `Disk` object;
 //! - [`host`] has `hv.host()` and `hv.sleep()`;
-//! - [`script`] runs a script file the way `luvisor run` does;
+//! - [`script`] runs scripts the way `luvisor run` does and makes errors raised from Rust
+//!   reach scripts as plain messages;
 //! - [`display`] gives readable forms of values for the REPL.
 //!
 //! Lua objects are handles: a `Vm` holds an id and resolves it in the runtime's
@@ -51,5 +52,6 @@ pub fn new_user_state(registry: Arc<Registry>) -> mlua::Result<Lua> {
     let lua = unsafe { Lua::unsafe_new() };
     register(&lua, registry.clone())?;
     script::install_exit(&lua, registry)?;
+    script::install_error_values(&lua)?;
     Ok(lua)
 }
