@@ -364,6 +364,20 @@ fn doctor_fails_when_dev_kvm_is_not_kvm() {
 }
 
 #[test]
+fn the_lua_api_says_when_dev_kvm_is_not_kvm() {
+    let code = "local h = hv.host(); assert(h.kvm == false, 'kvm should be false'); \
+                print(h.kvm_error); \
+                local vm = hv.vm{ name = 'x', guest = hv.guest.builtin{} }; \
+                local ok, err = pcall(vm.start, vm); assert(not ok); print(err)";
+    let Some(out) = run_with_dev_null_as_kvm(&["run", "-e", code]) else {
+        return;
+    };
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert_eq!(stdout.matches("/dev/kvm is not KVM").count(), 2, "{stdout}");
+}
+
+#[test]
 fn json_logs_go_to_stderr() {
     if !common::kvm_available() {
         return;

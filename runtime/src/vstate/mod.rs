@@ -16,8 +16,19 @@ use kvm_ioctls::Kvm;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-#[error("cannot open /dev/kvm")]
-pub struct KvmOpenError(#[source] pub kvm_ioctls::Error);
+pub enum KvmOpenError {
+    #[error("cannot open /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
+    /// Something else sits at /dev/kvm (a bind-mounted /dev/null, a wrong device node).
+    #[error(
+        "/dev/kvm is not KVM: KVM_GET_API_VERSION returned {0} (expected {KVM_API_VERSION}); \
+         run `luvisor doctor`"
+    )]
+    NotKvm(i32),
+}
+
+/// The only KVM API version there has ever been.
+const KVM_API_VERSION: i32 = 12;
 
 /// The process-wide `/dev/kvm` handle, opened on first use.
 pub fn kvm() -> Result<Arc<Kvm>, KvmOpenError> {
@@ -25,6 +36,12 @@ pub fn kvm() -> Result<Arc<Kvm>, KvmOpenError> {
     if let Some(kvm) = KVM.get() {
         return Ok(kvm.clone());
     }
-    let kvm = Arc::new(Kvm::new().map_err(KvmOpenError)?);
+    let kvm = Kvm::new().map_err(KvmOpenError::Open)?;
+    // Opening succeeds on any device node; the first ioctl tells whether it is KVM.
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(KvmOpenError::NotKvm(version));
+    }
+    let kvm = Arc::new(kvm);
     Ok(KVM.get_or_init(|| kvm).clone())
 }
