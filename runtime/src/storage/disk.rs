@@ -503,11 +503,14 @@ impl Disk {
         let given = self.format_given.then_some(self.format);
         let (image, _) =
             ChainOpener::open_top(&self.path, given, !self.readonly).map_err(|e| match e {
-                StorageError::UnsupportedFormat { format, .. } => changed(format!(
-                    "it was {} and now looks like a {format} image",
-                    self.format.as_str()
-                )),
-                StorageError::SizeNotSectorMultiple { size, .. } => {
+                // Only about the image itself: a backing file's errors speak for themselves.
+                StorageError::UnsupportedFormat { path, format } if path == self.path => {
+                    changed(format!(
+                        "it was {} and now looks like a {format} image",
+                        self.format.as_str()
+                    ))
+                }
+                StorageError::SizeNotSectorMultiple { path, size } if path == self.path => {
                     changed(format!("it was {} bytes and is now {size}", self.size))
                 }
                 other => other,
