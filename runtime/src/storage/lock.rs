@@ -97,6 +97,13 @@ fn held_by_another(file: &File, byte: i64) -> io::Result<bool> {
     Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+fn lock_failed(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+    move |source| StorageError::LockFailed {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Locks `file` (the image at `path`) for `mode`, failing at once if another process, VM
 /// or QEMU tool holds it in a conflicting way. The locks last as long as `file` is open;
 /// on error the caller drops `file`, which releases whatever was taken.
@@ -106,13 +113,13 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), Storag
         LockMode::Exclusive => &[Permission::ConsistentRead, Permission::Write],
     };
     for p in used {
-        take(file, USE_BASE + *p as i64).map_err(StorageError::io(path))?;
+        take(file, USE_BASE + *p as i64).map_err(lock_failed(path))?;
     }
     for p in REFUSED {
-        take(file, REFUSE_BASE + *p as i64).map_err(StorageError::io(path))?;
+        take(file, REFUSE_BASE + *p as i64).map_err(lock_failed(path))?;
     }
     for p in used {
-        if held_by_another(file, REFUSE_BASE + *p as i64).map_err(StorageError::io(path))? {
+        if held_by_another(file, REFUSE_BASE + *p as i64).map_err(lock_failed(path))? {
             return Err(StorageError::Locked {
                 path: path.to_path_buf(),
                 reason: format!(
@@ -124,7 +131,7 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), Storag
         }
     }
     for p in REFUSED {
-        if held_by_another(file, USE_BASE + *p as i64).map_err(StorageError::io(path))? {
+        if held_by_another(file, USE_BASE + *p as i64).map_err(lock_failed(path))? {
             return Err(StorageError::Locked {
                 path: path.to_path_buf(),
                 reason: format!(

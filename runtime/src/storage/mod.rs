@@ -74,6 +74,15 @@ pub enum StorageError {
     },
     #[error("{path} is {what}, not a disk image (a regular file or a block device)")]
     NotAnImage { path: PathBuf, what: &'static str },
+    #[error(
+        "cannot lock disk image {path} (its filesystem may not support OFD byte-range locks, \
+         which luvisor and QEMU use to keep writers apart)"
+    )]
+    LockFailed {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("backing file {backing} of overlay {overlay} does not exist")]
     BackingNotFound { overlay: PathBuf, backing: PathBuf },
     #[error("the backing chain of {path} loops: {chain}")]
