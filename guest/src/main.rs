@@ -2,7 +2,7 @@
 //!
 //! A freestanding program that runs entirely at CPL3: the host loads it at 1 MiB, builds
 //! identity-mapped page tables and a GDT, and enters it in 64-bit user mode (see
-//! `DESIGN.md`). It talks to the host only through the ports in `luvisor_guest_abi`.
+//! `docs/architecture.md`). It talks to the host only through the ports in `luvisor_guest_abi`.
 //!
 //! It reads a command line from the boot-info block: commands separated by `;`, run in
 //! order by vCPU 0. When they run out, the guest exits with code 0. Output format is

@@ -2,7 +2,7 @@
 //!
 //! Our development and CI machines run `kvm_pvm`, a software nested hypervisor: guest
 //! user-mode code runs natively but supervisor-mode code is emulated, so a stock Linux
-//! guest cannot boot at usable speed (see `DESIGN.md`, section 1). Detection order: the
+//! guest cannot boot at usable speed (see `docs/architecture.md`, "Why the guest runs at CPL3"). Detection order: the
 //! `kvm_pvm` module, then the vmx/svm CPU flags with their KVM modules.
 
 use std::fs;

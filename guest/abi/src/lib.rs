@@ -1,7 +1,7 @@
 //! The contract between the luvisor host and the built-in test guest.
 //!
 //! The host prepares page tables, a GDT and this boot-info block, then enters the guest
-//! directly in 64-bit mode at CPL3 (see `DESIGN.md`, section 1). Everything the two sides
+//! directly in 64-bit mode at CPL3 (see `docs/architecture.md`, "Why the guest runs at CPL3"). Everything the two sides
 //! must agree on lives here, so that neither can drift from the other.
 #![no_std]
 
