@@ -200,6 +200,11 @@ impl Queue {
     /// Tells the device there are new requests (one trapped MMIO write).
     pub fn notify(&self) {
         fence(Ordering::SeqCst);
+        // SAFETY: used->flags is the first u16 of the used ring. VIRTQ_USED_F_NO_NOTIFY
+        // means the device is polling this queue and needs no exit to find the requests.
+        if unsafe { read_volatile(self.used as *const u16) } & 1 != 0 {
+            return;
+        }
         // SAFETY: QueueNotify of this device; KVM turns it into an ioeventfd signal.
         unsafe { write_volatile(self.mmio_notify as *mut u32, 0) };
     }

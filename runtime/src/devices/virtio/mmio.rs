@@ -177,23 +177,51 @@ impl MmioTransport {
         }
     }
 
+    /// Asks the driver to stop (`false`) or resume (`true`) notifying queue `index`, with
+    /// the used ring's NO_NOTIFY flag: the event thread stops it while it polls the queue.
+    /// Resuming returns whether requests arrived meanwhile (they would get no
+    /// notification). Only a hint to the driver; errors leave notifications on.
+    pub fn set_queue_notification(&mut self, index: usize, notify: bool) -> bool {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return false;
+        };
+        if !queue.ready() || self.status & status::DRIVER_OK == 0 {
+            return false;
+        }
+        if notify {
+            queue
+                .enable_notification(self.mem.as_ref())
+                .unwrap_or(false)
+        } else {
+            if queue.disable_notification(self.mem.as_ref()).is_err() {
+                let _ = queue.enable_notification(self.mem.as_ref());
+            }
+            false
+        }
+    }
+
     /// Serves queue `index` (called by the event thread when its ioeventfd fires).
-    pub fn process_queue(&mut self, index: usize) {
+    /// Returns whether any request was completed.
+    pub fn process_queue(&mut self, index: usize) -> bool {
         if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
+            return false;
         }
         let Some(queue) = self.queues.get_mut(index) else {
-            return;
+            return false;
         };
         if !queue.ready() {
-            return;
+            return false;
         }
         match self.device.process_queue(index, queue, &self.mem) {
-            Ok(true) => self.interrupt.signal(INTERRUPT_USED_BUFFER),
-            Ok(false) => {}
+            Ok(true) => {
+                self.interrupt.signal(INTERRUPT_USED_BUFFER);
+                true
+            }
+            Ok(false) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "virtio: the driver broke a queue; the device needs a reset");
                 self.needs_reset();
+                false
             }
         }
     }
