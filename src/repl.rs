@@ -274,9 +274,13 @@ struct Target<'a> {
 }
 
 fn target(before_cursor: &str) -> Option<Target<'_>> {
+    // Byte index just past the last character that cannot be part of a name path (that
+    // character may be several bytes long, as in `"é`).
     let start = before_cursor
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == ':'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == ':'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let preceding = before_cursor[..start].trim_end();
     // After `]` or `)` the value comes from an index or a call, which is never evaluated;
     // inside a string literal there is nothing to complete.
@@ -504,6 +508,24 @@ mod tests {
         assert_eq!(target("print(\"hv.di"), None);
         assert_eq!(target("a:b.c"), None);
         assert_eq!(target("1.5"), None);
+        // Multi-byte characters before the word never split a character.
+        assert_eq!(target("x = \"é"), None);
+        assert_eq!(
+            target("é = hv.ve"),
+            Some(Target {
+                path: vec!["hv"],
+                separator: Some('.'),
+                partial: "ve"
+            })
+        );
+        assert_eq!(
+            target("«vm:st"),
+            Some(Target {
+                path: vec!["vm"],
+                separator: Some(':'),
+                partial: "st"
+            })
+        );
     }
 
     #[test]

@@ -20,11 +20,8 @@ pub enum KvmOpenError {
     #[error("cannot open /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// Something else sits at /dev/kvm (a bind-mounted /dev/null, a wrong device node).
-    #[error(
-        "/dev/kvm is not KVM: KVM_GET_API_VERSION returned {0} (expected {KVM_API_VERSION}); \
-         run `luvisor doctor`"
-    )]
-    NotKvm(i32),
+    #[error("/dev/kvm is not KVM: KVM_GET_API_VERSION {0}; run `luvisor doctor`")]
+    NotKvm(String),
 }
 
 /// The only KVM API version there has ever been.
@@ -39,8 +36,14 @@ pub fn kvm() -> Result<Arc<Kvm>, KvmOpenError> {
     let kvm = Kvm::new().map_err(KvmOpenError::Open)?;
     // Opening succeeds on any device node; the first ioctl tells whether it is KVM.
     let version = kvm.get_api_version();
+    if version < 0 {
+        let errno = std::io::Error::last_os_error();
+        return Err(KvmOpenError::NotKvm(format!("failed: {errno}")));
+    }
     if version != KVM_API_VERSION {
-        return Err(KvmOpenError::NotKvm(version));
+        return Err(KvmOpenError::NotKvm(format!(
+            "returned {version}, not {KVM_API_VERSION}"
+        )));
     }
     let kvm = Arc::new(kvm);
     Ok(KVM.get_or_init(|| kvm).clone())

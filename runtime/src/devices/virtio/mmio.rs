@@ -114,6 +114,11 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         for q in &mut self.queues {
+            // A reset while the event thread polls must not leave NO_NOTIFY in a used
+            // ring the driver may set up again without zeroing.
+            if q.ready() {
+                let _ = q.enable_notification(self.mem.as_ref());
+            }
             q.reset();
         }
         self.device.reset();
@@ -182,22 +187,26 @@ impl MmioTransport {
     /// Resuming returns whether requests arrived meanwhile (they would get no
     /// notification). Only a hint to the driver; errors leave notifications on.
     pub fn set_queue_notification(&mut self, index: usize, notify: bool) -> bool {
+        let working =
+            self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0;
         let Some(queue) = self.queues.get_mut(index) else {
             return false;
         };
-        if !queue.ready() || self.status & status::DRIVER_OK == 0 {
+        if !queue.ready() {
             return false;
         }
-        if notify {
-            queue
+        if notify || !working {
+            // Pending work on a broken or stopped queue is not work this device will do:
+            // report none, or the event thread would poll it forever.
+            let pending = queue
                 .enable_notification(self.mem.as_ref())
-                .unwrap_or(false)
-        } else {
-            if queue.disable_notification(self.mem.as_ref()).is_err() {
-                let _ = queue.enable_notification(self.mem.as_ref());
-            }
-            false
+                .unwrap_or(false);
+            return pending && working;
         }
+        if queue.disable_notification(self.mem.as_ref()).is_err() {
+            let _ = queue.enable_notification(self.mem.as_ref());
+        }
+        false
     }
 
     /// Serves queue `index` (called by the event thread when its ioeventfd fires).

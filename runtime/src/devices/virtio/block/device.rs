@@ -122,7 +122,9 @@ impl VirtioDevice for Block {
             queue: index,
             source,
         };
-        loop {
+        // At most one ring's worth per call, so a driver that keeps refilling the ring
+        // cannot hold the event thread here; the caller comes back for the rest.
+        for _ in 0..queue.size().max(1) {
             // What the driver has published so far; the iterator sees at least this much.
             let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
             let next = queue.iter(mem).map_err(broken)?.next();
