@@ -5,6 +5,7 @@
 //! wrong device node) must not pass as a working KVM with made-up numbers.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::ExitCode;
@@ -413,6 +414,7 @@ pub fn run(json: bool) -> ExitCode {
     let ok = checks
         .iter()
         .all(|c| matches!(c.status, Status::Ok | Status::Warn));
+    let mut text = String::new();
     if json {
         let mut by_id = Map::new();
         for c in &checks {
@@ -434,16 +436,22 @@ pub fn run(json: bool) -> ExitCode {
             "order": checks.iter().map(|c| c.id).collect::<Vec<_>>(),
             "checks": by_id,
         });
-        println!("{report}");
+        text.push_str(&format!("{report}\n"));
     } else {
-        println!("luvisor {} doctor", env!("CARGO_PKG_VERSION"));
+        text.push_str(&format!("luvisor {} doctor\n", env!("CARGO_PKG_VERSION")));
         for c in &checks {
-            println!("[{}] {}: {}", c.status.tag(), c.title, c.detail);
+            text.push_str(&format!("[{}] {}: {}\n", c.status.tag(), c.title, c.detail));
             for note in &c.notes {
-                println!("       {note}");
+                text.push_str(&format!("       {note}\n"));
             }
         }
-        println!("{}", verdict(ok));
+        text.push_str(&format!("{}\n", verdict(ok)));
+    }
+    // A closed stdout (`luvisor doctor | head -1`) is reported, not a panic.
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        eprintln!("luvisor doctor: cannot write the report: {e}");
+        return ExitCode::FAILURE;
     }
     if ok {
         ExitCode::SUCCESS
