@@ -2,8 +2,11 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+
+use vm_memory::VolatileSlice;
 
 use super::probe::{self, PROBE_BYTES};
 use super::{fallocate, sync_data, DiskBackend};
@@ -119,6 +122,57 @@ impl DiskBackend for RawBackend {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_to_guest(
+        &mut self,
+        dst: &VolatileSlice<'_>,
+        offset: u64,
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let guard = dst.ptr_guard_mut();
+        let mut done = 0;
+        while done < dst.len() {
+            // SAFETY: `guard` keeps `dst`'s mapping alive and covers `dst.len()` bytes of
+            // guest memory, writable by the host; the kernel writes at most the
+            // `dst.len() - done` bytes after `done`. The guest may touch these bytes
+            // meanwhile: that only makes what it reads back unspecified, and the host
+            // never reads them.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    dst.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => {
+                    // Past the end of a file shorter than its disk: zeros.
+                    let rest = dst
+                        .subslice(done, dst.len() - done)
+                        .map_err(io::Error::other)?;
+                    let zeros = [0u8; 4096];
+                    let mut at = 0;
+                    while at < rest.len() {
+                        let chunk = zeros.len().min(rest.len() - at);
+                        rest.subslice(at, chunk)
+                            .map_err(io::Error::other)?
+                            .copy_from(&zeros[..chunk]);
+                        at += chunk;
+                    }
+                    break;
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(())
