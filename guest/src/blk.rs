@@ -450,7 +450,7 @@ impl Blk {
         let mut ops = 0u64;
         // Reading the clock is a port I/O exit, which costs more than a request: look
         // at it only every CLOCK_EVERY completions.
-        const CLOCK_EVERY: u64 = 64;
+        const CLOCK_EVERY: u64 = 512;
         let mut running = true;
         let mut checked_at = 0u64;
         loop {

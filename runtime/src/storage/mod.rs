@@ -56,6 +56,23 @@ pub trait DiskBackend: Send {
         dst.copy_from(data);
         Ok(())
     }
+    /// Writes `src` (guest memory) at `offset`. The default copies it into `scratch`
+    /// and calls [`DiskBackend::write_at`]; a backend may write straight from `src` only
+    /// where it never inspects the data, because the guest can change `src` while the
+    /// write is under way.
+    fn write_from_guest(
+        &mut self,
+        src: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if scratch.len() < src.len() {
+            scratch.resize(src.len(), 0);
+        }
+        let data = &mut scratch[..src.len()];
+        src.copy_to(data);
+        self.write_at(data, offset)
+    }
     /// Returns once everything written so far is durable (`fdatasync`).
     fn flush(&mut self) -> io::Result<()>;
     /// The range's contents become unspecified; space may be released.

@@ -178,6 +178,51 @@ impl DiskBackend for RawBackend {
         Ok(())
     }
 
+    fn write_from_guest(
+        &mut self,
+        src: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if self.format_guard.is_some() && offset < PROBE_BYTES as u64 {
+            // The guard judges the data: it must judge a copy the guest cannot change
+            // between the check and the write.
+            if scratch.len() < src.len() {
+                scratch.resize(src.len(), 0);
+            }
+            let data = &mut scratch[..src.len()];
+            src.copy_to(data);
+            return self.write_at(data, offset);
+        }
+        let guard = src.ptr_guard();
+        let mut done = 0;
+        while done < src.len() {
+            // SAFETY: `guard` keeps `src`'s mapping alive and covers `src.len()` bytes of
+            // guest memory; the kernel reads at most the `src.len() - done` bytes after
+            // `done`. Nothing here looks at the data, so the guest changing it meanwhile
+            // only decides what lands on its own disk.
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    src.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_format_kept(buf, offset)?;
         self.file.write_all_at(buf, offset)

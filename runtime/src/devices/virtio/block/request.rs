@@ -5,10 +5,10 @@
 //! through `virtio-queue`'s `Reader` (device-readable bytes) and `Writer`
 //! (device-writable bytes), which check every descriptor address against guest memory.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::{ByteValued, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
 
@@ -70,15 +70,6 @@ pub struct Target<'a> {
     pub flush: bool,
     /// Bounce buffer between guest memory and the backend, kept across requests.
     pub buffer: &'a mut Vec<u8>,
-}
-
-/// `buffer` resized to `len` bytes, growing it only when needed (old contents remain;
-/// callers overwrite all of it).
-fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buffer.len() < len {
-        buffer.resize(len, 0);
-    }
-    &mut buffer[..len]
 }
 
 /// Why a request failed; becomes a status byte.
@@ -147,30 +138,64 @@ pub fn execute(
     Some((writer.bytes_written() + direct + 1) as u32)
 }
 
-/// Reads `len` bytes at disk `offset` straight into the chain's device-writable buffers
-/// (the first `len` bytes of them; the status byte comes after), one backend call per
-/// descriptor.
-fn read_into_chain(
+/// Which way data moves between the chain's buffers and the disk.
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    /// Disk to the device-writable buffers.
+    Read,
+    /// The device-readable buffers (after the header) to disk.
+    Write,
+}
+
+/// Moves `len` bytes between disk `offset` and the chain's data buffers without a
+/// copy through the bounce buffer, one backend call per descriptor (per guest memory
+/// region it touches). Reads fill the first `len` device-writable bytes (the status
+/// byte comes after them); writes take the `len` device-readable bytes after the
+/// 16-byte header.
+fn transfer_chain(
     chain: &DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
+    direction: Direction,
     len: usize,
     offset: u64,
     target: &mut Target,
 ) -> Result<(), Failure> {
+    let writable = direction == Direction::Read;
+    let mut skip = if writable {
+        0
+    } else {
+        std::mem::size_of::<RequestHeader>()
+    };
     let mut done = 0;
-    for desc in chain.clone().filter(|d| d.is_write_only()) {
+    for desc in chain.clone().filter(|d| d.is_write_only() == writable) {
         if done == len {
             break;
         }
-        let take = (desc.len() as usize).min(len - done);
+        let skipped = skip.min(desc.len() as usize);
+        skip -= skipped;
+        let take = (desc.len() as usize - skipped).min(len - done);
+        if take == 0 {
+            continue;
+        }
+        let addr = desc
+            .addr()
+            .checked_add(skipped as u64)
+            .ok_or_else(|| Failure::Io("guest buffer address overflows".into()))?;
         // A buffer may straddle guest memory regions: one slice per region.
-        for slice in mem.get_slices(desc.addr(), take) {
+        for slice in mem.get_slices(addr, take) {
             let slice =
                 slice.map_err(|e| Failure::Io(format!("cannot reach guest buffer: {e}")))?;
-            target
-                .backend
-                .read_to_guest(&slice, offset + done as u64, target.buffer)
-                .map_err(|e| Failure::Io(format!("host read failed: {e}")))?;
+            let at = offset + done as u64;
+            match direction {
+                Direction::Read => target
+                    .backend
+                    .read_to_guest(&slice, at, target.buffer)
+                    .map_err(|e| Failure::Io(format!("host read failed: {e}")))?,
+                Direction::Write => target
+                    .backend
+                    .write_from_guest(&slice, at, target.buffer)
+                    .map_err(|e| Failure::Io(format!("host write failed: {e}")))?,
+            }
             done += slice.len();
         }
     }
@@ -224,7 +249,7 @@ fn run(
         T_IN => {
             let len = transfer_len("read", writer.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            read_into_chain(chain, mem, len, offset, target)?;
+            transfer_chain(chain, mem, Direction::Read, len, offset, target)?;
             DiskStats::add(&target.stats.reads, 1);
             DiskStats::add(&target.stats.bytes_read, len as u64);
             Ok(len)
@@ -235,14 +260,7 @@ fn run(
             }
             let len = transfer_len("write", reader.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            let data = bounce(target.buffer, len);
-            reader
-                .read_exact(data)
-                .map_err(|e| Failure::Io(format!("cannot read guest buffer: {e}")))?;
-            target
-                .backend
-                .write_at(data, offset)
-                .map_err(|e| Failure::Io(format!("host write failed: {e}")))?;
+            transfer_chain(chain, mem, Direction::Write, len, offset, target)?;
             DiskStats::add(&target.stats.writes, 1);
             DiskStats::add(&target.stats.bytes_written, len as u64);
             Ok(0)
