@@ -25,8 +25,11 @@ fn run_all(dir: &str, args_for: impl Fn(&Path) -> Vec<String>) {
     }
     let mut failures = Vec::new();
     for script in lua_files(dir) {
+        // The folder is part of the name: examples/storage.lua and tests/lua/storage.lua
+        // run at the same time in this process and must not share a directory.
         let scratch = std::env::temp_dir().join(format!(
-            "luvisor-{}-{}",
+            "luvisor-{}-{}-{}",
+            dir.replace('/', "-"),
             script.file_stem().unwrap().to_string_lossy(),
             std::process::id()
         ));

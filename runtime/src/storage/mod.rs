@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+use vm_memory::VolatileSlice;
 
 pub use disk::{Disk, DiskFormat, DiskStats, DiskStatsSnapshot, OpenOptions};
 pub use lock::LockMode;
@@ -37,6 +38,41 @@ pub trait DiskBackend: Send {
     fn size(&self) -> u64;
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads `dst.len()` bytes at `offset` into guest memory. The default reads into
+    /// `scratch` with [`DiskBackend::read_at`] and copies; backends that can read
+    /// straight into `dst` skip that copy, which costs as much as the read itself for
+    /// large requests served from the page cache.
+    fn read_to_guest(
+        &mut self,
+        dst: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if scratch.len() < dst.len() {
+            scratch.resize(dst.len(), 0);
+        }
+        let data = &mut scratch[..dst.len()];
+        self.read_at(data, offset)?;
+        dst.copy_from(data);
+        Ok(())
+    }
+    /// Writes `src` (guest memory) at `offset`. The default copies it into `scratch`
+    /// and calls [`DiskBackend::write_at`]; a backend may write straight from `src` only
+    /// where it never inspects the data, because the guest can change `src` while the
+    /// write is under way.
+    fn write_from_guest(
+        &mut self,
+        src: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if scratch.len() < src.len() {
+            scratch.resize(src.len(), 0);
+        }
+        let data = &mut scratch[..src.len()];
+        src.copy_to(data);
+        self.write_at(data, offset)
+    }
     /// Returns once everything written so far is durable (`fdatasync`).
     fn flush(&mut self) -> io::Result<()>;
     /// The range's contents become unspecified; space may be released.

@@ -2,8 +2,11 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+
+use vm_memory::VolatileSlice;
 
 use super::probe::{self, PROBE_BYTES};
 use super::{fallocate, sync_data, DiskBackend};
@@ -119,6 +122,102 @@ impl DiskBackend for RawBackend {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_to_guest(
+        &mut self,
+        dst: &VolatileSlice<'_>,
+        offset: u64,
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let guard = dst.ptr_guard_mut();
+        let mut done = 0;
+        while done < dst.len() {
+            // SAFETY: `guard` keeps `dst`'s mapping alive and covers `dst.len()` bytes of
+            // guest memory, writable by the host; the kernel writes at most the
+            // `dst.len() - done` bytes after `done`. The guest may touch these bytes
+            // meanwhile: that only makes what it reads back unspecified, and the host
+            // never reads them.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    dst.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => {
+                    // Past the end of a file shorter than its disk: zeros.
+                    let rest = dst
+                        .subslice(done, dst.len() - done)
+                        .map_err(io::Error::other)?;
+                    let zeros = [0u8; 4096];
+                    let mut at = 0;
+                    while at < rest.len() {
+                        let chunk = zeros.len().min(rest.len() - at);
+                        rest.subslice(at, chunk)
+                            .map_err(io::Error::other)?
+                            .copy_from(&zeros[..chunk]);
+                        at += chunk;
+                    }
+                    break;
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(
+        &mut self,
+        src: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if self.format_guard.is_some() && offset < PROBE_BYTES as u64 {
+            // The guard judges the data: it must judge a copy the guest cannot change
+            // between the check and the write.
+            if scratch.len() < src.len() {
+                scratch.resize(src.len(), 0);
+            }
+            let data = &mut scratch[..src.len()];
+            src.copy_to(data);
+            return self.write_at(data, offset);
+        }
+        let guard = src.ptr_guard();
+        let mut done = 0;
+        while done < src.len() {
+            // SAFETY: `guard` keeps `src`'s mapping alive and covers `src.len()` bytes of
+            // guest memory; the kernel reads at most the `src.len() - done` bytes after
+            // `done`. Nothing here looks at the data, so the guest changing it meanwhile
+            // only decides what lands on its own disk.
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    src.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(())

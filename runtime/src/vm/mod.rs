@@ -41,10 +41,6 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// How long the event thread keeps polling a queue after it last found work there.
-const QUEUE_POLL: Duration = Duration::from_micros(50);
-/// The longest the event thread stays with one queue before it looks at the others.
-const QUEUE_POLL_TURN: Duration = Duration::from_millis(1);
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::{self, BuildContext, QueueEventSource};
@@ -332,42 +328,11 @@ impl Vm {
                         };
                         let _ = source.event.read();
                         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            // After serving, keep looking for a short while: a busy guest
-                            // queues more before the thread would have gone to sleep, and
-                            // sleeping and waking is what costs most per request here.
-                            // Meanwhile the driver is asked not to notify (NO_NOTIFY),
-                            // which saves the guest an exit per batch.
-                            let transport =
-                                || source.transport.lock().unwrap_or_else(|p| p.into_inner());
-                            transport().set_queue_notification(source.queue, false);
-                            let started = Instant::now();
-                            let mut deadline = started + QUEUE_POLL;
-                            loop {
-                                let now = Instant::now();
-                                if now >= started + QUEUE_POLL_TURN {
-                                    // A busy queue must not starve the other queues or
-                                    // teardown: give the turn back, and come back to this
-                                    // queue through its own eventfd if work is waiting.
-                                    if transport().set_queue_notification(source.queue, true) {
-                                        let _ = source.event.write(1);
-                                    }
-                                    break;
-                                }
-                                if transport().process_queue(source.queue) {
-                                    deadline = Instant::now() + QUEUE_POLL;
-                                } else if now >= deadline {
-                                    // Requests queued just before notifications came back
-                                    // on were not announced: serve them too.
-                                    if !transport().set_queue_notification(source.queue, true) {
-                                        break;
-                                    }
-                                    transport().set_queue_notification(source.queue, false);
-                                    deadline = Instant::now() + QUEUE_POLL;
-                                }
-                                // Yield rather than spin: on a busy host the vCPU that
-                                // would queue the next request may need this very core.
-                                std::thread::yield_now();
-                            }
+                            source
+                                .transport
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .process_queue(source.queue)
                         }));
                         if let Err(panic) = served {
                             // A device bug: the VM crashes with the reason; the host goes on.

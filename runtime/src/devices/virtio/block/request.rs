@@ -5,10 +5,10 @@
 //! through `virtio-queue`'s `Reader` (device-readable bytes) and `Writer`
 //! (device-writable bytes), which check every descriptor address against guest memory.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
 
@@ -72,15 +72,6 @@ pub struct Target<'a> {
     pub buffer: &'a mut Vec<u8>,
 }
 
-/// `buffer` resized to `len` bytes, growing it only when needed (old contents remain;
-/// callers overwrite all of it).
-fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buffer.len() < len {
-        buffer.resize(len, 0);
-    }
-    &mut buffer[..len]
-}
-
 /// Why a request failed; becomes a status byte.
 enum Failure {
     /// The request is malformed or the host file failed: IOERR, counted as an error.
@@ -100,7 +91,7 @@ pub fn execute(
     // Header and status come on top of the data segments.
     let descriptors = chain.clone().count();
     let reader = Reader::new(mem, chain.clone());
-    let writer = Writer::new(mem, chain);
+    let writer = Writer::new(mem, chain.clone());
     let (mut reader, mut writer): (Reader<'_>, Writer<'_>) = match (reader, writer) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => {
@@ -123,10 +114,14 @@ pub fn execute(
             "{descriptors} descriptors exceed SEG_MAX ({MAX_SEGMENTS}) plus header and status"
         )))
     } else {
-        run(&mut reader, &mut writer, target)
+        run(&mut reader, &mut writer, &chain, mem, target)
     };
+    let mut direct = 0;
     let status = match result {
-        Ok(()) => S_OK,
+        Ok(n) => {
+            direct = n;
+            S_OK
+        }
         Err(Failure::Unsupported(kind)) => {
             tracing::debug!(kind, "virtio-blk: unsupported request type");
             S_UNSUPP
@@ -140,7 +135,76 @@ pub fn execute(
     if status_writer.write_all(&[status]).is_err() {
         return None;
     }
-    Some((writer.bytes_written() + 1) as u32)
+    Some((writer.bytes_written() + direct + 1) as u32)
+}
+
+/// Which way data moves between the chain's buffers and the disk.
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    /// Disk to the device-writable buffers.
+    Read,
+    /// The device-readable buffers (after the header) to disk.
+    Write,
+}
+
+/// Moves `len` bytes between disk `offset` and the chain's data buffers without a
+/// copy through the bounce buffer, one backend call per descriptor (per guest memory
+/// region it touches). Reads fill the first `len` device-writable bytes (the status
+/// byte comes after them); writes take the `len` device-readable bytes after the
+/// 16-byte header.
+fn transfer_chain(
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    direction: Direction,
+    len: usize,
+    offset: u64,
+    target: &mut Target,
+) -> Result<(), Failure> {
+    let writable = direction == Direction::Read;
+    let mut skip = if writable {
+        0
+    } else {
+        std::mem::size_of::<RequestHeader>()
+    };
+    let mut done = 0;
+    for desc in chain.clone().filter(|d| d.is_write_only() == writable) {
+        if done == len {
+            break;
+        }
+        let skipped = skip.min(desc.len() as usize);
+        skip -= skipped;
+        let take = (desc.len() as usize - skipped).min(len - done);
+        if take == 0 {
+            continue;
+        }
+        let addr = desc
+            .addr()
+            .checked_add(skipped as u64)
+            .ok_or_else(|| Failure::Io("guest buffer address overflows".into()))?;
+        // A buffer may straddle guest memory regions: one slice per region.
+        for slice in mem.get_slices(addr, take) {
+            let slice =
+                slice.map_err(|e| Failure::Io(format!("cannot reach guest buffer: {e}")))?;
+            let at = offset + done as u64;
+            match direction {
+                Direction::Read => target
+                    .backend
+                    .read_to_guest(&slice, at, target.buffer)
+                    .map_err(|e| Failure::Io(format!("host read failed: {e}")))?,
+                Direction::Write => target
+                    .backend
+                    .write_from_guest(&slice, at, target.buffer)
+                    .map_err(|e| Failure::Io(format!("host write failed: {e}")))?,
+            }
+            done += slice.len();
+        }
+    }
+    if done != len {
+        return Err(Failure::Io(format!(
+            "guest buffers hold {done} of {len} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a data transfer's length: whole sectors, at most [`MAX_TRANSFER`].
@@ -168,11 +232,15 @@ fn disk_range(sector: u64, bytes: u64, size: u64) -> Result<u64, Failure> {
     }
 }
 
+/// Executes the request; returns how many bytes went into guest buffers directly rather
+/// than through `writer`.
 fn run(
     reader: &mut Reader<'_>,
     writer: &mut Writer<'_>,
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
     target: &mut Target,
-) -> Result<(), Failure> {
+) -> Result<usize, Failure> {
     let header: RequestHeader = reader
         .read_obj()
         .map_err(|_| Failure::Io("request header shorter than 16 bytes".into()))?;
@@ -181,17 +249,10 @@ fn run(
         T_IN => {
             let len = transfer_len("read", writer.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            let data = bounce(target.buffer, len);
-            target
-                .backend
-                .read_at(data, offset)
-                .map_err(|e| Failure::Io(format!("host read failed: {e}")))?;
-            writer
-                .write_all(data)
-                .map_err(|e| Failure::Io(format!("cannot write guest buffer: {e}")))?;
+            transfer_chain(chain, mem, Direction::Read, len, offset, target)?;
             DiskStats::add(&target.stats.reads, 1);
             DiskStats::add(&target.stats.bytes_read, len as u64);
-            Ok(())
+            Ok(len)
         }
         T_OUT => {
             if target.readonly {
@@ -199,17 +260,10 @@ fn run(
             }
             let len = transfer_len("write", reader.available_bytes())?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            let data = bounce(target.buffer, len);
-            reader
-                .read_exact(data)
-                .map_err(|e| Failure::Io(format!("cannot read guest buffer: {e}")))?;
-            target
-                .backend
-                .write_at(data, offset)
-                .map_err(|e| Failure::Io(format!("host write failed: {e}")))?;
+            transfer_chain(chain, mem, Direction::Write, len, offset, target)?;
             DiskStats::add(&target.stats.writes, 1);
             DiskStats::add(&target.stats.bytes_written, len as u64);
-            Ok(())
+            Ok(0)
         }
         T_FLUSH if target.flush => {
             target
@@ -217,7 +271,7 @@ fn run(
                 .flush()
                 .map_err(|e| Failure::Io(format!("fdatasync failed: {e}")))?;
             DiskStats::add(&target.stats.flushes, 1);
-            Ok(())
+            Ok(0)
         }
         T_GET_ID => {
             let mut id = [0u8; ID_BYTES];
@@ -226,7 +280,8 @@ fn run(
             let room = writer.available_bytes().min(ID_BYTES);
             writer
                 .write_all(&id[..room])
-                .map_err(|e| Failure::Io(format!("cannot write the id: {e}")))
+                .map_err(|e| Failure::Io(format!("cannot write the id: {e}")))?;
+            Ok(0)
         }
         T_DISCARD | T_WRITE_ZEROES => {
             let zeroes = header.kind == T_WRITE_ZEROES;
@@ -258,7 +313,7 @@ fn run(
                 result.map_err(|e| Failure::Io(format!("host hole punch failed: {e}")))?;
             }
             DiskStats::add(&target.stats.discards, 1);
-            Ok(())
+            Ok(0)
         }
         other => Err(Failure::Unsupported(other)),
     }
