@@ -3,7 +3,7 @@
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::request::{self, Target};
+use super::request::{self, ChainBuffers, Target};
 use crate::devices::virtio::{features, QueueError, VirtioDevice};
 use crate::storage::{Disk, DiskBackend, DiskStats, SECTOR_SIZE};
 use std::sync::atomic::Ordering;
@@ -34,6 +34,8 @@ pub struct Block {
     acked_features: u64,
     /// Reused for every request's data (up to the 32 MiB request limit).
     buffer: Vec<u8>,
+    /// Reused for every request's descriptor list.
+    chain: ChainBuffers,
 }
 
 impl Block {
@@ -59,6 +61,7 @@ impl Block {
             config,
             acked_features: 0,
             buffer: Vec::new(),
+            chain: ChainBuffers::default(),
         }
     }
 }
@@ -116,6 +119,7 @@ impl VirtioDevice for Block {
             write_zeroes: acked & feature::WRITE_ZEROES != 0,
             flush: acked & feature::FLUSH != 0,
             buffer: &mut self.buffer,
+            chain: &mut self.chain,
         };
         let mut used_any = false;
         let broken = |source| QueueError {

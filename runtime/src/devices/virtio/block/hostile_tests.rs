@@ -211,6 +211,43 @@ fn well_formed_requests_work() {
 }
 
 #[test]
+fn any_descriptor_layout_works() {
+    let mut h = Harness::ready("layout.img");
+    // The header split in two, the data in two pieces, the status byte sharing the second
+    // data descriptor (virtio 1.2 2.7.4.2: the device must not assume a layout).
+    h.header(T_IN, 1);
+    h.desc(0, HEADER, 10, F_NEXT, 1);
+    h.desc(1, HEADER + 10, 6, F_NEXT, 2);
+    h.desc(2, DATA, 300, F_WRITE | F_NEXT, 3);
+    h.desc(3, DATA + 300, 213, F_WRITE, 0);
+    h.mem.write_obj(0xEEu8, GuestAddress(DATA + 512)).unwrap();
+    h.kick(0);
+    assert_eq!(h.last_used(), (0, 513));
+    let status: u8 = h.mem.read_obj(GuestAddress(DATA + 512)).unwrap();
+    assert_eq!(status, S_OK);
+    let mut data = [0u8; 512];
+    h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, [0x5A; 512], "both data pieces filled from the disk");
+
+    // A write whose data shares the header's descriptor, then read back.
+    h.mem
+        .write_slice(&[0xC3; 512], GuestAddress(HEADER + 16))
+        .unwrap();
+    h.header(T_OUT, 2);
+    h.desc(0, HEADER, 16 + 512, F_NEXT, 1);
+    h.desc(1, STATUS, 1, F_WRITE, 0);
+    h.kick(0);
+    assert_eq!((h.last_used(), h.status_byte()), ((0, 1), S_OK));
+    h.header(T_IN, 2);
+    h.desc(0, HEADER, 16, F_NEXT, 1);
+    h.desc(1, DATA, 513, F_WRITE, 0);
+    h.kick(0);
+    h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, [0xC3; 512]);
+    assert_eq!(h.stats.errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn buffers_outside_guest_memory() {
     let mut h = Harness::ready("outside.img");
     h.header(T_IN, 0);

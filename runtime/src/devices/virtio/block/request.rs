@@ -1,14 +1,16 @@
 //! One virtio-blk request: a 16-byte header the driver wrote, data buffers, and a
 //! status byte the device writes last.
 //!
-//! The descriptor layout is not assumed (virtio 1.2, 2.7.4.2): the request is read
-//! through `virtio-queue`'s `Reader` (device-readable bytes) and `Writer`
-//! (device-writable bytes), which check every descriptor address against guest memory.
+//! The descriptor layout is not assumed (virtio 1.2, 2.7.4.2): the header, the data and
+//! the status byte may each be split across descriptors or share one. The chain is walked
+//! once into two lists kept across requests ([`ChainBuffers`]), device-readable and
+//! device-writable, every buffer checked against guest memory on the way; the request is
+//! then read and written through those lists. Nothing on this path allocates once the
+//! lists have grown to the longest chain seen, which matters at a million 4 KiB requests
+//! a second.
 
-use std::io::Write;
-
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::{Address, ByteValued, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
 
@@ -70,6 +72,129 @@ pub struct Target<'a> {
     pub flush: bool,
     /// Bounce buffer between guest memory and the backend, kept across requests.
     pub buffer: &'a mut Vec<u8>,
+    /// The current request's buffers, kept across requests.
+    pub chain: &'a mut ChainBuffers,
+}
+
+/// One guest buffer of a descriptor chain, already checked to lie inside guest memory.
+#[derive(Clone, Copy)]
+struct GuestBuffer {
+    addr: GuestAddress,
+    len: usize,
+}
+
+/// A request's guest buffers in chain order, split by direction. Owned by the device and
+/// refilled for every request, so their capacity is allocated once.
+#[derive(Default)]
+pub struct ChainBuffers {
+    readable: Vec<GuestBuffer>,
+    writable: Vec<GuestBuffer>,
+    readable_bytes: usize,
+    writable_bytes: usize,
+}
+
+impl ChainBuffers {
+    /// Walks `chain` once. `Err` when a buffer lies outside guest memory or the lengths
+    /// overflow; the chain then cannot even carry a status byte.
+    fn fill(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<usize, String> {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_bytes = 0;
+        self.writable_bytes = 0;
+        let mut descriptors = 0;
+        for desc in chain {
+            descriptors += 1;
+            let buffer = GuestBuffer {
+                addr: desc.addr(),
+                len: desc.len() as usize,
+            };
+            if !mem.check_range(buffer.addr, buffer.len) {
+                return Err(format!(
+                    "buffer {:#x}+{} is outside guest memory",
+                    buffer.addr.raw_value(),
+                    buffer.len
+                ));
+            }
+            let (list, total) = if desc.is_write_only() {
+                (&mut self.writable, &mut self.writable_bytes)
+            } else {
+                (&mut self.readable, &mut self.readable_bytes)
+            };
+            // Cannot overflow a usize on 64-bit hosts (a chain holds at most 2^16 buffers
+            // of under 4 GiB), but a checked sum costs nothing.
+            *total = total
+                .checked_add(buffer.len)
+                .ok_or("buffer lengths overflow")?;
+            list.push(buffer);
+        }
+        Ok(descriptors)
+    }
+
+    /// The guest address of the last device-writable byte, where the status goes.
+    fn status_addr(&self) -> Option<GuestAddress> {
+        let last = self.writable.iter().rev().find(|b| b.len > 0)?;
+        last.addr.checked_add(last.len as u64 - 1)
+    }
+}
+
+/// Walks `len` bytes of `buffers` starting `skip` bytes in, calling `each` with every
+/// piece (guest address, length, offset into the walk). Stops early on the first error.
+fn walk(
+    buffers: &[GuestBuffer],
+    mut skip: usize,
+    len: usize,
+    mut each: impl FnMut(GuestAddress, usize, usize) -> Result<(), Failure>,
+) -> Result<usize, Failure> {
+    let mut done = 0;
+    for buffer in buffers {
+        if done == len {
+            break;
+        }
+        let skipped = skip.min(buffer.len);
+        skip -= skipped;
+        let take = (buffer.len - skipped).min(len - done);
+        if take == 0 {
+            continue;
+        }
+        // In range: `fill` checked the whole buffer.
+        each(buffer.addr.unchecked_add(skipped as u64), take, done)?;
+        done += take;
+    }
+    Ok(done)
+}
+
+/// Copies device-readable bytes `[skip, skip + out.len())` of the chain into `out`.
+fn gather(
+    buffers: &[GuestBuffer],
+    skip: usize,
+    out: &mut [u8],
+    mem: &GuestMemoryMmap,
+) -> Result<(), Failure> {
+    let want = out.len();
+    let got = walk(buffers, skip, want, |addr, n, at| {
+        mem.read_slice(&mut out[at..at + n], addr)
+            .map_err(|e| Failure::Io(format!("cannot read guest buffer: {e}")))
+    })?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(Failure::Io(format!(
+            "guest buffers hold {got} of {want} bytes"
+        )))
+    }
+}
+
+/// Copies `data` into the first device-writable bytes of the chain, as far as they go;
+/// returns how many bytes it wrote.
+fn scatter(buffers: &[GuestBuffer], data: &[u8], mem: &GuestMemoryMmap) -> Result<usize, Failure> {
+    walk(buffers, 0, data.len(), |addr, n, at| {
+        mem.write_slice(&data[at..at + n], addr)
+            .map_err(|e| Failure::Io(format!("cannot write guest buffer: {e}")))
+    })
 }
 
 /// Why a request failed; becomes a status byte.
@@ -88,54 +213,40 @@ pub fn execute(
     mem: &GuestMemoryMmap,
     target: &mut Target,
 ) -> Option<u32> {
-    // Header and status come on top of the data segments.
-    let descriptors = chain.clone().count();
-    let reader = Reader::new(mem, chain.clone());
-    let writer = Writer::new(mem, chain.clone());
-    let (mut reader, mut writer): (Reader<'_>, Writer<'_>) = match (reader, writer) {
-        (Ok(r), Ok(w)) => (r, w),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::debug!(error = %e, "virtio-blk: descriptor chain outside guest memory");
+    let descriptors = match target.chain.fill(chain, mem) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "virtio-blk: unusable descriptor chain");
             DiskStats::add(&target.stats.errors, 1);
             return None;
         }
     };
-    if writer.available_bytes() == 0 {
+    // The status byte is the last device-writable byte; everything before it is data.
+    let Some(status_addr) = target.chain.status_addr() else {
         DiskStats::add(&target.stats.errors, 1);
         return None;
-    }
-    // The status byte is the last device-writable byte; everything before it is data.
-    let mut status_writer = match writer.split_at(writer.available_bytes() - 1) {
-        Ok(s) => s,
-        Err(_) => return None,
     };
     let result = if descriptors > MAX_SEGMENTS as usize + 2 {
         Err(Failure::Io(format!(
             "{descriptors} descriptors exceed SEG_MAX ({MAX_SEGMENTS}) plus header and status"
         )))
     } else {
-        run(&mut reader, &mut writer, &chain, mem, target)
+        run(mem, target)
     };
-    let mut direct = 0;
-    let status = match result {
-        Ok(n) => {
-            direct = n;
-            S_OK
-        }
+    let (status, written) = match result {
+        Ok(written) => (S_OK, written),
         Err(Failure::Unsupported(kind)) => {
             tracing::debug!(kind, "virtio-blk: unsupported request type");
-            S_UNSUPP
+            (S_UNSUPP, 0)
         }
         Err(Failure::Io(message)) => {
             tracing::debug!(message, "virtio-blk: request failed");
             DiskStats::add(&target.stats.errors, 1);
-            S_IOERR
+            (S_IOERR, 0)
         }
     };
-    if status_writer.write_all(&[status]).is_err() {
-        return None;
-    }
-    Some((writer.bytes_written() + direct + 1) as u32)
+    mem.write_obj(status, status_addr).ok()?;
+    Some((written + 1) as u32)
 }
 
 /// Which way data moves between the chain's buffers and the disk.
@@ -148,57 +259,41 @@ enum Direction {
 }
 
 /// Moves `len` bytes between disk `offset` and the chain's data buffers without a
-/// copy through the bounce buffer, one backend call per descriptor (per guest memory
-/// region it touches). Reads fill the first `len` device-writable bytes (the status
-/// byte comes after them); writes take the `len` device-readable bytes after the
-/// 16-byte header.
+/// copy through the bounce buffer, one backend call per buffer (per guest memory region
+/// it touches). Reads fill the first `len` device-writable bytes (the status byte comes
+/// after them); writes take the `len` device-readable bytes after the 16-byte header.
 fn transfer_chain(
-    chain: &DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     direction: Direction,
     len: usize,
     offset: u64,
     target: &mut Target,
 ) -> Result<(), Failure> {
-    let writable = direction == Direction::Read;
-    let mut skip = if writable {
-        0
-    } else {
-        std::mem::size_of::<RequestHeader>()
+    let (buffers, skip) = match direction {
+        Direction::Read => (&target.chain.writable, 0),
+        Direction::Write => (&target.chain.readable, std::mem::size_of::<RequestHeader>()),
     };
-    let mut done = 0;
-    for desc in chain.clone().filter(|d| d.is_write_only() == writable) {
-        if done == len {
-            break;
-        }
-        let skipped = skip.min(desc.len() as usize);
-        skip -= skipped;
-        let take = (desc.len() as usize - skipped).min(len - done);
-        if take == 0 {
-            continue;
-        }
-        let addr = desc
-            .addr()
-            .checked_add(skipped as u64)
-            .ok_or_else(|| Failure::Io("guest buffer address overflows".into()))?;
+    let backend = &mut *target.backend;
+    let bounce = &mut *target.buffer;
+    let done = walk(buffers, skip, len, |addr, n, at| {
         // A buffer may straddle guest memory regions: one slice per region.
-        for slice in mem.get_slices(addr, take) {
+        let mut moved = 0;
+        for slice in mem.get_slices(addr, n) {
             let slice =
                 slice.map_err(|e| Failure::Io(format!("cannot reach guest buffer: {e}")))?;
-            let at = offset + done as u64;
+            let disk_at = offset + (at + moved) as u64;
             match direction {
-                Direction::Read => target
-                    .backend
-                    .read_to_guest(&slice, at, target.buffer)
+                Direction::Read => backend
+                    .read_to_guest(&slice, disk_at, bounce)
                     .map_err(|e| Failure::Io(format!("host read failed: {e}")))?,
-                Direction::Write => target
-                    .backend
-                    .write_from_guest(&slice, at, target.buffer)
+                Direction::Write => backend
+                    .write_from_guest(&slice, disk_at, bounce)
                     .map_err(|e| Failure::Io(format!("host write failed: {e}")))?,
             }
-            done += slice.len();
+            moved += slice.len();
         }
-    }
+        Ok(())
+    })?;
     if done != len {
         return Err(Failure::Io(format!(
             "guest buffers hold {done} of {len} bytes"
@@ -232,24 +327,24 @@ fn disk_range(sector: u64, bytes: u64, size: u64) -> Result<u64, Failure> {
     }
 }
 
-/// Executes the request; returns how many bytes went into guest buffers directly rather
-/// than through `writer`.
-fn run(
-    reader: &mut Reader<'_>,
-    writer: &mut Writer<'_>,
-    chain: &DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    target: &mut Target,
-) -> Result<usize, Failure> {
-    let header: RequestHeader = reader
-        .read_obj()
-        .map_err(|_| Failure::Io("request header shorter than 16 bytes".into()))?;
+/// Executes the request; returns how many data bytes went into device-writable buffers.
+fn run(mem: &GuestMemoryMmap, target: &mut Target) -> Result<usize, Failure> {
+    let header_len = std::mem::size_of::<RequestHeader>();
+    let mut header = RequestHeader::default();
+    if target.chain.readable_bytes < header_len {
+        return Err(Failure::Io("request header shorter than 16 bytes".into()));
+    }
+    gather(&target.chain.readable, 0, header.as_mut_slice(), mem)?;
+    // Device-writable bytes before the status byte, and device-readable ones after the
+    // header.
+    let data_in = target.chain.writable_bytes - 1;
+    let data_out = target.chain.readable_bytes - header_len;
     let size = target.backend.size();
     match header.kind {
         T_IN => {
-            let len = transfer_len("read", writer.available_bytes())?;
+            let len = transfer_len("read", data_in)?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            transfer_chain(chain, mem, Direction::Read, len, offset, target)?;
+            transfer_chain(mem, Direction::Read, len, offset, target)?;
             DiskStats::add(&target.stats.reads, 1);
             DiskStats::add(&target.stats.bytes_read, len as u64);
             Ok(len)
@@ -258,9 +353,9 @@ fn run(
             if target.readonly {
                 return Err(Failure::Io("write to a read-only disk".into()));
             }
-            let len = transfer_len("write", reader.available_bytes())?;
+            let len = transfer_len("write", data_out)?;
             let offset = disk_range(header.sector, len as u64, size)?;
-            transfer_chain(chain, mem, Direction::Write, len, offset, target)?;
+            transfer_chain(mem, Direction::Write, len, offset, target)?;
             DiskStats::add(&target.stats.writes, 1);
             DiskStats::add(&target.stats.bytes_written, len as u64);
             Ok(0)
@@ -277,11 +372,8 @@ fn run(
             let mut id = [0u8; ID_BYTES];
             let n = target.serial.len().min(ID_BYTES);
             id[..n].copy_from_slice(&target.serial[..n]);
-            let room = writer.available_bytes().min(ID_BYTES);
-            writer
-                .write_all(&id[..room])
-                .map_err(|e| Failure::Io(format!("cannot write the id: {e}")))?;
-            Ok(0)
+            let room = data_in.min(ID_BYTES);
+            scatter(&target.chain.writable, &id[..room], mem)
         }
         T_DISCARD | T_WRITE_ZEROES => {
             let zeroes = header.kind == T_WRITE_ZEROES;
@@ -293,16 +385,17 @@ fn run(
                     "discard or write-zeroes on a read-only disk".into(),
                 ));
             }
-            let segments = reader.available_bytes() / std::mem::size_of::<RangeSegment>();
+            let segment_len = std::mem::size_of::<RangeSegment>();
+            let segments = data_out / segment_len;
             if segments == 0 || segments > MAX_RANGE_SEGMENTS {
                 return Err(Failure::Io(format!(
                     "{segments} range segments (1 to {MAX_RANGE_SEGMENTS} allowed)"
                 )));
             }
-            for _ in 0..segments {
-                let seg: RangeSegment = reader
-                    .read_obj()
-                    .map_err(|_| Failure::Io("short range segment".into()))?;
+            for i in 0..segments {
+                let mut seg = RangeSegment::default();
+                let at = header_len + i * segment_len;
+                gather(&target.chain.readable, at, seg.as_mut_slice(), mem)?;
                 let bytes = seg.num_sectors as u64 * SECTOR_SIZE;
                 let offset = disk_range(seg.sector, bytes, size)?;
                 let result = if zeroes {
