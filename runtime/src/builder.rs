@@ -17,9 +17,9 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestRam;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::builtin;
@@ -69,7 +69,7 @@ pub struct QueueEventSource {
 /// A machine, built and not yet running.
 pub struct BuiltMachine {
     pub vm_fd: VmFd,
-    pub memory: Arc<GuestMemoryMmap>,
+    pub memory: Arc<GuestRam>,
     /// Each vCPU with the sending side of its command channel.
     pub vcpus: Vec<(Vcpu, Sender<VcpuCommand>)>,
     pub queue_events: Vec<QueueEventSource>,

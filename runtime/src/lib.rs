@@ -20,6 +20,7 @@ pub mod devices;
 pub mod host;
 pub mod registry;
 pub mod size;
+pub mod snapshot;
 pub mod storage;
 pub mod vm;
 pub mod vstate;

@@ -15,6 +15,7 @@
 
 use std::io::Cursor;
 
+use crate::vstate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::{Elf, KernelLoader};
@@ -23,7 +24,7 @@ use luvisor_guest_abi::layout::*;
 pub use luvisor_guest_abi::MAX_CMDLINE;
 use luvisor_guest_abi::{BootInfo, RamRegion, BOOT_MAGIC, BOOT_VERSION, MAX_RAM_REGIONS};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The guest binary, built by `build.rs` from `guest/`.
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
@@ -88,11 +89,7 @@ pub struct BuiltinEntry {
 }
 
 /// Writes the guest image, GDT, page tables and boot-info block into `mem`.
-pub fn load(
-    mem: &GuestMemoryMmap,
-    cmdline: &str,
-    vcpus: u8,
-) -> Result<BuiltinEntry, BuiltinBootError> {
+pub fn load(mem: &GuestRam, cmdline: &str, vcpus: u8) -> Result<BuiltinEntry, BuiltinBootError> {
     if cmdline.len() > MAX_CMDLINE {
         return Err(BuiltinBootError::CmdlineTooLong { len: cmdline.len() });
     }
@@ -108,7 +105,7 @@ pub fn load(
 
 /// Writes `words` little-endian at `addr`.
 fn write(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     what: &'static str,
     words: &[u64],
     addr: u64,
@@ -118,7 +115,7 @@ fn write(
         .map_err(|source| BuiltinBootError::Write { what, source })
 }
 
-fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
+fn write_gdt(mem: &GuestRam) -> Result<(), BuiltinBootError> {
     let tss = TSS_ADDR;
     // A 64-bit TSS descriptor spans two entries: base bits 0-31 and limit in the first,
     // base bits 32-63 in the second. Type 0xB = busy 64-bit TSS, present, DPL 0.
@@ -142,7 +139,7 @@ fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
 
 /// How many GiB the identity map covers: all RAM, and at least the first 4 GiB so that
 /// the MMIO hole (virtio devices) is reachable.
-fn mapped_gib(mem: &GuestMemoryMmap) -> u64 {
+fn mapped_gib(mem: &GuestRam) -> u64 {
     let top = mem
         .iter()
         .map(|r| r.start_addr().0 + r.len())
@@ -152,7 +149,7 @@ fn mapped_gib(mem: &GuestMemoryMmap) -> u64 {
         .clamp(HIGH_RAM_START >> 30, MAX_MAPPED_GIB)
 }
 
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
+fn write_page_tables(mem: &GuestRam) -> Result<(), BuiltinBootError> {
     let gib = mapped_gib(mem);
     let mut pml4 = [0u64; 512];
     pml4[0] = PDPT_ADDR | TABLE_FLAGS;
@@ -172,11 +169,7 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BuiltinBootError> {
     Ok(())
 }
 
-fn write_boot_info(
-    mem: &GuestMemoryMmap,
-    cmdline: &str,
-    vcpus: u8,
-) -> Result<(), BuiltinBootError> {
+fn write_boot_info(mem: &GuestRam, cmdline: &str, vcpus: u8) -> Result<(), BuiltinBootError> {
     let mut info = BootInfo {
         magic: BOOT_MAGIC,
         version: BOOT_VERSION,

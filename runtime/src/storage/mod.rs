@@ -23,8 +23,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::vstate::memory::GuestSlice;
 use thiserror::Error;
-use vm_memory::VolatileSlice;
 
 pub use disk::{Disk, DiskFormat, DiskStats, DiskStatsSnapshot, OpenOptions};
 pub use lock::LockMode;
@@ -44,7 +44,7 @@ pub trait DiskBackend: Send {
     /// large requests served from the page cache.
     fn read_to_guest(
         &mut self,
-        dst: &VolatileSlice<'_>,
+        dst: &GuestSlice<'_>,
         offset: u64,
         scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
@@ -62,7 +62,7 @@ pub trait DiskBackend: Send {
     /// write is under way.
     fn write_from_guest(
         &mut self,
-        src: &VolatileSlice<'_>,
+        src: &GuestSlice<'_>,
         offset: u64,
         scratch: &mut Vec<u8>,
     ) -> io::Result<()> {

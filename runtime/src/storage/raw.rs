@@ -6,7 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use vm_memory::VolatileSlice;
+use vm_memory::bitmap::Bitmap;
+
+use crate::vstate::memory::GuestSlice;
 
 use super::probe::{self, PROBE_BYTES};
 use super::{fallocate, sync_data, DiskBackend};
@@ -129,10 +131,14 @@ impl DiskBackend for RawBackend {
 
     fn read_to_guest(
         &mut self,
-        dst: &VolatileSlice<'_>,
+        dst: &GuestSlice<'_>,
         offset: u64,
         _scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
+        // The kernel writes guest memory behind `vm-memory`'s back: record the pages as
+        // written by the VMM (for diff snapshots and migration) before they change, so a
+        // reader of the bitmap never misses them.
+        dst.bitmap().mark_dirty(0, dst.len());
         let guard = dst.ptr_guard_mut();
         let mut done = 0;
         while done < dst.len() {
@@ -180,7 +186,7 @@ impl DiskBackend for RawBackend {
 
     fn write_from_guest(
         &mut self,
-        src: &VolatileSlice<'_>,
+        src: &GuestSlice<'_>,
         offset: u64,
         scratch: &mut Vec<u8>,
     ) -> io::Result<()> {

@@ -36,9 +36,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestRam;
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -59,7 +59,7 @@ use error::VCPU_ACK_TIMEOUT;
 struct Machine {
     vcpus: Vec<VcpuHandle>,
     vm_fd: VmFd,
-    memory: Arc<GuestMemoryMmap>,
+    memory: Arc<GuestRam>,
 }
 
 impl Machine {

@@ -8,7 +8,19 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use luvisor_guest_abi::layout::{HIGH_RAM_START, LOW_RAM_END, MAX_MAPPED_GIB};
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest RAM as the VMM sees it: `vm-memory` mappings whose every region carries a
+/// bitmap of the pages the VMM itself wrote (device completions, used rings, boot
+/// loading). Together with KVM's dirty log it tells which pages changed, for diff
+/// snapshots and live migration.
+pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// A piece of [`GuestRam`] that devices read and write directly. Writes through its
+/// methods mark the VMM's dirty bitmap; code that writes through its raw pointer (a
+/// `pread` straight into guest memory) must call `bitmap().mark_dirty` itself.
+pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
 
 /// Smallest RAM a VM may have: the built-in guest's image, stacks and page tables fit.
 pub const MIN_MEMORY: u64 = 4 << 20;
@@ -47,13 +59,12 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 }
 
 /// Maps `size` bytes of anonymous guest RAM.
-pub fn create_ram(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size))
-        .map_err(|source| MemoryError::Map { size, source })
+pub fn create_ram(size: u64) -> Result<GuestRam, MemoryError> {
+    GuestRam::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map { size, source })
 }
 
 /// Registers every region of `mem` as a KVM memory slot (slot = region index).
-pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+pub fn register_slots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let base = region.start_addr().0;
@@ -82,7 +93,7 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryErro
 
 /// Bytes of guest RAM that are resident in host memory (pages the guest or the loader
 /// touched), from `mincore(2)` over every region.
-pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+pub fn resident_bytes(mem: &GuestRam) -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let mut resident = 0u64;

@@ -11,8 +11,8 @@
 
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
+use crate::vstate::memory::GuestRam;
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
 
 use super::memory::{self, MemoryError};
 use super::{kvm, KvmOpenError};
@@ -24,7 +24,7 @@ const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 /// A VM with its RAM registered, not yet given vCPUs or devices.
 pub struct PreparedVm {
     pub vm_fd: VmFd,
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestRam;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -71,7 +71,7 @@ const SERVE_LIMIT: Duration = Duration::from_millis(2);
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestRam>,
     queues: Vec<Queue>,
     /// Signalled on QueueNotify writes that KVM did not catch with an ioeventfd.
     queue_events: Vec<EventFd>,
@@ -87,7 +87,7 @@ impl MmioTransport {
     /// Wraps `device`; `queue_events[i]` is what a notification of queue `i` signals.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: Arc<GuestMemoryMmap>,
+        mem: Arc<GuestRam>,
         queue_events: Vec<EventFd>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> MmioTransport {
@@ -218,7 +218,7 @@ impl MmioTransport {
             queue: index,
             source,
         };
-        let pending = |queue: &Queue, mem: &GuestMemoryMmap| {
+        let pending = |queue: &Queue, mem: &GuestRam| {
             queue
                 .avail_idx(mem, Ordering::Acquire)
                 .map(|idx| idx.0 != queue.next_avail())

@@ -15,8 +15,8 @@ pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::vstate::memory::GuestRam;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device status bits (virtio 1.2, 2.1), from `virtio-bindings`.
@@ -71,7 +71,7 @@ pub trait VirtioDevice: Send {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, QueueError>;
 }
 

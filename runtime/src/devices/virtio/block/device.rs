@@ -1,7 +1,7 @@
 //! The virtio-blk device: features, configuration space and the request loop.
 
+use crate::vstate::memory::GuestRam;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::request::{self, ChainBuffers, Target};
 use crate::devices::virtio::{features, QueueError, VirtioDevice};
@@ -107,7 +107,7 @@ impl VirtioDevice for Block {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, QueueError> {
         let acked = self.acked_features;
         let mut target = Target {

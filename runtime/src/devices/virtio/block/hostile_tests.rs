@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestRam;
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{feature, Block};
@@ -30,7 +31,7 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 struct Harness {
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestRam>,
     transport: MmioTransport,
     stats: Arc<DiskStats>,
     interrupts: Arc<AtomicUsize>,

@@ -9,8 +9,9 @@
 //! lists have grown to the longest chain seen, which matters at a million 4 KiB requests
 //! a second.
 
+use crate::vstate::memory::GuestRam;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::storage::{DiskBackend, DiskStats, SECTOR_SIZE};
 
@@ -96,11 +97,7 @@ pub struct ChainBuffers {
 impl ChainBuffers {
     /// Walks `chain` once. `Err` when a buffer lies outside guest memory or the lengths
     /// overflow; the chain then cannot even carry a status byte.
-    fn fill(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<usize, String> {
+    fn fill(&mut self, chain: DescriptorChain<&GuestRam>, mem: &GuestRam) -> Result<usize, String> {
         self.readable.clear();
         self.writable.clear();
         self.readable_bytes = 0;
@@ -172,7 +169,7 @@ fn gather(
     buffers: &[GuestBuffer],
     skip: usize,
     out: &mut [u8],
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
 ) -> Result<(), Failure> {
     let want = out.len();
     let got = walk(buffers, skip, want, |addr, n, at| {
@@ -190,7 +187,7 @@ fn gather(
 
 /// Copies `data` into the first device-writable bytes of the chain, as far as they go;
 /// returns how many bytes it wrote.
-fn scatter(buffers: &[GuestBuffer], data: &[u8], mem: &GuestMemoryMmap) -> Result<usize, Failure> {
+fn scatter(buffers: &[GuestBuffer], data: &[u8], mem: &GuestRam) -> Result<usize, Failure> {
     walk(buffers, 0, data.len(), |addr, n, at| {
         mem.write_slice(&data[at..at + n], addr)
             .map_err(|e| Failure::Io(format!("cannot write guest buffer: {e}")))
@@ -209,8 +206,8 @@ enum Failure {
 /// device-writable buffers (the used length), or `None` when the chain is too broken to
 /// even carry a status byte (the used length is then 0).
 pub fn execute(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestRam>,
+    mem: &GuestRam,
     target: &mut Target,
 ) -> Option<u32> {
     let descriptors = match target.chain.fill(chain, mem) {
@@ -263,7 +260,7 @@ enum Direction {
 /// it touches). Reads fill the first `len` device-writable bytes (the status byte comes
 /// after them); writes take the `len` device-readable bytes after the 16-byte header.
 fn transfer_chain(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     direction: Direction,
     len: usize,
     offset: u64,
@@ -328,7 +325,7 @@ fn disk_range(sector: u64, bytes: u64, size: u64) -> Result<u64, Failure> {
 }
 
 /// Executes the request; returns how many data bytes went into device-writable buffers.
-fn run(mem: &GuestMemoryMmap, target: &mut Target) -> Result<usize, Failure> {
+fn run(mem: &GuestRam, target: &mut Target) -> Result<usize, Failure> {
     let header_len = std::mem::size_of::<RequestHeader>();
     let mut header = RequestHeader::default();
     if target.chain.readable_bytes < header_len {

@@ -1,0 +1,7 @@
+//! Saved machine state: the one persistence trait every component implements, and (in
+//! later steps) the snapshot file format built from it. Snapshot is "migration to a
+//! file": live migration sends the same states over a socket.
+
+mod persist;
+
+pub use persist::Persist;
