@@ -8,62 +8,47 @@
 //!    usually come ready-made from [`prepared`], built in the background);
 //! 3. legacy devices on the port bus: COM1 (IRQ 4 through an irqfd) and the paravirtual
 //!    exit/ready/idle/clock ports;
-//! 4. one virtio-blk device per disk on the MMIO bus at [`VIRTIO_MMIO_BASE`] + i × 4 KiB,
-//!    IRQ [`VIRTIO_IRQ_BASE`] + i, its queue notifications caught by an ioeventfd; the
-//!    guest learns of each from a `virtio_mmio.device=4K@<addr>:<irq>` command-line entry;
+//! 4. the virtio devices (one virtio-blk per disk), built by the [`DeviceManager`] from
+//!    the VM's [`DeviceLayout`] (an MMIO window and IRQ line each, queue notifications
+//!    caught by ioeventfds); the guest learns of each from a
+//!    `virtio_mmio.device=4K@<addr>:<irq>` command-line entry;
 //! 5. the guest image, page tables and boot-info block;
 //! 6. vCPUs with CPUID and their entry registers.
+//!
+//! A restore ([`BuildContext::restore`]) follows the same steps with the snapshot's
+//! layout and states: memory comes from the snapshot's memory file instead of the
+//! loader, devices and vCPUs are put back in their saved state, then the irqchip and
+//! clocks.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use crate::vstate::memory::GuestRam;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::builtin;
 use crate::devices::bus::Bus;
 use crate::devices::console::Console;
 use crate::devices::legacy::{serial, system_ports, SerialDevice, SystemPorts};
-use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::manager::{DeviceContext, DeviceLayout, DeviceManager};
+use crate::snapshot::machine::{restore_clock, MachineState};
 use crate::vm::{GuestSpec, VmConfig, VmError};
 use crate::vstate::clock::RunClock;
 use crate::vstate::kvm;
 use crate::vstate::prepared::{self, PreparedVm};
 use crate::vstate::vcpu::{self, Vcpu, VcpuCommand, VcpuHost};
 
-/// Where the first virtio-mmio device sits (inside the MMIO hole below 4 GiB).
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// The first virtio device's IRQ line (COM1 has 4).
-pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Most disks per VM (IRQs 5 to 20 on the 24-pin IOAPIC).
+/// Most disks per VM. The device manager has room for more virtio devices (one per IRQ
+/// line); the rest are kept for devices other than disks.
 pub const MAX_DISKS: usize = 16;
 
-/// The command-line entry that tells the guest of virtio device `index`:
-/// ` virtio_mmio.device=4K@<addr>:<irq>`, with its leading space.
-pub fn virtio_cmdline_entry(index: usize) -> String {
-    let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW;
-    let irq = VIRTIO_IRQ_BASE + index as u32;
-    format!(" virtio_mmio.device=4K@{base:#x}:{irq}")
-}
-
-/// The guest's whole command line: the configured one, then one entry per disk.
+/// The guest's whole command line: the configured one, then one entry per device of a
+/// VM with `disks` disks.
 pub fn full_cmdline(cmdline: &str, disks: usize) -> String {
-    let mut full = cmdline.to_string();
-    for i in 0..disks {
-        full.push_str(&virtio_cmdline_entry(i));
-    }
-    full
-}
-
-/// A queue notification the VM's event thread waits for.
-pub struct QueueEventSource {
-    pub event: EventFd,
-    pub transport: Arc<Mutex<MmioTransport>>,
-    pub queue: usize,
+    let layout = DeviceLayout::for_disks(disks.min(MAX_DISKS)).unwrap_or_default();
+    format!("{cmdline}{}", layout.cmdline_entries())
 }
 
 /// A machine, built and not yet running.
@@ -72,7 +57,7 @@ pub struct BuiltMachine {
     pub memory: Arc<GuestRam>,
     /// Each vCPU with the sending side of its command channel.
     pub vcpus: Vec<(Vcpu, Sender<VcpuCommand>)>,
-    pub queue_events: Vec<QueueEventSource>,
+    pub devices: Arc<DeviceManager>,
 }
 
 /// What the builder needs from the VM it builds for.
@@ -81,6 +66,16 @@ pub struct BuildContext<'a> {
     pub console: Arc<Console>,
     pub clock: Arc<RunClock>,
     pub host: Arc<dyn VcpuHost>,
+    /// Restore this saved machine instead of booting; `memory` is its guest RAM, already
+    /// filled from the snapshot's memory file and registered with `vm_fd`.
+    pub restore: Option<RestoreParts<'a>>,
+}
+
+/// What a restore brings to the builder.
+pub struct RestoreParts<'a> {
+    pub state: &'a MachineState,
+    pub vm_fd: VmFd,
+    pub memory: GuestRam,
 }
 
 pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
@@ -102,12 +97,18 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         name: name(),
         source,
     })?;
-    let PreparedVm { vm_fd, memory } = match prepared::take(config.memory) {
-        Some(ready) => ready,
-        None => prepared::prepare(config.memory).map_err(|source| VmError::Prepare {
-            name: name(),
-            source,
-        })?,
+    let (vm_fd, memory, restore) = match ctx.restore {
+        Some(parts) => (parts.vm_fd, parts.memory, Some(parts.state)),
+        None => {
+            let PreparedVm { vm_fd, memory } = match prepared::take(config.memory) {
+                Some(ready) => ready,
+                None => prepared::prepare(config.memory).map_err(|source| VmError::Prepare {
+                    name: name(),
+                    source,
+                })?,
+            };
+            (vm_fd, memory, None)
+        }
     };
     let memory = Arc::new(memory);
 
@@ -119,7 +120,7 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
             let _ = waker.send(VcpuCommand::Wake);
         }
     };
-    let wake_vcpus = Arc::new(wake_vcpus);
+    let wake_vcpus: Arc<dyn Fn() + Send + Sync> = Arc::new(wake_vcpus);
 
     // Legacy devices.
     let device_error = |source| VmError::Device {
@@ -147,52 +148,48 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
     )
     .map_err(device_error)?;
 
-    // virtio-blk devices.
+    // virtio devices.
     let mut mmio = Bus::new();
-    let mut queue_events = Vec::new();
-    for (i, disk) in config.disks.iter().enumerate() {
-        let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let irq = VIRTIO_IRQ_BASE + i as u32;
-        let backend = disk.attach().map_err(|source| VmError::Disk {
+    let layout = match restore {
+        Some(state) => state.layout.clone(),
+        None => config.device_layout().map_err(|source| VmError::Layout {
             name: name(),
             source,
-        })?;
-        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(os_error)?;
-        vm_fd
-            .register_irqfd(&irqfd, irq)
-            .map_err(setup("KVM_IRQFD (virtio)"))?;
-        let notify = EventFd::new(EFD_NONBLOCK).map_err(os_error)?;
-        vm_fd
-            .register_ioevent(
-                &notify,
-                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                0u32,
-            )
-            .map_err(setup("KVM_IOEVENTFD (virtio)"))?;
-        let waker = wake_vcpus.clone();
-        let interrupt = Arc::new(VirtioInterrupt::new(irqfd, Box::new(move || waker())));
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            Box::new(Block::new(disk, backend)),
-            memory.clone(),
-            vec![notify.try_clone().map_err(os_error)?],
-            interrupt,
-        )));
-        mmio.insert(base, MMIO_WINDOW, transport.clone())
-            .map_err(device_error)?;
-        queue_events.push(QueueEventSource {
-            event: notify,
-            transport,
-            queue: 0,
-        });
-    }
+        })?,
+    };
+    let devices = DeviceManager::build(
+        DeviceContext {
+            vm_fd: &vm_fd,
+            mmio: &mut mmio,
+            memory: &memory,
+            disks: &config.disks,
+            wake_vcpus: wake_vcpus.clone(),
+        },
+        &layout,
+        restore.map(|s| s.devices.as_slice()),
+    )
+    .map_err(|source| match source {
+        // A disk that cannot be attached reads as before the device manager existed.
+        crate::devices::manager::DeviceError::Disk(source) => VmError::Disk {
+            name: name(),
+            source,
+        },
+        source => VmError::Devices {
+            name: name(),
+            source,
+        },
+    })?;
 
-    let entry = match &config.guest {
-        GuestSpec::Builtin { cmdline } => {
-            let full = full_cmdline(cmdline, config.disks.len());
-            builtin::load(&memory, &full, config.vcpus).map_err(|source| VmError::Boot {
-                name: name(),
-                source,
-            })?
+    let entry = match (&config.guest, restore) {
+        (_, Some(_)) => None,
+        (GuestSpec::Builtin { cmdline }, None) => {
+            let full = format!("{cmdline}{}", layout.cmdline_entries());
+            Some(
+                builtin::load(&memory, &full, config.vcpus).map_err(|source| VmError::Boot {
+                    name: name(),
+                    source,
+                })?,
+            )
         }
     };
 
@@ -206,15 +203,32 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         let fd = vm_fd
             .create_vcpu(index as u64)
             .map_err(setup("KVM_CREATE_VCPU"))?;
-        for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-            // Leaf 1 EBX[31:24] is the initial APIC ID.
-            entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((index as u32) << 24);
+        match (restore, entry) {
+            (Some(state), _) => {
+                let saved = state.vcpus.get(index).ok_or_else(|| VmError::Restore {
+                    name: name(),
+                    reason: format!("the snapshot has no state for vcpu {index}"),
+                })?;
+                saved
+                    .restore(&fd, index)
+                    .map_err(|source| VmError::VcpuState {
+                        name: name(),
+                        source,
+                    })?;
+            }
+            (None, Some(entry)) => {
+                for leaf in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                    // Leaf 1 EBX[31:24] is the initial APIC ID.
+                    leaf.ebx = (leaf.ebx & 0x00FF_FFFF) | ((index as u32) << 24);
+                }
+                fd.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+                builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot {
+                    name: name(),
+                    source,
+                })?;
+            }
+            (None, None) => unreachable!("a VM that is not restored has a loaded guest"),
         }
-        fd.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
-        builtin::setup_vcpu(&fd, index, entry).map_err(|source| VmError::Boot {
-            name: name(),
-            source,
-        })?;
         let vcpu = Vcpu {
             index,
             fd,
@@ -226,11 +240,22 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         };
         vcpus.push((vcpu, tx));
     }
+    if let Some(state) = restore {
+        // After the vCPUs exist (their local APICs were restored with them).
+        let kvm_state = |source| VmError::KvmState {
+            name: name(),
+            source,
+        };
+        state.irqchip.restore(&vm_fd).map_err(kvm_state)?;
+        restore_clock(&vm_fd, &state.kvm_clock).map_err(kvm_state)?;
+        ctx.clock
+            .set_elapsed(std::time::Duration::from_nanos(state.run_time_ns));
+    }
     Ok(BuiltMachine {
         vm_fd,
         memory,
         vcpus,
-        queue_events,
+        devices: Arc::new(devices),
     })
 }
 
@@ -245,9 +270,6 @@ mod tests {
             full_cmdline("hello", 2),
             "hello virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
-        assert_eq!(
-            virtio_cmdline_entry(MAX_DISKS - 1),
-            " virtio_mmio.device=4K@0xd000f000:20"
-        );
+        assert!(full_cmdline("", MAX_DISKS).ends_with(" virtio_mmio.device=4K@0xd000f000:20"));
     }
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::boot::builtin::MAX_CMDLINE;
-use crate::builder::{full_cmdline, MAX_DISKS};
+use crate::builder::MAX_DISKS;
 use crate::devices::console::DEFAULT_CONSOLE_CAPACITY;
+use crate::devices::manager::{DeviceLayout, LayoutError};
 use crate::size::format_size;
 use crate::storage::Disk;
 use crate::vstate::memory::{MAX_MEMORY, MIN_MEMORY};
@@ -38,6 +39,11 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Where this VM's devices go: one virtio-blk per disk, in order.
+    pub fn device_layout(&self) -> Result<DeviceLayout, LayoutError> {
+        DeviceLayout::for_disks(self.disks.len())
+    }
+
     pub fn new(name: impl Into<String>, guest: GuestSpec) -> VmConfig {
         VmConfig {
             name: name.into(),
@@ -64,6 +70,9 @@ impl VmConfig {
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::Disks(self.disks.len()));
         }
+        let layout = self
+            .device_layout()
+            .map_err(|e| ConfigError::Devices(e.to_string()))?;
         if let Err(e) = crate::storage::disk::check_distinct(&self.disks) {
             return Err(ConfigError::DiskListedTwice(e.to_string()));
         }
@@ -74,7 +83,7 @@ impl VmConfig {
                 }
                 // Checked with what the VM adds at start, so that a VM that was
                 // accepted does not fail to start for it.
-                let total = full_cmdline(cmdline, self.disks.len()).len();
+                let total = cmdline.len() + layout.cmdline_entries().len();
                 if total > MAX_CMDLINE {
                     return Err(ConfigError::Cmdline {
                         given: cmdline.len(),
@@ -124,6 +133,8 @@ pub enum ConfigError {
     Disks(usize),
     #[error("{0}")]
     DiskListedTwice(String),
+    #[error("{0}")]
+    Devices(String),
 }
 
 #[cfg(test)]

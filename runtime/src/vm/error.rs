@@ -65,6 +65,32 @@ pub enum VmError {
         #[source]
         source: BusError,
     },
+    #[error("cannot start vm '{name}': the device layout")]
+    Layout {
+        name: String,
+        #[source]
+        source: crate::devices::manager::LayoutError,
+    },
+    #[error("cannot start vm '{name}': building its devices")]
+    Devices {
+        name: String,
+        #[source]
+        source: crate::devices::manager::DeviceError,
+    },
+    #[error("cannot restore vm '{name}': {reason}")]
+    Restore { name: String, reason: String },
+    #[error("vm '{name}': vcpu state")]
+    VcpuState {
+        name: String,
+        #[source]
+        source: crate::vstate::vcpu_state::VcpuStateError,
+    },
+    #[error("vm '{name}': machine state")]
+    KvmState {
+        name: String,
+        #[source]
+        source: crate::snapshot::machine::KvmStateError,
+    },
     #[error("cannot start vm '{name}': creating a thread")]
     Thread {
         name: String,

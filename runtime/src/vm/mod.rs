@@ -43,8 +43,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::builder::{self, BuildContext, QueueEventSource};
+use crate::builder::{self, BuildContext, RestoreParts};
 use crate::devices::console::{Console, ConsoleFileError, ConsoleWaitEnd, Tee, CANCEL_POLL};
+use crate::devices::manager::DeviceManager;
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -60,6 +61,7 @@ struct Machine {
     vcpus: Vec<VcpuHandle>,
     vm_fd: VmFd,
     memory: Arc<GuestRam>,
+    devices: Arc<DeviceManager>,
 }
 
 impl Machine {
@@ -68,6 +70,7 @@ impl Machine {
             vcpus,
             vm_fd,
             memory,
+            devices,
         } = self;
         for v in &vcpus {
             v.command(VcpuCommand::Stop);
@@ -76,8 +79,21 @@ impl Machine {
             v.stop_and_join();
         }
         drop(vm_fd);
+        drop(devices);
         drop(memory);
     }
+}
+
+/// What the control side asks of the event thread, and what it answers. The event
+/// thread looks at this whenever its control eventfd fires.
+#[derive(Default)]
+struct EventControl {
+    /// Tear the machine down and end.
+    teardown: bool,
+    /// Stop serving queues until this is cleared.
+    pause: bool,
+    /// The event thread's answer: it serves nothing until `pause` is cleared.
+    paused: bool,
 }
 
 struct Inner {
@@ -88,8 +104,9 @@ struct Inner {
     vcpu_states: Vec<VcpuRunState>,
     machine: Option<Machine>,
     event_thread: Option<JoinHandle<()>>,
-    /// Tells the event thread to tear the machine down and end.
-    teardown: Option<EventFd>,
+    /// Wakes the event thread to look at `events`.
+    event_control: Option<EventFd>,
+    events: EventControl,
 }
 
 /// A virtual machine and its record.
@@ -120,7 +137,8 @@ impl Vm {
                 vcpu_states: Vec::new(),
                 machine: None,
                 event_thread: None,
-                teardown: None,
+                event_control: None,
+                events: EventControl::default(),
             }),
             changed: Condvar::new(),
             clock: Arc::new(RunClock::new()),
@@ -160,10 +178,9 @@ impl Vm {
     }
     /// Bytes of guest memory resident on the host (0 once the VM no longer runs).
     pub fn memory_resident(&self) -> u64 {
-        self.lock()
-            .machine
-            .as_ref()
-            .map_or(0, |m| memory::resident_bytes(&m.memory))
+        // Counted without the VM's lock: mincore over gigabytes takes a while.
+        let memory = self.lock().machine.as_ref().map(|m| m.memory.clone());
+        memory.map_or(0, |m| memory::resident_bytes(&m))
     }
     /// Legacy IRQ lines (0–15) the in-kernel PIC has latched and not yet delivered, as a
     /// bit mask; `None` when the VM does not run. Device interrupts arrive here through
@@ -198,24 +215,32 @@ impl Vm {
     /// Builds the machine and starts every vCPU.
     pub fn start(self: &Arc<Self>) -> Result<(), VmError> {
         let _control = self.lock_control();
+        self.launch(None)
+    }
+
+    /// Builds the machine (booting it, or from `restore`) and starts its threads.
+    /// Called with the control lock held.
+    fn launch(self: &Arc<Self>, restore: Option<RestoreParts<'_>>) -> Result<(), VmError> {
         let state = self.state();
         if state != VmState::Created {
             return Err(self.invalid("start", state));
         }
+        let restoring = restore.is_some();
         let started_at = Instant::now();
         let built = builder::build(BuildContext {
             config: &self.config,
             console: self.console.clone(),
             clock: self.clock.clone(),
             host: self.clone(),
+            restore,
         })?;
         tracing::debug!(
             vm = self.name(),
             took_us = started_at.elapsed().as_micros() as u64,
             "machine built"
         );
-        let teardown = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
-        let event_end = teardown.try_clone().map_err(|e| self.thread_error(e))?;
+        let control = EventFd::new(EFD_NONBLOCK).map_err(|e| self.thread_error(e))?;
+        let event_control = control.try_clone().map_err(|e| self.thread_error(e))?;
         // The lock is held until every thread is spawned and recorded: a vCPU thread
         // reports `running` (taking this lock) before it first enters the guest, so no
         // guest code runs, and nothing can end, before the machine is complete.
@@ -228,15 +253,24 @@ impl Vm {
             vcpus: Vec::new(),
             vm_fd: built.vm_fd,
             memory: built.memory,
+            devices: built.devices.clone(),
         });
-        inner.teardown = Some(teardown);
+        inner.event_control = Some(control);
+        inner.events = EventControl::default();
+        if restoring {
+            // A restored guest already went through its boot: it is ready now.
+            inner.boot_time = Some(started_at.elapsed());
+        }
         self.clock.start();
         let vm = self.clone();
-        let queue_events = built.queue_events;
+        let devices = built.devices;
+        if restoring {
+            devices.resume_after_restore();
+        }
         let spawned: std::io::Result<()> = 'spawn: {
             let thread = std::thread::Builder::new()
                 .name(format!("events-{}", self.name()))
-                .spawn(move || vm.event_loop(event_end, queue_events));
+                .spawn(move || vm.event_loop(event_control, devices));
             match thread {
                 Ok(t) => inner.event_thread = Some(t),
                 Err(e) => break 'spawn Err(e),
@@ -279,11 +313,12 @@ impl Vm {
         }
     }
 
-    /// The VM's event thread: serves virtio queue notifications, and waits for the
+    /// The VM's event thread: serves virtio queue notifications, and obeys its control
+    /// eventfd: a pause (it stops touching queues and guest memory until resumed) or the
     /// request to tear the machine down, which comes from `stop` or from a vCPU that saw
     /// the guest end.
-    fn event_loop(self: Arc<Self>, teardown: EventFd, queues: Vec<QueueEventSource>) {
-        const TEARDOWN: u64 = 0;
+    fn event_loop(self: Arc<Self>, control: EventFd, devices: Arc<DeviceManager>) {
+        const CONTROL: u64 = u64::MAX;
         let fail = |what: &str, e: std::io::Error| {
             tracing::error!(vm = self.name(), error = %e, "{what}; the event thread ends");
         };
@@ -298,12 +333,15 @@ impl Vm {
                 EpollEvent::new(EventSet::IN, token),
             )
         };
-        if let Err(e) = watch(teardown.as_raw_fd(), TEARDOWN) {
-            return fail("cannot watch the teardown eventfd", e);
+        if let Err(e) = watch(control.as_raw_fd(), CONTROL) {
+            return fail("cannot watch the control eventfd", e);
         }
-        for (i, source) in queues.iter().enumerate() {
-            if let Err(e) = watch(source.event.as_raw_fd(), i as u64 + 1) {
-                return fail("cannot watch a queue eventfd", e);
+        // Token: device index in the high half, queue index in the low half.
+        for (d, device) in devices.devices().iter().enumerate() {
+            for (q, event) in device.queue_events.iter().enumerate() {
+                if let Err(e) = watch(event.as_raw_fd(), ((d as u64) << 32) | q as u64) {
+                    return fail("cannot watch a queue eventfd", e);
+                }
             }
         }
         let mut events = vec![EpollEvent::default(); 16];
@@ -317,34 +355,33 @@ impl Vm {
                 }
             };
             for event in &events[..n] {
-                match event.data() {
-                    TEARDOWN => {
-                        let _ = teardown.read();
+                if event.data() == CONTROL {
+                    let _ = control.read();
+                    if self.event_control_point() {
                         break 'outer;
                     }
-                    token => {
-                        let Some(source) = queues.get(token as usize - 1) else {
-                            continue;
-                        };
-                        let _ = source.event.read();
-                        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            source
-                                .transport
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .process_queue(source.queue)
-                        }));
-                        if let Err(panic) = served {
-                            // A device bug: the VM crashes with the reason; the host goes on.
-                            let reason = vcpu::panic_message(panic.as_ref());
-                            self.guest_ended(
-                                0,
-                                GuestEnd::Crashed(format!(
-                                    "host error: a device panicked: {reason}"
-                                )),
-                            );
-                        }
-                    }
+                    // Queue events seen in this round may be from before a pause: go
+                    // back to epoll, which reports them again.
+                    continue 'outer;
+                }
+                let (d, q) = ((event.data() >> 32) as usize, event.data() as u32 as usize);
+                let Some(device) = devices.devices().get(d) else {
+                    continue;
+                };
+                let Some(notify) = device.queue_events.get(q) else {
+                    continue;
+                };
+                let _ = notify.read();
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    device.lock().process_queue(q)
+                }));
+                if let Err(panic) = served {
+                    // A device bug: the VM crashes with the reason; the host goes on.
+                    let reason = vcpu::panic_message(panic.as_ref());
+                    self.guest_ended(
+                        0,
+                        GuestEnd::Crashed(format!("host error: a device panicked: {reason}")),
+                    );
                 }
             }
         }
@@ -352,26 +389,87 @@ impl Vm {
         if let Some(machine) = machine {
             machine.shutdown();
         }
-        drop(queues);
+        drop(devices);
+        self.changed.notify_all();
+    }
+
+    /// The event thread's answer to its control eventfd. Returns true when it must end.
+    /// On a pause it reports `paused` and waits here, touching nothing, until resumed.
+    fn event_control_point(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.events.pause && !inner.events.teardown {
+            inner.events.paused = true;
+            self.changed.notify_all();
+            while inner.events.pause && !inner.events.teardown {
+                inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+            }
+            inner.events.paused = false;
+            self.changed.notify_all();
+        }
+        inner.events.teardown
+    }
+
+    /// Asks the event thread to tear the machine down (it may be waiting paused).
+    fn request_teardown(&self, inner: &mut Inner) {
+        inner.events.teardown = true;
+        if let Some(control) = &inner.event_control {
+            let _ = control.write(1);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Stops the device side: returns once the event thread serves nothing (or is gone).
+    fn pause_devices(&self) -> Result<(), VmError> {
+        let mut inner = self.lock();
+        if inner.event_thread.is_none() {
+            return Ok(());
+        }
+        inner.events.pause = true;
+        if let Some(control) = &inner.event_control {
+            let _ = control.write(1);
+        }
+        let deadline = deadline_after(VCPU_ACK_TIMEOUT);
+        while !inner.events.paused && !inner.events.teardown && !inner.state.is_final() {
+            let now = Instant::now();
+            if now >= deadline {
+                inner.events.pause = false;
+                self.changed.notify_all();
+                return Err(VmError::VcpuTimeout {
+                    name: self.config.name.clone(),
+                    op: "pause devices",
+                });
+            }
+            inner = self
+                .changed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets the event thread serve queues again.
+    fn resume_devices(&self) {
+        let mut inner = self.lock();
+        inner.events.pause = false;
+        drop(inner);
         self.changed.notify_all();
     }
 
     /// Stops the vCPUs, frees memory and ends the event thread. Safe to call twice.
     fn release(&self) {
-        let (machine, event_thread, teardown) = {
+        let (machine, event_thread) = {
             let mut inner = self.lock();
-            (
-                inner.machine.take(),
-                inner.event_thread.take(),
-                inner.teardown.take(),
-            )
+            (inner.machine.take(), inner.event_thread.take())
         };
         self.clock.stop();
         if let Some(machine) = machine {
             machine.shutdown();
         }
-        if let Some(teardown) = teardown {
-            let _ = teardown.write(1);
+        {
+            let mut inner = self.lock();
+            self.request_teardown(&mut inner);
+            inner.event_control = None;
         }
         if let Some(thread) = event_thread {
             if thread.join().is_err() {
@@ -408,7 +506,7 @@ impl Vm {
         let mut inner = self.lock();
         if let Some(machine) = &inner.machine {
             for v in &machine.vcpus {
-                v.command(command);
+                v.command(command.clone());
             }
         }
         let deadline = deadline_after(VCPU_ACK_TIMEOUT);
@@ -444,7 +542,7 @@ impl Vm {
             other => return Err(self.invalid("pause", other)),
         }
         let result = self.command_vcpus("pause", VcpuCommand::Pause, VcpuRunState::Paused);
-        let mut inner = match result {
+        let inner = match result {
             Ok(inner) => inner,
             Err(e) => {
                 // Leave no vCPU behind in a half-paused VM.
@@ -452,6 +550,16 @@ impl Vm {
                 return Err(e);
             }
         };
+        if inner.state.is_final() {
+            return Err(self.invalid("pause", inner.state));
+        }
+        drop(inner);
+        // The vCPUs are out of the guest; now the devices stop touching guest memory.
+        if let Err(e) = self.pause_devices() {
+            drop(self.command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running));
+            return Err(e);
+        }
+        let mut inner = self.lock();
         if inner.state.is_final() {
             return Err(self.invalid("pause", inner.state));
         }
@@ -469,6 +577,7 @@ impl Vm {
             other => return Err(self.invalid("resume", other)),
         }
         self.clock.start();
+        self.resume_devices();
         let mut inner = self.command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running)?;
         if !inner.state.is_final() {
             inner.state = VmState::Running;
@@ -610,9 +719,7 @@ impl VcpuHost for Vm {
             }
         }
         self.clock.stop();
-        if let Some(teardown) = &inner.teardown {
-            let _ = teardown.write(1);
-        }
+        self.request_teardown(&mut inner);
         drop(inner);
         self.console.close();
         self.changed.notify_all();

@@ -35,6 +35,14 @@ impl RunClock {
         }
     }
 
+    /// Sets the time accumulated so far (a restored VM goes on from its snapshot's
+    /// running time); the clock is left stopped.
+    pub fn set_elapsed(&self, elapsed: Duration) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.accumulated = elapsed;
+        s.running_since = None;
+    }
+
     pub fn elapsed(&self) -> Duration {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.accumulated + s.running_since.map_or(Duration::ZERO, |t| t.elapsed())

@@ -2,6 +2,7 @@
 //!
 //! - [`memory`]: guest RAM layout, allocation and KVM memory slots.
 //! - [`vcpu`]: one thread per vCPU, driven by typed commands, running `KVM_RUN`.
+//! - [`vcpu_state`]: a vCPU's saved architectural state.
 //! - [`clock`]: the VM's running-time clock (stops while paused).
 //! - [`prepared`]: a VM fd with registered RAM kept ready ahead of time.
 
@@ -9,6 +10,7 @@ pub mod clock;
 pub mod memory;
 pub mod prepared;
 pub mod vcpu;
+pub mod vcpu_state;
 
 use std::sync::{Arc, OnceLock};
 

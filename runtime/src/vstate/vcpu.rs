@@ -23,15 +23,18 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::devices::bus::{Bus, IoAction};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
-/// Commands a vCPU thread obeys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Commands a vCPU thread obeys. `Pause`, `Resume` and `Stop` are answered through
+/// [`VcpuHost::vcpu_state_changed`]; `SaveState` carries its own reply channel.
+#[derive(Debug, Clone)]
 pub enum VcpuCommand {
-    /// Leave `KVM_RUN` and wait for `Resume` or `Stop`.
+    /// Finish any port or MMIO access the guest is in the middle of, leave `KVM_RUN` and
+    /// wait for `Resume` or `Stop`.
     Pause,
     /// Continue exactly where the guest was.
     Resume,
@@ -39,6 +42,9 @@ pub enum VcpuCommand {
     Stop,
     /// An event arrived for the VM: end an idle wait early.
     Wake,
+    /// Reply with the vCPU's complete state. Only a paused vCPU answers with its state;
+    /// a running one answers [`VcpuStateError::NotPaused`].
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
 }
 
 /// Where a vCPU thread is in its state machine.
@@ -337,7 +343,7 @@ impl Vcpu {
                 Err(_) => return Flow::Stop,
             },
         };
-        if command == VcpuCommand::Wake {
+        if matches!(command, VcpuCommand::Wake) {
             return Flow::Continue; // This wake ends this idle; it is not kept for the next.
         }
         self.obey(command)
@@ -352,11 +358,34 @@ impl Vcpu {
             }
             VcpuCommand::Resume => Flow::Continue,
             VcpuCommand::Pause => self.paused(),
+            VcpuCommand::SaveState(reply) => {
+                let _ = reply.send(Err(VcpuStateError::NotPaused { index: self.index }));
+                Flow::Continue
+            }
         }
     }
 
-    /// Outside `KVM_RUN`, blocked until told to resume or stop.
+    /// Completes the port or MMIO access the last exit reported, without running any
+    /// further guest instruction. KVM finishes such an access (stores the value a read
+    /// returned, moves `rip` past the instruction) only on the next `KVM_RUN`; entering
+    /// with `immediate_exit` set does that and returns at once. Without this, a state
+    /// saved now would replay or lose the access.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => tracing::debug!(
+                vcpu = self.index,
+                result = ?other.map(|exit| exit_name(&exit)),
+                "completing pending I/O returned something other than EINTR"
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Outside `KVM_RUN`, blocked until told to resume or stop; answers state requests.
     fn paused(&mut self) -> Flow {
+        self.complete_pending_io();
         self.host
             .vcpu_state_changed(self.index, VcpuRunState::Paused);
         loop {
@@ -365,6 +394,9 @@ impl Vcpu {
                     self.host
                         .vcpu_state_changed(self.index, VcpuRunState::Running);
                     return Flow::Continue;
+                }
+                Ok(VcpuCommand::SaveState(reply)) => {
+                    let _ = reply.send(VcpuState::save(&self.fd, self.index));
                 }
                 Ok(VcpuCommand::Stop) | Err(_) => return Flow::Stop,
                 Ok(VcpuCommand::Pause) | Ok(VcpuCommand::Wake) => {}

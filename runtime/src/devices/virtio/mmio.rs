@@ -9,13 +9,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::snapshot::Persist;
 use crate::vstate::memory::GuestRam;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    features, status, QueueError, VirtioDevice, VirtioInterrupt, INTERRUPT_CONFIG_CHANGE,
-    INTERRUPT_USED_BUFFER,
+    features, status, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER,
 };
 use crate::devices::bus::{BusDevice, IoAction};
 
@@ -81,6 +83,142 @@ pub struct MmioTransport {
     acked_features: u64,
     queue_sel: u32,
     status: u32,
+    /// ConfigGeneration: changes whenever the device changes its configuration space, so
+    /// a driver reading a multi-word field can tell it read a consistent value.
+    config_generation: u32,
+}
+
+/// One queue's registers and ring positions (`virtio-queue`'s `QueueState`, which has no
+/// serde support).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueRegisters {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+/// Everything the transport holds, with its device's own state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueRegisters>,
+    pub device: VirtioDeviceState,
+}
+
+/// What a restored transport is plugged into: its device (already restored from
+/// `TransportState::device`), guest memory, queue notification eventfds and interrupt.
+pub struct TransportArgs {
+    pub device: Box<dyn VirtioDevice>,
+    pub mem: Arc<GuestRam>,
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+impl Persist for MmioTransport {
+    type State = TransportState;
+    type Args = TransportArgs;
+    type Error = DeviceStateError;
+
+    fn save(&self) -> Result<TransportState, DeviceStateError> {
+        Ok(TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueRegisters {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+            device: self.device.save_state(),
+        })
+    }
+
+    fn restore(args: TransportArgs, state: &TransportState) -> Result<Self, DeviceStateError> {
+        let TransportArgs {
+            device,
+            mem,
+            queue_events,
+            interrupt,
+        } = args;
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(DeviceStateError::Invalid(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (q, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if q.max_size != max {
+                return Err(DeviceStateError::Invalid(format!(
+                    "queue {i} was saved with {} entries at most, the device has {max}",
+                    q.max_size
+                )));
+            }
+            let queue = Queue::try_from(QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+            .map_err(|e| DeviceStateError::Invalid(format!("queue {i}: {e}")))?;
+            if queue.ready() && state.status & status::DRIVER_OK != 0 && !queue.is_valid(&*mem) {
+                return Err(DeviceStateError::Invalid(format!(
+                    "queue {i}'s rings are not inside guest memory"
+                )));
+            }
+            queues.push(queue);
+        }
+        interrupt.set_status(state.interrupt_status);
+        Ok(MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            acked_features: state.acked_features,
+            queue_sel: state.queue_sel,
+            status: state.status,
+            config_generation: state.config_generation,
+        })
+    }
 }
 
 impl MmioTransport {
@@ -107,7 +245,40 @@ impl MmioTransport {
             acked_features: 0,
             queue_sel: 0,
             status: 0,
+            config_generation: 0,
         }
+    }
+
+    /// The device changed its configuration space: bump ConfigGeneration and tell the
+    /// driver (virtio 1.2, 2.5.1 and 4.2.2.1).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.signal(INTERRUPT_CONFIG_CHANGE);
+        }
+    }
+
+    /// Called after a restore: the used rings may still carry NO_NOTIFY from polling
+    /// that the saved machine was doing, and notifications signalled on the old machine's
+    /// eventfds are gone. Clearing the flag and serving each ready queue once picks up
+    /// every request the driver had posted, so none is lost.
+    pub fn resume_after_restore(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if q.ready() {
+                let _ = q.enable_notification(self.mem.as_ref());
+                if let Some(evt) = self.queue_events.get(i) {
+                    let _ = evt.write(1);
+                }
+            }
+        }
+    }
+
+    /// The device's own state (for tests and for control calls that address a device).
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
     }
 
     pub fn device_status(&self) -> u32 {
@@ -288,7 +459,7 @@ impl MmioTransport {
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready() as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }

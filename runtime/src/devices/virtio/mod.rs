@@ -16,6 +16,7 @@ pub mod mmio;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::vstate::memory::GuestRam;
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,6 +50,25 @@ pub struct QueueError {
     pub source: virtio_queue::Error,
 }
 
+/// The saved state of whichever device sits behind a transport. Every device kind has
+/// a variant; the device manager restores each one from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    Block(block::BlockState),
+}
+
+/// Why a device's saved state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("invalid saved device state: {0}")]
+    Invalid(String),
+    #[error("the saved state is for a {saved} device, not {wanted}")]
+    WrongKind {
+        saved: &'static str,
+        wanted: &'static str,
+    },
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2 for block).
@@ -65,6 +85,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64);
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The device's own state (features it agreed, anything in flight). Called only
+    /// while the VM is paused.
+    fn save_state(&self) -> VirtioDeviceState;
     /// Serves every available buffer of queue `index`. Returns whether any used buffer
     /// was added (the driver then gets an interrupt).
     fn process_queue(
@@ -102,6 +125,12 @@ impl VirtioInterrupt {
 
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
+    }
+
+    /// Sets the status register as a saved state had it, without raising anything: the
+    /// restored irqchip already holds whatever was pending.
+    pub fn set_status(&self, status: u32) {
+        self.status.store(status, Ordering::Release);
     }
 
     /// Sets `bits` in the status register and notifies the guest.

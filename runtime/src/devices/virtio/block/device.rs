@@ -4,8 +4,12 @@ use crate::vstate::memory::GuestRam;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::request::{self, ChainBuffers, Target};
-use crate::devices::virtio::{features, QueueError, VirtioDevice};
+use crate::devices::virtio::{
+    features, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
+};
+use crate::snapshot::Persist;
 use crate::storage::{Disk, DiskBackend, DiskStats, SECTOR_SIZE};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -66,7 +70,94 @@ impl Block {
     }
 }
 
+/// A block device's saved state. Requests are executed synchronously when the event
+/// thread serves the queue, so a paused device has none in flight: every request the
+/// driver posted is either in the used ring or still in the available ring, past the
+/// queue's saved `next_avail`, and is served after the restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub acked_features: u64,
+    /// What the guest was told, checked against the disk on restore.
+    pub capacity_sectors: u64,
+    pub readonly: bool,
+}
+
+/// What a restored block device serves: the disk and its opened backend.
+pub struct BlockArgs<'a> {
+    pub disk: &'a Disk,
+    pub backend: Box<dyn DiskBackend>,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Args = BlockArgs<'static>;
+    type Error = DeviceStateError;
+
+    fn save(&self) -> Result<BlockState, DeviceStateError> {
+        Ok(self.state())
+    }
+
+    fn restore(args: BlockArgs<'static>, state: &BlockState) -> Result<Block, DeviceStateError> {
+        Block::restore_from(args.disk, args.backend, state)
+    }
+}
+
+impl Block {
+    fn state(&self) -> BlockState {
+        BlockState {
+            acked_features: self.acked_features,
+            capacity_sectors: self.backend.size() / SECTOR_SIZE,
+            readonly: self.readonly,
+        }
+    }
+
+    /// [`Persist::restore`] for any lifetime of the disk reference.
+    pub fn restore_from(
+        disk: &Disk,
+        backend: Box<dyn DiskBackend>,
+        state: &BlockState,
+    ) -> Result<Block, DeviceStateError> {
+        let mut block = Block::new(disk, backend);
+        let capacity = block.backend.size() / SECTOR_SIZE;
+        if capacity != state.capacity_sectors {
+            return Err(DeviceStateError::Invalid(format!(
+                "disk {} has {capacity} sectors, the guest was told {}",
+                disk.path().display(),
+                state.capacity_sectors
+            )));
+        }
+        if block.readonly != state.readonly {
+            return Err(DeviceStateError::Invalid(format!(
+                "disk {} is {}, the guest was told it is {}",
+                disk.path().display(),
+                if block.readonly {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if state.readonly {
+                    "read-only"
+                } else {
+                    "writable"
+                }
+            )));
+        }
+        if state.acked_features & !block.features() != 0 {
+            return Err(DeviceStateError::Invalid(format!(
+                "features {:#x} were agreed but the device does not offer them",
+                state.acked_features & !block.features()
+            )));
+        }
+        block.acked_features = state.acked_features;
+        Ok(block)
+    }
+}
+
 impl VirtioDevice for Block {
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.state())
+    }
+
     fn device_type(&self) -> u32 {
         DEVICE_TYPE
     }

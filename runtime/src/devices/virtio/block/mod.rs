@@ -8,7 +8,7 @@
 pub mod device;
 pub mod request;
 
-pub use device::Block;
+pub use device::{Block, BlockArgs, BlockState};
 
 #[cfg(test)]
 mod hostile_tests;

@@ -1,0 +1,415 @@
+//! The device manager: the one owner of a VM's virtio devices.
+//!
+//! It plans the machine's layout (an MMIO window and an IRQ line per device, handed out
+//! by `vm-allocator`'s allocators), records it so a restore rebuilds exactly the same
+//! machine, wires each device to KVM (irqfd, ioeventfd, the MMIO bus) and keeps them
+//! by id so control calls can reach a device. The layout is a plain value: the command
+//! line the guest reads its devices from is derived from it, and it is saved with every
+//! snapshot.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::bus::Bus;
+use super::virtio::block::Block;
+use super::virtio::mmio::{
+    MmioTransport, TransportArgs, TransportState, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET,
+};
+use super::virtio::{DeviceStateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt};
+use crate::snapshot::Persist;
+use crate::storage::{Disk, StorageError};
+use crate::vstate::memory::GuestRam;
+
+/// Where virtio-mmio windows are handed out (inside the MMIO hole below 4 GiB).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Room for virtio-mmio windows: 256 of them; IRQ lines run out long before.
+pub const VIRTIO_MMIO_SIZE: u64 = 256 * MMIO_WINDOW;
+/// IRQ lines for virtio devices on the 24-pin IOAPIC: COM1 has 4, and 0–3 stay free for
+/// legacy devices.
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// Most virtio devices a VM may have: one per IRQ line.
+pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
+
+/// Every kind of device the manager can create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// virtio-blk serving disk `n` of the VM's configuration.
+    Block { disk: usize },
+}
+
+impl DeviceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::Block { .. } => "virtio-blk",
+        }
+    }
+}
+
+/// Where one device sits in the machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSlot {
+    /// The id control calls use (`disk0`, `disk1`, ...).
+    pub id: String,
+    pub kind: DeviceKind,
+    pub mmio_base: u64,
+    pub irq: u32,
+}
+
+/// The machine's device layout.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DeviceLayout {
+    pub slots: Vec<DeviceSlot>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "{wanted} devices asked for; a VM has room for {MAX_VIRTIO_DEVICES} \
+         (one IRQ line each, {VIRTIO_IRQ_FIRST} to {VIRTIO_IRQ_LAST})"
+    )]
+    TooManyDevices { wanted: usize },
+    #[error("device {id}: {reason}")]
+    BadSlot { id: String, reason: String },
+}
+
+impl DeviceLayout {
+    /// Plans windows and IRQs for `kinds`, in order.
+    pub fn plan(kinds: &[DeviceKind]) -> Result<DeviceLayout, LayoutError> {
+        let too_many = || LayoutError::TooManyDevices {
+            wanted: kinds.len(),
+        };
+        if kinds.len() > MAX_VIRTIO_DEVICES {
+            return Err(too_many());
+        }
+        let mut windows = AddressAllocator::new(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
+            .expect("the virtio MMIO range is a valid constant range");
+        let mut irqs = IdAllocator::new(VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST)
+            .expect("the virtio IRQ range is a valid constant range");
+        let mut slots = Vec::with_capacity(kinds.len());
+        for (i, &kind) in kinds.iter().enumerate() {
+            let window = windows
+                .allocate(MMIO_WINDOW, MMIO_WINDOW, AllocPolicy::FirstMatch)
+                .map_err(|_| too_many())?;
+            let irq = irqs.allocate_id().map_err(|_| too_many())?;
+            let id = match kind {
+                DeviceKind::Block { disk } => format!("disk{disk}"),
+            };
+            debug_assert!(slots.len() == i);
+            slots.push(DeviceSlot {
+                id,
+                kind,
+                mmio_base: window.start(),
+                irq,
+            });
+        }
+        Ok(DeviceLayout { slots })
+    }
+
+    /// The layout for a VM with `disks` disks and nothing else.
+    pub fn for_disks(disks: usize) -> Result<DeviceLayout, LayoutError> {
+        let kinds: Vec<_> = (0..disks).map(|disk| DeviceKind::Block { disk }).collect();
+        DeviceLayout::plan(&kinds)
+    }
+
+    /// Checks a layout read from a snapshot: every window inside the virtio range,
+    /// aligned and distinct, every IRQ in range and distinct, ids unique.
+    pub fn check(&self) -> Result<(), LayoutError> {
+        if self.slots.len() > MAX_VIRTIO_DEVICES {
+            return Err(LayoutError::TooManyDevices {
+                wanted: self.slots.len(),
+            });
+        }
+        let mut windows = AddressAllocator::new(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
+            .expect("the virtio MMIO range is a valid constant range");
+        let mut irqs_seen = Vec::new();
+        let mut ids_seen = Vec::new();
+        for slot in &self.slots {
+            let bad = |reason: String| LayoutError::BadSlot {
+                id: slot.id.clone(),
+                reason,
+            };
+            windows
+                .allocate(
+                    MMIO_WINDOW,
+                    MMIO_WINDOW,
+                    AllocPolicy::ExactMatch(slot.mmio_base),
+                )
+                .map_err(|e| bad(format!("window at {:#x}: {e}", slot.mmio_base)))?;
+            if !(VIRTIO_IRQ_FIRST..=VIRTIO_IRQ_LAST).contains(&slot.irq)
+                || irqs_seen.contains(&slot.irq)
+            {
+                return Err(bad(format!("IRQ {} is out of range or taken", slot.irq)));
+            }
+            if ids_seen.contains(&&slot.id) {
+                return Err(bad("the id appears twice".into()));
+            }
+            irqs_seen.push(slot.irq);
+            ids_seen.push(&slot.id);
+        }
+        Ok(())
+    }
+
+    /// The command-line entries that tell the guest of each device:
+    /// ` virtio_mmio.device=4K@<addr>:<irq>` each, with a leading space.
+    pub fn cmdline_entries(&self) -> String {
+        self.slots
+            .iter()
+            .map(|s| format!(" virtio_mmio.device=4K@{:#x}:{}", s.mmio_base, s.irq))
+            .collect()
+    }
+}
+
+/// Why the manager could not build a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd for device {id}")]
+    EventFd {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{step} failed for device {id}")]
+    Kvm {
+        id: String,
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("device {id} asks for disk {disk}, which the VM does not have")]
+    NoSuchDisk { id: String, disk: usize },
+    #[error(transparent)]
+    Disk(#[from] StorageError),
+    #[error("device {id}: {source}")]
+    State {
+        id: String,
+        #[source]
+        source: DeviceStateError,
+    },
+    #[error("device {id}: {source}")]
+    Bus {
+        id: String,
+        #[source]
+        source: super::bus::BusError,
+    },
+    #[error("the snapshot has state for {saved} devices, the layout has {layout}")]
+    StateCount { saved: usize, layout: usize },
+}
+
+/// A device the manager owns.
+pub struct ManagedDevice {
+    pub slot: DeviceSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// One per queue, in queue order: what the event thread waits on.
+    pub queue_events: Vec<EventFd>,
+}
+
+impl ManagedDevice {
+    pub fn lock(&self) -> MutexGuard<'_, MmioTransport> {
+        self.transport.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What building devices needs from the machine.
+pub struct DeviceContext<'a> {
+    pub vm_fd: &'a VmFd,
+    pub mmio: &'a mut Bus,
+    pub memory: &'a Arc<GuestRam>,
+    pub disks: &'a [Arc<Disk>],
+    /// Wakes idle vCPUs when a device completes something.
+    pub wake_vcpus: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Every virtio device of one VM, by id, with the layout they were built from.
+#[derive(Default)]
+pub struct DeviceManager {
+    layout: DeviceLayout,
+    devices: Vec<ManagedDevice>,
+}
+
+impl DeviceManager {
+    /// Builds every device of `layout`. With `saved` (from a snapshot, one state per
+    /// slot in order) each device and its transport come back in that state.
+    pub fn build(
+        ctx: DeviceContext<'_>,
+        layout: &DeviceLayout,
+        saved: Option<&[TransportState]>,
+    ) -> Result<DeviceManager, DeviceError> {
+        if let Some(saved) = saved {
+            if saved.len() != layout.slots.len() {
+                return Err(DeviceError::StateCount {
+                    saved: saved.len(),
+                    layout: layout.slots.len(),
+                });
+            }
+        }
+        let mut manager = DeviceManager {
+            layout: layout.clone(),
+            devices: Vec::with_capacity(layout.slots.len()),
+        };
+        for (i, slot) in layout.slots.iter().enumerate() {
+            let device = manager.build_one(&ctx, slot, saved.map(|s| &s[i]))?;
+            ctx.mmio
+                .insert(slot.mmio_base, MMIO_WINDOW, device.transport.clone())
+                .map_err(|source| DeviceError::Bus {
+                    id: slot.id.clone(),
+                    source,
+                })?;
+            manager.devices.push(device);
+        }
+        Ok(manager)
+    }
+
+    fn build_one(
+        &self,
+        ctx: &DeviceContext<'_>,
+        slot: &DeviceSlot,
+        saved: Option<&TransportState>,
+    ) -> Result<ManagedDevice, DeviceError> {
+        let id = || slot.id.clone();
+        let eventfd = || {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { id: id(), source })
+        };
+        let state_error = |source| DeviceError::State { id: id(), source };
+        let device: Box<dyn VirtioDevice> = match slot.kind {
+            DeviceKind::Block { disk: index } => {
+                let disk = ctx.disks.get(index).ok_or(DeviceError::NoSuchDisk {
+                    id: id(),
+                    disk: index,
+                })?;
+                let backend = disk.attach()?;
+                match saved.map(|s| &s.device) {
+                    None => Box::new(Block::new(disk, backend)),
+                    Some(VirtioDeviceState::Block(state)) => {
+                        Box::new(Block::restore_from(disk, backend, state).map_err(state_error)?)
+                    }
+                }
+            }
+        };
+        let irqfd = eventfd()?;
+        ctx.vm_fd
+            .register_irqfd(&irqfd, slot.irq)
+            .map_err(|source| DeviceError::Kvm {
+                id: id(),
+                step: "KVM_IRQFD",
+                source,
+            })?;
+        let mut queue_events = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() {
+            let notify = eventfd()?;
+            ctx.vm_fd
+                .register_ioevent(
+                    &notify,
+                    &IoEventAddress::Mmio(slot.mmio_base + QUEUE_NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| DeviceError::Kvm {
+                    id: id(),
+                    step: "KVM_IOEVENTFD",
+                    source,
+                })?;
+            queue_events.push(notify);
+        }
+        let waker = ctx.wake_vcpus.clone();
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd, Box::new(move || waker())));
+        let clones = queue_events
+            .iter()
+            .map(|e| e.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DeviceError::EventFd { id: id(), source })?;
+        let transport = match saved {
+            None => MmioTransport::new(device, ctx.memory.clone(), clones, interrupt),
+            Some(state) => MmioTransport::restore(
+                TransportArgs {
+                    device,
+                    mem: ctx.memory.clone(),
+                    queue_events: clones,
+                    interrupt,
+                },
+                state,
+            )
+            .map_err(state_error)?,
+        };
+        Ok(ManagedDevice {
+            slot: slot.clone(),
+            transport: Arc::new(Mutex::new(transport)),
+            queue_events,
+        })
+    }
+
+    pub fn layout(&self) -> &DeviceLayout {
+        &self.layout
+    }
+
+    pub fn devices(&self) -> &[ManagedDevice] {
+        &self.devices
+    }
+
+    /// The device with this id (`disk0`, ...).
+    pub fn get(&self, id: &str) -> Option<&ManagedDevice> {
+        self.devices.iter().find(|d| d.slot.id == id)
+    }
+
+    /// Every device's state, in layout order. Call only while the VM is paused.
+    pub fn save(&self) -> Result<Vec<TransportState>, DeviceError> {
+        self.devices
+            .iter()
+            .map(|d| {
+                d.lock().save().map_err(|source| DeviceError::State {
+                    id: d.slot.id.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// After a restore: serve whatever the drivers had posted (see
+    /// [`MmioTransport::resume_after_restore`]).
+    pub fn resume_after_restore(&self) {
+        for d in &self.devices {
+            d.lock().resume_after_restore();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_hands_out_distinct_windows_and_irqs() {
+        let layout = DeviceLayout::for_disks(3).unwrap();
+        assert_eq!(
+            layout.cmdline_entries(),
+            " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7"
+        );
+        assert_eq!(layout.slots[2].id, "disk2");
+        layout.check().unwrap();
+        let full = DeviceLayout::for_disks(MAX_VIRTIO_DEVICES).unwrap();
+        assert_eq!(full.slots.last().unwrap().irq, VIRTIO_IRQ_LAST);
+        full.check().unwrap();
+        let err = DeviceLayout::for_disks(MAX_VIRTIO_DEVICES + 1).unwrap_err();
+        assert!(err.to_string().contains("room for 19"), "{err}");
+    }
+
+    #[test]
+    fn saved_layouts_are_checked() {
+        let mut layout = DeviceLayout::for_disks(2).unwrap();
+        layout.slots[1].irq = layout.slots[0].irq;
+        assert!(layout.check().unwrap_err().to_string().contains("IRQ 5"));
+        let mut layout = DeviceLayout::for_disks(2).unwrap();
+        layout.slots[1].mmio_base = layout.slots[0].mmio_base;
+        assert!(layout.check().is_err());
+        let mut layout = DeviceLayout::for_disks(1).unwrap();
+        layout.slots[0].mmio_base = 0x1000;
+        assert!(layout.check().is_err());
+        let mut layout = DeviceLayout::for_disks(1).unwrap();
+        layout.slots[0].mmio_base += 1;
+        assert!(layout.check().is_err(), "unaligned window");
+    }
+}
