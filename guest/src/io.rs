@@ -11,6 +11,15 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
     unsafe {
@@ -57,6 +66,33 @@ impl fmt::Write for Console {
             outb(ports::SERIAL_COM1, b);
         }
         Ok(())
+    }
+}
+
+/// The 16550's line status register and its "data ready" bit.
+const COM1_LSR: u16 = ports::SERIAL_COM1 + 5;
+const LSR_DATA_READY: u8 = 0x01;
+/// How long to sleep between looks at the receiver when no input is there. The host
+/// wakes idle vCPUs when it queues input, so this only bounds a missed wake-up.
+const INPUT_POLL_US: u32 = 50_000;
+
+/// The next byte received on COM1, if one is waiting.
+pub fn try_read_byte() -> Option<u8> {
+    if inb(COM1_LSR) & LSR_DATA_READY != 0 {
+        Some(inb(ports::SERIAL_COM1))
+    } else {
+        None
+    }
+}
+
+/// The next byte received on COM1. While none is there the vCPU idles on the idle port
+/// rather than spinning.
+pub fn read_byte() -> u8 {
+    loop {
+        if let Some(byte) = try_read_byte() {
+            return byte;
+        }
+        idle(INPUT_POLL_US);
     }
 }
 

@@ -5,9 +5,10 @@
 //! `docs/architecture.md`). It talks to the host only through the ports in `luvisor_guest_abi`.
 //!
 //! It reads a command line from the boot-info block: commands separated by `;`, run in
-//! order by vCPU 0. When they run out, the guest exits with code 0. Output format is
-//! stable because tests and benchmarks parse it; errors start with `error:` and end the
-//! VM with exit code 2. See `guest/README.md` for the command reference.
+//! order by vCPU 0 (`listen` reads more from the serial console). When they run out,
+//! the guest exits with code 0. Output format is stable because tests and benchmarks
+//! parse it; errors start with `error:` and end the VM with exit code 2. See
+//! `guest/README.md` for the command reference.
 #![no_std]
 #![no_main]
 
@@ -65,6 +66,7 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
         device_count: 0,
         current: 0,
         blk: None,
+        listening: false,
     };
     for word in cmdline.split_whitespace() {
         if let Some(entry) = virtio::parse_entry(word) {
@@ -98,6 +100,8 @@ struct State {
     /// Index of the disk `blk-*` commands use (`blk-use N`).
     current: usize,
     blk: Option<Blk>,
+    /// A `listen` is reading the console (it does not nest).
+    listening: bool,
 }
 
 impl State {
@@ -138,6 +142,7 @@ fn run<'a>(
             io::idle(u32::MAX);
         },
         "exit" => io::exit(arg(args)? as u32),
+        "listen" => listen(state)?,
         "fault" => fault(),
         "blk-use" => {
             let index = arg(args)? as usize;
@@ -199,7 +204,10 @@ fn run<'a>(
         "blk-poke" => {
             let sector = arg(args)?;
             let mut bytes = [0u8; 512];
-            let n = parse_hex(args.next().ok_or(Error::Msg("missing argument"))?, &mut bytes)?;
+            let n = parse_hex(
+                args.next().ok_or(Error::Msg("missing argument"))?,
+                &mut bytes,
+            )?;
             // The outcome is printed rather than ending the guest: refusals are what tests
             // of a hostile guest expect to see.
             match state.blk()?.poke(sector, &bytes[..n]) {
@@ -251,10 +259,75 @@ fn run<'a>(
     Ok(())
 }
 
+/// Longest line `listen` accepts.
+const LISTEN_LINE_MAX: usize = 1024;
+
+/// Runs commands read from the console (COM1 input), a line at a time, until a line
+/// runs a bare `exit`. Prints `listening` once, so that the host knows when to send;
+/// echoes nothing. A line ends at `\r` or `\n`; backspace (0x08) and DEL (0x7f) drop
+/// the last byte of the line. An error prints `error: ...` and skips the rest of its
+/// line; the guest goes on listening.
+fn listen(state: &mut State) -> Result<(), Error> {
+    if state.listening {
+        return Err(Error::Msg("already listening"));
+    }
+    state.listening = true;
+    println!("listening");
+    let mut line = [0u8; LISTEN_LINE_MAX];
+    let mut len = 0;
+    let mut too_long = false;
+    loop {
+        match io::read_byte() {
+            b'\r' | b'\n' => {
+                let keep_listening = if too_long {
+                    println!("error: listen: line longer than {} bytes", LISTEN_LINE_MAX);
+                    true
+                } else {
+                    run_line(&line[..len], state)
+                };
+                len = 0;
+                too_long = false;
+                if !keep_listening {
+                    break;
+                }
+            }
+            0x08 | 0x7f => len = len.saturating_sub(1),
+            byte if len < LISTEN_LINE_MAX => {
+                line[len] = byte;
+                len += 1;
+            }
+            _ => too_long = true,
+        }
+    }
+    state.listening = false;
+    Ok(())
+}
+
+/// Runs one line `listen` read, its commands separated by `;`. Returns false when it
+/// reached a bare `exit`, which ends `listen` (commands after it on the line do not run).
+fn run_line(line: &[u8], state: &mut State) -> bool {
+    let Ok(text) = core::str::from_utf8(line) else {
+        println!("error: listen: line is not valid UTF-8");
+        return true;
+    };
+    for command in text.split(';') {
+        let mut words = command.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        if name == "exit" && words.clone().next().is_none() {
+            return false;
+        }
+        if let Err(error) = run(name, &mut words, state) {
+            println!("error: {}: {}", name, error);
+            break;
+        }
+    }
+    true
+}
+
 /// Parses hex digits (two per byte, no prefix) into `out`; returns the byte count.
 fn parse_hex(text: &str, out: &mut [u8]) -> Result<usize, &'static str> {
     let digits = text.as_bytes();
-    if digits.is_empty() || digits.len() % 2 != 0 {
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
         return Err("hex bytes must be an even, non-zero number of digits");
     }
     if digits.len() / 2 > out.len() {

@@ -141,6 +141,16 @@ impl UserData for VmHandle {
             this.registry.destroy(this.id);
             Ok(())
         });
+        methods.add_method("send", |_, this, text: Value| {
+            let vm = this.resolve()?;
+            let Value::String(text) = text else {
+                return Err(mlua::Error::runtime(format!(
+                    "vm:send: text must be a string (bytes for the guest's serial console), got {}",
+                    a_type_name(&text)
+                )));
+            };
+            vm.send_input(&text.as_bytes()).map_err(lua_err)
+        });
         methods.add_method("console", |_, this, ()| {
             Ok(this.resolve()?.console().text())
         });

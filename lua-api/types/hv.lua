@@ -151,6 +151,13 @@ function Vm:stop() end
 ---Stops the VM if needed and forgets it: its name is free again and this handle is stale.
 function Vm:destroy() end
 
+---Sends `text` (any bytes) to the guest's serial console (COM1 input); the built-in guest
+---reads it with its `listen` command. The VM must be running or paused (input sent while
+---paused waits). Up to 64 KiB beyond the UART's 64-byte FIFO wait for the guest to read
+---them; a `text` that does not fit in what is free raises an error and queues nothing.
+---@param text string
+function Vm:send(text) end
+
 ---The captured console output (the last 1 MiB).
 ---@return string
 function Vm:console() end

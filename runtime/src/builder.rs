@@ -58,6 +58,8 @@ pub struct BuiltMachine {
     /// Each vCPU with the sending side of its command channel.
     pub vcpus: Vec<(Vcpu, Sender<VcpuCommand>)>,
     pub devices: Arc<DeviceManager>,
+    /// COM1, which the VM also reaches to send the guest input.
+    pub serial: Arc<Mutex<SerialDevice>>,
 }
 
 /// What the builder needs from the VM it builds for.
@@ -131,14 +133,17 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
     vm_fd
         .register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(setup("KVM_IRQFD (serial)"))?;
+    let waker = wake_vcpus.clone();
+    let serial_device = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        ctx.console.clone(),
+        Box::new(move || waker()),
+    )));
     let mut pio = Bus::new();
     pio.insert(
         luvisor_guest_abi::ports::SERIAL_COM1 as u64,
         serial::COM1_PORT_COUNT,
-        Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            ctx.console.clone(),
-        ))),
+        serial_device.clone(),
     )
     .map_err(device_error)?;
     pio.insert(
@@ -256,6 +261,7 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         memory,
         vcpus,
         devices: Arc::new(devices),
+        serial: serial_device,
     })
 }
 

@@ -7,6 +7,7 @@ use thiserror::Error;
 use super::state::VmState;
 use crate::boot::builtin::BuiltinBootError;
 use crate::devices::bus::BusError;
+use crate::devices::legacy::SerialError;
 use crate::storage::StorageError;
 use crate::vstate::memory::MemoryError;
 use crate::vstate::KvmOpenError;
@@ -99,6 +100,12 @@ pub enum VmError {
     },
     #[error("vm '{name}': vcpu threads did not {op} within {secs} s", secs = VCPU_ACK_TIMEOUT.as_secs())]
     VcpuTimeout { name: String, op: &'static str },
+    #[error("cannot send input to vm '{name}'")]
+    Input {
+        name: String,
+        #[source]
+        source: SerialError,
+    },
 }
 
 /// Why a wait ended without what was awaited.

@@ -46,6 +46,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::builder::{self, BuildContext, RestoreParts};
 use crate::devices::console::{Console, ConsoleFileError, ConsoleWaitEnd, Tee, CANCEL_POLL};
 use crate::devices::manager::DeviceManager;
+use crate::devices::legacy::SerialDevice;
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -62,6 +63,8 @@ struct Machine {
     vm_fd: VmFd,
     memory: Arc<GuestRam>,
     devices: Arc<DeviceManager>,
+    /// COM1, for host input to the guest.
+    serial: Arc<Mutex<SerialDevice>>,
 }
 
 impl Machine {
@@ -71,6 +74,7 @@ impl Machine {
             vm_fd,
             memory,
             devices,
+            serial,
         } = self;
         for v in &vcpus {
             v.command(VcpuCommand::Stop);
@@ -81,6 +85,7 @@ impl Machine {
         drop(vm_fd);
         drop(devices);
         drop(memory);
+        drop(serial);
     }
 }
 
@@ -254,6 +259,7 @@ impl Vm {
             vm_fd: built.vm_fd,
             memory: built.memory,
             devices: built.devices.clone(),
+            serial: built.serial,
         });
         inner.event_control = Some(control);
         inner.events = EventControl::default();
@@ -583,6 +589,27 @@ impl Vm {
             inner.state = VmState::Running;
         }
         Ok(())
+    }
+
+    /// Queues `bytes` for the guest's serial console (COM1's receiver), all of them or,
+    /// when they do not fit, none ([`VmError::Input`]). While paused, input waits for
+    /// the guest. Idle vCPUs are woken so that a polling guest sees it at once.
+    pub fn send_input(&self, bytes: &[u8]) -> Result<(), VmError> {
+        let serial = {
+            let inner = self.lock();
+            match (inner.state, &inner.machine) {
+                (VmState::Running | VmState::Paused, Some(machine)) => machine.serial.clone(),
+                (state, _) => return Err(self.invalid("send input to", state)),
+            }
+        };
+        let queued = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_input(bytes);
+        queued.map_err(|source| VmError::Input {
+            name: self.config.name.clone(),
+            source,
+        })
     }
 
     /// Waits until the guest ends, then releases its resources and returns how it ended.

@@ -6,5 +6,5 @@
 pub mod serial;
 pub mod system_ports;
 
-pub use serial::SerialDevice;
+pub use serial::{SerialDevice, SerialError};
 pub use system_ports::SystemPorts;
