@@ -79,13 +79,15 @@ fn incomplete_error(lua: &Lua, source: &str) -> String {
 }
 
 extern "C" fn on_sigint(_: libc::c_int) {
-    luvisor_lua::interrupt::request();
+    luvisor_lua::interrupt::ctrl_c_pressed();
 }
 
 /// Ctrl-C outside the line editor (while a chunk runs) interrupts the chunk instead of
-/// killing the process. The editor reads Ctrl-C as a key, so it never sees this.
+/// killing the process: it interrupts every Lua state made with `interrupt_on_ctrl_c`
+/// (the prompt's state), and no other. The editor reads Ctrl-C as a key, so it never
+/// sees this.
 fn install_sigint_handler() {
-    // SAFETY: a zeroed sigaction with a handler that only stores to an atomic, which is
+    // SAFETY: a zeroed sigaction with a handler that only adds to an atomic, which is
     // async-signal-safe.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
@@ -107,10 +109,12 @@ pub fn run(registry: Arc<Registry>) -> ExitCode {
     }
 }
 
-/// The prompt on an existing Lua state (`luvisor run -i` keeps the script's globals).
+/// The prompt on an existing Lua state (`luvisor run -i` keeps the script's globals). The
+/// state must take Ctrl-C (`luvisor_lua::new_user_state` makes such states).
 pub fn interact(lua: &Lua) -> ExitCode {
-    if let Err(e) = luvisor_lua::interrupt::install_hook(lua) {
-        eprintln!("luvisor: cannot set up Lua: {e}");
+    let takes_ctrl_c = luvisor_lua::interrupt::limits(lua).is_some_and(|l| l.interrupt_on_ctrl_c);
+    if !takes_ctrl_c {
+        eprintln!("luvisor: cannot set up Lua: the prompt's Lua state does not take Ctrl-C");
         return ExitCode::FAILURE;
     }
     install_sigint_handler();
@@ -152,7 +156,7 @@ pub fn interact(lua: &Lua) -> ExitCode {
                     buffer.push('\n');
                 }
                 buffer.push_str(&line);
-                luvisor_lua::interrupt::take(); // a stale Ctrl-C must not hit this chunk
+                luvisor_lua::interrupt::clear(lua); // a stale Ctrl-C must not hit this chunk
                 match eval(lua, &buffer) {
                     Eval::Incomplete => continue,
                     Eval::Values(values) => {
@@ -544,6 +548,21 @@ mod tests {
         let (_, names) = complete(&h, "hv.");
         for expected in ["vm", "vms", "disk", "guest", "host", "sleep", "version"] {
             assert!(names.contains(&expected.to_string()), "{names:?}");
+        }
+        // Whatever a namespace registers completes, including namespaces added later.
+        let context = luvisor_lua::namespace::Context {
+            registry: Arc::new(Registry::new()),
+        };
+        for namespace in luvisor_lua::NAMESPACES {
+            let entries = h.lua.create_table().unwrap();
+            (namespace.register)(&h.lua, &entries, &context).unwrap();
+            for key in entries.pairs::<String, Value>().map(|pair| pair.unwrap().0) {
+                assert!(
+                    names.contains(&key),
+                    "{}: {key} in {names:?}",
+                    namespace.name
+                );
+            }
         }
     }
 

@@ -19,6 +19,7 @@ use luvisor_runtime::storage::{Disk, DiskFormat, OpenOptions, SECTOR_SIZE};
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
 
 use crate::host::error_chain;
+use crate::namespace::{Context, Namespace};
 use crate::options::{describe, Options};
 
 /// The Lua object for a disk.
@@ -150,7 +151,13 @@ fn open_disk(function: &str, path: PathBuf, opts: &Options) -> mlua::Result<Disk
     Ok(DiskHandle(Arc::new(apply_serial(disk, serial))))
 }
 
-pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
+/// Registers `hv.disk`.
+pub const NAMESPACE: Namespace = Namespace {
+    name: "disk",
+    register,
+};
+
+fn register(lua: &Lua, hv: &Table, _: &Context) -> mlua::Result<()> {
     let disk = lua.create_table()?;
     disk.set(
         "create",

@@ -7,6 +7,7 @@ use luvisor_runtime::boot::builtin::MAX_CMDLINE;
 use luvisor_runtime::GuestSpec;
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
+use crate::namespace::{Context, Namespace};
 use crate::options::Options;
 
 /// A guest description, passed to `hv.vm{ guest = ... }`.
@@ -30,7 +31,13 @@ impl UserData for Guest {
     }
 }
 
-pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
+/// Registers `hv.guest`.
+pub const NAMESPACE: Namespace = Namespace {
+    name: "guest",
+    register,
+};
+
+fn register(lua: &Lua, hv: &Table, _: &Context) -> mlua::Result<()> {
     let guest = lua.create_table()?;
     guest.set(
         "builtin",

@@ -3,9 +3,16 @@
 use luvisor_runtime::host::{HostInfo, KvmInfo};
 use mlua::{Lua, Table, Value};
 
+use crate::namespace::{Context, Namespace};
 use crate::options::seconds_value;
 
-pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
+/// Registers `hv.host`, `hv.now` and `hv.sleep`.
+pub const NAMESPACE: Namespace = Namespace {
+    name: "host",
+    register,
+};
+
+fn register(lua: &Lua, hv: &Table, _: &Context) -> mlua::Result<()> {
     hv.set("host", lua.create_function(|lua, ()| host_table(lua))?)?;
     // Seconds on a monotonic clock (for timing in scripts; os.clock() is CPU time).
     let epoch = std::time::Instant::now();
@@ -15,7 +22,7 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
     )?;
     hv.set(
         "sleep",
-        lua.create_function(|_, secs: Value| {
+        lua.create_function(|lua, secs: Value| {
             let duration = seconds_value(&secs)
                 .map_err(|got| {
                     mlua::Error::runtime(format!(
@@ -25,14 +32,15 @@ pub fn register(lua: &Lua, hv: &Table) -> mlua::Result<()> {
                 .ok_or_else(|| {
                     mlua::Error::runtime("hv.sleep: seconds must be a number >= 0, got nil")
                 })?;
-            // Sleep in slices so an interrupt (Ctrl-C in the REPL) ends the sleep early.
+            // Sleep in slices so an interrupt of this state (Ctrl-C in the REPL) ends the
+            // sleep early.
             let deadline = luvisor_runtime::vstate::vcpu::deadline_after(duration);
             loop {
                 let now = std::time::Instant::now();
                 if now >= deadline {
                     return Ok(());
                 }
-                if crate::interrupt::take() {
+                if crate::interrupt::take(lua) {
                     return Err(crate::interrupt::error());
                 }
                 std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));

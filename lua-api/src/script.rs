@@ -273,7 +273,9 @@ mod tests {
     use super::*;
 
     fn state() -> Lua {
-        crate::new_user_state(Arc::new(Registry::new())).unwrap()
+        // Without Ctrl-C: the interrupt tests press it in this process.
+        crate::new_user_state_with_limits(Arc::new(Registry::new()), crate::StateLimits::default())
+            .unwrap()
     }
 
     fn eval<T: mlua::FromLuaMulti>(lua: &Lua, code: &str) -> T {

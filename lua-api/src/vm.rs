@@ -15,6 +15,7 @@ use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDa
 
 use crate::guest::Guest;
 use crate::host::error_chain;
+use crate::namespace::{Context, Namespace};
 use crate::options::{a_type_name, Options};
 
 /// Waits without a `timeout` option give up after this long, so a forgotten timeout
@@ -158,7 +159,7 @@ impl UserData for VmHandle {
             let vm = this.resolve()?;
             let (timeout, _) = wait_timeout(lua, "wait", opts, &[])?;
             let outcome = vm
-                .wait_cancellable(timeout, &crate::interrupt::take)
+                .wait_cancellable(timeout, &crate::interrupt::canceller(lua))
                 .map_err(lua_err)?;
             let state = vm.state().as_str();
             Ok(match outcome {
@@ -180,7 +181,7 @@ impl UserData for VmHandle {
             let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
             let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
             let (line, end) = vm
-                .wait_for_console_cancellable(&pattern, after, timeout, &crate::interrupt::take)
+                .wait_for_console_cancellable(&pattern, after, timeout, &crate::interrupt::canceller(lua))
                 .map_err(lua_err)?;
             Ok((line, end))
         });
@@ -194,7 +195,14 @@ impl UserData for VmHandle {
     }
 }
 
-pub fn register(lua: &Lua, hv: &Table, registry: Arc<Registry>) -> mlua::Result<()> {
+/// Registers `hv.vm` and `hv.vms`.
+pub const NAMESPACE: Namespace = Namespace {
+    name: "vm",
+    register,
+};
+
+fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
+    let registry = context.registry.clone();
     let reg = registry.clone();
     hv.set(
         "vm",
