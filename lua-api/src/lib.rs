@@ -8,6 +8,7 @@
 //! - [`guest`] has `hv.guest.builtin{}`;
 //! - [`disk`] has `hv.disk.create{}`, `hv.disk.open()`, `hv.disk.overlay{}` and the `Disk` object;
 //! - [`host`] has `hv.host()`, `hv.now()` and `hv.sleep()`;
+//! - [`snapshot`] has `hv.restore()` (and `vm:snapshot()`, which the `Vm` handle calls);
 //! - `hv.version` is registered here.
 //!
 //! The other modules serve them all:
@@ -31,6 +32,7 @@ pub mod interrupt;
 pub mod namespace;
 pub mod options;
 pub mod script;
+pub mod snapshot;
 pub mod vm;
 
 use std::sync::Arc;
@@ -53,6 +55,7 @@ pub const NAMESPACES: &[Namespace] = &[
     guest::NAMESPACE,
     disk::NAMESPACE,
     host::NAMESPACE,
+    snapshot::NAMESPACE,
     VERSION,
 ];
 

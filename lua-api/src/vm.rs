@@ -152,6 +152,10 @@ impl UserData for VmHandle {
             };
             vm.send_input(&text.as_bytes()).map_err(lua_err)
         });
+        methods.add_method("snapshot", |lua, this, (path, opts): (Value, Value)| {
+            let vm = this.resolve()?;
+            crate::snapshot::snapshot(lua, &vm, path, opts)
+        });
         methods.add_method("console", |_, this, ()| {
             Ok(this.resolve()?.console().text())
         });

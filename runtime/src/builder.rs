@@ -31,9 +31,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::builtin;
 use crate::devices::bus::Bus;
 use crate::devices::console::Console;
+use crate::devices::legacy::serial::SerialArgs;
 use crate::devices::legacy::{serial, system_ports, SerialDevice, SystemPorts};
 use crate::devices::manager::{DeviceContext, DeviceLayout, DeviceManager};
 use crate::snapshot::machine::{restore_clock, MachineState};
+use crate::snapshot::Persist;
 use crate::vm::{GuestSpec, VmConfig, VmError};
 use crate::vstate::clock::RunClock;
 use crate::vstate::kvm;
@@ -134,11 +136,23 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
         .register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(setup("KVM_IRQFD (serial)"))?;
     let waker = wake_vcpus.clone();
-    let serial_device = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        ctx.console.clone(),
-        Box::new(move || waker()),
-    )));
+    let serial_waker: Box<dyn Fn() + Send + Sync> = Box::new(move || waker());
+    let serial_device = match restore {
+        None => SerialDevice::new(serial_irq, ctx.console.clone(), serial_waker),
+        Some(state) => SerialDevice::restore(
+            SerialArgs {
+                irq: serial_irq,
+                console: ctx.console.clone(),
+                wake_vcpus: serial_waker,
+            },
+            &state.serial,
+        )
+        .map_err(|e| VmError::Restore {
+            name: name(),
+            reason: format!("serial port: {e}"),
+        })?,
+    };
+    let serial_device = Arc::new(Mutex::new(serial_device));
     let mut pio = Bus::new();
     pio.insert(
         luvisor_guest_abi::ports::SERIAL_COM1 as u64,

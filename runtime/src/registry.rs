@@ -7,8 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
+use std::path::Path;
+
 use crate::devices::console::ConsoleFileError;
-use crate::vm::{ConfigError, Vm, VmConfig};
+use crate::snapshot::file::{SnapshotError, SnapshotState};
+use crate::storage::StorageError;
+use crate::vm::{restored_config, ConfigError, Vm, VmConfig, VmError};
 
 /// A VM's identity in a registry; never reused within a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,6 +26,20 @@ pub enum RegistryError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     ConsoleFile(#[from] ConsoleFileError),
+    #[error("cannot restore {path}")]
+    Snapshot {
+        path: std::path::PathBuf,
+        #[source]
+        source: SnapshotError,
+    },
+    #[error("cannot restore {path}: its disks")]
+    RestoreDisks {
+        path: std::path::PathBuf,
+        #[source]
+        source: StorageError,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
 }
 
 #[derive(Default)]
@@ -49,6 +67,50 @@ impl Registry {
         let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let vm = Arc::new(Vm::new(id, config)?);
         vms.insert(id, vm.clone());
+        Ok(vm)
+    }
+
+    /// Restores the snapshot in `dir` as a new running VM named `name` (the snapshotted
+    /// VM's name when `None`). Everything is checked before anything is created; if the
+    /// restore fails part way, the VM and the disk overlays made for it are removed.
+    pub fn restore(&self, dir: &Path, name: Option<&str>) -> Result<Arc<Vm>, RegistryError> {
+        let snapshot_error = |source| RegistryError::Snapshot {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let state = SnapshotState::read(dir).map_err(snapshot_error)?;
+        state.machine.layout.check().map_err(|e| {
+            snapshot_error(SnapshotError::Invalid {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })?;
+        let name = name.unwrap_or(&state.config.name).to_string();
+        if self.find(&name).is_some() {
+            return Err(RegistryError::DuplicateName(name));
+        }
+        let (config, overlays) =
+            restored_config(&state, &name).map_err(|source| RegistryError::RestoreDisks {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let remove_overlays = || {
+            for path in &overlays {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        let vm = match self.create(config) {
+            Ok(vm) => vm,
+            Err(e) => {
+                remove_overlays();
+                return Err(e);
+            }
+        };
+        if let Err(e) = vm.launch_restored(dir, &state) {
+            self.destroy(vm.id());
+            remove_overlays();
+            return Err(e.into());
+        }
         Ok(vm)
     }
 

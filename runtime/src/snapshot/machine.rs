@@ -7,6 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
+use crate::devices::legacy::serial::SerialDeviceState;
 use crate::devices::manager::DeviceLayout;
 use crate::devices::virtio::mmio::TransportState;
 use crate::vstate::vcpu_state::VcpuState;
@@ -98,6 +99,8 @@ pub struct MachineState {
     pub kvm_clock: kvm_clock_data,
     /// The guest's running time (what the clock port reads), in nanoseconds.
     pub run_time_ns: u64,
+    /// COM1, with input the guest has not read yet.
+    pub serial: SerialDeviceState,
     pub layout: DeviceLayout,
     /// One per slot of `layout`, in order.
     pub devices: Vec<TransportState>,

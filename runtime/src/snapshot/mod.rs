@@ -2,6 +2,7 @@
 //! later steps) the snapshot file format built from it. Snapshot is "migration to a
 //! file": live migration sends the same states over a socket.
 
+pub mod file;
 pub mod machine;
 mod persist;
 

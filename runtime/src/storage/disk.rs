@@ -18,7 +18,7 @@ use super::{create_new, DiskBackend, StorageError, SECTOR_SIZE};
 /// How deep overlays may chain (overlay of an overlay of ...).
 const MAX_BACKING_DEPTH: usize = 16;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskFormat {
     Raw,
     Qcow2,

@@ -78,6 +78,12 @@ pub enum VmError {
         #[source]
         source: crate::devices::manager::DeviceError,
     },
+    #[error("vm '{name}': snapshot")]
+    Snapshot {
+        name: String,
+        #[source]
+        source: crate::snapshot::file::SnapshotError,
+    },
     #[error("cannot restore vm '{name}': {reason}")]
     Restore { name: String, reason: String },
     #[error("vm '{name}': vcpu state")]

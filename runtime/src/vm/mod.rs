@@ -25,10 +25,12 @@
 
 mod config;
 mod error;
+mod snapshot;
 mod state;
 
 pub use config::{ConfigError, GuestSpec, VmConfig, MAX_VCPUS};
 pub use error::{VmError, WaitError};
+pub use snapshot::{restored_config, SnapshotOptions, SnapshotReport};
 pub use state::{describe_outcome, VmOutcome, VmState};
 
 use std::os::fd::AsRawFd;
@@ -45,8 +47,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::{self, BuildContext, RestoreParts};
 use crate::devices::console::{Console, ConsoleFileError, ConsoleWaitEnd, Tee, CANCEL_POLL};
-use crate::devices::manager::DeviceManager;
 use crate::devices::legacy::SerialDevice;
+use crate::devices::manager::DeviceManager;
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -112,6 +114,12 @@ struct Inner {
     /// Wakes the event thread to look at `events`.
     event_control: Option<EventFd>,
     events: EventControl,
+    /// The snapshot whose memory KVM's dirty log (with the VMM's bitmap) has tracked
+    /// changes from since: a diff snapshot must name it as its base.
+    tracking_since: Option<std::path::PathBuf>,
+    /// The disks the VM writes now, once a snapshot switched them to new overlays
+    /// (empty until then: the configured disks).
+    live_disks: Vec<Arc<crate::storage::Disk>>,
 }
 
 /// A virtual machine and its record.
@@ -144,6 +152,8 @@ impl Vm {
                 event_thread: None,
                 event_control: None,
                 events: EventControl::default(),
+                tracking_since: None,
+                live_disks: Vec::new(),
             }),
             changed: Condvar::new(),
             clock: Arc::new(RunClock::new()),
@@ -488,6 +498,11 @@ impl Vm {
     /// Idempotent; a VM that already ended keeps its exit code or crash reason.
     pub fn stop(&self) {
         let _control = self.lock_control();
+        self.stop_locked();
+    }
+
+    /// [`Vm::stop`] with the control lock held.
+    fn stop_locked(&self) {
         {
             let mut inner = self.lock();
             if !inner.state.is_final() {
@@ -542,6 +557,11 @@ impl Vm {
     /// Pauses the guest; returns once every vCPU is out of `KVM_RUN`.
     pub fn pause(&self) -> Result<(), VmError> {
         let _control = self.lock_control();
+        self.pause_locked()
+    }
+
+    /// [`Vm::pause`] with the control lock held.
+    fn pause_locked(&self) -> Result<(), VmError> {
         match self.state() {
             VmState::Running => {}
             VmState::Paused => return Ok(()),
@@ -577,6 +597,11 @@ impl Vm {
     /// Continues a paused guest exactly where it was.
     pub fn resume(&self) -> Result<(), VmError> {
         let _control = self.lock_control();
+        self.resume_locked()
+    }
+
+    /// [`Vm::resume`] with the control lock held.
+    fn resume_locked(&self) -> Result<(), VmError> {
         match self.state() {
             VmState::Paused => {}
             VmState::Running => return Ok(()),

@@ -43,6 +43,12 @@ pub enum PrepareError {
 
 /// Builds a VM fd with its irqchip and `size` bytes of registered RAM.
 pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
+    prepare_with_memory(memory::create_ram(size)?)
+}
+
+/// Builds a VM fd with its irqchip around `memory` (a restore's RAM, mapped from its
+/// snapshot), registered as memory slots.
+pub fn prepare_with_memory(memory: GuestRam) -> Result<PreparedVm, PrepareError> {
     let setup = |step| move |source| PrepareError::Setup { step, source };
     let vm_fd = kvm()?.create_vm().map_err(setup("KVM_CREATE_VM"))?;
     // Needed on Intel before the first KVM_RUN; other backends may not implement it.
@@ -52,7 +58,6 @@ pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
     vm_fd
         .create_irq_chip()
         .map_err(setup("KVM_CREATE_IRQCHIP"))?;
-    let memory = memory::create_ram(size)?;
     memory::register_slots(&vm_fd, &memory)?;
     Ok(PreparedVm { vm_fd, memory })
 }

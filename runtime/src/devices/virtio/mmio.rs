@@ -276,9 +276,9 @@ impl MmioTransport {
         }
     }
 
-    /// The device's own state (for tests and for control calls that address a device).
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+    /// The device, for control calls that address it.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
     }
 
     pub fn device_status(&self) -> u32 {

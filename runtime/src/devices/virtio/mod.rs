@@ -88,6 +88,9 @@ pub trait VirtioDevice: Send {
     /// The device's own state (features it agreed, anything in flight). Called only
     /// while the VM is paused.
     fn save_state(&self) -> VirtioDeviceState;
+    /// The concrete device, for control calls that address one kind (a snapshot
+    /// switching a disk's image, the balloon's target).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Serves every available buffer of queue `index`. Returns whether any used buffer
     /// was added (the driver then gets an interrupt).
     fn process_queue(

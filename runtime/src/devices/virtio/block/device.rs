@@ -153,7 +153,28 @@ impl Block {
     }
 }
 
+impl Block {
+    /// Makes everything written so far durable.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.backend.flush()
+    }
+
+    /// Replaces the image the device serves (same size) and returns the old one. Only
+    /// while the VM is paused: the guest must not see the switch.
+    pub fn swap_backend(&mut self, backend: Box<dyn DiskBackend>) -> Box<dyn DiskBackend> {
+        std::mem::replace(&mut self.backend, backend)
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.backend.size()
+    }
+}
+
 impl VirtioDevice for Block {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(self.state())
     }

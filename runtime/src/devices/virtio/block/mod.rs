@@ -11,4 +11,4 @@ pub mod request;
 pub use device::{Block, BlockArgs, BlockState};
 
 #[cfg(test)]
-mod hostile_tests;
+pub(crate) mod hostile_tests;

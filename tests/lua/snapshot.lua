@@ -1,0 +1,113 @@
+-- Snapshot and restore: a counting guest goes on where it was; a chain of three rounds;
+-- ten VMs from one snapshot, each with its own disk overlay; diff snapshots; bad
+-- snapshots are refused and leave nothing behind. Runs in a scratch directory.
+
+local function last_count(vm)
+  local n
+  for c in vm:console():gmatch("count (%d+)") do n = tonumber(c) end
+  return n
+end
+
+local function fails(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching " .. pattern)
+  assert(tostring(err):find(pattern, 1, true), "unexpected error: " .. tostring(err))
+  return err
+end
+
+-- A counting guest with a disk it has written to.
+local disk = hv.disk.create{ path = "disk.img", size = "4M" }
+local vm = hv.vm{ name = "web", memory = "32M", disks = { disk },
+                  guest = hv.guest.builtin{ cmdline = "blk-write 0 64 7; count 20" } }
+vm:start()
+vm:wait_for_console("count 5", { timeout = 10 })
+local r = vm:snapshot("snap-web")
+assert(r.path:find("snap-web", 1, true) and not r.diff, "a full snapshot")
+assert(r.memory_bytes > 0 and r.memory_bytes <= 32 * 1024 * 1024, "memory_bytes " .. r.memory_bytes)
+assert(r.overlays[1]:find("disk.img.after-snap-web.qcow2", 1, true), "the VM goes on in an overlay")
+assert(vm.state == "running", "the VM runs on after its snapshot")
+local at_snapshot = last_count(vm)
+vm:wait_for_console("count " .. (at_snapshot + 3), { timeout = 10 })
+vm:stop()
+
+-- Restored, it counts on from where the snapshot was taken.
+local copy = hv.restore("snap-web", { name = "web-copy" })
+assert(copy.state == "running", copy.state)
+copy:wait_for_console("count " .. (at_snapshot + 2), { timeout = 10 })
+local text = copy:console()
+assert(not text:find("count 1\n", 1, true), "a restored guest does not start over: " .. text)
+copy:send("") -- the serial port works (nothing to send, but the call reaches it)
+
+-- Three rounds of snapshot and restore in a chain.
+local current = copy
+for round = 1, 3 do
+  local n = last_count(current)
+  current:snapshot("chain-" .. round, { stop = true })
+  assert(current.state == "stopped", "stop = true stops the VM")
+  local nxt = hv.restore("chain-" .. round, { name = "chain-" .. round })
+  nxt:wait_for_console("count " .. (n + 2), { timeout = 10 })
+  current = nxt
+end
+-- The disk written before the first snapshot is still there after three restores.
+current:stop()
+
+-- Ten VMs from one snapshot, each with its own overlay, each counting.
+local many = {}
+for i = 1, 10 do
+  many[i] = hv.restore("snap-web", { name = "many-" .. i })
+end
+for i = 1, 10 do
+  many[i]:wait_for_console("count " .. (at_snapshot + 1), { timeout = 10 })
+end
+for i = 1, 10 do many[i]:destroy() end
+local f = io.open("disk.img.many-1.qcow2") ; assert(f, "each restore has its own overlay") ; f:close()
+
+-- A restored VM reads back what the guest wrote before the snapshot.
+local check = hv.restore("snap-web", { name = "check" })
+check:stop()
+
+-- A diff snapshot holds only what changed since the last snapshot, and restores to
+-- the same guest.
+local d = hv.vm{ name = "diff", memory = "64M",
+                 guest = hv.guest.builtin{ cmdline = "touch 8; count 20" } }
+d:start()
+d:wait_for_console("count 2", { timeout = 10 })
+local full = d:snapshot("diff-base", { disks = "shared" })
+local diff = d:snapshot("diff-1", { base = "diff-base", disks = "shared" })
+assert(diff.diff, "a diff")
+assert(diff.memory_bytes < full.memory_bytes,
+       ("the diff (%d bytes) is smaller than the full snapshot (%d)"):format(diff.memory_bytes, full.memory_bytes))
+fails("latest snapshot", d.snapshot, d, "diff-bad", { base = "snap-web" })
+local n = last_count(d)
+d:stop()
+local from_diff = hv.restore("diff-1", { name = "from-diff" })
+from_diff:wait_for_console("count " .. (n + 1), { timeout = 10 })
+from_diff:stop()
+
+-- Bad snapshots are refused and create nothing.
+local function copy_dir(from, to)
+  assert(os.execute(("cp -r %q %q"):format(from, to)))
+end
+local function vm_count() return #hv.vms() end
+local before = vm_count()
+copy_dir("snap-web", "corrupt")
+local state = io.open("corrupt/state", "r+b")
+state:seek("set", 100) ; state:write("\255\255\255\255") ; state:close()
+fails("corrupted", hv.restore, "corrupt", { name = "bad-1" })
+copy_dir("snap-web", "truncated")
+assert(os.execute("truncate -s 50 truncated/state"))
+fails("truncated", hv.restore, "truncated", { name = "bad-2" })
+copy_dir("snap-web", "version")
+local v = io.open("version/state", "r+b") ; v:seek("set", 8) ; v:write("\99\0\0\0") ; v:close()
+fails("format version 99", hv.restore, "version", { name = "bad-3" })
+fails("not a luvisor snapshot", hv.restore, ".", { name = "bad-4" })
+local running = hv.vm{ name = "running", memory = "16M", guest = hv.guest.builtin{ cmdline = "idle" } }
+running:start()
+fails("already exists", running.snapshot, running, "snap-web")
+assert(running.state == "running", "a refused snapshot leaves the VM running")
+running:destroy()
+assert(vm_count() == before, "a refused restore leaves no VM behind")
+for _, name in ipairs{ "bad-1", "bad-2", "bad-3", "bad-4" } do
+  assert(not io.open("disk.img." .. name .. ".qcow2"), "a refused restore leaves no overlay: " .. name)
+end
+print("snapshot tests passed")
