@@ -197,6 +197,13 @@ impl Vm {
         let memory = self.lock().machine.as_ref().map(|m| m.memory.clone());
         memory.map_or(0, |m| memory::resident_bytes(&m))
     }
+    /// Runs `f` on the guest's RAM while the VM has a machine (running or paused), for
+    /// harnesses that inspect guest memory. Does not hold the VM's lock while `f` runs.
+    pub fn with_memory<R>(&self, f: impl FnOnce(&GuestRam) -> R) -> Option<R> {
+        let memory = self.lock().machine.as_ref().map(|m| m.memory.clone())?;
+        Some(f(&memory))
+    }
+
     /// Legacy IRQ lines (0–15) the in-kernel PIC has latched and not yet delivered, as a
     /// bit mask; `None` when the VM does not run. Device interrupts arrive here through
     /// irqfds, so this shows whether a device signalled a guest that did not take it.
