@@ -18,3 +18,5 @@ echo "== idle host CPU"
 "$luvisor" run bench/idle_cpu.lua 50 5
 echo "== virtio-blk, guest vs host"
 bench/storage.sh 3
+echo "== snapshot and restore"
+"$luvisor" run bench/snapshot.lua 100
