@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use event_manager::{EventOps, EventSubscriber, Events};
+
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
@@ -214,6 +216,59 @@ pub struct ManagedDevice {
 impl ManagedDevice {
     pub fn lock(&self) -> MutexGuard<'_, MmioTransport> {
         self.transport.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device as a subscriber of the VM's event manager: it serves a queue when its
+    /// notification eventfd fires. A panic in device code is caught and handed to
+    /// `on_panic` with its message (the VM crashes; the host goes on).
+    pub fn subscriber(
+        &self,
+        on_panic: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> std::io::Result<Arc<QueueSubscriber>> {
+        Ok(Arc::new(QueueSubscriber {
+            transport: self.transport.clone(),
+            queue_events: self
+                .queue_events
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<Result<_, _>>()?,
+            on_panic,
+        }))
+    }
+}
+
+/// One device's queue notifications, served on the VM's event thread.
+pub struct QueueSubscriber {
+    transport: Arc<Mutex<MmioTransport>>,
+    queue_events: Vec<EventFd>,
+    on_panic: Arc<dyn Fn(String) + Send + Sync>,
+}
+
+impl EventSubscriber for QueueSubscriber {
+    fn init(&self, ops: &mut EventOps) {
+        for (queue, event) in self.queue_events.iter().enumerate() {
+            let watched = Events::with_data(event, queue as u32, event_manager::EventSet::IN);
+            if let Err(e) = ops.add(watched) {
+                tracing::error!(queue, error = ?e, "cannot watch a queue notification eventfd");
+            }
+        }
+    }
+
+    fn process(&self, events: Events, _ops: &mut EventOps) {
+        let queue = events.data() as usize;
+        let Some(event) = self.queue_events.get(queue) else {
+            return;
+        };
+        let _ = event.read();
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .process_queue(queue)
+        }));
+        if let Err(panic) = served {
+            (self.on_panic)(crate::vstate::vcpu::panic_message(panic.as_ref()));
+        }
     }
 }
 

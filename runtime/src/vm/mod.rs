@@ -33,15 +33,15 @@ pub use error::{VmError, WaitError};
 pub use snapshot::{restored_config, SnapshotOptions, SnapshotReport};
 pub use state::{describe_outcome, VmOutcome, VmState};
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::vstate::memory::GuestRam;
+use event_manager::{EventManager, EventOps, EventSet, EventSubscriber, Events, SubscriberOps};
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -88,6 +88,30 @@ impl Machine {
         drop(devices);
         drop(memory);
         drop(serial);
+    }
+}
+
+/// The event thread's control eventfd as a subscriber: a pause waits inside `process`
+/// (so no device is served), and a teardown ends the loop.
+struct ControlSubscriber {
+    vm: Arc<Vm>,
+    control: EventFd,
+    end: Arc<AtomicBool>,
+}
+
+impl EventSubscriber for ControlSubscriber {
+    fn init(&self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
+            tracing::error!(vm = self.vm.name(), error = ?e, "cannot watch the control eventfd");
+            self.end.store(true, Ordering::Release);
+        }
+    }
+
+    fn process(&self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.control.read();
+        if self.vm.event_control_point() {
+            self.end.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -341,73 +365,43 @@ impl Vm {
     /// request to tear the machine down, which comes from `stop` or from a vCPU that saw
     /// the guest end.
     fn event_loop(self: Arc<Self>, control: EventFd, devices: Arc<DeviceManager>) {
-        const CONTROL: u64 = u64::MAX;
-        let fail = |what: &str, e: std::io::Error| {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
             tracing::error!(vm = self.name(), error = %e, "{what}; the event thread ends");
         };
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => return fail("cannot create epoll", e),
-        };
-        let watch = |fd: i32, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        if let Err(e) = watch(control.as_raw_fd(), CONTROL) {
-            return fail("cannot watch the control eventfd", e);
-        }
-        // Token: device index in the high half, queue index in the low half.
-        for (d, device) in devices.devices().iter().enumerate() {
-            for (q, event) in device.queue_events.iter().enumerate() {
-                if let Err(e) = watch(event.as_raw_fd(), ((d as u64) << 32) | q as u64) {
-                    return fail("cannot watch a queue eventfd", e);
-                }
-            }
-        }
-        let mut events = vec![EpollEvent::default(); 16];
-        'outer: loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(vm = self.name(), error = %e, "epoll_wait failed");
-                    break;
-                }
+        let mut manager: EventManager<Arc<dyn EventSubscriber + Send + Sync>> =
+            match EventManager::new() {
+                Ok(m) => m,
+                Err(e) => return fail("cannot create the event manager", &format!("{e:?}")),
             };
-            for event in &events[..n] {
-                if event.data() == CONTROL {
-                    let _ = control.read();
-                    if self.event_control_point() {
-                        break 'outer;
-                    }
-                    // Queue events seen in this round may be from before a pause: go
-                    // back to epoll, which reports them again.
-                    continue 'outer;
+        let end = Arc::new(AtomicBool::new(false));
+        manager.add_subscriber(Arc::new(ControlSubscriber {
+            vm: self.clone(),
+            control,
+            end: end.clone(),
+        }));
+        let vm = self.clone();
+        let on_panic: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |reason| {
+            // A device bug: the VM crashes with the reason; the host goes on.
+            vm.guest_ended(
+                0,
+                GuestEnd::Crashed(format!("host error: a device panicked: {reason}")),
+            );
+        });
+        for device in devices.devices() {
+            match device.subscriber(on_panic.clone()) {
+                Ok(subscriber) => {
+                    manager.add_subscriber(subscriber);
                 }
-                let (d, q) = ((event.data() >> 32) as usize, event.data() as u32 as usize);
-                let Some(device) = devices.devices().get(d) else {
-                    continue;
-                };
-                let Some(notify) = device.queue_events.get(q) else {
-                    continue;
-                };
-                let _ = notify.read();
-                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    device.lock().process_queue(q)
-                }));
-                if let Err(panic) = served {
-                    // A device bug: the VM crashes with the reason; the host goes on.
-                    let reason = vcpu::panic_message(panic.as_ref());
-                    self.guest_ended(
-                        0,
-                        GuestEnd::Crashed(format!("host error: a device panicked: {reason}")),
-                    );
-                }
+                Err(e) => return fail("cannot watch a device's queues", &e),
             }
         }
+        while !end.load(Ordering::Acquire) {
+            if let Err(e) = manager.run() {
+                tracing::error!(vm = self.name(), error = ?e, "the event manager failed");
+                break;
+            }
+        }
+        drop(manager);
         let machine = self.lock().machine.take();
         if let Some(machine) = machine {
             machine.shutdown();
