@@ -162,6 +162,26 @@ function Vm:send(text) end
 ---@return string
 function Vm:console() end
 
+---@class hv.SnapshotOptions
+---@field stop? boolean stop the VM after the snapshot instead of resuming it (default false)
+---@field base? string take a diff against this snapshot (the VM's latest snapshot or restore)
+---@field disks? "frozen"|"shared" frozen (default): disks become read-only and the VM goes on in new overlays
+
+---@class hv.SnapshotReport
+---@field path string the snapshot directory (absolute)
+---@field diff boolean
+---@field memory_bytes integer bytes of guest memory written (zero pages are holes)
+---@field memory_pages integer
+---@field state_bytes integer
+---@field paused_ms number how long the VM was paused
+---@field overlays table<integer, string> the new image each frozen disk's VM writes to
+
+---Saves the VM into the new directory `path` (pausing it meanwhile) and lets it go on.
+---@param path string
+---@param opts? hv.SnapshotOptions
+---@return hv.SnapshotReport
+function Vm:snapshot(path, opts) end
+
 ---Waits for the guest to end. Returns the exit code (nil if it crashed or was stopped), the
 ---final state, and a description when there is no exit code.
 ---@param opts? hv.WaitOptions
@@ -188,6 +208,14 @@ function hv.vm(opts) end
 ---Handles of every VM in this process, in creation order.
 ---@return hv.Vm[]
 function hv.vms() end
+
+---Builds a new VM from the snapshot in `path` and runs it from where it was saved. Each
+---frozen disk gets a new overlay `<image>.<name>.qcow2`. A bad snapshot is refused and
+---creates nothing.
+---@param path string
+---@param opts? { name?: string }
+---@return hv.Vm
+function hv.restore(path, opts) end
 
 ---@class hv.KvmInfo
 ---@field api integer KVM API version (12).
