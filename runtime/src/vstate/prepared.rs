@@ -14,7 +14,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use crate::vstate::memory::GuestRam;
 use kvm_ioctls::VmFd;
 
-use super::memory::{self, MemoryError};
+use super::memory::{self, MemoryBacking, MemoryError};
 use super::{kvm, KvmOpenError};
 
 /// Address KVM needs for its real-mode TSS on Intel hosts (three pages inside the MMIO
@@ -41,8 +41,15 @@ pub enum PrepareError {
     Memory(#[from] MemoryError),
 }
 
-/// Builds a VM fd with its irqchip and `size` bytes of registered RAM.
+/// Builds a VM fd with its irqchip and `size` bytes of registered anonymous RAM.
 pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
+    prepare_with(size, MemoryBacking::Anonymous)
+}
+
+/// Builds a VM fd with its irqchip and `size` bytes of registered RAM from `backing`
+/// (a restore maps its snapshot memory file this way). The background preparer only
+/// keeps anonymous VMs.
+pub fn prepare_with(size: u64, backing: MemoryBacking) -> Result<PreparedVm, PrepareError> {
     let setup = |step| move |source| PrepareError::Setup { step, source };
     let vm_fd = kvm()?.create_vm().map_err(setup("KVM_CREATE_VM"))?;
     // Needed on Intel before the first KVM_RUN; other backends may not implement it.
@@ -52,7 +59,7 @@ pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
     vm_fd
         .create_irq_chip()
         .map_err(setup("KVM_CREATE_IRQCHIP"))?;
-    let memory = memory::create_ram(size)?;
+    let memory = memory::create_ram_with(size, backing)?;
     memory::register_slots(&vm_fd, &memory)?;
     Ok(PreparedVm { vm_fd, memory })
 }

@@ -1,21 +1,67 @@
-//! Guest RAM: layout, anonymous mappings (`vm-memory`) and KVM memory slots.
+//! Guest RAM: layout, backings (`vm-memory` mappings), KVM memory slots, dirty-page
+//! tracking, snapshot memory files and returning pages to the host.
 //!
 //! RAM starts at 0 and stops below the MMIO hole at 3 GiB; whatever does not fit
 //! continues at 4 GiB. Mappings are `MAP_NORESERVE` and untouched pages cost the host
 //! nothing, so a VM's resident size grows only with what the guest writes.
+//!
+//! - [`backing`]: what the RAM is made of: anonymous memory, a memfd, or a snapshot
+//!   memory file mapped copy-on-write ([`MemoryBacking`], [`create_ram_with`]).
+//! - [`pages`]: [`DirtyPages`], a set of pages per region.
+//! - [`dirty_log`]: KVM's dirty log per slot, merged with the VMM's own bitmap
+//!   ([`set_dirty_logging`], [`take_dirty`]).
+//! - [`snapshot`]: writing RAM to a sparse snapshot memory file and loading a diff on
+//!   top ([`save_ram`], [`apply_ram_diff`]).
+//! - [`discard`](mod@discard): giving pages back to the host ([`discard()`]).
+//! - [`residency`]: which pages are in host memory (`mincore`, `/proc/self/pagemap`,
+//!   `SEEK_DATA`), and [`resident_bytes`].
+//!
+//! # Snapshot memory file layout
+//!
+//! One file holds every region back to back in region order: region *i* starts at the
+//! sum of the lengths of regions 0..*i* (plus the file offset the caller chose, for
+//! [`MemoryBacking::FilePrivate`]). A memfd backing uses the same layout, so guest RAM
+//! and its snapshot file line up byte for byte. [`region_file_offsets`] gives the offsets.
+//!
+//! # Page size
+//!
+//! Everything here counts in 4 KiB pages ([`PAGE_SIZE`]): KVM's dirty log, the VMM's
+//! [`AtomicBitmap`] and the snapshot page sets all use the host page size, which is
+//! 4 KiB on x86-64, the only architecture luvisor runs on.
+
+pub mod backing;
+pub mod dirty_log;
+pub mod discard;
+pub mod pages;
+pub mod residency;
+pub mod snapshot;
+#[cfg(test)]
+mod test_guest;
+
+use std::path::PathBuf;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use luvisor_guest_abi::layout::{HIGH_RAM_START, LOW_RAM_END, MAX_MAPPED_GIB};
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+pub use backing::{create_ram_with, region_backing, MemoryBacking, RegionBacking};
+pub use dirty_log::{set_dirty_logging, take_dirty, take_vmm_dirty};
+pub use discard::{discard, DiscardEffect};
+pub use pages::{DirtyPages, PageRun};
+pub use residency::resident_bytes;
+pub use snapshot::{apply_ram_diff, save_ram, PageSelection, SavedRam};
 
 /// Guest RAM as the VMM sees it: `vm-memory` mappings whose every region carries a
 /// bitmap of the pages the VMM itself wrote (device completions, used rings, boot
 /// loading). Together with KVM's dirty log it tells which pages changed, for diff
 /// snapshots and live migration.
 pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// One region of [`GuestRam`].
+pub type GuestRamRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// A piece of [`GuestRam`] that devices read and write directly. Writes through its
 /// methods mark the VMM's dirty bitmap; code that writes through its raw pointer (a
@@ -30,6 +76,9 @@ pub const MIN_MEMORY: u64 = 4 << 20;
 /// checks that they agree with it.
 pub const MAX_MEMORY: u64 = (MAX_MAPPED_GIB << 30) - (HIGH_RAM_START - LOW_RAM_END);
 
+/// The page size of every bitmap and page set here (the x86-64 host page size).
+pub const PAGE_SIZE: u64 = 4096;
+
 #[derive(Debug, Error)]
 pub enum MemoryError {
     #[error("cannot map {size} bytes of guest memory")]
@@ -38,6 +87,33 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("guest RAM size {size:#x} is not a positive multiple of the {PAGE_SIZE}-byte page")]
+    InvalidSize { size: u64 },
+    #[error("cannot map guest RAM region {index} at {base:#x} (+{size:#x}) ({backing})")]
+    MapRegion {
+        index: usize,
+        base: u64,
+        size: u64,
+        backing: &'static str,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot create a memfd of {size} bytes for guest RAM")]
+    Memfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest RAM file offset {offset:#x} is not a multiple of the {PAGE_SIZE}-byte page")]
+    UnalignedFileOffset { offset: u64 },
+    #[error("cannot read the length of the guest RAM file")]
+    FileMetadata(#[source] std::io::Error),
+    #[error(
+        "the guest RAM file is too short: {len} bytes, but {needed} bytes of RAM from offset \
+         {offset:#x} need {} bytes",
+        offset + needed
+    )]
+    FileTooShort { len: u64, offset: u64, needed: u64 },
     #[error("cannot register guest memory slot {slot} at {base:#x} (+{size:#x}) with KVM")]
     RegisterSlot {
         slot: u32,
@@ -45,6 +121,55 @@ pub enum MemoryError {
         size: u64,
         #[source]
         source: kvm_ioctls::Error,
+    },
+    #[error(
+        "cannot read KVM's dirty log of slot {slot} ({base:#x} +{size:#x}); is dirty \
+         logging on (set_dirty_logging)?"
+    )]
+    DirtyLog {
+        slot: u32,
+        base: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the page set does not fit this guest RAM: {0}")]
+    PagesMismatch(String),
+    #[error("cannot write the snapshot memory file at offset {offset:#x} (+{len:#x})")]
+    SnapshotWrite {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the snapshot memory file at offset {offset:#x} (+{len:#x})")]
+    SnapshotRead {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the snapshot memory file is {len} bytes, shorter than the {needed} bytes of guest RAM"
+    )]
+    SnapshotFileTooShort { len: u64, needed: u64 },
+    #[error("cannot write a snapshot into the file that backs guest RAM region {region}")]
+    SnapshotIntoBacking { region: usize },
+    #[error("cannot discard guest memory {addr:#x} (+{len:#x}): {reason}")]
+    DiscardRange { addr: u64, len: u64, reason: String },
+    #[error("cannot discard guest memory {addr:#x} (+{len:#x}): {op} failed")]
+    Discard {
+        addr: u64,
+        len: u64,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -58,26 +183,58 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Maps `size` bytes of anonymous guest RAM.
+/// Maps `size` bytes of anonymous guest RAM (the same as
+/// `create_ram_with(size, MemoryBacking::Anonymous)`).
 pub fn create_ram(size: u64) -> Result<GuestRam, MemoryError> {
-    GuestRam::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map { size, source })
+    create_ram_with(size, MemoryBacking::Anonymous)
 }
 
-/// Registers every region of `mem` as a KVM memory slot (slot = region index).
+/// Where each region of `mem` starts in a snapshot memory file (and in a memfd
+/// backing): region *i* at the sum of the lengths of the regions before it.
+pub fn region_file_offsets(mem: &GuestRam) -> Vec<u64> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|region| {
+            let start = offset;
+            offset += region.len();
+            start
+        })
+        .collect()
+}
+
+/// The length of a snapshot memory file for `mem`: all its RAM.
+pub fn ram_file_len(mem: &GuestRam) -> u64 {
+    mem.iter().map(|region| region.len()).sum()
+}
+
+/// The mapping behind `region`: its host pointer and its VMM dirty bitmap.
+pub(crate) fn mapping(region: &GuestRamRegion) -> &MmapRegion<AtomicBitmap> {
+    region
+}
+
+/// Registers every region of `mem` as a KVM memory slot (slot = region index), without
+/// dirty logging.
 pub fn register_slots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
+    register_slots_with_flags(vm, mem, 0)
+}
+
+/// Registers (or re-registers: same slot, address and size, new `flags`) every region
+/// of `mem` as KVM memory slot `index`.
+pub(crate) fn register_slots_with_flags(
+    vm: &VmFd,
+    mem: &GuestRam,
+    flags: u32,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let base = region.start_addr().0;
         let size = region.len();
-        let host = mem
-            .get_host_address(region.start_addr())
-            .expect("region start is mapped") as u64;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: base,
             memory_size: size,
-            userspace_addr: host,
+            userspace_addr: mapping(region).as_ptr() as u64,
         };
         // SAFETY: the host range is a live mapping owned by `mem`, which the VM keeps
         // until after the VM file descriptor (and so every slot) is gone.
@@ -91,26 +248,27 @@ pub fn register_slots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Bytes of guest RAM that are resident in host memory (pages the guest or the loader
-/// touched), from `mincore(2)` over every region.
-pub fn resident_bytes(mem: &GuestRam) -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let mut resident = 0u64;
-    for region in mem.iter() {
-        let Ok(host) = mem.get_host_address(region.start_addr()) else {
-            continue;
-        };
-        let len = region.len() as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: [host, host+len) is one live mapping owned by `mem`, and `vec` has one
-        // byte per page of it, as mincore requires.
-        let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
+/// Whether tests that need `/dev/kvm` can run. In CI (`CI=true`) a missing or unusable
+/// `/dev/kvm` is a failure; elsewhere the test is skipped with a message.
+#[cfg(test)]
+pub(crate) fn kvm_usable_for_test() -> bool {
+    match crate::vstate::kvm() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("/dev/kvm is not usable ({e}), and VM tests must run in CI");
+            }
+            eprintln!("skipping: /dev/kvm is not usable: {e}");
+            false
         }
     }
-    resident
+}
+
+/// A temporary file, removed when dropped.
+#[cfg(test)]
+pub(crate) fn scratch_file() -> vmm_sys_util::tempfile::TempFile {
+    vmm_sys_util::tempfile::TempFile::new_with_prefix(std::env::temp_dir().join("luvisor-mem-"))
+        .expect("create a temporary file")
 }
 
 #[cfg(test)]
@@ -118,17 +276,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_resident_pages() {
-        use vm_memory::Bytes;
-        let mem = create_ram(8 << 20).unwrap();
-        assert_eq!(
-            resident_bytes(&mem),
-            0,
-            "fresh anonymous memory is not resident"
-        );
-        mem.write_obj(1u64, GuestAddress(0x10_0000)).unwrap();
-        mem.write_obj(1u64, GuestAddress(0x20_0000)).unwrap();
-        assert_eq!(resident_bytes(&mem), 2 * 4096);
+    fn page_size_matches_the_host() {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let host = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        assert_eq!(host as u64, PAGE_SIZE);
     }
 
     #[test]
@@ -145,5 +296,12 @@ mod tests {
         let r = ram_ranges(4 << 30);
         assert_eq!(r[0], (GuestAddress(0), LOW_RAM_END as usize));
         assert_eq!(r[1], (GuestAddress(HIGH_RAM_START), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn file_offsets_put_regions_back_to_back() {
+        let mem = create_ram(4 << 30).unwrap();
+        assert_eq!(region_file_offsets(&mem), vec![0, LOW_RAM_END]);
+        assert_eq!(ram_file_len(&mem), 4 << 30);
     }
 }
