@@ -118,21 +118,45 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), Storag
     for p in REFUSED {
         take(file, REFUSE_BASE + *p as i64).map_err(lock_failed(path))?;
     }
+    // A conflict seen at once may be a ghost: a process that forks (luvisor running a
+    // script's `os.execute`, a test harness starting `qemu-img`) shares every open file
+    // description with its child until the child calls exec, so a lock this process has
+    // just dropped can look held for a moment. Look again for a short while before
+    // calling it a conflict.
+    let deadline = std::time::Instant::now() + GHOST_GRACE;
+    loop {
+        match conflict(file, path, used)? {
+            None => return Ok(()),
+            Some(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    }
+}
+
+/// How long a conflicting lock is looked at again before it counts (see `lock_image`).
+const GHOST_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The conflict another holder's locks make with `used`, if any.
+fn conflict(
+    file: &File,
+    path: &Path,
+    used: &[Permission],
+) -> Result<Option<StorageError>, StorageError> {
     for p in used {
         if held_by_another(file, REFUSE_BASE + *p as i64).map_err(lock_failed(path))? {
-            return Err(StorageError::Locked {
+            return Ok(Some(StorageError::Locked {
                 path: path.to_path_buf(),
                 reason: format!(
                     "another process or VM (luvisor, QEMU or a QEMU tool) has it open and does \
                      not share {} access to it",
                     p.name()
                 ),
-            });
+            }));
         }
     }
     for p in REFUSED {
         if held_by_another(file, USE_BASE + *p as i64).map_err(lock_failed(path))? {
-            return Err(StorageError::Locked {
+            return Ok(Some(StorageError::Locked {
                 path: path.to_path_buf(),
                 reason: format!(
                     "another process or VM (luvisor, QEMU or a QEMU tool) holds it for {}",
@@ -142,10 +166,10 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), Storag
                         "resizing"
                     }
                 ),
-            });
+            }));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

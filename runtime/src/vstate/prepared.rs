@@ -14,7 +14,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use crate::vstate::memory::GuestRam;
 use kvm_ioctls::VmFd;
 
-use super::memory::{self, MemoryError};
+use super::memory::{self, MemoryBacking, MemoryError};
 use super::{kvm, KvmOpenError};
 
 /// Address KVM needs for its real-mode TSS on Intel hosts (three pages inside the MMIO
@@ -46,8 +46,14 @@ pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
     prepare_with_memory(memory::create_ram(size)?)
 }
 
+/// Builds a VM fd with its irqchip and `size` bytes of registered RAM from `backing`.
+/// The background preparer only keeps anonymous VMs.
+pub fn prepare_with(size: u64, backing: MemoryBacking) -> Result<PreparedVm, PrepareError> {
+    prepare_with_memory(memory::create_ram_with(size, backing)?)
+}
+
 /// Builds a VM fd with its irqchip around `memory` (a restore's RAM, mapped from its
-/// snapshot), registered as memory slots.
+/// snapshot and with its diffs applied), registered as memory slots.
 pub fn prepare_with_memory(memory: GuestRam) -> Result<PreparedVm, PrepareError> {
     let setup = |step| move |source| PrepareError::Setup { step, source };
     let vm_fd = kvm()?.create_vm().map_err(setup("KVM_CREATE_VM"))?;

@@ -83,12 +83,11 @@ fn give_back(region: &super::GuestRamRegion, bits: &[u64]) {
 
 #[cfg(test)]
 mod tests {
-    use kvm_ioctls::VcpuExit;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::boot::builtin::{self, BuiltinEntry};
-    use crate::vstate::kvm;
+    use crate::boot::builtin;
+    use crate::vstate::memory::test_guest::{self, Code};
     use crate::vstate::memory::{create_ram, kvm_usable_for_test, PAGE_SIZE};
     use crate::vstate::prepared;
 
@@ -121,18 +120,6 @@ mod tests {
         assert!(take_vmm_dirty(&vm.memory).contains(0, 2));
     }
 
-    /// x86-64 code, run at CPL3 in the built-in guest's address space:
-    /// `mov byte [TARGET], 1; mov dx, EXIT; mov eax, 42; out dx, eax; jmp $`.
-    fn guest_code(target: u32) -> Vec<u8> {
-        let mut code = vec![0xC6, 0x04, 0x25];
-        code.extend_from_slice(&target.to_le_bytes());
-        code.push(0x01);
-        code.extend_from_slice(&[0x66, 0xBA]);
-        code.extend_from_slice(&luvisor_guest_abi::ports::EXIT.to_le_bytes());
-        code.extend_from_slice(&[0xB8, 42, 0, 0, 0, 0xEF, 0xEB, 0xFE]);
-        code
-    }
-
     /// What KVM (PVM on our machines) does with the dirty log: a real vCPU writes one
     /// byte of guest memory, and the page must be in the log; the VMM's own write to
     /// another page shows too; a second take is empty.
@@ -146,38 +133,15 @@ mod tests {
         const VMM_WRITE: u64 = 0x380_0000;
         let vm = prepared::prepare(64 << 20).unwrap();
         let mem = &vm.memory;
-        // GDT, TSS and page tables of the built-in guest; then our own code.
+        // GDT, TSS and page tables of the built-in guest.
         builtin::load(mem, "", 1).unwrap();
-        mem.write_slice(&guest_code(TARGET as u32), GuestAddress(CODE))
-            .unwrap();
         set_dirty_logging(&vm.vm_fd, mem, true).expect("KVM_MEM_LOG_DIRTY_PAGES is supported");
         // The baseline: loading the guest is the VMM's writes.
         let loaded = take_dirty(&vm.vm_fd, mem).expect("KVM_GET_DIRTY_LOG is supported");
-        assert!(loaded.contains_addr(GuestAddress(CODE)));
+        assert!(loaded.contains_addr(GuestAddress(0x9000)), "page tables");
 
-        let vcpu = vm.vm_fd.create_vcpu(0).unwrap();
-        let cpuid = kvm()
-            .unwrap()
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .unwrap();
-        vcpu.set_cpuid2(&cpuid).unwrap();
-        builtin::setup_vcpu(&vcpu, 0, BuiltinEntry { rip: CODE }).unwrap();
-        let mut vcpu = vcpu;
-        // Exits other than our port write (interrupt windows, signals) just run again;
-        // the bound only stops a broken guest from looping forever.
-        let mut exited = false;
-        for _ in 0..1000 {
-            match vcpu.run().expect("KVM_RUN") {
-                VcpuExit::IoOut(port, data) if port == luvisor_guest_abi::ports::EXIT => {
-                    assert_eq!(data, &42u32.to_le_bytes());
-                    exited = true;
-                    break;
-                }
-                VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => {}
-                other => panic!("unexpected exit {other:?}"),
-            }
-        }
-        assert!(exited, "the guest did not reach its exit port write");
+        let code = Code::default().store_byte(TARGET as u32, 1).exit_with(42);
+        assert_eq!(test_guest::run(&vm, code, CODE), 42);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(TARGET)).unwrap(), 1);
         mem.write_obj(5u8, GuestAddress(VMM_WRITE)).unwrap();
 
@@ -193,9 +157,10 @@ mod tests {
             "VMM write: {pages:#x?}"
         );
         assert!(
-            !dirty.contains_addr(GuestAddress(CODE)),
-            "code is only read"
+            dirty.contains_addr(GuestAddress(CODE)),
+            "the VMM wrote the code"
         );
+        assert!(!dirty.contains_addr(GuestAddress(CODE + PAGE_SIZE)));
         assert!(!dirty.contains_addr(GuestAddress(TARGET + PAGE_SIZE)));
         assert!(take_dirty(&vm.vm_fd, mem).unwrap().is_empty());
 

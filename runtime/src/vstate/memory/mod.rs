@@ -35,6 +35,8 @@ pub mod discard;
 pub mod pages;
 pub mod residency;
 pub mod snapshot;
+#[cfg(test)]
+mod test_guest;
 
 use std::path::PathBuf;
 

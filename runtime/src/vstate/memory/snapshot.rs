@@ -521,3 +521,109 @@ mod tests {
         }
     }
 }
+
+/// Snapshots of a real VM: a vCPU writes guest memory, the RAM is saved, and another VM
+/// runs from the saved file (its GDT, page tables and data all come from it).
+#[cfg(test)]
+mod vm_tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::boot::builtin;
+    use crate::vstate::memory::test_guest::{self, Code};
+    use crate::vstate::memory::{
+        kvm_usable_for_test, scratch_file, set_dirty_logging, take_dirty, MemoryBacking,
+    };
+    use crate::vstate::prepared::{self, prepare_with};
+
+    const SIZE: u64 = 64 << 20;
+    const CODE: u64 = 0x200_0000;
+    const TARGET: u64 = 0x300_0000;
+    const RESULT: u64 = 0x310_0000;
+
+    /// Reads the byte the first VM stored, adds 41, stores it at RESULT, exits with it.
+    fn second_guest() -> Code {
+        Code::default()
+            .load_al(TARGET as u32)
+            .add_al(41)
+            .store_al(RESULT as u32)
+            .exit_with_al()
+    }
+
+    #[test]
+    fn a_vm_restored_from_a_snapshot_file_runs() {
+        if !kvm_usable_for_test() {
+            return;
+        }
+        let first = prepared::prepare(SIZE).unwrap();
+        builtin::load(&first.memory, "", 1).unwrap();
+        let code = Code::default().store_byte(TARGET as u32, 1).exit_with(7);
+        assert_eq!(test_guest::run(&first, code, CODE), 7);
+        let snapshot = scratch_file();
+        save_ram(&first.memory, snapshot.as_file(), PageSelection::All).unwrap();
+        drop(first);
+
+        let backing = MemoryBacking::file_private(snapshot.as_path(), 0).unwrap();
+        let restored = prepare_with(SIZE, backing).unwrap();
+        set_dirty_logging(&restored.vm_fd, &restored.memory, true).unwrap();
+        assert_eq!(
+            test_guest::run(&restored, second_guest(), CODE + 0x1000),
+            42
+        );
+        assert_eq!(
+            restored
+                .memory
+                .read_obj::<u8>(GuestAddress(RESULT))
+                .unwrap(),
+            42
+        );
+        let dirty = take_dirty(&restored.vm_fd, &restored.memory).unwrap();
+        assert!(
+            dirty.contains_addr(GuestAddress(RESULT)),
+            "the guest's write is logged"
+        );
+
+        // The snapshot file is never written: a second VM from it sees no RESULT.
+        let again = MemoryBacking::file_private(snapshot.as_path(), 0).unwrap();
+        let again = prepare_with(SIZE, again).unwrap();
+        assert_eq!(
+            again.memory.read_obj::<u8>(GuestAddress(RESULT)).unwrap(),
+            0
+        );
+        assert_eq!(
+            again.memory.read_obj::<u8>(GuestAddress(TARGET)).unwrap(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_memfd_vm_runs_and_saves() {
+        if !kvm_usable_for_test() {
+            return;
+        }
+        let vm = prepare_with(SIZE, MemoryBacking::Memfd).unwrap();
+        builtin::load(&vm.memory, "", 1).unwrap();
+        vm.memory.write_obj(1u8, GuestAddress(TARGET)).unwrap();
+        assert_eq!(test_guest::run(&vm, second_guest(), CODE), 42);
+        let memfd = vm
+            .memory
+            .iter()
+            .next()
+            .unwrap()
+            .file_offset()
+            .unwrap()
+            .file();
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(memfd, &mut byte, RESULT).unwrap();
+        assert_eq!(byte, [42], "the guest's write is in the memfd");
+
+        let snapshot = scratch_file();
+        save_ram(&vm.memory, snapshot.as_file(), PageSelection::All).unwrap();
+        let restored = crate::vstate::memory::create_ram_with(
+            SIZE,
+            MemoryBacking::file_private(snapshot.as_path(), 0).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(RESULT)).unwrap(), 42);
+    }
+}
