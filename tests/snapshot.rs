@@ -73,3 +73,79 @@ fn a_paused_vm_changes_nothing_even_with_io_in_flight() {
     vm.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A diff snapshot holds only the pages the guest changed, and its base plus the diff
+/// make exactly the memory a full snapshot taken at the same moment holds.
+#[test]
+fn a_diff_on_its_base_is_the_full_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    use luvisor_runtime::snapshot::file::SnapshotState;
+    use luvisor_runtime::vm::SnapshotOptions;
+    use luvisor_runtime::vstate::memory::{apply_ram_diff, create_ram_with, MemoryBacking};
+
+    let dir = scratch_dir("diff-equals-full");
+    let reg = Registry::new();
+    let mut config = builtin("diff", "touch 8; listen");
+    config.memory = 64 << 20;
+    let vm = reg.create(config).unwrap();
+    vm.start().unwrap();
+    vm.wait_for_console("listening", 0, TIMEOUT).unwrap();
+    let shared = |base: Option<&std::path::Path>| SnapshotOptions {
+        base: base.map(|b| b.to_path_buf()),
+        shared_disks: true,
+        ..Default::default()
+    };
+    let base = dir.join("base");
+    let full_base = vm.snapshot(&base, &shared(None)).unwrap();
+    vm.send_input(b"touch 4\n").unwrap();
+    vm.wait_for_console("touched 4 MiB", 0, TIMEOUT).unwrap();
+    // Paused across both, so they see the same memory.
+    vm.pause().unwrap();
+    let diff = vm
+        .snapshot(&dir.join("diff"), &shared(Some(&base)))
+        .unwrap();
+    let full = vm.snapshot(&dir.join("full"), &shared(None)).unwrap();
+    vm.stop();
+    assert!(diff.diff && !full.diff);
+    // The guest rewrote 4 MiB (1024 pages) plus a few pages of its own bookkeeping.
+    assert!(
+        (1024..1024 + 64).contains(&diff.memory_pages),
+        "the diff holds {} pages",
+        diff.memory_pages
+    );
+    assert!(full.memory_pages >= full_base.memory_pages);
+
+    let size = 64 << 20;
+    let from_diff = create_ram_with(
+        size,
+        MemoryBacking::file_private(&base.join("memory"), 0).unwrap(),
+    )
+    .unwrap();
+    let state = SnapshotState::read(&dir.join("diff")).unwrap();
+    let pages = &state.memory.diff.as_ref().expect("a diff").pages;
+    let diff_file = std::fs::File::open(dir.join("diff").join("memory")).unwrap();
+    apply_ram_diff(&from_diff, &diff_file, pages).unwrap();
+    let from_full = create_ram_with(
+        size,
+        MemoryBacking::file_private(&dir.join("full").join("memory"), 0).unwrap(),
+    )
+    .unwrap();
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for region in from_full.iter() {
+        let mut at = 0;
+        while at < region.len() {
+            let addr = region.start_addr().unchecked_add(at);
+            from_full.read_slice(&mut a, addr).unwrap();
+            from_diff.read_slice(&mut b, addr).unwrap();
+            assert!(
+                a == b,
+                "memory differs in the MiB at {:#x}",
+                addr.raw_value()
+            );
+            at += a.len() as u64;
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
