@@ -108,10 +108,22 @@ local function copy_dir(from, to)
 end
 local function vm_count() return #hv.vms() end
 local before = vm_count()
-copy_dir("snap-web", "corrupt")
-local state = io.open("corrupt/state", "r+b")
-state:seek("set", 100) ; state:write("\255\255\255\255") ; state:close()
-fails("corrupted", hv.restore, "corrupt", { name = "bad-1" })
+-- Corrupted at several offsets: the magic, the checksum, the length, the content, the end.
+local size = io.open("snap-web/state", "rb"):seek("end")
+for i, case in ipairs{ { 0, "not a luvisor snapshot" }, { 12, "corrupted" }, { 16, "" },
+                       { 100, "corrupted" }, { size - 1, "corrupted" } } do
+  local at, why = case[1], case[2]
+  local d = "corrupt-" .. i
+  copy_dir("snap-web", d)
+  local state = io.open(d .. "/state", "r+b")
+  state:seek("set", at) ; local byte = state:read(1) ; state:seek("set", at)
+  state:write(string.char(byte:byte() ~ 0x5a)) ; state:close()
+  fails(why, hv.restore, d, { name = "bad-1" })
+end
+-- A memory file cut short is refused too, before any VM runs.
+copy_dir("snap-web", "short-memory")
+assert(os.execute("truncate -s 4096 short-memory/memory"))
+fails("too short", hv.restore, "short-memory", { name = "bad-5" })
 copy_dir("snap-web", "truncated")
 assert(os.execute("truncate -s 50 truncated/state"))
 fails("truncated", hv.restore, "truncated", { name = "bad-2" })
@@ -125,7 +137,7 @@ fails("already exists", running.snapshot, running, "snap-web")
 assert(running.state == "running", "a refused snapshot leaves the VM running")
 running:destroy()
 assert(vm_count() == before, "a refused restore leaves no VM behind")
-for _, name in ipairs{ "bad-1", "bad-2", "bad-3", "bad-4" } do
+for _, name in ipairs{ "bad-1", "bad-2", "bad-3", "bad-4", "bad-5" } do
   assert(not io.open("disk.img." .. name .. ".qcow2"), "a refused restore leaves no overlay: " .. name)
 end
 print("snapshot tests passed")
