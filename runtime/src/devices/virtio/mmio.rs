@@ -83,9 +83,6 @@ pub struct MmioTransport {
     acked_features: u64,
     queue_sel: u32,
     status: u32,
-    /// ConfigGeneration: changes whenever the device changes its configuration space, so
-    /// a driver reading a multi-word field can tell it read a consistent value.
-    config_generation: u32,
 }
 
 /// One queue's registers and ring positions (`virtio-queue`'s `QueueState`, which has no
@@ -139,7 +136,7 @@ impl Persist for MmioTransport {
             queue_sel: self.queue_sel,
             status: self.status,
             interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
+            config_generation: self.interrupt.config_generation(),
             queues: self
                 .queues
                 .iter()
@@ -205,6 +202,9 @@ impl Persist for MmioTransport {
             queues.push(queue);
         }
         interrupt.set_status(state.interrupt_status);
+        interrupt.set_config_generation(state.config_generation);
+        let mut device = device;
+        device.attach_interrupt(interrupt.clone());
         Ok(MmioTransport {
             device,
             mem,
@@ -216,7 +216,6 @@ impl Persist for MmioTransport {
             acked_features: state.acked_features,
             queue_sel: state.queue_sel,
             status: state.status,
-            config_generation: state.config_generation,
         })
     }
 }
@@ -224,11 +223,12 @@ impl Persist for MmioTransport {
 impl MmioTransport {
     /// Wraps `device`; `queue_events[i]` is what a notification of queue `i` signals.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: Arc<GuestRam>,
         queue_events: Vec<EventFd>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> MmioTransport {
+        device.attach_interrupt(interrupt.clone());
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -245,16 +245,6 @@ impl MmioTransport {
             acked_features: 0,
             queue_sel: 0,
             status: 0,
-            config_generation: 0,
-        }
-    }
-
-    /// The device changed its configuration space: bump ConfigGeneration and tell the
-    /// driver (virtio 1.2, 2.5.1 and 4.2.2.1).
-    pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if self.status & status::DRIVER_OK != 0 {
-            self.interrupt.signal(INTERRUPT_CONFIG_CHANGE);
         }
     }
 
@@ -459,7 +449,7 @@ impl MmioTransport {
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready() as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => self.config_generation,
+            reg::CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => 0,
         }
     }

@@ -14,6 +14,7 @@ pub mod block;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::vstate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
@@ -88,6 +89,10 @@ pub trait VirtioDevice: Send {
     /// The device's own state (features it agreed, anything in flight). Called only
     /// while the VM is paused.
     fn save_state(&self) -> VirtioDeviceState;
+    /// Hands the device its interrupt, so it can raise it itself (for work that does not
+    /// come from a queue notification) and announce configuration changes with
+    /// [`VirtioInterrupt::config_changed`]. Called once, when the transport is made.
+    fn attach_interrupt(&mut self, _interrupt: Arc<VirtioInterrupt>) {}
     /// The concrete device, for control calls that address one kind (a snapshot
     /// switching a disk's image, the balloon's target).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
@@ -105,6 +110,9 @@ pub trait VirtioDevice: Send {
 /// waker for idle vCPUs.
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    /// ConfigGeneration: changes whenever the device changes its configuration space, so
+    /// a driver reading a multi-word field can tell it read a consistent value.
+    config_generation: AtomicU32,
     irqfd: EventFd,
     wake_vcpus: Box<dyn Fn() + Send + Sync>,
 }
@@ -113,6 +121,7 @@ impl VirtioInterrupt {
     pub fn new(irqfd: EventFd, wake_vcpus: Box<dyn Fn() + Send + Sync>) -> VirtioInterrupt {
         VirtioInterrupt {
             status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
             irqfd,
             wake_vcpus,
         }
@@ -128,6 +137,24 @@ impl VirtioInterrupt {
 
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    /// Restores ConfigGeneration from a saved state.
+    pub fn set_config_generation(&self, generation: u32) {
+        self.config_generation.store(generation, Ordering::Release);
+    }
+
+    /// The device changed its configuration space: ConfigGeneration goes up and the
+    /// driver gets a configuration-change interrupt (virtio 1.2, 2.5.1 and 4.2.2.1). The
+    /// generation changes before the interrupt, so a driver woken by it reads the new
+    /// one.
+    pub fn config_changed(&self) {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
+        self.signal(INTERRUPT_CONFIG_CHANGE);
     }
 
     /// Sets the status register as a saved state had it, without raising anything: the
@@ -188,5 +215,16 @@ mod tests {
         assert_eq!(irqfd.read().unwrap(), 1);
         assert!(irqfd.read().is_err(), "no further interrupt was raised");
         assert_eq!(wakes.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_config_change_bumps_the_generation_and_interrupts() {
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = VirtioInterrupt::new(irqfd.try_clone().unwrap(), Box::new(|| {}));
+        assert_eq!(interrupt.config_generation(), 0);
+        interrupt.config_changed();
+        assert_eq!(interrupt.config_generation(), 1);
+        assert_eq!(interrupt.status(), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(irqfd.read().unwrap(), 1);
     }
 }
