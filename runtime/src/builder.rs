@@ -104,7 +104,11 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
     let (vm_fd, memory, restore) = match ctx.restore {
         Some(parts) => (parts.vm_fd, parts.memory, Some(parts.state)),
         None => {
-            let PreparedVm { vm_fd, memory } = match prepared::take(config.memory) {
+            let kind = prepared::Kind {
+                size: config.memory,
+                log_dirty: false,
+            };
+            let PreparedVm { vm_fd, memory } = match prepared::take(kind) {
                 Some(ready) => ready,
                 None => prepared::prepare(config.memory).map_err(|source| VmError::Prepare {
                     name: name(),

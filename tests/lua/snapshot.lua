@@ -100,7 +100,14 @@ local n = last_count(d)
 d:stop()
 local from_diff = hv.restore("diff-1", { name = "from-diff" })
 from_diff:wait_for_console("count " .. (n + 1), { timeout = 10 })
-from_diff:stop()
+-- A restored VM tracks its changes from the snapshot it came from: a diff on top of a
+-- diff, restored again, still counts on.
+local again = from_diff:snapshot("diff-2", { base = "diff-1", disks = "shared", stop = true })
+assert(again.diff and again.memory_bytes < full.memory_bytes, "a small diff of a restored VM")
+local m = last_count(from_diff)
+local twice = hv.restore("diff-2", { name = "from-diff-2" })
+twice:wait_for_console("count " .. (m + 1), { timeout = 10 })
+twice:stop()
 
 -- Bad snapshots are refused and create nothing.
 local function copy_dir(from, to)

@@ -141,6 +141,8 @@ struct Inner {
     /// The snapshot whose memory KVM's dirty log (with the VMM's bitmap) has tracked
     /// changes from since: a diff snapshot must name it as its base.
     tracking_since: Option<std::path::PathBuf>,
+    /// Whether the memory slots are registered with KVM's dirty log on.
+    dirty_logging: bool,
     /// The disks the VM writes now, once a snapshot switched them to new overlays
     /// (empty until then: the configured disks).
     live_disks: Vec<Arc<crate::storage::Disk>>,
@@ -177,6 +179,7 @@ impl Vm {
                 event_control: None,
                 events: EventControl::default(),
                 tracking_since: None,
+                dirty_logging: false,
                 live_disks: Vec::new(),
             }),
             changed: Condvar::new(),

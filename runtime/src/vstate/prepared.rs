@@ -43,18 +43,20 @@ pub enum PrepareError {
 
 /// Builds a VM fd with its irqchip and `size` bytes of registered RAM.
 pub fn prepare(size: u64) -> Result<PreparedVm, PrepareError> {
-    prepare_with_memory(memory::create_ram(size)?)
+    prepare_with_memory(memory::create_ram(size)?, false)
 }
 
 /// Builds a VM fd with its irqchip and `size` bytes of registered RAM from `backing`.
 /// The background preparer only keeps anonymous VMs.
 pub fn prepare_with(size: u64, backing: MemoryBacking) -> Result<PreparedVm, PrepareError> {
-    prepare_with_memory(memory::create_ram_with(size, backing)?)
+    prepare_with_memory(memory::create_ram_with(size, backing)?, false)
 }
 
 /// Builds a VM fd with its irqchip around `memory` (a restore's RAM, mapped from its
-/// snapshot and with its diffs applied), registered as memory slots.
-pub fn prepare_with_memory(memory: GuestRam) -> Result<PreparedVm, PrepareError> {
+/// snapshot and with its diffs applied), registered as memory slots, with KVM's dirty
+/// log on when `log_dirty` (registering a slot costs an SRCU grace period on PVM, 4–5
+/// ms, so a restore that wants the log registers with it rather than twice).
+pub fn prepare_with_memory(memory: GuestRam, log_dirty: bool) -> Result<PreparedVm, PrepareError> {
     let setup = |step| move |source| PrepareError::Setup { step, source };
     let vm_fd = kvm()?.create_vm().map_err(setup("KVM_CREATE_VM"))?;
     // Needed on Intel before the first KVM_RUN; other backends may not implement it.
@@ -64,16 +66,25 @@ pub fn prepare_with_memory(memory: GuestRam) -> Result<PreparedVm, PrepareError>
     vm_fd
         .create_irq_chip()
         .map_err(setup("KVM_CREATE_IRQCHIP"))?;
-    memory::register_slots(&vm_fd, &memory)?;
+    memory::set_dirty_logging(&vm_fd, &memory, log_dirty)?;
     Ok(PreparedVm { vm_fd, memory })
+}
+
+/// What a prepared VM is prepared for: its RAM size, and whether its slots log dirty
+/// pages (a restore wants the log; a boot does not, since logging makes the guest's
+/// first write to each page fault into KVM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub size: u64,
+    pub log_dirty: bool,
 }
 
 #[derive(Default)]
 struct Pool {
-    /// The VM kept ready, with its memory size.
-    ready: Option<(u64, PreparedVm)>,
-    /// The size the worker should prepare next, if any.
-    wanted: Option<u64>,
+    /// The VM kept ready, with what it was prepared for.
+    ready: Option<(Kind, PreparedVm)>,
+    /// What the worker should prepare next, if anything.
+    wanted: Option<Kind>,
 }
 
 struct Shared {
@@ -101,29 +112,29 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Pool> {
     shared.pool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Takes the prepared VM if it has `size` bytes of RAM, and asks for another of that size.
-pub fn take(size: u64) -> Option<PreparedVm> {
+/// Takes the prepared VM if it was prepared for `kind`, and asks for another of that kind.
+pub fn take(kind: Kind) -> Option<PreparedVm> {
     let shared = shared();
     let mut pool = lock(shared);
     let taken = match pool.ready.take() {
-        Some((ready_size, vm)) if ready_size == size => Some(vm),
+        Some((ready, vm)) if ready == kind => Some(vm),
         other => {
             pool.ready = other;
             None
         }
     };
-    pool.wanted = Some(size);
+    pool.wanted = Some(kind);
     drop(pool);
     shared.work.notify_one();
     taken
 }
 
-/// The preparer thread: keeps one VM of the wanted size ready. It lives as long as the
+/// The preparer thread: keeps one VM of the wanted kind ready. It lives as long as the
 /// process, so thread counts stay steady.
 fn worker() {
     let shared = shared();
     loop {
-        let size = {
+        let kind = {
             let mut pool = lock(shared);
             loop {
                 let satisfied = match (&pool.ready, pool.wanted) {
@@ -137,16 +148,19 @@ fn worker() {
                 pool = shared.work.wait(pool).unwrap_or_else(|p| p.into_inner());
             }
         };
-        match prepare(size) {
+        let prepared = memory::create_ram(kind.size)
+            .map_err(PrepareError::from)
+            .and_then(|ram| prepare_with_memory(ram, kind.log_dirty));
+        match prepared {
             Ok(vm) => {
                 let mut pool = lock(shared);
-                // A VM of another size kept until now is dropped here.
-                pool.ready = Some((size, vm));
+                // A VM of another kind kept until now is dropped here.
+                pool.ready = Some((kind, vm));
             }
             Err(e) => {
-                tracing::debug!(error = %e, size, "cannot prepare a VM ahead of time");
+                tracing::debug!(error = %e, ?kind, "cannot prepare a VM ahead of time");
                 let mut pool = lock(shared);
-                if pool.wanted == Some(size) {
+                if pool.wanted == Some(kind) {
                     pool.wanted = None; // Do not retry in a loop; the next start asks again.
                 }
             }

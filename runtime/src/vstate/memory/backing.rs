@@ -12,13 +12,15 @@
 //! Every region carries its [`AtomicBitmap`] of pages the VMM wrote, whatever the backing.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::bitmap::NewBitmap;
+
+use super::RamBitmap;
 use vm_memory::mmap::FromRangesError;
-use vm_memory::{FileOffset, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 use super::{mapping, ram_ranges, GuestRam, GuestRamRegion, MemoryError, PAGE_SIZE};
 
@@ -133,14 +135,105 @@ pub fn create_ram_with(size: u64, backing: MemoryBacking) -> Result<GuestRam, Me
             source,
         };
         let mut builder =
-            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, RamBitmap::with_len(len))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags);
         if let Some(file) = &file {
             builder = builder.with_file_offset(FileOffset::from_arc(file.clone(), file_offset));
         }
-        let region: MmapRegion<AtomicBitmap> = builder.build().map_err(map_error)?;
+        let region: MmapRegion<RamBitmap> = builder.build().map_err(map_error)?;
         let region = GuestRegionMmap::new(region, base).ok_or(MemoryError::Map {
+            size,
+            source: FromRangesError::InvalidGuestRegion,
+        })?;
+        regions.push(region);
+        file_offset += len as u64;
+    }
+    GuestRam::from_regions(regions).map_err(|e| MemoryError::Map {
+        size,
+        source: FromRangesError::Collection(e),
+    })
+}
+
+/// Maps the snapshot memory file `file` (from `offset`) copy-on-write over the RAM of
+/// `owner`, at the same host addresses, and returns RAM that describes the new mappings.
+///
+/// This lets a restore use a VM prepared ahead of time: KVM's memory slots point at host
+/// addresses, so they stay valid and need not be registered again (4–5 ms on PVM).
+/// `MAP_FIXED` replaces the anonymous pages at once; the kernel tells KVM through its MMU
+/// notifiers. The returned RAM does not unmap anything itself: each of its regions keeps
+/// `owner` alive through its bitmap ([`RamBitmap::keeping`]), and `owner` unmaps the
+/// ranges when the last region is gone. `owner` must be anonymous RAM made by
+/// [`create_ram_with`] for the same size; the file is checked as for
+/// [`MemoryBacking::FilePrivate`].
+pub fn map_file_over(
+    owner: GuestRam,
+    file: Arc<File>,
+    offset: u64,
+) -> Result<GuestRam, MemoryError> {
+    let size = super::ram_file_len(&owner);
+    if !offset.is_multiple_of(PAGE_SIZE) {
+        return Err(MemoryError::UnalignedFileOffset { offset });
+    }
+    let len = file.metadata().map_err(MemoryError::FileMetadata)?.len();
+    if offset.checked_add(size).is_none_or(|end| end > len) {
+        return Err(MemoryError::FileTooShort {
+            len,
+            offset,
+            needed: size,
+        });
+    }
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let owner = Arc::new(owner);
+    let mut regions = Vec::new();
+    let mut file_offset = offset;
+    for (index, region) in owner.iter().enumerate() {
+        if region_backing(region) != RegionBacking::Anonymous {
+            return Err(MemoryError::Map {
+                size,
+                source: FromRangesError::InvalidGuestRegion,
+            });
+        }
+        let host = mapping(region).as_ptr();
+        let len = region.len() as usize;
+        let map_error = |source| MemoryError::MapRegion {
+            index,
+            base: region.start_addr().0,
+            size: len as u64,
+            backing: "private file mapping over prepared RAM",
+            source,
+        };
+        // SAFETY: [host, host + len) is one live mapping that `owner` made and still
+        // owns; MAP_FIXED replaces exactly that range (with the same protection) and
+        // nothing else. `owner` stays alive, through the new regions' bitmaps, for as long
+        // as anything can reach the range, and unmaps it last.
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                file_offset as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(map_error(vm_memory::mmap::MmapRegionError::Mmap(
+                std::io::Error::last_os_error(),
+            )));
+        }
+        let keep: Arc<dyn std::any::Any + Send + Sync> = owner.clone();
+        let builder =
+            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, RamBitmap::keeping(len, keep))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .with_file_offset(FileOffset::from_arc(file.clone(), file_offset));
+        // SAFETY: `host` starts a live mapping of `len` bytes (just replaced above) that
+        // outlives the region, as explained above.
+        let built: MmapRegion<RamBitmap> = unsafe { builder.with_raw_mmap_pointer(host) }
+            .build()
+            .map_err(map_error)?;
+        let region = GuestRegionMmap::new(built, region.start_addr()).ok_or(MemoryError::Map {
             size,
             source: FromRangesError::InvalidGuestRegion,
         })?;
@@ -177,6 +270,44 @@ mod tests {
     use super::*;
     use crate::vstate::memory::{create_ram, resident_bytes, scratch_file};
     use luvisor_guest_abi::layout::{HIGH_RAM_START, LOW_RAM_END};
+
+    #[test]
+    fn a_file_mapped_over_prepared_ram_reads_the_file_and_outlives_its_owner() {
+        let size = 8u64 << 20;
+        let owner = create_ram(size).unwrap();
+        owner.write_obj(0xdeadu64, GuestAddress(0x5000)).unwrap();
+        let host = mapping(owner.iter().next().unwrap()).as_ptr() as usize;
+        let file = scratch_file();
+        file.as_file().set_len(size).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            file.as_file()
+                .write_all_at(&7u64.to_le_bytes(), 0x5000)
+                .unwrap();
+        }
+        let file = Arc::new(file.into_file());
+        let ram = map_file_over(owner, file.clone(), 0).unwrap();
+        let region = ram.iter().next().unwrap();
+        assert_eq!(mapping(region).as_ptr() as usize, host, "same host address");
+        assert_eq!(region_backing(region), RegionBacking::FilePrivate);
+        assert_eq!(ram.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 7);
+        // Copy-on-write: the file never changes.
+        let shared = Arc::new(ram);
+        let user = shared.clone();
+        drop(shared);
+        user.write_obj(9u64, GuestAddress(0x5000)).unwrap();
+        assert_eq!(user.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 9);
+        let mut on_disk = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut on_disk, 0x5000).unwrap();
+        assert_eq!(u64::from_le_bytes(on_disk), 7);
+        drop(user);
+        // A file too short for the RAM is refused before anything is mapped.
+        let short = scratch_file();
+        short.as_file().set_len(4096).unwrap();
+        let err =
+            map_file_over(create_ram(size).unwrap(), Arc::new(short.into_file()), 0).unwrap_err();
+        assert!(err.to_string().contains("too short"), "{err}");
+    }
 
     #[test]
     fn anonymous_ram_is_private_and_tracks_vmm_writes() {

@@ -30,6 +30,7 @@
 //! 4 KiB on x86-64, the only architecture luvisor runs on.
 
 pub mod backing;
+pub mod bitmap;
 pub mod dirty_log;
 pub mod discard;
 pub mod pages;
@@ -45,9 +46,11 @@ use kvm_ioctls::VmFd;
 use luvisor_guest_abi::layout::{HIGH_RAM_START, LOW_RAM_END, MAX_MAPPED_GIB};
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
+
+pub use bitmap::RamBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-pub use backing::{create_ram_with, region_backing, MemoryBacking, RegionBacking};
+pub use backing::{create_ram_with, map_file_over, region_backing, MemoryBacking, RegionBacking};
 pub use dirty_log::{set_dirty_logging, take_dirty, take_vmm_dirty};
 pub use discard::{discard, DiscardEffect};
 pub use pages::{DirtyPages, PageRun};
@@ -58,10 +61,10 @@ pub use snapshot::{apply_ram_diff, save_ram, PageSelection, SavedRam};
 /// bitmap of the pages the VMM itself wrote (device completions, used rings, boot
 /// loading). Together with KVM's dirty log it tells which pages changed, for diff
 /// snapshots and live migration.
-pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestRam = vm_memory::GuestMemoryMmap<RamBitmap>;
 
 /// One region of [`GuestRam`].
-pub type GuestRamRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRamRegion = vm_memory::GuestRegionMmap<RamBitmap>;
 
 /// A piece of [`GuestRam`] that devices read and write directly. Writes through its
 /// methods mark the VMM's dirty bitmap; code that writes through its raw pointer (a
@@ -208,7 +211,7 @@ pub fn ram_file_len(mem: &GuestRam) -> u64 {
 }
 
 /// The mapping behind `region`: its host pointer and its VMM dirty bitmap.
-pub(crate) fn mapping(region: &GuestRamRegion) -> &MmapRegion<AtomicBitmap> {
+pub(crate) fn mapping(region: &GuestRamRegion) -> &MmapRegion<RamBitmap> {
     region
 }
 
