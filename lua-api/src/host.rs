@@ -12,8 +12,25 @@ pub const NAMESPACE: Namespace = Namespace {
     register,
 };
 
-fn register(lua: &Lua, hv: &Table, _: &Context) -> mlua::Result<()> {
-    hv.set("host", lua.create_function(|lua, ()| host_table(lua))?)?;
+fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
+    let registry = context.registry.clone();
+    hv.set(
+        "host",
+        lua.create_function(move |lua, opts: Value| {
+            // `hv.host{ memory_reserve = "1G" }` sets the reserve, then reports.
+            if !matches!(opts, Value::Nil) {
+                let opts =
+                    crate::options::Options::from_value(lua, "hv.host", opts, &["memory_reserve"])?;
+                if let Some(reserve) = opts.size("memory_reserve")? {
+                    luvisor_runtime::host::set_memory_reserve(reserve);
+                }
+            }
+            let t = host_table(lua)?;
+            t.set("memory_reserve", luvisor_runtime::host::memory_reserve())?;
+            t.set("vms_resident", registry.vms_resident())?;
+            Ok(t)
+        })?,
+    )?;
     // Seconds on a monotonic clock (for timing in scripts; os.clock() is CPU time).
     let epoch = std::time::Instant::now();
     hv.set(

@@ -29,6 +29,7 @@ pub mod display;
 pub mod guest;
 pub mod host;
 pub mod interrupt;
+pub mod memory;
 pub mod namespace;
 pub mod options;
 pub mod script;

@@ -112,6 +112,10 @@ impl UserData for VmHandle {
                 _ => None,
             })
         });
+        fields.add_field_method_get("memory", |_, this| {
+            this.resolve()?;
+            Ok(crate::memory::VmMemory(this.clone()))
+        });
         fields.add_field_method_get("memory_resident", |_, this| {
             Ok(this.resolve()?.memory_resident())
         });
@@ -248,8 +252,17 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
     if let Some(vcpus) = opts.integer("vcpus", 1, MAX_VCPUS as i64)? {
         config.vcpus = vcpus as u8;
     }
-    if let Some(memory) = opts.size("memory")? {
-        config.memory = memory;
+    match opts.raw("memory")? {
+        Value::Table(table) => {
+            let knobs = crate::memory::knobs_option(lua, table)?;
+            config.memory = knobs.max;
+            config.dynamic_memory = Some(knobs);
+        }
+        _ => {
+            if let Some(memory) = opts.size("memory")? {
+                config.memory = memory;
+            }
+        }
     }
     config.console_file = opts.string("console")?.map(PathBuf::from);
     config.disks = crate::disk::disks_option(&opts)?;

@@ -106,6 +106,7 @@ impl Registry {
                 return Err(e);
             }
         };
+        let _ = vm.set_memory_target(state.config.memory_target, "restored from a snapshot");
         if let Err(e) = vm.launch_restored(dir, &state) {
             self.destroy(vm.id());
             remove_overlays();
@@ -138,6 +139,11 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Guest memory resident on the host over every VM of this registry (bytes).
+    pub fn vms_resident(&self) -> u64 {
+        self.list().iter().map(|vm| vm.memory_resident()).sum()
     }
 
     /// Stops every VM (they stay recorded).

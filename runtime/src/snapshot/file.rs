@@ -136,6 +136,9 @@ pub struct SavedConfig {
     pub cmdline: String,
     pub console_capacity: usize,
     pub disks: Vec<SavedDisk>,
+    /// Dynamic memory knobs, and the balloon target when the snapshot was taken.
+    pub dynamic_memory: Option<crate::vm::dynamic_memory::MemoryKnobs>,
+    pub memory_target: u64,
 }
 
 /// Guest RAM in the snapshot.

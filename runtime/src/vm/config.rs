@@ -11,6 +11,7 @@ use crate::devices::console::DEFAULT_CONSOLE_CAPACITY;
 use crate::devices::manager::{DeviceLayout, LayoutError};
 use crate::size::format_size;
 use crate::storage::Disk;
+use crate::vm::dynamic_memory::MemoryKnobs;
 use crate::vstate::memory::{MAX_MEMORY, MIN_MEMORY};
 
 /// Most vCPUs a VM may have.
@@ -36,6 +37,8 @@ pub struct VmConfig {
     pub console_capacity: usize,
     /// Disks, attached as virtio-blk devices in this order.
     pub disks: Vec<Arc<Disk>>,
+    /// Dynamic memory knobs; `memory` is then their `max`. `None`: a fixed size.
+    pub dynamic_memory: Option<MemoryKnobs>,
 }
 
 impl VmConfig {
@@ -53,6 +56,7 @@ impl VmConfig {
             console_file: None,
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
             disks: Vec::new(),
+            dynamic_memory: None,
         }
     }
 
@@ -66,6 +70,23 @@ impl VmConfig {
         }
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) || !self.memory.is_multiple_of(4096) {
             return Err(ConfigError::Memory(self.memory));
+        }
+        if let Some(knobs) = &self.dynamic_memory {
+            knobs.check().map_err(ConfigError::MemoryKnobs)?;
+            if knobs.max != self.memory {
+                return Err(ConfigError::MemoryKnobs(format!(
+                    "memory.max ({}) must be the VM's memory size ({})",
+                    format_size(knobs.max),
+                    format_size(self.memory)
+                )));
+            }
+            if knobs.min < MIN_MEMORY {
+                return Err(ConfigError::MemoryKnobs(format!(
+                    "memory.min ({}) is less than the smallest VM ({})",
+                    format_size(knobs.min),
+                    format_size(MIN_MEMORY)
+                )));
+            }
         }
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::Disks(self.disks.len()));
@@ -135,6 +156,8 @@ pub enum ConfigError {
     DiskListedTwice(String),
     #[error("{0}")]
     Devices(String),
+    #[error("{0}")]
+    MemoryKnobs(String),
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! - `error.rs`: [`VmError`] and [`WaitError`].
 
 mod config;
+pub mod dynamic_memory;
 mod error;
 mod snapshot;
 mod state;
@@ -158,10 +159,17 @@ pub struct Vm {
     changed: Condvar,
     console: Arc<Console>,
     clock: Arc<RunClock>,
+    /// The balloon target (bytes the guest is asked to have); see `dynamic_memory.rs`.
+    memory_target: Mutex<u64>,
+    /// What the balloon device reports (held memory, guest statistics).
+    balloon: Arc<dynamic_memory::BalloonStatus>,
 }
 
 impl Vm {
     pub(crate) fn new(id: VmId, config: VmConfig) -> Result<Vm, ConsoleFileError> {
+        let target = config
+            .dynamic_memory
+            .map_or(config.memory, |knobs| knobs.startup);
         let tee = config.console_file.as_deref().map(Tee::open).transpose()?;
         Ok(Vm {
             id,
@@ -184,6 +192,8 @@ impl Vm {
             }),
             changed: Condvar::new(),
             clock: Arc::new(RunClock::new()),
+            memory_target: Mutex::new(target),
+            balloon: Arc::default(),
         })
     }
 

@@ -362,6 +362,8 @@ impl Vm {
                 cmdline: cmdline.clone(),
                 console_capacity: self.config.console_capacity,
                 disks: saved_disks,
+                dynamic_memory: self.config.dynamic_memory,
+                memory_target: self.memory_target(),
             },
             machine: MachineState {
                 vcpus,
@@ -641,6 +643,7 @@ pub fn restored_config(
     config.memory = state.config.memory;
     config.console_capacity = state.config.console_capacity;
     config.disks = disks;
+    config.dynamic_memory = state.config.dynamic_memory;
     Ok((config, created))
 }
 
