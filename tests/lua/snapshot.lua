@@ -48,7 +48,6 @@ for round = 1, 3 do
   nxt:wait_for_console("count " .. (n + 2), { timeout = 10 })
   current = nxt
 end
--- The disk written before the first snapshot is still there after three restores.
 current:stop()
 
 -- Ten VMs from one snapshot, each with its own overlay, each counting.
@@ -62,9 +61,45 @@ end
 for i = 1, 10 do many[i]:destroy() end
 local f = io.open("disk.img.many-1.qcow2") ; assert(f, "each restore has its own overlay") ; f:close()
 
--- A restored VM reads back what the guest wrote before the snapshot.
-local check = hv.restore("snap-web", { name = "check" })
-check:stop()
+-- Two snapshots in a row, then a restore: the disk keeps its serial through the
+-- overlays, and the data written before the first snapshot reads back.
+local sdisk = hv.disk.create{ path = "serial.img", size = "4M", serial = "web-disk" }
+local s1 = hv.vm{ name = "serial", memory = "32M", disks = { sdisk },
+                  guest = hv.guest.builtin{ cmdline = "blk-write 0 64 5; listen" } }
+s1:start()
+s1:wait_for_console("listening", { timeout = 10 })
+s1:snapshot("serial-1")
+s1:snapshot("serial-2")
+s1:stop()
+local s2 = hv.restore("serial-2", { name = "serial-restored" })
+s2:send("blk-id; blk-verify 0 64 5\n")
+local id = s2:wait_for_console("blk-id", { timeout = 10 })
+assert(id == "blk-id web-disk", id)
+local verified = s2:wait_for_console("blk-verify 0 64:", { timeout = 10 })
+assert(verified:find(": 0 mismatches", 1, true), verified)
+s2:stop()
+
+-- A snapshot that fails while freezing the second of two disks leaves both disks as they
+-- were: the first disk's overlay is removed, both disks take writes, the VM runs on.
+local fa = hv.disk.create{ path = "freeze-a.img", size = "4M" }
+local fb = hv.disk.create{ path = "freeze-b.img", size = "4M" }
+local fvm = hv.vm{ name = "freeze", memory = "32M", disks = { fa, fb },
+                   guest = hv.guest.builtin{ cmdline = "listen" } }
+fvm:start()
+fvm:wait_for_console("listening", { timeout = 10 })
+-- A dangling link where the second overlay would go: it does not "exist", but it
+-- cannot be created either.
+assert(os.execute("ln -s nowhere freeze-b.img.after-freeze-snap.qcow2"))
+fails("already exists", fvm.snapshot, fvm, "freeze-snap")
+assert(fvm.state == "running", fvm.state)
+assert(not io.open("freeze-a.img.after-freeze-snap.qcow2"), "the first overlay was removed")
+assert(not io.open("freeze-snap/state"), "the snapshot directory was removed")
+local at = fvm.console_offset
+fvm:send("blk-use 0; blk-write 0 8 3; blk-use 1; blk-write 0 8 4\n")
+fvm:wait_for_console("blk-write 0 8 done", { timeout = 10, after = at })
+local _, after_first = fvm:wait_for_console("blk-write 0 8 done", { timeout = 10, after = at })
+fvm:wait_for_console("blk-write 0 8 done", { timeout = 10, after = after_first })
+fvm:stop()
 
 -- Requests in flight at the snapshot are completed or retried after a restore, never
 -- lost: a long write is cut by the snapshot, the restored guest finishes it, and every

@@ -24,12 +24,12 @@ use crate::vstate::memory::DirtyPages;
 pub const MAGIC: [u8; 8] = *b"LUVISNAP";
 /// The state format this build writes and reads. Bump it whenever a saved structure
 /// changes shape; older snapshots are then refused by name rather than misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// magic, version, CRC-32, content length.
 const HEADER_LEN: usize = 8 + 4 + 4 + 8;
 /// A state file is small (registers and device state); anything claiming more than this
 /// is not one of ours.
-const MAX_CONTENT: u64 = 64 << 20;
+const MAX_CONTENT: u64 = 16 << 20;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
@@ -157,6 +157,8 @@ pub struct MemoryState {
 pub struct DiffMemory {
     /// The base snapshot's directory (absolute).
     pub base: PathBuf,
+    /// The base snapshot's id: a snapshot written to the same path later is refused.
+    pub base_id: u64,
     /// The pages the memory file holds.
     pub pages: DirtyPages,
 }
@@ -164,6 +166,8 @@ pub struct DiffMemory {
 /// Everything in a snapshot's state file.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotState {
+    /// Random; identifies this snapshot for the diffs taken against it.
+    pub id: u64,
     pub host: HostRequirements,
     pub config: SavedConfig,
     pub machine: MachineState,

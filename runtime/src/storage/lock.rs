@@ -133,6 +133,38 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), Storag
     }
 }
 
+/// Gives up the write use of an image that `file` holds exclusively (its byte goes), while
+/// still refusing write and resize to everyone else: from now on the image can be opened
+/// read-only, e.g. as the backing file of a new overlay, and nobody can write it.
+pub fn give_up_writing(file: &File) -> io::Result<()> {
+    let lock = flock_for(
+        USE_BASE + Permission::Write as i64,
+        libc::F_UNLCK as libc::c_short,
+    );
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass, which lives for the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes back the write use [`give_up_writing`] gave up; fails (and takes nothing) if
+/// someone else now refuses writers.
+pub fn take_up_writing(file: &File, path: &Path) -> Result<(), StorageError> {
+    let byte = USE_BASE + Permission::Write as i64;
+    take(file, byte).map_err(lock_failed(path))?;
+    if held_by_another(file, REFUSE_BASE + Permission::Write as i64).map_err(lock_failed(path))? {
+        let _ = give_up_writing(file);
+        return Err(StorageError::Locked {
+            path: path.to_path_buf(),
+            reason: "another process or VM opened it meanwhile and does not share write access"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// How long a conflicting lock is looked at again before it counts (see `lock_image`).
 const GHOST_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -205,6 +237,24 @@ mod tests {
         }
         drop(w);
         lock_image(&open(&path), &path, LockMode::Exclusive).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_writer_that_gives_up_writing_lets_readers_in_and_keeps_writers_out() {
+        let path = image("give-up.img");
+        let w = open(&path);
+        lock_image(&w, &path, LockMode::Exclusive).unwrap();
+        assert!(lock_image(&open(&path), &path, LockMode::Shared).is_err());
+        give_up_writing(&w).unwrap();
+        let reader = open(&path);
+        lock_image(&reader, &path, LockMode::Shared).unwrap();
+        assert!(lock_image(&open(&path), &path, LockMode::Exclusive).is_err());
+        // The reader refuses writers now: taking writing back fails while it is there.
+        assert!(take_up_writing(&w, &path).is_err());
+        drop(reader);
+        take_up_writing(&w, &path).unwrap();
+        assert!(lock_image(&open(&path), &path, LockMode::Shared).is_err());
         std::fs::remove_file(path).unwrap();
     }
 }

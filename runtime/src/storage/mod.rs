@@ -75,44 +75,14 @@ pub trait DiskBackend: Send {
     }
     /// Returns once everything written so far is durable (`fdatasync`).
     fn flush(&mut self) -> io::Result<()>;
+    /// The top image's file, which carries the image's locks (`None`: no file).
+    fn lock_file(&self) -> Option<&File> {
+        None
+    }
     /// The range's contents become unspecified; space may be released.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// The range reads back as zeros; space may be released.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
-}
-
-/// Stands in for a disk's backend while the device switches images (a snapshot freezing
-/// the disk under a new overlay, with the VM paused). Every request fails; the guest
-/// would see I/O errors only if the switch could not be completed or undone.
-pub struct DetachedBackend {
-    pub size: u64,
-}
-
-impl DetachedBackend {
-    fn error() -> io::Error {
-        io::Error::other("the disk image is detached while the VM switches images")
-    }
-}
-
-impl DiskBackend for DetachedBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&mut self, _: &mut [u8], _: u64) -> io::Result<()> {
-        Err(Self::error())
-    }
-    fn write_at(&mut self, _: &[u8], _: u64) -> io::Result<()> {
-        Err(Self::error())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Err(Self::error())
-    }
-    fn discard(&mut self, _: u64, _: u64) -> io::Result<()> {
-        Err(Self::error())
-    }
-    fn write_zeroes(&mut self, _: u64, _: u64) -> io::Result<()> {
-        Err(Self::error())
-    }
 }
 
 #[derive(Debug, Error)]

@@ -1129,6 +1129,10 @@ fn metadata_map(header: &Header, l1: &[u64], refcount_table: &[u64]) -> Metadata
 }
 
 impl DiskBackend for Qcow2Backend {
+    fn lock_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn size(&self) -> u64 {
         self.header.size
     }

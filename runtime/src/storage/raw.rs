@@ -108,6 +108,10 @@ impl RawBackend {
 }
 
 impl DiskBackend for RawBackend {
+    fn lock_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

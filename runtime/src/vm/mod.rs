@@ -141,7 +141,7 @@ struct Inner {
     events: EventControl,
     /// The snapshot whose memory KVM's dirty log (with the VMM's bitmap) has tracked
     /// changes from since: a diff snapshot must name it as its base.
-    tracking_since: Option<std::path::PathBuf>,
+    tracking_since: Option<(std::path::PathBuf, u64)>,
     /// Whether the memory slots are registered with KVM's dirty log on.
     dirty_logging: bool,
     /// The disks the VM writes now, once a snapshot switched them to new overlays
@@ -378,20 +378,40 @@ impl Vm {
     /// request to tear the machine down, which comes from `stop` or from a vCPU that saw
     /// the guest end.
     fn event_loop(self: Arc<Self>, control: EventFd, devices: Arc<DeviceManager>) {
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            tracing::error!(vm = self.name(), error = %e, "{what}; the event thread ends");
-        };
+        if let Err(reason) = self.serve_devices(control, &devices) {
+            // Without its device thread the VM cannot go on (nor pause): it crashes with
+            // the reason rather than hang in `running`.
+            tracing::error!(vm = self.name(), reason, "the device thread failed");
+            self.guest_ended(
+                0,
+                GuestEnd::Crashed(format!("host error: the device thread failed: {reason}")),
+            );
+        }
+        let machine = self.lock().machine.take();
+        if let Some(machine) = machine {
+            machine.shutdown();
+        }
+        drop(devices);
+        self.changed.notify_all();
+    }
+
+    /// Runs the event manager until teardown; `Err` says why it could not.
+    fn serve_devices(
+        self: &Arc<Self>,
+        control: EventFd,
+        devices: &DeviceManager,
+    ) -> Result<(), String> {
         let mut manager: EventManager<Arc<dyn EventSubscriber + Send + Sync>> =
-            match EventManager::new() {
-                Ok(m) => m,
-                Err(e) => return fail("cannot create the event manager", &format!("{e:?}")),
-            };
+            EventManager::new().map_err(|e| format!("cannot create the event manager: {e:?}"))?;
         let end = Arc::new(AtomicBool::new(false));
         manager.add_subscriber(Arc::new(ControlSubscriber {
             vm: self.clone(),
             control,
             end: end.clone(),
         }));
+        if end.load(Ordering::Acquire) {
+            return Err("cannot watch the control eventfd".into());
+        }
         let vm = self.clone();
         let on_panic: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |reason| {
             // A device bug: the VM crashes with the reason; the host goes on.
@@ -401,26 +421,17 @@ impl Vm {
             );
         });
         for device in devices.devices() {
-            match device.subscriber(on_panic.clone()) {
-                Ok(subscriber) => {
-                    manager.add_subscriber(subscriber);
-                }
-                Err(e) => return fail("cannot watch a device's queues", &e),
-            }
+            let subscriber = device
+                .subscriber(on_panic.clone())
+                .map_err(|e| format!("cannot watch the queues of {}: {e}", device.slot.id))?;
+            manager.add_subscriber(subscriber);
         }
         while !end.load(Ordering::Acquire) {
-            if let Err(e) = manager.run() {
-                tracing::error!(vm = self.name(), error = ?e, "the event manager failed");
-                break;
-            }
+            manager
+                .run()
+                .map_err(|e| format!("the event manager failed: {e:?}"))?;
         }
-        drop(manager);
-        let machine = self.lock().machine.take();
-        if let Some(machine) = machine {
-            machine.shutdown();
-        }
-        drop(devices);
-        self.changed.notify_all();
+        Ok(())
     }
 
     /// The event thread's answer to its control eventfd. Returns true when it must end.

@@ -24,7 +24,7 @@ use crate::snapshot::file::{
 };
 use crate::snapshot::machine::{save_clock, IrqchipState, MachineState};
 use crate::snapshot::Persist;
-use crate::storage::{DetachedBackend, Disk, OpenOptions};
+use crate::storage::{Disk, OpenOptions};
 use crate::vm::error::VCPU_ACK_TIMEOUT;
 use crate::vm::{GuestSpec, VmConfig};
 use crate::vstate::memory::{
@@ -33,6 +33,9 @@ use crate::vstate::memory::{
 };
 use crate::vstate::prepared;
 use crate::vstate::vcpu::{deadline_after, VcpuCommand};
+
+/// The largest console buffer a restored VM gets, whatever its snapshot says.
+const MAX_RESTORED_CONSOLE: usize = 64 << 20;
 
 /// How a snapshot is taken.
 #[derive(Debug, Clone, Default)]
@@ -97,6 +100,20 @@ pub fn restore_overlay_path(path: &Path, name: &str) -> PathBuf {
     path.with_file_name(format!("{file}.{safe}.qcow2"))
 }
 
+/// A fresh id for a snapshot, so a diff can tell its base from another snapshot later
+/// written to the same path.
+fn new_snapshot_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -135,13 +152,22 @@ impl Vm {
                         source,
                     })
                 })?;
-                if tracking.as_ref() != Some(&base) {
+                // The base must be the snapshot tracking started from, and still the same
+                // one (not another snapshot written to its path since).
+                let same = match &tracking {
+                    Some((path, id)) if *path == base => SnapshotState::read(&base)
+                        .map_err(|e| self.snapshot_error(e))?
+                        .id
+                        .eq(id),
+                    _ => false,
+                };
+                if !same {
                     return Err(self.snapshot_error(SnapshotError::Invalid {
                         path: base.clone(),
                         reason: match tracking {
-                            Some(t) => format!(
+                            Some((t, _)) => format!(
                                 "a diff must be taken against the VM's latest snapshot or \
-                                 restore, which is {}",
+                                 restore, which is {} (as it was then)",
                                 t.display()
                             ),
                             None => "this VM has not been snapshotted or restored since it \
@@ -154,7 +180,9 @@ impl Vm {
             }
         };
         let disks = self.live_disks();
-        let freeze: Vec<(usize, PathBuf)> = if options.shared_disks {
+        // A VM that stops with its snapshot writes nothing more: its disks need no new
+        // overlay to keep the snapshot's images unchanged.
+        let freeze: Vec<(usize, PathBuf)> = if options.shared_disks || options.stop {
             Vec::new()
         } else {
             disks
@@ -198,6 +226,12 @@ impl Vm {
             Ok(report) => Ok(report),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dir);
+                if base.is_some() {
+                    // The dirty pages taken for the failed diff are gone from KVM's log
+                    // and the VMM's bitmap: a later diff against the same base would miss
+                    // them, so none is allowed.
+                    self.lock().tracking_since = None;
+                }
                 Err(e)
             }
         };
@@ -205,7 +239,13 @@ impl Vm {
         if options.stop && result.is_ok() {
             self.stop_locked();
         } else if was == VmState::Running {
-            self.resume_locked()?;
+            if let Err(e) = self.resume_locked() {
+                // The snapshot itself is complete; say what went wrong with the VM.
+                tracing::error!(vm = self.name(), error = %e, "cannot resume the VM after its snapshot");
+                if result.is_ok() {
+                    return Err(e);
+                }
+            }
         }
         result.map(|mut report| {
             report.paused_for = paused_for;
@@ -379,12 +419,14 @@ impl Vm {
                 diff: match (base, diff_pages) {
                     (Some(base), Some(pages)) => Some(DiffMemory {
                         base: base.to_path_buf(),
+                        base_id: self.lock().tracking_since.as_ref().map_or(0, |(_, id)| *id),
                         pages,
                     }),
                     _ => None,
                 },
                 allocated_bytes: saved.bytes_written,
             },
+            id: new_snapshot_id(),
             taken_at_ms: now_ms(),
         };
         let state_bytes = state.write(dir).map_err(|e| self.snapshot_error(e))?;
@@ -408,7 +450,7 @@ impl Vm {
                     tracing::warn!(vm = self.name(), error = %e, "cannot track dirty pages; diff snapshots will be refused");
                     inner.tracking_since = None;
                 } else {
-                    inner.tracking_since = Some(canonical.clone());
+                    inner.tracking_since = Some((canonical.clone(), state.id));
                     inner.dirty_logging = true;
                 }
             }
@@ -425,8 +467,15 @@ impl Vm {
     }
 
     /// Switches each disk in `freeze` to a new overlay on top of its (flushed) image,
-    /// which from then on is only read. If a switch fails, the disks switched so far
-    /// stay switched (they are consistent) and the failing one goes back to its image.
+    /// which from then on is only read. All or nothing, and never unlocked:
+    ///
+    /// 1. each device gives up writing its image but keeps refusing other writers (the
+    ///    image is never open to a writer), then its overlay is created and opened, which
+    ///    reads the image as its backing file;
+    /// 2. only when every overlay is ready do the devices switch to them.
+    ///
+    /// If any step of 1 fails, the overlays made so far are removed and every device
+    /// takes writing back, so the disks are as they were.
     fn freeze_disks(
         &self,
         devices: &crate::devices::manager::DeviceManager,
@@ -434,55 +483,71 @@ impl Vm {
         freeze: &[(usize, PathBuf)],
     ) -> Result<Vec<(usize, PathBuf)>, VmError> {
         let name = || self.config.name.clone();
-        let mut done = Vec::new();
+        let mut given_up: Vec<usize> = Vec::new();
+        let mut ready: Vec<(usize, PathBuf, Disk, Box<dyn crate::storage::DiskBackend>)> =
+            Vec::new();
+        let mut failure = None;
         for (index, overlay_path) in freeze {
             let disk = &disks[*index];
-            let switched = devices.with_block(*index, |block| {
-                // The image's write lock must go before the overlay can open it as a
-                // read-only backing file.
-                let old = block.swap_backend(Box::new(DetachedBackend {
-                    size: block.capacity_bytes(),
-                }));
-                drop(old);
-                let opened = Disk::create_overlay_with(disk.path(), Some(disk.format()), overlay_path)
-                    .and_then(|overlay| {
-                        let backend = overlay.attach()?;
-                        Ok((overlay, backend))
-                    });
-                match opened {
-                    Ok((overlay, backend)) => {
-                        block.swap_backend(backend);
-                        Ok(overlay)
-                    }
+            let gave_up = devices.with_block(*index, |block| block.give_up_writing(disk.path()));
+            match gave_up {
+                None => continue,
+                Some(Err(e)) => {
+                    failure = Some(e);
+                    break;
+                }
+                Some(Ok(())) => given_up.push(*index),
+            }
+            let made = Disk::create_overlay_with(disk.path(), Some(disk.format()), overlay_path);
+            let opened = made.and_then(|mut overlay| {
+                // The guest's disk keeps its serial through the switch.
+                overlay.set_serial(disk.serial());
+                match overlay.attach() {
+                    Ok(backend) => Ok((overlay, backend)),
                     Err(e) => {
                         let _ = std::fs::remove_file(overlay_path);
-                        match disk.attach() {
-                            Ok(backend) => {
-                                block.swap_backend(backend);
-                            }
-                            Err(e) => tracing::error!(vm = self.name(), disk = %disk.path().display(), error = %e, "cannot reattach the disk after a failed snapshot; its requests fail"),
-                        }
                         Err(e)
                     }
                 }
             });
-            match switched {
-                Some(Ok(overlay)) => {
-                    let mut inner = self.lock();
-                    if inner.live_disks.is_empty() {
-                        inner.live_disks = self.config.disks.clone();
-                    }
-                    inner.live_disks[*index] = Arc::new(overlay);
-                    done.push((*index, overlay_path.clone()));
+            match opened {
+                Ok((overlay, backend)) => {
+                    ready.push((*index, overlay_path.clone(), overlay, backend))
                 }
-                Some(Err(source)) => {
-                    return Err(VmError::Disk {
-                        name: name(),
-                        source,
-                    })
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
-                None => {}
             }
+        }
+        if let Some(source) = failure {
+            for (_, path, _, backend) in ready.drain(..) {
+                drop(backend);
+                let _ = std::fs::remove_file(&path);
+            }
+            for index in given_up {
+                let disk = &disks[index];
+                if let Some(Err(e)) =
+                    devices.with_block(index, |block| block.take_up_writing(disk.path()))
+                {
+                    tracing::error!(vm = self.name(), disk = %disk.path().display(), error = %e, "cannot take writing back after a failed snapshot; the guest's writes to this disk fail");
+                }
+            }
+            return Err(VmError::Disk {
+                name: name(),
+                source,
+            });
+        }
+        let mut done = Vec::with_capacity(ready.len());
+        let mut inner = self.lock();
+        if inner.live_disks.is_empty() {
+            inner.live_disks = self.config.disks.clone();
+        }
+        for (index, path, overlay, backend) in ready {
+            // The old backend only reads the image now; it goes with the switch.
+            devices.with_block(index, |block| drop(block.swap_backend(backend)));
+            inner.live_disks[index] = Arc::new(overlay);
+            done.push((index, path));
         }
         Ok(done)
     }
@@ -515,6 +580,17 @@ impl Vm {
                 return Err(self.snapshot_error(SnapshotError::Invalid {
                     path: base.clone(),
                     reason: "its memory layout differs from the diff's".into(),
+                }));
+            }
+            let wanted = chain
+                .last()
+                .and_then(|(_, diff)| diff.as_ref().map(|d| d.base_id));
+            if wanted != Some(base_state.id) {
+                return Err(self.snapshot_error(SnapshotError::Invalid {
+                    path: base.clone(),
+                    reason: "it is not the snapshot the diff was taken against (it was \
+                             replaced since)"
+                        .into(),
                 }));
             }
             next = base_state.memory.diff.as_ref().map(|d| d.base.clone());
@@ -588,7 +664,7 @@ impl Vm {
         // tracked for a diff against this snapshot.
         let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         let mut inner = self.lock();
-        inner.tracking_since = Some(canonical);
+        inner.tracking_since = Some((canonical, state.id));
         inner.dirty_logging = true;
         Ok(())
     }
@@ -641,7 +717,8 @@ pub fn restored_config(
     );
     config.vcpus = state.config.vcpus;
     config.memory = state.config.memory;
-    config.console_capacity = state.config.console_capacity;
+    // Bounded whatever the file says: the console buffer is allocated up front.
+    config.console_capacity = state.config.console_capacity.min(MAX_RESTORED_CONSOLE);
     config.disks = disks;
     config.dynamic_memory = state.config.dynamic_memory;
     Ok((config, created))

@@ -26,6 +26,10 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::devices::bus::{Bus, IoAction};
 
+/// Most I/O exits served while completing a pending access before a pause (a `rep`
+/// string instruction exits once per piece).
+const MAX_PENDING_IO_PIECES: usize = 4096;
+
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
@@ -371,14 +375,45 @@ impl Vcpu {
     /// with `immediate_exit` set does that and returns at once. Without this, a state
     /// saved now would replay or lose the access.
     fn complete_pending_io(&mut self) {
-        self.fd.set_kvm_immediate_exit(1);
-        match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => tracing::debug!(
-                vcpu = self.index,
-                result = ?other.map(|exit| exit_name(&exit)),
-                "completing pending I/O returned something other than EINTR"
-            ),
+        // A string instruction (`rep ins/outs`) or an access KVM splits completes one
+        // piece per entry and exits again for the next: serve each through the bus, as
+        // the run loop would, until KVM reports that nothing is left (EINTR).
+        for _ in 0..MAX_PENDING_IO_PIECES {
+            self.fd.set_kvm_immediate_exit(1);
+            let exit = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let _ = self.pio.write(port as u64, data);
+                    Some(())
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(port as u64, data) {
+                        data.fill(0xff);
+                    }
+                    Some(())
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    Some(())
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    let _ = self.mmio.write(addr, data);
+                    Some(())
+                }
+                other => {
+                    tracing::debug!(
+                        vcpu = self.index,
+                        result = ?other.map(|exit| exit_name(&exit)),
+                        "completing pending I/O returned an unexpected exit"
+                    );
+                    None
+                }
+            };
+            if exit.is_none() {
+                break;
+            }
         }
         self.fd.set_kvm_immediate_exit(0);
     }

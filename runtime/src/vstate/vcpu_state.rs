@@ -92,7 +92,9 @@ fn read_msrs(
     let mut saved = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest
+        // KVM takes at most KVM_MAX_MSR_ENTRIES per call.
+        let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let entries: Vec<kvm_msr_entry> = batch
             .iter()
             .map(|&i| kvm_msr_entry {
                 index: i,
@@ -113,8 +115,9 @@ fn read_msrs(
                 source,
             })?;
         saved.extend_from_slice(&msrs.as_slice()[..read]);
-        // Skip the one KVM refused, if any.
-        rest = rest.get(read + 1..).unwrap_or(&[]);
+        // Past this batch, or past the one KVM refused in it.
+        let consumed = if read == batch.len() { read } else { read + 1 };
+        rest = &rest[consumed..];
     }
     Ok(saved)
 }
@@ -124,7 +127,11 @@ impl VcpuState {
     /// `Vcpu::complete_pending_io`).
     pub fn save(fd: &VcpuFd, index: usize) -> Result<VcpuState, VcpuStateError> {
         let ioctl = |op| move |source| VcpuStateError::Ioctl { op, index, source };
+        // First: KVM_GET_MP_STATE makes the LAPIC accept pending INIT/SIPI events, which
+        // can change the registers and the LAPIC saved after it.
+        let mp_state = fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
         Ok(VcpuState {
+            mp_state,
             regs: fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
             msrs: read_msrs(fd, index, saved_msr_indices()?)?,
@@ -133,7 +140,6 @@ impl VcpuState {
             xcrs: fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
             events: fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
             debug_regs: fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?,
-            mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
             cpuid: fd
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
                 .map_err(ioctl("KVM_GET_CPUID2"))?
@@ -144,7 +150,9 @@ impl VcpuState {
 
     /// Writes the state into a freshly created vCPU. CPUID goes first (it decides which
     /// MSRs and XSAVE features exist), then the rest in the order KVM needs: special
-    /// registers before general ones, MSRs before the APIC timer's deadline.
+    /// registers before general ones, the LAPIC before the MSRs (a TSC deadline written
+    /// while the LAPIC timer is still masked one-shot, as in a fresh vCPU, is dropped),
+    /// and `IA32_TSC_DEADLINE` after `IA32_TSC`.
     pub fn restore(&self, fd: &VcpuFd, index: usize) -> Result<(), VcpuStateError> {
         let ioctl = |op| move |source| VcpuStateError::Ioctl { op, index, source };
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VcpuStateError::TooMany {
@@ -160,6 +168,7 @@ impl VcpuState {
         // returned it; KVM validates its content and reads no more than the struct holds.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&self.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+        fd.set_lapic(&self.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         let mut msrs = self.msrs.clone();
         // Stable: everything else keeps KVM's order.
         msrs.sort_by_key(|m| m.index == MSR_IA32_TSC_DEADLINE);
@@ -178,7 +187,6 @@ impl VcpuState {
                 msr: msrs[accepted].index,
             });
         }
-        fd.set_lapic(&self.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         fd.set_debug_regs(&self.debug_regs)

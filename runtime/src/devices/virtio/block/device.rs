@@ -165,6 +165,35 @@ impl Block {
         std::mem::replace(&mut self.backend, backend)
     }
 
+    /// Gives up writing the image (its write lock byte) while still keeping other
+    /// writers out, so it can be opened read-only as a new overlay's backing file. Only
+    /// while the VM is paused, after [`Block::flush`].
+    pub fn give_up_writing(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<(), crate::storage::StorageError> {
+        match self.backend.lock_file() {
+            Some(file) => crate::storage::lock::give_up_writing(file).map_err(|source| {
+                crate::storage::StorageError::LockFailed {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes writing back after [`Block::give_up_writing`].
+    pub fn take_up_writing(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<(), crate::storage::StorageError> {
+        match self.backend.lock_file() {
+            Some(file) => crate::storage::lock::take_up_writing(file, path),
+            None => Ok(()),
+        }
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.backend.size()
     }
