@@ -73,6 +73,8 @@ pub struct Balloon {
     ram_total: u64,
     /// Frame numbers the driver last wrote to `actual`.
     actual: u32,
+    /// Whether freed pages are reported (`balloon-report on|off`; on by default).
+    pub reporting: bool,
 }
 
 impl Balloon {
@@ -119,6 +121,7 @@ impl Balloon {
             stats_buffer,
             ram_total,
             actual: 0,
+            reporting: true,
         };
         // The device keeps the first statistics buffer and gives it back whenever it
         // wants fresh values.
@@ -145,7 +148,7 @@ impl Balloon {
         } else if held > target {
             self.deflate(pool, held - target);
         }
-        if self.report.is_some() && pool.has_unreported() {
+        if self.reporting && self.report.is_some() && pool.has_unreported() {
             self.report_free(pool);
         }
     }

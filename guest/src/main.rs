@@ -168,6 +168,19 @@ fn run<'a>(
             io::idle(u32::MAX);
             state.service();
         },
+        "balloon-report" => {
+            let on = match args.next() {
+                Some("on") => true,
+                Some("off") => false,
+                _ => return Err(Error::Msg("give on or off")),
+            };
+            let balloon = state
+                .balloon
+                .as_mut()
+                .ok_or(Error::Msg("the VM has no balloon (its memory is not dynamic)"))?;
+            balloon.reporting = on;
+            println!("balloon-report {}", if on { "on" } else { "off" });
+        }
         "mem-demand" => {
             let profile = args.next().ok_or(Error::Msg("missing argument"))?;
             if args.next().is_some() {
