@@ -665,7 +665,8 @@ fn restored_state_that_does_not_fit_is_refused() {
         f(state);
         restore(&mem, &status, &bad).err().map(|e| e.to_string())
     };
-    let cases: [(&dyn Fn(&mut BalloonState), &str); 6] = [
+    type Spoiler<'a> = &'a dyn Fn(&mut BalloonState);
+    let cases: [(Spoiler, &str); 6] = [
         (&|s| s.ram_pages += 1, "pages of RAM"),
         (
             &|s| s.held[0].first = 64 * MIB / 4096 - 1,
