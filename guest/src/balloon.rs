@@ -356,8 +356,7 @@ impl Balloon {
                 }
             }
         }
-        if in_chain > 0 && !submit_or_drain(queue, &self.mmio, &chain[..in_chain], &mut in_flight)
-        {
+        if in_chain > 0 && !submit_or_drain(queue, &self.mmio, &chain[..in_chain], &mut in_flight) {
             return;
         }
         queue.notify();
@@ -378,7 +377,12 @@ fn drain(queue: &mut Queue, mmio: &Mmio, in_flight: &mut usize) -> bool {
 
 /// Submits `chain`, first waiting for the chains in flight if the queue is full; false
 /// if the device stopped working.
-fn submit_or_drain(queue: &mut Queue, mmio: &Mmio, chain: &[Buffer], in_flight: &mut usize) -> bool {
+fn submit_or_drain(
+    queue: &mut Queue,
+    mmio: &Mmio,
+    chain: &[Buffer],
+    in_flight: &mut usize,
+) -> bool {
     if queue.submit(chain).is_none() {
         queue.notify();
         if !drain(queue, mmio, in_flight) || queue.submit(chain).is_none() {

@@ -174,10 +174,9 @@ fn run<'a>(
                 Some("off") => false,
                 _ => return Err(Error::Msg("give on or off")),
             };
-            let balloon = state
-                .balloon
-                .as_mut()
-                .ok_or(Error::Msg("the VM has no balloon (its memory is not dynamic)"))?;
+            let balloon = state.balloon.as_mut().ok_or(Error::Msg(
+                "the VM has no balloon (its memory is not dynamic)",
+            ))?;
             balloon.reporting = on;
             println!("balloon-report {}", if on { "on" } else { "off" });
         }
@@ -521,7 +520,9 @@ fn parse_profile(profile: &str, out: &mut [(u64, u64)]) -> Result<usize, &'stati
             .split_once('@')
             .ok_or("each step is SIZE@MS, e.g. 64M@0")?;
         let size = parse_size(size)?;
-        let at: u64 = at.parse().map_err(|_| "a step's time is not a number of ms")?;
+        let at: u64 = at
+            .parse()
+            .map_err(|_| "a step's time is not a number of ms")?;
         if n == out.len() {
             return Err("too many steps (at most 32)");
         }

@@ -69,7 +69,10 @@ impl<const N: usize> RangeList<N> {
     }
 
     pub fn total(&self) -> u64 {
-        self.ranges[..self.count].iter().map(|r| r.end - r.start).sum()
+        self.ranges[..self.count]
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum()
     }
 
     pub fn as_slice(&self) -> &[Range] {
