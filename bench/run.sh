@@ -20,3 +20,5 @@ echo "== virtio-blk, guest vs host"
 bench/storage.sh 3
 echo "== snapshot and restore"
 "$luvisor" run bench/snapshot.lua 100
+echo "== virtio-balloon"
+"$luvisor" run bench/balloon.lua 5

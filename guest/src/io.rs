@@ -86,13 +86,15 @@ pub fn try_read_byte() -> Option<u8> {
 }
 
 /// The next byte received on COM1. While none is there the vCPU idles on the idle port
-/// rather than spinning.
-pub fn read_byte() -> u8 {
+/// rather than spinning, and runs `between` after each idle (the balloon is served
+/// there).
+pub fn read_byte(mut between: impl FnMut()) -> u8 {
     loop {
         if let Some(byte) = try_read_byte() {
             return byte;
         }
         idle(INPUT_POLL_US);
+        between();
     }
 }
 

@@ -12,15 +12,17 @@
 #![no_std]
 #![no_main]
 
+mod balloon;
 mod blk;
 mod io;
 mod mem;
 mod virtio;
 
+use balloon::Balloon;
 use blk::{Blk, Error};
 use core::panic::PanicInfo;
 use luvisor_guest_abi::{ports, BootInfo, BOOT_MAGIC, BOOT_VERSION};
-use mem::PagePool;
+use mem::{PagePool, RangeList, PAGE};
 use virtio::{DeviceEntry, ENTRY_PREFIX};
 
 extern "C" {
@@ -66,14 +68,29 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
         device_count: 0,
         current: 0,
         blk: None,
+        balloon: None,
         listening: false,
     };
+    let ram_total: u64 = boot.ram_regions().iter().map(|r| r.size).sum();
     for word in cmdline.split_whitespace() {
-        if let Some(entry) = virtio::parse_entry(word) {
-            if state.device_count < MAX_DEVICES {
-                state.devices[state.device_count] = Some(entry);
-                state.device_count += 1;
+        let Some(entry) = virtio::parse_entry(word) else {
+            continue;
+        };
+        // The balloon is set up now, and holds the guest down to its target before any
+        // command runs; other devices (disks) on first use.
+        if virtio::device_type(entry) == Some(balloon::DEVICE_TYPE) {
+            if state.balloon.is_none() {
+                match Balloon::init(entry, &mut state.pool, ram_total) {
+                    Ok(b) => state.balloon = Some(b),
+                    Err(e) => {
+                        println!("error: balloon: {}", e);
+                        io::exit(2);
+                    }
+                }
             }
+        } else if state.device_count < MAX_DEVICES {
+            state.devices[state.device_count] = Some(entry);
+            state.device_count += 1;
         }
     }
     for command in cmdline.split(';') {
@@ -92,19 +109,28 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
 /// Most virtio devices the guest keeps track of.
 const MAX_DEVICES: usize = 16;
 
-/// What commands share: the page pool and the block devices.
+/// What commands share: the page pool, the block devices and the balloon.
 struct State {
     pool: PagePool,
+    /// The disks, in order (every virtio device but the balloon).
     devices: [Option<DeviceEntry>; MAX_DEVICES],
     device_count: usize,
     /// Index of the disk `blk-*` commands use (`blk-use N`).
     current: usize,
     blk: Option<Blk>,
+    balloon: Option<Balloon>,
     /// A `listen` is reading the console (it does not nest).
     listening: bool,
 }
 
 impl State {
+    /// Serves the balloon, if the VM has one. Called wherever the guest waits.
+    fn service(&mut self) {
+        if let Some(balloon) = &mut self.balloon {
+            balloon.service(&mut self.pool);
+        }
+    }
+
     /// The driver for the current disk, set up on first use.
     fn blk(&mut self) -> Result<&mut Blk, Error> {
         if self.blk.is_none() {
@@ -129,7 +155,7 @@ fn run<'a>(
         "count" => {
             let period = arg(args)?;
             let limit = optional_arg(args)?.unwrap_or(u64::MAX);
-            count(period, limit);
+            count(state, period, limit);
         }
         "compute" => println!("compute {:016x}", compute(arg(args)?)),
         "touch" => {
@@ -137,10 +163,30 @@ fn run<'a>(
             let checksum = touch(&mut state.pool, mib)?;
             println!("touched {} MiB {:016x}", mib, checksum);
         }
-        "sleep" => sleep_ms(arg(args)?),
+        "sleep" => sleep_ms(state, arg(args)?),
         "idle" => loop {
             io::idle(u32::MAX);
+            state.service();
         },
+        "balloon-report" => {
+            let on = match args.next() {
+                Some("on") => true,
+                Some("off") => false,
+                _ => return Err(Error::Msg("give on or off")),
+            };
+            let balloon = state.balloon.as_mut().ok_or(Error::Msg(
+                "the VM has no balloon (its memory is not dynamic)",
+            ))?;
+            balloon.reporting = on;
+            println!("balloon-report {}", if on { "on" } else { "off" });
+        }
+        "mem-demand" => {
+            let profile = args.next().ok_or(Error::Msg("missing argument"))?;
+            if args.next().is_some() {
+                return Err(Error::Msg("too many arguments"));
+            }
+            mem_demand(state, profile)?;
+        }
         "exit" => io::exit(arg(args)? as u32),
         "listen" => listen(state)?,
         "fault" => fault(),
@@ -277,7 +323,7 @@ fn listen(state: &mut State) -> Result<(), Error> {
     let mut len = 0;
     let mut too_long = false;
     loop {
-        match io::read_byte() {
+        match io::read_byte(|| state.service()) {
             b'\r' | b'\n' => {
                 let keep_listening = if too_long {
                     println!("error: listen: line longer than {} bytes", LISTEN_LINE_MAX);
@@ -360,13 +406,14 @@ fn optional_arg<'a>(args: &mut impl Iterator<Item = &'a str>) -> Result<Option<u
 }
 
 /// Prints `count 1`, `count 2`, ... every `period_ms` of running time, `limit` times.
-fn count(period_ms: u64, limit: u64) {
+fn count(state: &mut State, period_ms: u64, limit: u64) {
     let mut next = io::clock_ms() as u64 + period_ms;
     let mut n = 0;
     while n < limit {
         let now = io::clock_ms() as u64;
         if now < next {
             io::idle(((next - now) * 1000).min(u32::MAX as u64) as u32);
+            state.service();
             continue;
         }
         n += 1;
@@ -375,7 +422,7 @@ fn count(period_ms: u64, limit: u64) {
     }
 }
 
-fn sleep_ms(ms: u64) {
+fn sleep_ms(state: &mut State, ms: u64) {
     let deadline = io::clock_ms() as u64 + ms;
     loop {
         let now = io::clock_ms() as u64;
@@ -383,7 +430,150 @@ fn sleep_ms(ms: u64) {
             return;
         }
         io::idle(((deadline - now) * 1000).min(u32::MAX as u64) as u32);
+        state.service();
     }
+}
+
+/// Most steps in a `mem-demand` profile.
+const DEMAND_STEPS: usize = 32;
+/// Most separate pieces of memory `mem-demand` holds.
+const DEMAND_RANGES: usize = 256;
+
+/// `mem-demand SIZE@MS,...`: at each step's time (ms of running time after the command
+/// starts) it allocates and touches, or frees, memory until it holds the step's size,
+/// and prints `mem-demand SIZE` (or `mem-demand SIZE short BYTES` when the guest has
+/// too little memory, after taking back what the balloon would give). It then holds the
+/// last size, serving the balloon, until the VM is stopped: it never returns.
+fn mem_demand(state: &mut State, profile: &str) -> Result<(), Error> {
+    let mut steps = [(0u64, 0u64); DEMAND_STEPS];
+    let n = parse_profile(profile, &mut steps)?;
+    let mut held: RangeList<DEMAND_RANGES> = RangeList::new();
+    let start = io::clock_ms();
+    for &(bytes, at) in &steps[..n] {
+        loop {
+            let elapsed = io::clock_ms().wrapping_sub(start) as u64;
+            if elapsed >= at {
+                break;
+            }
+            io::idle(((at - elapsed) * 1000).min(u32::MAX as u64) as u32);
+            state.service();
+        }
+        let short = demand_to(state, &mut held, bytes);
+        let mut size = [0u8; 24];
+        let size = format_size(bytes, &mut size);
+        if short == 0 {
+            println!("mem-demand {}", size);
+        } else {
+            println!("mem-demand {} short {}", size, short);
+        }
+        state.service();
+    }
+    loop {
+        io::idle(u32::MAX);
+        state.service();
+    }
+}
+
+/// Allocates and touches, or frees, until `held` holds `bytes`; returns how many bytes
+/// short it stayed.
+fn demand_to(state: &mut State, held: &mut RangeList<DEMAND_RANGES>, bytes: u64) -> u64 {
+    while held.total() > bytes {
+        let Some((start, len)) = held.take_last(held.total() - bytes) else {
+            break;
+        };
+        state.pool.free(start, len);
+    }
+    while held.total() < bytes {
+        let need = bytes - held.total();
+        let Some((start, len)) = state.pool.take(need) else {
+            // Out of memory: take pages back from the balloon, if the host allows it.
+            let back = match &mut state.balloon {
+                Some(balloon) => balloon.deflate_for(&mut state.pool, need),
+                None => 0,
+            };
+            if back == 0 {
+                break;
+            }
+            continue;
+        };
+        if !held.push(start, len) {
+            state.pool.free_untouched(start, len);
+            break;
+        }
+        let mut page = start;
+        while page < start + len {
+            // SAFETY: [start, start + len) is identity-mapped RAM the pool handed to us
+            // alone; one write per page makes the host back it.
+            unsafe { (page as *mut u64).write_volatile(page | 1) };
+            page += PAGE;
+        }
+    }
+    bytes.saturating_sub(held.total())
+}
+
+/// Parses `SIZE@MS,SIZE@MS,...` into `out`: sizes in bytes (suffix K, M or G allowed),
+/// times in ms, ascending. Returns the number of steps.
+fn parse_profile(profile: &str, out: &mut [(u64, u64)]) -> Result<usize, &'static str> {
+    let mut n = 0;
+    for step in profile.split(',') {
+        let (size, at) = step
+            .split_once('@')
+            .ok_or("each step is SIZE@MS, e.g. 64M@0")?;
+        let size = parse_size(size)?;
+        let at: u64 = at
+            .parse()
+            .map_err(|_| "a step's time is not a number of ms")?;
+        if n == out.len() {
+            return Err("too many steps (at most 32)");
+        }
+        if n > 0 && at < out[n - 1].1 {
+            return Err("step times must not go backwards");
+        }
+        out[n] = (size, at);
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `123`, `64K`, `300M`, `2G` in bytes.
+fn parse_size(text: &str) -> Result<u64, &'static str> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits.parse().map_err(|_| "a step's size is not a size")?;
+    value
+        .checked_mul(1 << shift)
+        .filter(|v| *v < 1 << 48)
+        .ok_or("a step's size is too large")
+}
+
+/// `bytes` as the largest whole unit: `2G`, `300M`, `64K` or plain bytes.
+fn format_size(bytes: u64, buf: &mut [u8; 24]) -> &str {
+    let (value, unit) = match bytes {
+        0 => (0, ""),
+        b if b % (1 << 30) == 0 => (b >> 30, "G"),
+        b if b % (1 << 20) == 0 => (b >> 20, "M"),
+        b if b % (1 << 10) == 0 => (b >> 10, "K"),
+        b => (b, ""),
+    };
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = value;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - i;
+    buf[..len].copy_from_slice(&digits[i..]);
+    buf[len..len + unit.len()].copy_from_slice(unit.as_bytes());
+    core::str::from_utf8(&buf[..len + unit.len()]).unwrap_or("?")
 }
 
 /// A CPU-bound xorshift loop; the host's tests compute the same value.

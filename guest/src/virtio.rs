@@ -91,6 +91,10 @@ impl Mmio {
         self.config_u32(offset) as u64 | (self.config_u32(offset + 4) as u64) << 32
     }
 
+    pub fn write_config_u32(&self, offset: u64, value: u32) {
+        self.write(reg::CONFIG + offset, value)
+    }
+
     pub fn needs_reset(&self) -> bool {
         self.read(reg::STATUS) & STATUS_NEEDS_RESET != 0
     }
@@ -124,6 +128,8 @@ pub struct Queue {
     avail_idx: u16,
     last_used: u16,
     mmio_notify: u64,
+    /// This queue's index, the value written to QueueNotify.
+    index: u16,
 }
 
 impl Queue {
@@ -212,7 +218,7 @@ impl Queue {
             return;
         }
         // SAFETY: QueueNotify of this device; KVM turns it into an ioeventfd signal.
-        unsafe { write_volatile(self.mmio_notify as *mut u32, 0) };
+        unsafe { write_volatile(self.mmio_notify as *mut u32, self.index as u32) };
     }
 
     /// Takes one completed request off the used ring: (head, used length).
@@ -301,6 +307,16 @@ pub struct Device {
     pub queue: Queue,
 }
 
+/// The virtio device type at `entry`, or None when there is no virtio-mmio version 2
+/// device there.
+pub fn device_type(entry: DeviceEntry) -> Option<u32> {
+    let mmio = Mmio { base: entry.base };
+    if mmio.read(reg::MAGIC) != 0x7472_6976 || mmio.read(reg::VERSION) != 2 {
+        return None;
+    }
+    Some(mmio.read(reg::DEVICE_ID))
+}
+
 /// Resets and initialises the device at `entry`: accepts `wanted` features (plus
 /// VERSION_1) and sets up queue 0 with up to `queue_size` descriptors.
 pub fn init(
@@ -310,6 +326,24 @@ pub fn init(
     queue_size: u16,
     pool: &mut PagePool,
 ) -> Result<Device, &'static str> {
+    let (mmio, features) = negotiate(entry, device_id, wanted)?;
+    let queue = setup_queue(&mmio, 0, queue_size, pool)?;
+    driver_ok(&mmio)?;
+    Ok(Device {
+        queue,
+        mmio,
+        features,
+    })
+}
+
+/// Resets the device at `entry` and agrees on features: those of `wanted` (plus
+/// VERSION_1) that it offers. Queues are set up next ([`setup_queue`]), then
+/// [`driver_ok`].
+pub fn negotiate(
+    entry: DeviceEntry,
+    device_id: u32,
+    wanted: u64,
+) -> Result<(Mmio, u64), &'static str> {
     let mmio = Mmio { base: entry.base };
     if mmio.read(reg::MAGIC) != 0x7472_6976 || mmio.read(reg::VERSION) != 2 {
         return Err("no virtio-mmio version 2 device at this address");
@@ -332,16 +366,27 @@ pub fn init(
     mmio.write(reg::DRIVER_FEATURES, features as u32);
     mmio.write(reg::DRIVER_FEATURES_SEL, 1);
     mmio.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
-    let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-    mmio.write(reg::STATUS, status);
+    mmio.write(reg::STATUS, STATUS_NEGOTIATED);
     if mmio.read(reg::STATUS) & STATUS_FEATURES_OK == 0 {
         return Err("device refused the features");
     }
+    Ok((mmio, features))
+}
 
-    mmio.write(reg::QUEUE_SEL, 0);
+const STATUS_NEGOTIATED: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+
+/// Sets up queue `index` with up to `queue_size` descriptors (at most 256), its rings
+/// in memory from `pool`.
+pub fn setup_queue(
+    mmio: &Mmio,
+    index: u16,
+    queue_size: u16,
+    pool: &mut PagePool,
+) -> Result<Queue, &'static str> {
+    mmio.write(reg::QUEUE_SEL, index as u32);
     let max = mmio.read(reg::QUEUE_NUM_MAX);
     if max == 0 {
-        return Err("queue 0 is not available");
+        return Err("a queue the driver needs is not available");
     }
     let size = (max as u16).min(queue_size).min(256);
     // Descriptor table, then the available ring, then (page-aligned) the used ring.
@@ -364,27 +409,29 @@ pub fn init(
     mmio.write(reg::QUEUE_DEVICE_LOW, used as u32);
     mmio.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
     mmio.write(reg::QUEUE_READY, 1);
-    mmio.write(reg::STATUS, status | STATUS_DRIVER_OK);
-    if mmio.needs_reset() {
-        return Err("device rejected the queue setup");
-    }
     let mut free = [0u16; 256];
     for (i, slot) in free.iter_mut().enumerate().take(size as usize) {
         *slot = (size as usize - 1 - i) as u16;
     }
-    Ok(Device {
-        queue: Queue {
-            size,
-            desc: desc as *mut Descriptor,
-            avail: avail as *mut u16,
-            used: used as *const u8,
-            free,
-            free_count: size as usize,
-            avail_idx: 0,
-            last_used: 0,
-            mmio_notify: entry.base + reg::QUEUE_NOTIFY,
-        },
-        mmio,
-        features,
+    Ok(Queue {
+        size,
+        desc: desc as *mut Descriptor,
+        avail: avail as *mut u16,
+        used: used as *const u8,
+        free,
+        free_count: size as usize,
+        avail_idx: 0,
+        last_used: 0,
+        mmio_notify: mmio.base + reg::QUEUE_NOTIFY,
+        index,
     })
+}
+
+/// Tells the device the driver is ready (after its queues are set up).
+pub fn driver_ok(mmio: &Mmio) -> Result<(), &'static str> {
+    mmio.write(reg::STATUS, STATUS_NEGOTIATED | STATUS_DRIVER_OK);
+    if mmio.needs_reset() {
+        return Err("device rejected the queue setup");
+    }
+    Ok(())
 }

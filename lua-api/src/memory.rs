@@ -50,6 +50,12 @@ impl UserData for VmMemory {
         fields.add_field_method_get("resident", |_, this| {
             Ok(this.0.resolve()?.memory_resident())
         });
+        fields.add_field_method_get("held", |_, this| {
+            Ok(this.0.resolve()?.balloon_status().held_bytes())
+        });
+        fields.add_field_method_get("stats_period", |_, this| {
+            Ok(this.0.resolve()?.memory_stats_period().as_secs_f64())
+        });
         fields.add_field_method_get("min", |_, this| Ok(this.0.resolve()?.memory_knobs().min));
         fields.add_field_method_get("max", |_, this| Ok(this.0.resolve()?.memory_knobs().max));
         fields.add_field_method_get("startup", |_, this| {
@@ -90,6 +96,25 @@ impl UserData for VmMemory {
             let reason = opts.string("reason")?.unwrap_or_else(|| "script".into());
             let applied = vm.set_memory_target(target, &reason).map_err(lua_err)?;
             Ok((applied.applied, applied.clamped))
+        });
+        methods.add_method("set_stats_period", |_, this, seconds: Value| {
+            let vm = this.0.resolve()?;
+            let seconds = match seconds {
+                Value::Integer(i) if i >= 0 => i as f64,
+                Value::Number(f) if f >= 0.0 && f.is_finite() => f,
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "vm.memory:set_stats_period: seconds must be a non-negative number, got {}",
+                        crate::options::describe(&other)
+                    )))
+                }
+            };
+            let period = std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
+                mlua::Error::runtime(format!(
+                    "vm.memory:set_stats_period: {seconds} seconds is out of range"
+                ))
+            })?;
+            vm.set_memory_stats_period(period).map_err(lua_err)
         });
         methods.add_method("read", |lua, this, (gpa, len): (Value, Value)| {
             let vm = this.0.resolve()?;

@@ -100,10 +100,20 @@ local guest_ns = {}
 ---@return hv.Guest
 function guest_ns.builtin(opts) end
 
+---Dynamic memory: the guest sees `max` bytes of RAM and a virtio-balloon device holds it
+---down to a target, which starts at `startup` and stays within [min, max].
+---@class hv.MemoryOptions
+---@field startup hv.Size What the guest has at boot. Required.
+---@field min? hv.Size The least the guest is ever left with (at least 4M). Default: startup.
+---@field max? hv.Size The guest's RAM size, the most it can have. Default: startup.
+---@field buffer? integer Percent of the guest's demand kept free on top of it, 5 to 2000. Default 20.
+---@field weight? integer Priority when the host is short of memory, 0 to 10000. Default 5000.
+
 ---@class hv.VmOptions
 ---@field name string Unique among live VMs.
 ---@field vcpus? integer 1 to 8. Default 1.
----@field memory? hv.Size Guest RAM, a multiple of 4K from 4M to 63G. Default "128M".
+---@field memory? hv.Size|hv.MemoryOptions Guest RAM, a multiple of 4K from 4M to 63G (default
+---"128M"); or dynamic memory knobs, which add a virtio-balloon device when min < max.
 ---@field guest hv.Guest What runs inside.
 ---@field console? string Also append console output to this file (or fifo, which must
 ---already have a reader; output a full fifo has no room for is dropped). A write error
@@ -127,6 +137,7 @@ function guest_ns.builtin(opts) end
 ---@field vcpus integer
 ---@field memory_size integer Guest RAM in bytes.
 ---@field memory_resident integer Bytes of guest RAM resident on the host (0 once stopped).
+---@field memory hv.VmMemory Dynamic memory: size, balloon target, statistics, guest-physical access.
 ---@field boot_time_ms number? Time from start() until the guest reported ready.
 ---@field run_time_ms number Guest running time, paused time excluded.
 ---@field exit_code integer? The guest's exit code (0 to 4294967295), once it exited by itself.
@@ -134,6 +145,60 @@ function guest_ns.builtin(opts) end
 ---@field console_offset integer Console bytes written so far (for wait_for_console's `after`).
 ---@field console_error string? Why console output stopped being copied to the `console` file (a write failed), or nil.
 local Vm = {}
+
+---The guest's memory statistics, as its balloon driver last sent them. A statistic the
+---guest did not send is nil.
+---@class hv.MemoryStats
+---@field swap_in integer?
+---@field swap_out integer?
+---@field major_faults integer?
+---@field minor_faults integer?
+---@field free integer? Bytes.
+---@field total integer? Bytes: RAM less the balloon.
+---@field available integer? Bytes.
+---@field caches integer? Bytes.
+---@field hugetlb_allocations integer?
+---@field hugetlb_failures integer?
+---@field age_ms number How long ago the guest sent them.
+
+---A VM's memory (`vm.memory`). Like the VM handle, it resolves the VM on every use.
+---@class hv.VmMemory
+---@field size integer Guest-visible memory now: max less what the balloon holds.
+---@field target integer The balloon target in bytes: what the guest is asked to have.
+---@field held integer Bytes the balloon holds (pages the host took back).
+---@field resident integer Bytes of guest RAM resident on the host.
+---@field startup integer
+---@field min integer
+---@field max integer
+---@field buffer integer Percent.
+---@field weight integer
+---@field stats hv.MemoryStats? nil until the guest first sends statistics.
+---@field stats_period number Seconds between statistics requests (0: none). Default 1.
+local VmMemory = {}
+
+---Sets the balloon target, clamped to [min, max] and rounded down to 4K. A running VM's
+---balloon follows at once; a VM that is not running starts with it.
+---@param target hv.Size
+---@param opts? { reason?: string } `reason` goes into the log (default "script").
+---@return integer applied
+---@return boolean clamped Whether the target had to be changed to fit.
+function VmMemory:set_target(target, opts) end
+
+---How often the balloon asks the guest for statistics: 0 stops it, otherwise 0.1 to
+---86400 seconds.
+---@param seconds number
+function VmMemory:set_stats_period(seconds) end
+
+---Reads guest-physical memory (the VM must be running or paused; at most 64 MiB).
+---@param gpa integer
+---@param len integer
+---@return string
+function VmMemory:read(gpa, len) end
+
+---Writes guest-physical memory (marked as written by the VMM, so diff snapshots see it).
+---@param gpa integer
+---@param bytes string
+function VmMemory:write(gpa, bytes) end
 
 ---Builds the machine and starts every vCPU. Only a `created` VM can start.
 function Vm:start() end

@@ -8,7 +8,8 @@
 //!    usually come ready-made from [`prepared`], built in the background);
 //! 3. legacy devices on the port bus: COM1 (IRQ 4 through an irqfd) and the paravirtual
 //!    exit/ready/idle/clock ports;
-//! 4. the virtio devices (one virtio-blk per disk), built by the [`DeviceManager`] from
+//! 4. the virtio devices (one virtio-blk per disk, then a virtio-balloon for a VM with
+//!    dynamic memory), built by the [`DeviceManager`] from
 //!    the VM's [`DeviceLayout`] (an MMIO window and IRQ line each, queue notifications
 //!    caught by ioeventfds); the guest learns of each from a
 //!    `virtio_mmio.device=4K@<addr>:<irq>` command-line entry;
@@ -70,6 +71,9 @@ pub struct BuildContext<'a> {
     pub console: Arc<Console>,
     pub clock: Arc<RunClock>,
     pub host: Arc<dyn VcpuHost>,
+    /// Shared with the balloon (if the VM has one), and the target it starts with.
+    pub balloon_status: Arc<crate::vm::dynamic_memory::BalloonStatus>,
+    pub memory_target: u64,
     /// Restore this saved machine instead of booting; `memory` is its guest RAM, already
     /// filled from the snapshot's memory file and registered with `vm_fd`.
     pub restore: Option<RestoreParts<'a>>,
@@ -187,6 +191,8 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
             memory: &memory,
             disks: &config.disks,
             wake_vcpus: wake_vcpus.clone(),
+            balloon_status: ctx.balloon_status.clone(),
+            memory_target: ctx.memory_target,
         },
         &layout,
         restore.map(|s| s.devices.as_slice()),

@@ -17,13 +17,17 @@ use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::Bus;
+use super::virtio::balloon::pages::RamLayout;
+use super::virtio::balloon::{Balloon, BalloonArgs};
 use super::virtio::block::Block;
 use super::virtio::mmio::{
     MmioTransport, TransportArgs, TransportState, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET,
 };
+use super::virtio::timer::DeviceTimer;
 use super::virtio::{DeviceStateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt};
 use crate::snapshot::Persist;
 use crate::storage::{Disk, StorageError};
+use crate::vm::dynamic_memory::BalloonStatus;
 use crate::vstate::memory::GuestRam;
 
 /// Where virtio-mmio windows are handed out (inside the MMIO hole below 4 GiB).
@@ -42,15 +46,27 @@ pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) a
 pub enum DeviceKind {
     /// virtio-blk serving disk `n` of the VM's configuration.
     Block { disk: usize },
+    /// virtio-balloon, for a VM with dynamic memory (at most one).
+    Balloon,
 }
 
 impl DeviceKind {
     /// One of each kind, for tests that must cover every device.
-    pub const EXAMPLES: &'static [DeviceKind] = &[DeviceKind::Block { disk: 0 }];
+    pub const EXAMPLES: &'static [DeviceKind] =
+        &[DeviceKind::Block { disk: 0 }, DeviceKind::Balloon];
 
     pub fn name(&self) -> &'static str {
         match self {
             DeviceKind::Block { .. } => "virtio-blk",
+            DeviceKind::Balloon => "virtio-balloon",
+        }
+    }
+
+    /// The id control calls use: `disk0`, `disk1`, ..., `balloon`.
+    pub fn id(&self) -> String {
+        match self {
+            DeviceKind::Block { disk } => format!("disk{disk}"),
+            DeviceKind::Balloon => "balloon".into(),
         }
     }
 }
@@ -101,12 +117,9 @@ impl DeviceLayout {
                 .allocate(MMIO_WINDOW, MMIO_WINDOW, AllocPolicy::FirstMatch)
                 .map_err(|_| too_many())?;
             let irq = irqs.allocate_id().map_err(|_| too_many())?;
-            let id = match kind {
-                DeviceKind::Block { disk } => format!("disk{disk}"),
-            };
             debug_assert!(slots.len() == i);
             slots.push(DeviceSlot {
-                id,
+                id: kind.id(),
                 kind,
                 mmio_base: window.start(),
                 irq,
@@ -117,7 +130,15 @@ impl DeviceLayout {
 
     /// The layout for a VM with `disks` disks and nothing else.
     pub fn for_disks(disks: usize) -> Result<DeviceLayout, LayoutError> {
-        let kinds: Vec<_> = (0..disks).map(|disk| DeviceKind::Block { disk }).collect();
+        DeviceLayout::for_vm(disks, false)
+    }
+
+    /// The layout for a VM with `disks` disks, then a balloon if it has one.
+    pub fn for_vm(disks: usize, balloon: bool) -> Result<DeviceLayout, LayoutError> {
+        let mut kinds: Vec<_> = (0..disks).map(|disk| DeviceKind::Block { disk }).collect();
+        if balloon {
+            kinds.push(DeviceKind::Balloon);
+        }
         DeviceLayout::plan(&kinds)
     }
 
@@ -153,6 +174,13 @@ impl DeviceLayout {
             if ids_seen.contains(&&slot.id) {
                 return Err(bad("the id appears twice".into()));
             }
+            if slot.id != slot.kind.id() {
+                return Err(bad(format!(
+                    "a {} must have the id {}",
+                    slot.kind.name(),
+                    slot.kind.id()
+                )));
+            }
             irqs_seen.push(slot.irq);
             ids_seen.push(&slot.id);
         }
@@ -187,6 +215,12 @@ pub enum DeviceError {
     },
     #[error("device {id} asks for disk {disk}, which the VM does not have")]
     NoSuchDisk { id: String, disk: usize },
+    #[error("cannot create the statistics timer of device {id}")]
+    Timer {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Disk(#[from] StorageError),
     #[error("device {id}: {source}")]
@@ -211,6 +245,8 @@ pub struct ManagedDevice {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// One per queue, in queue order: what the event thread waits on.
     pub queue_events: Vec<EventFd>,
+    /// The device's own timer, if it keeps one; the event thread waits on it too.
+    pub timer: Option<Arc<DeviceTimer>>,
 }
 
 impl ManagedDevice {
@@ -232,6 +268,7 @@ impl ManagedDevice {
                 .iter()
                 .map(|e| e.try_clone())
                 .collect::<Result<_, _>>()?,
+            timer: self.timer.clone(),
             on_panic,
         }))
     }
@@ -241,8 +278,12 @@ impl ManagedDevice {
 pub struct QueueSubscriber {
     transport: Arc<Mutex<MmioTransport>>,
     queue_events: Vec<EventFd>,
+    timer: Option<Arc<DeviceTimer>>,
     on_panic: Arc<dyn Fn(String) + Send + Sync>,
 }
+
+/// The event data that stands for the device's timer (queues use their index).
+const TIMER_EVENT: u32 = u32::MAX;
 
 impl EventSubscriber for QueueSubscriber {
     fn init(&self, ops: &mut EventOps) {
@@ -252,19 +293,30 @@ impl EventSubscriber for QueueSubscriber {
                 tracing::error!(queue, error = ?e, "cannot watch a queue notification eventfd");
             }
         }
+        if let Some(timer) = &self.timer {
+            let watched =
+                Events::with_data(timer.as_ref(), TIMER_EVENT, event_manager::EventSet::IN);
+            if let Err(e) = ops.add(watched) {
+                tracing::error!(error = ?e, "cannot watch a device timer");
+            }
+        }
     }
 
     fn process(&self, events: Events, _ops: &mut EventOps) {
-        let queue = events.data() as usize;
-        let Some(event) = self.queue_events.get(queue) else {
-            return;
+        let work: Box<dyn FnOnce(&mut MmioTransport)> = if events.data() == TIMER_EVENT {
+            let Some(timer) = &self.timer else { return };
+            timer.clear();
+            Box::new(|transport| transport.serve_timer())
+        } else {
+            let queue = events.data() as usize;
+            let Some(event) = self.queue_events.get(queue) else {
+                return;
+            };
+            let _ = event.read();
+            Box::new(move |transport| transport.process_queue(queue))
         };
-        let _ = event.read();
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .process_queue(queue)
+            work(&mut self.transport.lock().unwrap_or_else(|p| p.into_inner()))
         }));
         if let Err(panic) = served {
             (self.on_panic)(crate::vstate::vcpu::panic_message(panic.as_ref()));
@@ -280,6 +332,21 @@ pub struct DeviceContext<'a> {
     pub disks: &'a [Arc<Disk>],
     /// Wakes idle vCPUs when a device completes something.
     pub wake_vcpus: Arc<dyn Fn() + Send + Sync>,
+    /// What the VM shares with its balloon, and the memory target a new balloon starts
+    /// with.
+    pub balloon_status: Arc<BalloonStatus>,
+    pub memory_target: u64,
+}
+
+/// The error for a saved state of another kind of device than the slot's.
+fn wrong_kind(saved: &VirtioDeviceState, wanted: DeviceKind) -> DeviceStateError {
+    DeviceStateError::WrongKind {
+        saved: match saved {
+            VirtioDeviceState::Block(_) => DeviceKind::Block { disk: 0 }.name(),
+            VirtioDeviceState::Balloon(_) => DeviceKind::Balloon.name(),
+        },
+        wanted: wanted.name(),
+    }
 }
 
 /// Every virtio device of one VM, by id, with the layout they were built from.
@@ -345,9 +412,28 @@ impl DeviceManager {
                     Some(VirtioDeviceState::Block(state)) => {
                         Box::new(Block::restore_from(disk, backend, state).map_err(state_error)?)
                     }
+                    Some(other) => return Err(state_error(wrong_kind(other, slot.kind))),
+                }
+            }
+            DeviceKind::Balloon => {
+                let args = BalloonArgs {
+                    layout: RamLayout::of(ctx.memory),
+                    status: ctx.balloon_status.clone(),
+                    target: ctx.memory_target,
+                };
+                match saved.map(|s| &s.device) {
+                    None => Box::new(
+                        Balloon::new(args)
+                            .map_err(|source| DeviceError::Timer { id: id(), source })?,
+                    ),
+                    Some(VirtioDeviceState::Balloon(state)) => {
+                        Box::new(Balloon::restore(args, state).map_err(state_error)?)
+                    }
+                    Some(other) => return Err(state_error(wrong_kind(other, slot.kind))),
                 }
             }
         };
+        let timer = device.timer();
         let irqfd = eventfd()?;
         ctx.vm_fd
             .register_irqfd(&irqfd, slot.irq)
@@ -396,6 +482,7 @@ impl DeviceManager {
             slot: slot.clone(),
             transport: Arc::new(Mutex::new(transport)),
             queue_events,
+            timer,
         })
     }
 
@@ -424,6 +511,20 @@ impl DeviceManager {
             .as_any_mut()
             .downcast_mut::<Block>()?;
         Some(f(block))
+    }
+
+    /// Runs `f` on the VM's balloon, if it has one.
+    pub fn with_balloon<R>(&self, f: impl FnOnce(&mut Balloon) -> R) -> Option<R> {
+        let device = self
+            .devices
+            .iter()
+            .find(|d| d.slot.kind == DeviceKind::Balloon)?;
+        let mut transport = device.lock();
+        let balloon = transport
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<Balloon>()?;
+        Some(f(balloon))
     }
 
     /// Every device's state, in layout order. Call only while the VM is paused.
@@ -478,6 +579,9 @@ mod tests {
             match kind {
                 DeviceKind::Block { .. } => {
                     crate::devices::virtio::block::hostile_tests::block_state_round_trips()
+                }
+                DeviceKind::Balloon => {
+                    crate::devices::virtio::balloon::hostile_tests::balloon_state_round_trips()
                 }
             }
         }

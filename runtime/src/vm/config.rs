@@ -42,9 +42,11 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// Where this VM's devices go: one virtio-blk per disk, in order.
+    /// Where this VM's devices go: one virtio-blk per disk, in order, then a balloon
+    /// when memory is dynamic (min < max).
     pub fn device_layout(&self) -> Result<DeviceLayout, LayoutError> {
-        DeviceLayout::for_disks(self.disks.len())
+        let balloon = self.dynamic_memory.is_some_and(|k| k.is_dynamic());
+        DeviceLayout::for_vm(self.disks.len(), balloon)
     }
 
     pub fn new(name: impl Into<String>, guest: GuestSpec) -> VmConfig {

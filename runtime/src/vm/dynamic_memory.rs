@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::Bytes;
 
 use super::{Vm, VmError};
+use crate::devices::virtio::balloon::device::DEFAULT_STATS_PERIOD;
 use crate::size::format_size;
 
 /// Default `buffer`: the percentage kept above the guest's demand.
@@ -152,15 +153,41 @@ impl std::ops::Deref for TimedMemoryStats {
     }
 }
 
-/// What the balloon device tells the VM, shared between them: how much memory the
-/// balloon holds now, and the guest's last statistics.
-#[derive(Default)]
+/// What the balloon device and the VM share: how much memory the balloon holds now, the
+/// guest's last statistics, and how often the device asks for them.
 pub struct BalloonStatus {
     held_bytes: std::sync::atomic::AtomicU64,
     stats: std::sync::Mutex<Option<(MemoryStats, std::time::Instant)>>,
+    /// Milliseconds; 0: the device does not ask.
+    stats_period_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for BalloonStatus {
+    fn default() -> BalloonStatus {
+        BalloonStatus {
+            held_bytes: Default::default(),
+            stats: Default::default(),
+            stats_period_ms: std::sync::atomic::AtomicU64::new(
+                DEFAULT_STATS_PERIOD.as_millis() as u64
+            ),
+        }
+    }
 }
 
 impl BalloonStatus {
+    /// How often the balloon asks the guest for statistics (zero: never).
+    pub fn stats_period(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.stats_period_ms
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
+    }
+    pub fn set_stats_period(&self, period: std::time::Duration) {
+        self.stats_period_ms.store(
+            period.as_millis() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -242,7 +269,39 @@ impl Vm {
                 "memory target set"
             );
         }
+        // A running (or paused) VM's balloon follows at once; a VM that starts later
+        // builds its balloon with the stored target.
+        if let Some(devices) = self.devices() {
+            devices.with_balloon(|balloon| balloon.set_target(applied));
+        }
         Ok(TargetApplied { applied, clamped })
+    }
+
+    /// The VM's device manager while it has a machine.
+    fn devices(&self) -> Option<std::sync::Arc<crate::devices::manager::DeviceManager>> {
+        self.lock().machine.as_ref().map(|m| m.devices.clone())
+    }
+
+    /// How often the balloon asks the guest for memory statistics.
+    pub fn memory_stats_period(&self) -> std::time::Duration {
+        self.balloon.stats_period()
+    }
+
+    /// Sets how often the balloon asks the guest for memory statistics: zero stops it,
+    /// otherwise from 100 ms to 24 h. Applies at once to a running VM's balloon, and to
+    /// the balloon a VM gets when it starts.
+    pub fn set_memory_stats_period(&self, period: std::time::Duration) -> Result<(), VmError> {
+        crate::devices::virtio::balloon::device::check_stats_period(period).map_err(|reason| {
+            VmError::Balloon {
+                name: self.name().to_string(),
+                reason,
+            }
+        })?;
+        self.balloon.set_stats_period(period);
+        if let Some(devices) = self.devices() {
+            devices.with_balloon(|balloon| balloon.set_stats_period(period));
+        }
+        Ok(())
     }
 
     /// Reads guest-physical memory at `gpa` into `buf`. The VM must have a machine

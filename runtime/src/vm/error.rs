@@ -84,6 +84,8 @@ pub enum VmError {
         #[source]
         source: crate::snapshot::file::SnapshotError,
     },
+    #[error("vm '{name}': {reason}")]
+    Balloon { name: String, reason: String },
     #[error("vm '{name}': guest-physical range {gpa:#x}+{len} is not all RAM")]
     GuestRange { name: String, gpa: u64, len: u64 },
     #[error("cannot restore vm '{name}': {reason}")]

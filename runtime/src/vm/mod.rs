@@ -291,6 +291,8 @@ impl Vm {
             console: self.console.clone(),
             clock: self.clock.clone(),
             host: self.clone(),
+            balloon_status: self.balloon.clone(),
+            memory_target: self.memory_target(),
             restore,
         })?;
         tracing::debug!(

@@ -266,6 +266,16 @@ impl MmioTransport {
         }
     }
 
+    /// The device's timer fired: serves the queue it names, as for a notification.
+    pub fn serve_timer(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Some(queue) = self.device.timer_fired() {
+            self.process_queue(queue);
+        }
+    }
+
     /// The device, for control calls that address it.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()

@@ -3,6 +3,8 @@
 //! - [`mmio`] is the transport, built once for every device: feature negotiation, device
 //!   status, config space, queue setup and notifications.
 //! - [`block`] is virtio-blk.
+//! - [`balloon`] is virtio-balloon.
+//! - [`timer`] is the periodic timer a device may keep (the balloon's statistics).
 //!
 //! Every device looks the same from the transport's side: it implements
 //! [`VirtioDevice`]. Queue notifications reach the VM's event thread through ioeventfds,
@@ -10,8 +12,10 @@
 //! through an irqfd (for interrupt-driven guests such as Linux) and wake idle vCPUs (for
 //! the built-in guest, which polls its used rings with interrupts off).
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod timer;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -56,6 +60,7 @@ pub struct QueueError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum VirtioDeviceState {
     Block(block::BlockState),
+    Balloon(balloon::BalloonState),
 }
 
 /// Why a device's saved state cannot be restored.
@@ -93,6 +98,17 @@ pub trait VirtioDevice: Send {
     /// come from a queue notification) and announce configuration changes with
     /// [`VirtioInterrupt::config_changed`]. Called once, when the transport is made.
     fn attach_interrupt(&mut self, _interrupt: Arc<VirtioInterrupt>) {}
+    /// A timer the VM's event thread watches for the device, for work on its own
+    /// schedule rather than the driver's (the balloon's statistics requests). Asked for
+    /// once, when the device is wired.
+    fn timer(&self) -> Option<Arc<timer::DeviceTimer>> {
+        None
+    }
+    /// The timer fired: the queue to serve now, if any (see
+    /// [`MmioTransport::serve_timer`](mmio::MmioTransport::serve_timer)).
+    fn timer_fired(&mut self) -> Option<usize> {
+        None
+    }
     /// The concrete device, for control calls that address one kind (a snapshot
     /// switching a disk's image, the balloon's target).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;

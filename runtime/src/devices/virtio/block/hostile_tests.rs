@@ -478,7 +478,9 @@ pub(crate) fn block_state_round_trips() {
     // The image's lock goes with the old device.
     drop(transport);
     let disk = Disk::open(&disk_path, false).unwrap();
-    let VirtioDeviceState::Block(block_state) = &decoded.device;
+    let VirtioDeviceState::Block(block_state) = &decoded.device else {
+        panic!("not a block state");
+    };
     let device = Block::restore_from(&disk, disk.attach().unwrap(), block_state).unwrap();
     let counter = interrupts.clone();
     let restored = MmioTransport::restore(
@@ -532,7 +534,9 @@ fn restored_state_that_does_not_fit_the_device_is_refused() {
     drop(transport);
     let disk = Disk::open(&disk_path, false).unwrap();
     let restore = |state: &crate::devices::virtio::mmio::TransportState| {
-        let VirtioDeviceState::Block(block) = &state.device;
+        let VirtioDeviceState::Block(block) = &state.device else {
+            panic!("not a block state");
+        };
         let device = Block::restore_from(&disk, disk.attach().unwrap(), block)?;
         MmioTransport::restore(
             TransportArgs {
@@ -567,7 +571,9 @@ fn restored_state_that_does_not_fit_the_device_is_refused() {
         .to_string()
         .contains("2 queues saved"));
     let mut bad = saved.clone();
-    let VirtioDeviceState::Block(block) = &mut bad.device;
+    let VirtioDeviceState::Block(block) = &mut bad.device else {
+        panic!("not a block state");
+    };
     block.capacity_sectors += 1;
     assert!(restore(&bad).unwrap_err().to_string().contains("sectors"));
     restore(&saved).unwrap();
