@@ -164,6 +164,24 @@ pub fn process_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// Memory the host keeps for itself, which policies must not hand to VMs (bytes).
+static MEMORY_RESERVE: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MEMORY_RESERVE);
+
+/// The default host reserve: 512 MiB.
+pub const DEFAULT_MEMORY_RESERVE: u64 = 512 << 20;
+
+/// Memory the host keeps for itself (see [`set_memory_reserve`]).
+pub fn memory_reserve() -> u64 {
+    MEMORY_RESERVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the memory the host keeps for itself; policies give VMs only what lies above it.
+pub fn set_memory_reserve(bytes: u64) {
+    MEMORY_RESERVE.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(bytes, "host memory reserve set");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,22 +214,4 @@ mod tests {
         assert_eq!(meminfo_bytes(text, "MemAvailable:"), 512 * 1024);
         assert_eq!(meminfo_bytes(text, "Nope:"), 0);
     }
-}
-
-/// Memory the host keeps for itself, which policies must not hand to VMs (bytes).
-static MEMORY_RESERVE: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(DEFAULT_MEMORY_RESERVE);
-
-/// The default host reserve: 512 MiB.
-pub const DEFAULT_MEMORY_RESERVE: u64 = 512 << 20;
-
-/// Memory the host keeps for itself (see [`set_memory_reserve`]).
-pub fn memory_reserve() -> u64 {
-    MEMORY_RESERVE.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Sets the memory the host keeps for itself; policies give VMs only what lies above it.
-pub fn set_memory_reserve(bytes: u64) {
-    MEMORY_RESERVE.store(bytes, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(bytes, "host memory reserve set");
 }
