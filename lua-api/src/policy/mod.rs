@@ -24,6 +24,9 @@ pub mod record;
 pub mod sandbox;
 pub mod watch;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
