@@ -1017,6 +1017,6 @@ fn manpage_is_roff() {
     assert_eq!(out.status.code(), Some(2));
     assert_stderr_has(
         &out,
-        "pages exist for: run, repl, doctor, completions, manpage",
+        "pages exist for: run, repl, serve, policy, doctor, completions, manpage",
     );
 }

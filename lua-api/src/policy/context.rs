@@ -191,7 +191,7 @@ pub struct Decision {
     pub asked: u64,
     /// What the VM is set to: `asked` within `[min, max]`, in whole pages.
     pub target: u64,
-    /// `asked` had to change to fit.
+    /// `asked` was outside `[min, max]`.
     pub clamped: bool,
     /// The VM's target before this tick.
     pub previous: u64,
@@ -457,7 +457,9 @@ impl Methods {
                         runtime(format!("ctx:set_memory_target: no vm named '{name}'"))
                     })?
                     .memory;
-                let (target, clamped) = memory.knobs().clamp(asked);
+                // Rounding down to whole pages is not clamping; leaving [min, max] is.
+                let (target, _) = memory.knobs().clamp(asked);
+                let clamped = asked < memory.min || asked > memory.max;
                 let decision = Decision {
                     vm: name,
                     asked,

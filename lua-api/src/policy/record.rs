@@ -177,6 +177,8 @@ pub struct ReplayedTick {
     pub now_ms: u64,
     pub decisions: Vec<Decision>,
     pub error: Option<String>,
+    /// How long building `ctx` and running `tick` took.
+    pub duration_ms: f64,
     /// What the trace recorded for this tick, when it was a tick of this policy; `None`
     /// for inputs taken from samples or other policies' ticks.
     #[serde(skip)]
@@ -256,6 +258,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
             now_ms: input.now_ms,
             decisions: result.decisions,
             error: result.error,
+            duration_ms: result.duration.as_secs_f64() * 1000.0,
             recorded,
         });
     }
