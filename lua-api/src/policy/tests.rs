@@ -119,6 +119,12 @@ fn edits_reload_broken_edits_keep_the_previous_version_and_removal_stops() {
     assert_eq!(found.len(), 1);
     assert!(engine.wait_until(WAIT, |_| target(&registry, "vm1") == 300 * M));
 
+    // Loading reads the file, which is no change: a few ticks later it is still the
+    // first version.
+    let ticks = status(&engine, "p").ticks;
+    assert!(engine.wait_until(WAIT, |s| s[0].ticks > ticks + 15));
+    assert_eq!(status(&engine, "p").generation, 1);
+
     // An edit: the new version runs.
     save(&file, &fixed_policy("p", 400));
     assert!(engine.wait_until(WAIT, |_| target(&registry, "vm1") == 400 * M));

@@ -49,6 +49,17 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+/// Whether an event only says that a file was read (opened, closed after reading,
+/// accessed), which changes nothing.
+fn is_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{MetadataKind, ModifyKind};
+    matches!(
+        kind,
+        notify::EventKind::Access(_)
+            | notify::EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime))
+    )
+}
+
 enum Message {
     Changed(PathBuf),
     Stop,
@@ -74,6 +85,9 @@ impl DirWatcher {
         let events = messages.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                // Reading a file (as loading it does) is no change; it would reload the
+                // policy over and over.
+                Ok(event) if is_read(&event.kind) => {}
                 Ok(event) => {
                     for path in event.paths {
                         let _ = events.send(Message::Changed(path));
