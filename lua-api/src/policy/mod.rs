@@ -596,6 +596,10 @@ impl WorkerRun {
                         generation = r.generation,
                         "policy not reloaded, the previous version keeps running: {message}"
                     ),
+                    // A load that waits hands the error to its caller.
+                    None if self.mode == LoadMode::Wait => {
+                        tracing::debug!(file = reload.file.as_str(), "policy not loaded: {message}")
+                    }
                     None => {
                         tracing::warn!(file = reload.file.as_str(), "policy not loaded: {message}")
                     }
