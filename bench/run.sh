@@ -20,3 +20,5 @@ echo "== virtio-blk, guest vs host"
 bench/storage.sh 3
 echo "== snapshot and restore"
 "$luvisor" run bench/snapshot.lua 100
+echo "== policies: tick cost and reload latency"
+bench/policy.sh 200 20
