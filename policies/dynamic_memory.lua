@@ -34,52 +34,62 @@ local MIN_STEP = 32 * MiB
 -- Statistics older than this are not trusted (the guest stopped reporting).
 local STALE_MS = 10000
 
-local function mib(bytes)
-    return string.format("%.0fM", bytes / MiB)
-end
-
--- What a VM should have, from its demand, and why. nil when it has no usable statistics.
+-- What a VM should have, and its demand; nil when it has no usable statistics.
 local function wanted(ctx, vm)
-    local stats = vm.memory.stats
-    if vm.state ~= "running" or not stats or not stats.total or not stats.available
-        or stats.age_ms > STALE_MS then
-        return nil
-    end
-    local now = stats.total - stats.available
+    local m = vm.memory
+    local stats = m.stats
+    if vm.state ~= "running" or not stats then return nil end
+    local total, available = stats.total, stats.available
+    if not total or not available or stats.age_ms > STALE_MS then return nil end
+    local now = total - available
     -- Rises at once, falls as the average of the last WINDOW ticks.
     local smoothed = ctx:mean(vm, "demand", WINDOW) or now
-    local demand = math.max(now, smoothed)
-    local want = demand * (1 + vm.memory.buffer / 100)
-    want = math.max(vm.memory.min, math.min(vm.memory.max, want))
-    return math.floor(want), string.format("demand %s + %d%% buffer", mib(demand), vm.memory.buffer)
+    local demand = now > smoothed and now or smoothed
+    local want = demand * (1 + m.buffer / 100)
+    if want < m.min then want = m.min elseif want > m.max then want = m.max end
+    return math.floor(want), demand
 end
 
 -- Shares `capacity` bytes among `vms` (each with min, want and weight): everyone gets min,
--- then the rest goes by weight, never above want. VMs that are full hand their share on to
--- the others. Returns the amounts, in the same order.
+-- then the rest goes by weight, never above want; what the VMs that are full leave goes
+-- to the others, round after round. A VM of weight 0 gets only what is left at the end.
+-- Returns the amounts, in the same order.
 local function share_by_weight(vms, capacity)
-    local give, spare = {}, capacity
+    local give, spare, active, weights = {}, capacity, {}, 0
     for i, v in ipairs(vms) do
         give[i] = v.min
         spare = spare - v.min
-    end
-    while spare > 0 do
-        local weights = 0
-        for i, v in ipairs(vms) do
-            if give[i] < v.want then weights = weights + v.weight end
+        if v.want > v.min and v.weight > 0 then
+            active[#active + 1] = i
+            weights = weights + v.weight
         end
-        if weights == 0 then break end
-        local handed = 0
-        for i, v in ipairs(vms) do
-            if give[i] < v.want then
-                local share = math.floor(spare * v.weight / weights)
-                local take = math.min(share, v.want - give[i])
-                give[i] = give[i] + take
-                handed = handed + take
+    end
+    -- A remainder under 1M is not worth another round.
+    while spare >= MiB and weights > 0 do
+        local per_weight = spare / weights
+        local still, still_weights, handed = {}, 0, 0
+        for _, i in ipairs(active) do
+            local v = vms[i]
+            local take, need = math.floor(per_weight * v.weight), v.want - give[i]
+            if take >= need then
+                take = need
+            else
+                still[#still + 1] = i
+                still_weights = still_weights + v.weight
             end
+            give[i] = give[i] + take
+            handed = handed + take
         end
         spare = spare - handed
-        if handed == 0 then break end
+        active, weights = still, still_weights
+    end
+    for i, v in ipairs(vms) do
+        if spare < MiB then break end
+        if v.weight == 0 and v.want > give[i] then
+            local take = math.min(spare, v.want - give[i])
+            give[i] = give[i] + take
+            spare = spare - take
+        end
     end
     return give
 end
@@ -97,14 +107,15 @@ return {
         local managed = {}
         for _, vm in ipairs(ctx.vms) do
             local m = vm.memory
-            if vm.state == "running" then sum_targets = sum_targets + m.target end
-            local want, why = wanted(ctx, vm)
+            local running = vm.state == "running"
+            if running then sum_targets = sum_targets + m.target end
+            local want, demand = wanted(ctx, vm)
             if want then
                 managed[#managed + 1] = {
-                    vm = vm, want = want, why = why,
-                    min = m.min, weight = m.weight, target = m.target,
+                    vm = vm, want = want, demand = demand, buffer = m.buffer,
+                    min = m.min, max = m.max, weight = m.weight, target = m.target,
                 }
-            elseif vm.state == "running" then
+            elseif running then
                 fixed = fixed + m.target -- kept as it is
             end
         end
@@ -114,14 +125,14 @@ return {
 
         local sum_wanted = fixed
         for _, v in ipairs(managed) do sum_wanted = sum_wanted + v.want end
-        if sum_wanted > capacity then
+        local short = sum_wanted > capacity
+        local short_note
+        if short then
+            short_note = string.format("; host short (%.0fM for VMs), weight ", capacity / MiB)
             local give = share_by_weight(managed, capacity - fixed)
             for i, v in ipairs(managed) do
-                if give[i] < v.want then
-                    v.want = give[i]
-                    v.why = string.format("%s; host short (%s for VMs), weight %d",
-                        v.why, mib(capacity), v.weight)
-                end
+                v.shared = give[i] < v.want
+                if v.shared then v.want = give[i] end
             end
         end
 
@@ -129,13 +140,13 @@ return {
             local change = v.want - v.target
             -- The dead band: not worth a balloon move.
             if math.abs(change) >= DEAD_BAND * v.target then
-                local share = change > 0 and STEP_UP or STEP_DOWN
-                local step = math.max(MIN_STEP, share * v.vm.memory.max)
-                local why = v.why
-                if math.abs(change) > step then
-                    change = change > 0 and step or -step
-                    why = string.format("%s; step limited to %s", why, mib(step))
-                end
+                local step = math.max(MIN_STEP, (change > 0 and STEP_UP or STEP_DOWN) * v.max)
+                local limited = math.abs(change) > step
+                if limited then change = change > 0 and step or -step end
+                -- The reason is written only for the VMs that change, in one format.
+                local why = string.format("demand %.0fM + %d%% buffer%s%s", v.demand / MiB,
+                    v.buffer, v.shared and short_note .. v.weight or "",
+                    limited and string.format("; step limited to %.0fM", step / MiB) or "")
                 ctx:set_memory_target(v.vm, math.floor(v.target + change), why)
             end
         end

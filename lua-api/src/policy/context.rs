@@ -290,6 +290,8 @@ pub(crate) struct TickScope {
     pub history: History,
     /// Intents so far, at most one per VM (the last one counts), in the order made.
     decisions: Vec<Decision>,
+    /// Where each VM's intent is in `decisions`.
+    decided: HashMap<String, usize>,
 }
 
 impl TickScope {
@@ -303,6 +305,7 @@ impl TickScope {
         self.input = Some(input);
         self.history = history;
         self.decisions.clear();
+        self.decided.clear();
         self.active = true;
     }
 
@@ -427,6 +430,16 @@ fn integer(value: u64) -> Value {
 }
 
 impl Methods {
+    /// The functions, in the order the sandbox prelude's `make_builder` takes them.
+    pub fn functions(&self) -> (Function, Function, Function, Function) {
+        (
+            self.set_memory_target.clone(),
+            self.mean.clone(),
+            self.max.clone(),
+            self.min.clone(),
+        )
+    }
+
     pub fn new(lua: &Lua, scope: &Scope) -> mlua::Result<Methods> {
         let intents = scope.clone();
         let set_memory_target = lua.create_function(
@@ -468,9 +481,13 @@ impl Methods {
                     previous: memory.target,
                     reason,
                 };
-                match scope.decisions.iter_mut().find(|d| d.vm == decision.vm) {
-                    Some(earlier) => *earlier = decision,
-                    None => scope.decisions.push(decision),
+                match scope.decided.get(&decision.vm) {
+                    Some(&at) => scope.decisions[at] = decision,
+                    None => {
+                        let at = scope.decisions.len();
+                        scope.decided.insert(decision.vm.clone(), at);
+                        scope.decisions.push(decision);
+                    }
                 }
                 Ok((integer(target), clamped))
             },
@@ -490,64 +507,67 @@ impl Methods {
     }
 }
 
-/// The `ctx` for one tick: plain tables from `input`, then made read-only by `freeze`
-/// (the sandbox prelude's), with the methods.
+/// The `ctx` for one tick: the input as one flat list of values, handed to `builder`
+/// (the sandbox prelude's, see [`super::sandbox`]), which makes the read-only tables.
+///
+/// The layout: host total, available, reserve, resident; now_ms; tick; interval_ms; the
+/// number of VMs; then 22 values per VM: name, state, size, target, resident, min, max,
+/// startup, buffer, weight, whether it has stats, the ten statistics (nil when missing)
+/// and the stats' age.
 pub(crate) fn build(
     lua: &Lua,
     input: &TickInput,
     tick: u64,
     interval_ms: u64,
-    methods: &Methods,
-    freeze: &Function,
+    builder: &Function,
 ) -> mlua::Result<Table> {
-    let ctx = lua.create_table_with_capacity(0, 10)?;
-    let host = lua.create_table_with_capacity(0, 4)?;
-    host.raw_set("memory_total", integer(input.host.memory_total))?;
-    host.raw_set("memory_available", integer(input.host.memory_available))?;
-    host.raw_set("memory_reserve", integer(input.host.memory_reserve))?;
-    host.raw_set("vms_resident", integer(input.host.vms_resident))?;
-    ctx.raw_set("host", host)?;
-    let vms = lua.create_table_with_capacity(input.vms.len(), 0)?;
-    for (i, vm) in input.vms.iter().enumerate() {
-        vms.raw_set(i + 1, vm_table(lua, vm)?)?;
-    }
-    ctx.raw_set("vms", vms)?;
-    ctx.raw_set("now_ms", integer(input.now_ms))?;
-    ctx.raw_set("tick", integer(tick))?;
-    ctx.raw_set("interval_ms", integer(interval_ms))?;
-    ctx.raw_set("set_memory_target", methods.set_memory_target.clone())?;
-    ctx.raw_set("mean", methods.mean.clone())?;
-    ctx.raw_set("max", methods.max.clone())?;
-    ctx.raw_set("min", methods.min.clone())?;
-    freeze.call(ctx)
-}
-
-fn vm_table(lua: &Lua, vm: &VmSnapshot) -> mlua::Result<Table> {
-    let m = &vm.memory;
-    let memory = lua.create_table_with_capacity(0, 9)?;
-    memory.raw_set("size", integer(m.size))?;
-    memory.raw_set("target", integer(m.target))?;
-    memory.raw_set("resident", integer(m.resident))?;
-    memory.raw_set("min", integer(m.min))?;
-    memory.raw_set("max", integer(m.max))?;
-    memory.raw_set("startup", integer(m.startup))?;
-    memory.raw_set("buffer", m.buffer)?;
-    memory.raw_set("weight", m.weight)?;
-    if let Some(stats) = &m.stats {
-        let t = lua.create_table_with_capacity(0, 11)?;
-        for (name, value) in stats.stats.fields() {
-            if let Some(value) = value {
-                t.raw_set(name, integer(value))?;
+    let mut values: Vec<Value> = Vec::with_capacity(8 + 22 * input.vms.len());
+    let host = &input.host;
+    values.extend(
+        [
+            host.memory_total,
+            host.memory_available,
+            host.memory_reserve,
+            host.vms_resident,
+            input.now_ms,
+            tick,
+            interval_ms,
+            input.vms.len() as u64,
+        ]
+        .map(integer),
+    );
+    for vm in &input.vms {
+        let m = &vm.memory;
+        values.push(Value::String(lua.create_string(&vm.name)?));
+        values.push(Value::String(lua.create_string(&vm.state)?));
+        values.extend(
+            [
+                m.size,
+                m.target,
+                m.resident,
+                m.min,
+                m.max,
+                m.startup,
+                u64::from(m.buffer),
+                u64::from(m.weight),
+            ]
+            .map(integer),
+        );
+        match &m.stats {
+            Some(stats) => {
+                values.push(Value::Boolean(true));
+                values.extend(
+                    stats
+                        .stats
+                        .fields()
+                        .map(|(_, v)| v.map_or(Value::Nil, integer)),
+                );
+                values.push(integer(stats.age_ms));
             }
+            None => values.extend(std::iter::repeat_n(Value::Nil, 12)),
         }
-        t.raw_set("age_ms", integer(stats.age_ms))?;
-        memory.raw_set("stats", t)?;
     }
-    let t = lua.create_table_with_capacity(0, 3)?;
-    t.raw_set("name", vm.name.as_str())?;
-    t.raw_set("state", vm.state.as_str())?;
-    t.raw_set("memory", memory)?;
-    Ok(t)
+    builder.call(mlua::MultiValue::from_vec(values))
 }
 
 #[cfg(test)]

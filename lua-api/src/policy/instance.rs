@@ -10,7 +10,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, Table, Value};
 
 use super::context::{self, Decision, History, Methods, Scope, TickInput, TickScope};
-use super::sandbox::{self, Limits, Prelude};
+use super::sandbox::{self, Limits};
 use crate::interrupt;
 
 /// Keys a policy table may have.
@@ -30,8 +30,10 @@ pub struct Instance {
     pub description: Option<String>,
     limits: Limits,
     tick: Function,
-    prelude: Prelude,
-    methods: Methods,
+    /// Lua's own `xpcall`.
+    xpcall: Function,
+    /// Builds a tick's `ctx` (see `context::build`).
+    builder: Function,
     scope: Scope,
     handler: Function,
 }
@@ -160,7 +162,9 @@ impl Instance {
         let (name, interval_ms, tick, description) =
             check_table(file, &table).map_err(|e| field_error(file, e))?;
         let scope: Scope = Rc::new(RefCell::new(TickScope::default()));
-        let methods = Methods::new(&lua, &scope).map_err(|e| fallback_message(file, limits, &e))?;
+        let builder: Function = Methods::new(&lua, &scope)
+            .and_then(|methods| prelude.make_builder.call(methods.functions()))
+            .map_err(|e| fallback_message(file, limits, &e))?;
         Ok(Instance {
             lua,
             file: file.to_string(),
@@ -169,8 +173,8 @@ impl Instance {
             description,
             limits,
             tick,
-            prelude,
-            methods,
+            xpcall: prelude.xpcall,
+            builder,
             scope,
             handler,
         })
@@ -203,17 +207,9 @@ impl Instance {
         let fail = |e: mlua::Error| fallback_message(&self.file, self.limits, &e);
         interrupt::reset_budget(&self.lua).map_err(fail)?;
         self.scope.borrow_mut().begin(input.clone(), history);
-        let ctx = context::build(
-            &self.lua,
-            input,
-            tick,
-            self.interval_ms,
-            &self.methods,
-            &self.prelude.freeze,
-        )
-        .map_err(fail)?;
+        let ctx = context::build(&self.lua, input, tick, self.interval_ms, &self.builder)
+            .map_err(fail)?;
         let (ok, value): (bool, Value) = self
-            .prelude
             .xpcall
             .call((self.tick.clone(), self.handler.clone(), ctx))
             .map_err(fail)?;
@@ -449,6 +445,65 @@ mod tests {
     }
 
     #[test]
+    fn ctx_follows_vms_that_come_and_go_and_stays_read_only() {
+        let p = load(
+            r#"
+            return { name = "names", tick = function(ctx)
+                local names = {}
+                for i, vm in ipairs(ctx.vms) do
+                    names[i] = vm.name .. "=" .. vm.memory.target .. (vm.memory.stats and "+" or "")
+                end
+                assert(#ctx.vms == #names)
+                assert(not pcall(rawset, ctx.vms[1].memory, "target", 0))
+                assert(not pcall(setmetatable, ctx.host, nil))
+                assert(getmetatable(ctx) == "read-only")
+                local n = 0
+                for k, v in pairs(ctx.vms[1].memory) do n = n + 1 end
+                assert(n == 9 or n == 8, n)
+                ctx:set_memory_target(ctx.vms[1], "1G", table.concat(names, " "))
+            end }
+            "#,
+        )
+        .unwrap();
+        let mut input = TickInput::sample();
+        let mut reasons = Vec::new();
+        for round in 0..4 {
+            match round {
+                1 => {
+                    input.vms.remove(0);
+                }
+                2 => {
+                    let mut vm = input.vms[0].clone();
+                    vm.name = "new".into();
+                    vm.memory.stats = None;
+                    vm.memory.target = 300 << 20;
+                    input.vms.push(vm);
+                }
+                3 => {
+                    input.vms[0].memory.stats = None;
+                    input.vms.swap(0, 2);
+                }
+                _ => {}
+            }
+            let shared = Rc::new(input.clone());
+            let mut history = History::default();
+            history.push(&shared);
+            let (result, _) = p.run(&shared, round, history);
+            assert_eq!(result.error, None);
+            reasons.push(result.decisions[0].reason.clone());
+        }
+        assert_eq!(
+            reasons,
+            [
+                "busy=1073741824+ quiet=2147483648+ booting=1073741824",
+                "quiet=2147483648+ booting=1073741824",
+                "quiet=2147483648+ booting=1073741824 new=314572800",
+                "new=314572800 booting=1073741824 quiet=2147483648",
+            ]
+        );
+    }
+
+    #[test]
     fn windowed_helpers_read_the_history() {
         let p = load(
             r#"
@@ -474,7 +529,7 @@ mod tests {
         }
         let (result, _) = p.run(&Rc::new(input), 4, history);
         assert_eq!(result.error, None);
-        // The mean of the last three (300M) is below min (256M)? No: 300M is above it.
+        // The mean of the last three samples: 200M, 300M and 400M.
         assert_eq!(result.decisions[0].asked, 300 << 20);
         assert_eq!(result.decisions[1].asked, 2048 << 20);
     }

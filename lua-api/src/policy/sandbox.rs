@@ -47,35 +47,109 @@ impl Default for Limits {
 
 /// Helpers made before any policy code runs; policy code cannot reach their upvalues.
 pub(crate) struct Prelude {
-    /// Makes a table and the tables in it read-only (a proxy each).
-    pub freeze: Function,
+    /// `make_builder(set_memory_target, mean, max, min)` returns the function that builds
+    /// a tick's read-only `ctx` from the flat values of [`crate::policy::context::build`].
+    pub make_builder: Function,
     /// Lua's own `xpcall`, before `install_error_values` wraps it.
     pub xpcall: Function,
 }
 
-/// The trusted Lua part of the sandbox. `freeze` gives each table a proxy whose
-/// metatable reads from the table and refuses writes; `#`, `pairs` and `ipairs` see
-/// through it.
+/// The trusted Lua part of the sandbox: the `ctx` builder.
+///
+/// Every table of `ctx` is read-only through a proxy: an empty table whose metatable
+/// reads from the real table (`__index`), refuses writes (`__newindex`), and hides itself
+/// (`__metatable`). `#` and `pairs` go through `__len` and `__pairs`, Rust functions that
+/// find the real table through the proxy's metatable; `ipairs` works through `__index`.
+///
+/// The builder gets the snapshot as one flat list of values (cheaper to hand over than
+/// tables built from Rust) and keeps its tables from tick to tick: each tick it writes
+/// the new values into the same tables (a VM's tables stay while the VM does), so a tick
+/// allocates almost nothing. A policy that keeps a `ctx` table past its tick therefore
+/// sees the next tick's values in it.
 const PRELUDE: &str = r#"
-local setmetatable, next, type, error, rawlen = setmetatable, next, type, error, rawlen
-local real_of = setmetatable({}, { __mode = "k" })
+local setmetatable, next, type, len, pairs_of, xpcall = setmetatable, next, type, ...
 local function read_only()
     error("the policy context is read-only: ctx and its tables cannot be changed", 2)
 end
-local function len(proxy) return rawlen(real_of[proxy]) end
-local function pairs_of(proxy) return next, real_of[proxy], nil end
-local function freeze(t)
-    for k, v in next, t do
-        if type(v) == "table" then t[k] = freeze(v) end
-    end
-    local proxy = setmetatable({}, {
+local function ro(t)
+    return setmetatable({}, {
         __index = t, __newindex = read_only, __len = len, __pairs = pairs_of,
         __metatable = "read-only",
     })
-    real_of[proxy] = t
-    return proxy
 end
-return freeze, xpcall
+-- A ctx method that takes a VM: an entry of ctx.vms is passed on as its name, which is
+-- cheaper to read here than from Rust.
+local function by_name(method)
+    return function(self, vm, ...)
+        if type(vm) == "table" then
+            local name = vm.name
+            if name ~= nil then vm = name end
+        end
+        return method(self, vm, ...)
+    end
+end
+-- The layout of the values is context::build's.
+local function make_builder(set_memory_target, mean, max, min)
+    set_memory_target, mean = by_name(set_memory_target), by_name(mean)
+    max, min = by_name(max), by_name(min)
+    local host = {}
+    local vms = {}
+    local ctx = {
+        host = ro(host), vms = ro(vms),
+        set_memory_target = set_memory_target, mean = mean, max = max, min = min,
+    }
+    local ctx_proxy = ro(ctx)
+    local cache, count, round = {}, 0, 0
+    return function(...)
+        local a = { ... }
+        host.memory_total, host.memory_available = a[1], a[2]
+        host.memory_reserve, host.vms_resident = a[3], a[4]
+        ctx.now_ms, ctx.tick, ctx.interval_ms = a[5], a[6], a[7]
+        round = round + 1
+        local n, i, fresh = a[8], 9, false
+        for k = 1, n do
+            local name = a[i]
+            local e = cache[name]
+            if not e then
+                local vm, memory, stats = { name = name }, {}, {}
+                e = { vm = vm, memory = memory, stats = stats, stats_proxy = ro(stats),
+                      proxy = ro(vm) }
+                vm.memory = ro(memory)
+                cache[name] = e
+                fresh = true
+            end
+            e.round = round
+            e.vm.state = a[i + 1]
+            local m = e.memory
+            m.size, m.target, m.resident = a[i + 2], a[i + 3], a[i + 4]
+            m.min, m.max, m.startup = a[i + 5], a[i + 6], a[i + 7]
+            m.buffer, m.weight = a[i + 8], a[i + 9]
+            if a[i + 10] then
+                local s = e.stats
+                s.swap_in, s.swap_out = a[i + 11], a[i + 12]
+                s.major_faults, s.minor_faults = a[i + 13], a[i + 14]
+                s.free, s.total, s.available = a[i + 15], a[i + 16], a[i + 17]
+                s.caches, s.hugetlb_allocations = a[i + 18], a[i + 19]
+                s.hugetlb_failures, s.age_ms = a[i + 20], a[i + 21]
+                m.stats = e.stats_proxy
+            else
+                m.stats = nil
+            end
+            vms[k] = e.proxy
+            i = i + 22
+        end
+        for k = n + 1, count do vms[k] = nil end
+        -- A VM left (or one left and another came): forget the ones gone.
+        if fresh or n ~= count then
+            for name, e in next, cache do
+                if e.round ~= round then cache[name] = nil end
+            end
+        end
+        count = n
+        return ctx_proxy
+    end
+end
+return make_builder, xpcall
 "#;
 
 /// The restricted globals, set up in Lua: what is removed, and the text-only `load`.
@@ -91,6 +165,14 @@ load = function(chunk, name, mode, ...)
     return raw_load(chunk, name, "t")
 end
 dofile, loadfile = nil, nil
+-- rawset would slip a value into a ctx proxy (which reads through to the real table).
+local raw_rawset, getmetatable = rawset, getmetatable
+rawset = function(t, k, v)
+    if getmetatable(t) == "read-only" then
+        error("the policy context is read-only: ctx and its tables cannot be changed", 2)
+    end
+    return raw_rawset(t, k, v)
+end
 string.dump = nil
 local raw_collect = collectgarbage
 collectgarbage = function(option, ...)
@@ -121,15 +203,40 @@ pub(crate) fn new_state(file: &str, dir: &Path, limits: Limits) -> mlua::Result<
             instruction_budget: Some(limits.instruction_budget),
         },
     )?;
-    let (freeze, xpcall): (Function, Function) =
-        lua.load(PRELUDE).set_name("=[policy prelude]").eval()?;
+    let (len, pairs) = proxy_functions(&lua)?;
+    let (make_builder, xpcall): (Function, Function) = lua
+        .load(PRELUDE)
+        .set_name("=[policy prelude]")
+        .call((len, pairs, lua.globals().get::<Function>("xpcall")?))?;
     lua.load(RESTRICT).set_name("=[policy sandbox]").exec()?;
     crate::script::install_error_values(&lua)?;
     install_print(&lua, file)?;
     install_require(&lua, dir)?;
     // Set last: the libraries and helpers above are not the policy's to pay for.
     lua.set_memory_limit(limits.used_now(&lua))?;
-    Ok((lua, Prelude { freeze, xpcall }))
+    Ok((
+        lua,
+        Prelude {
+            make_builder,
+            xpcall,
+        },
+    ))
+}
+
+/// `__len` and `__pairs` of `ctx`'s proxies: they reach the real table through the
+/// proxy's metatable, which Rust reads without regard to `__metatable`.
+fn proxy_functions(lua: &Lua) -> mlua::Result<(Function, Function)> {
+    fn real(proxy: &Table) -> mlua::Result<Table> {
+        proxy
+            .metatable()
+            .ok_or_else(|| mlua::Error::runtime("not a ctx table"))?
+            .raw_get("__index")
+    }
+    let len = lua.create_function(|_, proxy: Table| Ok(real(&proxy)?.raw_len()))?;
+    let next: Function = lua.globals().get("next")?;
+    let pairs =
+        lua.create_function(move |_, proxy: Table| Ok((next.clone(), real(&proxy)?, Value::Nil)))?;
+    Ok((len, pairs))
 }
 
 impl Limits {
