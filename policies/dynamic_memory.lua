@@ -35,10 +35,9 @@ local MIN_STEP = 32 * MiB
 local STALE_MS = 10000
 
 -- What a VM should have, and its demand; nil when it has no usable statistics.
-local function wanted(ctx, vm)
-    local m = vm.memory
+local function wanted(ctx, vm, m)
     local stats = m.stats
-    if vm.state ~= "running" or not stats then return nil end
+    if not stats then return nil end
     local total, available = stats.total, stats.available
     if not total or not available or stats.age_ms > STALE_MS then return nil end
     local now = total - available
@@ -50,18 +49,18 @@ local function wanted(ctx, vm)
     return math.floor(want), demand
 end
 
--- Shares `capacity` bytes among `vms` (each with min, want and weight): everyone gets min,
--- then the rest goes by weight, never above want; what the VMs that are full leave goes
--- to the others, round after round. A VM of weight 0 gets only what is left at the end.
--- Returns the amounts, in the same order.
-local function share_by_weight(vms, capacity)
+-- Shares `capacity` bytes among the VMs 1..n (want[i], min[i], weight[i]): everyone gets
+-- min, then the rest goes by weight, never above want; what the VMs that are full leave
+-- goes to the others, round after round. A VM of weight 0 gets only what is left at the
+-- end. Returns the amounts.
+local function share_by_weight(n, want, min, weight, capacity)
     local give, spare, active, weights = {}, capacity, {}, 0
-    for i, v in ipairs(vms) do
-        give[i] = v.min
-        spare = spare - v.min
-        if v.want > v.min and v.weight > 0 then
+    for i = 1, n do
+        give[i] = min[i]
+        spare = spare - min[i]
+        if want[i] > min[i] and weight[i] > 0 then
             active[#active + 1] = i
-            weights = weights + v.weight
+            weights = weights + weight[i]
         end
     end
     -- A remainder under 1M is not worth another round.
@@ -69,13 +68,12 @@ local function share_by_weight(vms, capacity)
         local per_weight = spare / weights
         local still, still_weights, handed = {}, 0, 0
         for _, i in ipairs(active) do
-            local v = vms[i]
-            local take, need = math.floor(per_weight * v.weight), v.want - give[i]
+            local take, need = math.floor(per_weight * weight[i]), want[i] - give[i]
             if take >= need then
                 take = need
             else
                 still[#still + 1] = i
-                still_weights = still_weights + v.weight
+                still_weights = still_weights + weight[i]
             end
             give[i] = give[i] + take
             handed = handed + take
@@ -83,10 +81,10 @@ local function share_by_weight(vms, capacity)
         spare = spare - handed
         active, weights = still, still_weights
     end
-    for i, v in ipairs(vms) do
+    for i = 1, n do
         if spare < MiB then break end
-        if v.weight == 0 and v.want > give[i] then
-            local take = math.min(spare, v.want - give[i])
+        if weight[i] == 0 and want[i] > give[i] then
+            local take = math.min(spare, want[i] - give[i])
             give[i] = give[i] + take
             spare = spare - take
         end
@@ -103,20 +101,21 @@ return {
         -- What the host can give VMs: all but its reserve, and less when its free memory
         -- already fell below the reserve.
         local capacity = host.memory_total - host.memory_reserve
+        -- The VMs this policy moves, 1..n, one array per figure (cheaper than a table
+        -- per VM); `fixed` is what the VMs it leaves alone hold.
+        local n, vms, want, demand, min, weight = 0, {}, {}, {}, {}, {}
         local fixed, sum_targets = 0, 0
-        local managed = {}
         for _, vm in ipairs(ctx.vms) do
-            local m = vm.memory
-            local running = vm.state == "running"
-            if running then sum_targets = sum_targets + m.target end
-            local want, demand = wanted(ctx, vm)
-            if want then
-                managed[#managed + 1] = {
-                    vm = vm, want = want, demand = demand, buffer = m.buffer,
-                    min = m.min, max = m.max, weight = m.weight, target = m.target,
-                }
-            elseif running then
-                fixed = fixed + m.target -- kept as it is
+            if vm.state == "running" then
+                local m = vm.memory
+                sum_targets = sum_targets + m.target
+                local w, d = wanted(ctx, vm, m)
+                if w then
+                    n = n + 1
+                    vms[n], want[n], demand[n], min[n], weight[n] = vm, w, d, m.min, m.weight
+                else
+                    fixed = fixed + m.target -- kept as it is
+                end
             end
         end
         if host.memory_available < host.memory_reserve then
@@ -124,30 +123,29 @@ return {
         end
 
         local sum_wanted = fixed
-        for _, v in ipairs(managed) do sum_wanted = sum_wanted + v.want end
-        local short = sum_wanted > capacity
-        local short_note
-        if short then
-            short_note = string.format("; host short (%.0fM for VMs), weight ", capacity / MiB)
-            local give = share_by_weight(managed, capacity - fixed)
-            for i, v in ipairs(managed) do
-                v.shared = give[i] < v.want
-                if v.shared then v.want = give[i] end
-            end
-        end
+        for i = 1, n do sum_wanted = sum_wanted + want[i] end
+        -- When the host is short, what each VM gets instead of what it wants.
+        local given = sum_wanted > capacity and share_by_weight(n, want, min, weight, capacity - fixed)
+        local short_note = given
+            and string.format("; host short (%.0fM for VMs), weight ", capacity / MiB)
 
-        for _, v in ipairs(managed) do
-            local change = v.want - v.target
+        for i = 1, n do
+            local vm = vms[i]
+            local m = vm.memory
+            local target, goal = m.target, want[i]
+            local shared = given and given[i] < goal
+            if shared then goal = given[i] end
+            local change = goal - target
             -- The dead band: not worth a balloon move.
-            if math.abs(change) >= DEAD_BAND * v.target then
-                local step = math.max(MIN_STEP, (change > 0 and STEP_UP or STEP_DOWN) * v.max)
+            if math.abs(change) >= DEAD_BAND * target then
+                local step = math.max(MIN_STEP, (change > 0 and STEP_UP or STEP_DOWN) * m.max)
                 local limited = math.abs(change) > step
                 if limited then change = change > 0 and step or -step end
                 -- The reason is written only for the VMs that change, in one format.
-                local why = string.format("demand %.0fM + %d%% buffer%s%s", v.demand / MiB,
-                    v.buffer, v.shared and short_note .. v.weight or "",
+                local why = string.format("demand %.0fM + %d%% buffer%s%s", demand[i] / MiB,
+                    m.buffer, shared and short_note .. weight[i] or "",
                     limited and string.format("; step limited to %.0fM", step / MiB) or "")
-                ctx:set_memory_target(v.vm, math.floor(v.target + change), why)
+                ctx:set_memory_target(vm, math.floor(target + change), why)
             end
         end
     end,
