@@ -11,7 +11,7 @@ use luvisor_runtime::size::format_size;
 /// A size for people: exact when it is whole MiB or more, else MiB with a decimal.
 fn human(bytes: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if bytes % MIB == 0 || bytes < MIB {
+    if bytes.is_multiple_of(MIB) || bytes < MIB {
         format_size(bytes)
     } else {
         format!("{:.1}M", bytes as f64 / MIB as f64)
