@@ -67,6 +67,16 @@ fn help_and_version() {
             &["bash", "zsh", "fish", "elvish", "powershell"][..],
         ),
         ("manpage", &["roff", "[COMMAND]"][..]),
+        (
+            "serve",
+            &[
+                "[CONFIG]",
+                "--policies <DIR>",
+                "--record <TRACE>",
+                "SIGTERM",
+            ][..],
+        ),
+        ("policy", &["check", "simulate"][..]),
     ] {
         let help = luvisor(&[command, "--help"]);
         assert!(help.status.success(), "{command} --help");
@@ -1004,7 +1014,15 @@ fn manpage_is_roff() {
         page.contains(".SH SYNOPSIS") && page.contains(".SH SUBCOMMANDS"),
         "{page}"
     );
-    for sub in ["run", "repl", "doctor", "completions", "manpage"] {
+    for sub in [
+        "run",
+        "repl",
+        "serve",
+        "policy",
+        "doctor",
+        "completions",
+        "manpage",
+    ] {
         assert!(page.contains(&format!("luvisor\\-{sub}(1)")), "{page}");
     }
     // Each subcommand has the page the list refers to.
