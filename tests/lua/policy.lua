@@ -86,6 +86,16 @@ assert(hv.policy.status("spin").last_error:find("instruction budget of %d+ excee
 assert(hv.policy.status("bomb").last_error:find("not enough memory", 1, true))
 assert(hv.policy.status("spin").running and hv.policy.status("bomb").running)
 
+-- Recording: every tick's input and decisions, as JSON lines.
+hv.policy.record("trace.jsonl")
+local recorded = hv.policy.status("p").ticks
+wait_until("recorded ticks", function() return hv.policy.status("p").ticks > recorded + 2 end)
+hv.policy.record(nil)
+local trace = assert(io.open("trace.jsonl")):read("a")
+assert(trace:find('^{"type":"header","format":"luvisor%-policy%-trace"'), trace:sub(1, 200))
+assert(trace:find('"type":"tick","policy":"p"', 1, true))
+assert(trace:find('"reason":"fixed at 400M"', 1, true))
+
 -- Removing a file stops its policy.
 os.remove("policies/spin.lua")
 os.remove("policies/bomb.lua")

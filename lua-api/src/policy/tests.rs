@@ -172,6 +172,29 @@ fn edits_reload_broken_edits_keep_the_previous_version_and_removal_stops() {
 }
 
 #[test]
+fn a_changed_module_reloads_the_policies_that_may_use_it() {
+    let dir = scratch("module");
+    std::fs::create_dir_all(dir.join("lib")).unwrap();
+    let registry = registry(&["vm1"]);
+    let engine = engine(&registry);
+    save(&dir.join("lib/size.lua"), "return { mib = 300 }");
+    std::fs::write(
+        dir.join("uses.lua"),
+        "local size = require('lib.size')
+         return { name = 'uses', interval_ms = 20, tick = function(ctx)
+         ctx:set_memory_target('vm1', size.mib * 1024 * 1024, 'from lib.size') end }
+",
+    )
+    .unwrap();
+    engine.watch(&dir, Limits::default()).unwrap();
+    assert!(engine.wait_until(WAIT, |_| target(&registry, "vm1") == 300 * M));
+    save(&dir.join("lib/size.lua"), "return { mib = 350 }");
+    assert!(engine.wait_until(WAIT, |_| target(&registry, "vm1") == 350 * M));
+    assert_eq!(status(&engine, "uses").generation, 2);
+    shutdown(&registry);
+}
+
+#[test]
 fn a_watched_file_that_never_loaded_shows_its_error_until_fixed() {
     let dir = scratch("never");
     let registry = registry(&["vm1"]);
