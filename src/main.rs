@@ -3,7 +3,9 @@
 
 mod doctor;
 mod logging;
+mod policy_cmd;
 mod repl;
+mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use luvisor_runtime::Registry;
                   `hv` module.\n\nExamples:\n  luvisor run examples/quickstart.lua\n  \
                   luvisor run -i lab.lua\n  \
                   luvisor repl\n  luvisor doctor\n  \
+                  luvisor serve lab.lua --policies policies/\n  \
                   luvisor completions bash > /etc/bash_completion.d/luvisor"
 )]
 struct Cli {
@@ -76,6 +79,34 @@ enum Command {
     /// input piped in, nothing goes into the history, and the exit code is 1 if any
     /// chunk failed.
     Repl,
+    /// Serve: run the config script, then keep its VMs and the policies running until
+    /// SIGTERM or SIGINT.
+    ///
+    /// CONFIG is a Lua script with the `hv` module, as for `run`; it runs once (defining
+    /// and starting VMs), then luvisor serves. `--policies DIR` loads every policy file
+    /// of DIR and reloads one when it is saved (see docs/policies.md). The first SIGTERM
+    /// or SIGINT stops the policies and every VM and exits 0; a second one exits at once.
+    /// A config script that fails exits 1, after stopping the VMs it started.
+    #[command(
+        after_help = "Examples:\n  luvisor serve lab.lua --policies policies/\n  \
+                            luvisor serve --policies policies/ --record trace.jsonl\n  \
+                            luvisor --log-level info --log-format json serve lab.lua"
+    )]
+    Serve {
+        /// A Lua script that defines the VMs to serve (optional).
+        #[arg(value_name = "CONFIG")]
+        config: Option<PathBuf>,
+        /// Load the policies of DIR and reload them when their files change.
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// Write host and VM stats and every policy tick (input and decisions) to TRACE as
+        /// JSON lines, for `luvisor policy simulate`.
+        #[arg(long, value_name = "TRACE")]
+        record: Option<PathBuf>,
+    },
+    /// Try a policy file without VMs: check it, or replay a recorded trace through it.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Check that this host can run VMs, and explain what kind of KVM it has.
     ///
     /// Opens /dev/kvm, asks it for its API version and the capabilities luvisor needs,
@@ -99,9 +130,40 @@ enum Command {
     /// subcommand's page (luvisor-run(1) for `run`). For example:
     /// `luvisor manpage > luvisor.1 && man ./luvisor.1`.
     Manpage {
-        /// A subcommand whose page to print: run, repl, doctor, completions or manpage.
+        /// A subcommand whose page to print: run, repl, serve, policy, doctor, completions or
+        /// manpage.
         #[arg(value_name = "COMMAND")]
         command: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load a policy and run one tick against a sample host with three VMs.
+    ///
+    /// Prints the policy's name, interval and the decisions of that tick; exits 1 with the
+    /// error (file and line) when the file does not load or the tick fails.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Replay a trace recorded by `luvisor serve --record` through a policy.
+    ///
+    /// Replays the trace's ticks of the policy with the same name (or, when there are
+    /// none, every recorded sample) and prints each tick's decisions, then a summary on
+    /// stderr: the tick cost, and whether each tick decided what the recording did.
+    Simulate {
+        /// The policy file.
+        file: PathBuf,
+        /// The trace (JSON lines).
+        #[arg(long, value_name = "TRACE")]
+        trace: PathBuf,
+        /// Print each tick as one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a tick decides differently from the recording.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -127,10 +189,28 @@ fn main() -> ExitCode {
             run(&registry, &code, script.as_deref(), &args, interactive)
         }
         Command::Repl => repl::run(registry.clone()),
+        Command::Serve {
+            config,
+            policies,
+            record,
+        } => serve::run(
+            &registry,
+            config.as_deref(),
+            policies.as_deref(),
+            record.as_deref(),
+        ),
+        Command::Policy(PolicyCommand::Check { file }) => policy_cmd::check(&file),
+        Command::Policy(PolicyCommand::Simulate {
+            file,
+            trace,
+            json,
+            check,
+        }) => policy_cmd::simulate(&file, &trace, json, check),
         Command::Doctor { json } => doctor::run(json),
         Command::Completions { shell } => completions(shell),
         Command::Manpage { command } => manpage(command.as_deref()),
     };
+    luvisor_lua::policy::shutdown(&registry);
     registry.stop_all();
     code
 }

@@ -67,6 +67,16 @@ fn help_and_version() {
             &["bash", "zsh", "fish", "elvish", "powershell"][..],
         ),
         ("manpage", &["roff", "[COMMAND]"][..]),
+        (
+            "serve",
+            &[
+                "[CONFIG]",
+                "--policies <DIR>",
+                "--record <TRACE>",
+                "SIGTERM",
+            ][..],
+        ),
+        ("policy", &["check", "simulate"][..]),
     ] {
         let help = luvisor(&[command, "--help"]);
         assert!(help.status.success(), "{command} --help");
@@ -1004,7 +1014,15 @@ fn manpage_is_roff() {
         page.contains(".SH SYNOPSIS") && page.contains(".SH SUBCOMMANDS"),
         "{page}"
     );
-    for sub in ["run", "repl", "doctor", "completions", "manpage"] {
+    for sub in [
+        "run",
+        "repl",
+        "serve",
+        "policy",
+        "doctor",
+        "completions",
+        "manpage",
+    ] {
         assert!(page.contains(&format!("luvisor\\-{sub}(1)")), "{page}");
     }
     // Each subcommand has the page the list refers to.
@@ -1017,6 +1035,329 @@ fn manpage_is_roff() {
     assert_eq!(out.status.code(), Some(2));
     assert_stderr_has(
         &out,
-        "pages exist for: run, repl, doctor, completions, manpage",
+        "pages exist for: run, repl, serve, policy, doctor, completions, manpage",
     );
+}
+
+/// A fresh directory for one test.
+fn scratch(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("luvisor-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn default_policy() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/dynamic_memory.lua")
+}
+
+#[test]
+fn policy_check_exit_codes() {
+    let out = luvisor(&["policy", "check", default_policy().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("policy 'dynamic-memory' (every 500 ms) loads"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("busy: 1G -> "), "{stdout}");
+
+    let dir = scratch("check");
+    for (name, body, needle) in [
+        (
+            "syntax.lua",
+            "return {\n name = 'x',\n tick = function(ctx)\n",
+            "syntax.lua:4:",
+        ),
+        (
+            "tick.lua",
+            "return { name = 'x', tick = function(ctx)\n error('boom') end }",
+            "tick.lua:2: boom",
+        ),
+        ("table.lua", "return 3", "must return a policy table"),
+        (
+            "io.lua",
+            "return { name = 'x', tick = function(ctx)\n io.write('x') end }",
+            "tick.lua:2:",
+        ),
+        (
+            "spin.lua",
+            "return { name = 'x', tick = function(ctx)\n while true do end end }",
+            "spin.lua:2: instruction budget",
+        ),
+    ] {
+        let file = dir.join(name);
+        std::fs::write(&file, body).unwrap();
+        let out = luvisor(&["policy", "check", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let needle = if name == "io.lua" {
+            "io.lua:2: attempt to index a nil value (global 'io')"
+        } else {
+            needle
+        };
+        assert_stderr_has(&out, needle);
+    }
+    let out = luvisor(&["policy", "check", dir.join("missing.lua").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "cannot read");
+    let out = luvisor(&["policy", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A trace made up by hand: a host and `vms` VMs whose guests report `available` bytes
+/// free of 1 GiB, one sample per entry.
+fn made_up_trace(path: &std::path::Path, vms: usize, available: &[u64]) {
+    const M: u64 = 1 << 20;
+    let mut lines = vec![serde_json::json!({
+        "type": "header", "format": "luvisor-policy-trace", "version": 1, "luvisor": "test"
+    })];
+    for (i, free) in available.iter().enumerate() {
+        let vm = |n: usize| {
+            serde_json::json!({
+                "name": format!("vm{n}"), "state": "running",
+                "memory": {
+                    "size": 1024 * M, "target": 1024 * M, "resident": 512 * M,
+                    "min": 256 * M, "max": 2048 * M, "startup": 1024 * M,
+                    "buffer": 20, "weight": 5000,
+                    "stats": { "total": 1024 * M, "available": free, "age_ms": 100 }
+                }
+            })
+        };
+        lines.push(serde_json::json!({
+            "type": "sample",
+            "input": {
+                "now_ms": i as u64 * 500,
+                "host": {
+                    "memory_total": 64 * 1024 * M, "memory_available": 32 * 1024 * M,
+                    "memory_reserve": 512 * M, "vms_resident": 0
+                },
+                "vms": (0..vms).map(vm).collect::<Vec<_>>()
+            }
+        }));
+    }
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(path, text.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn policy_simulate_replays_a_made_up_trace() {
+    let dir = scratch("simulate");
+    let trace = dir.join("trace.jsonl");
+    // Demand rises from 224M to 924M: the default policy follows it, plus its 20% buffer.
+    made_up_trace(&trace, 2, &[800 << 20, 800 << 20, 100 << 20]);
+    let out = luvisor(&[
+        "policy",
+        "simulate",
+        default_policy().to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ticks: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ticks.len(), 3);
+    let decisions = &ticks[0]["decisions"];
+    assert_eq!(decisions.as_array().unwrap().len(), 2);
+    // 224M of demand + 20% = 268.8M, down from 1G by at most 10% of max (204.8M).
+    assert_eq!(
+        decisions[0]["target"],
+        serde_json::json!(((1024u64 << 20) - 214748364) / 4096 * 4096)
+    );
+    assert!(decisions[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("step limited"));
+    let last = &ticks[2]["decisions"][0];
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("demand 924M + 20% buffer"),
+        "{last}"
+    );
+    assert!(ticks[0]["matches_recording"].is_null());
+    assert_stderr_has(&out, "replayed 3 tick(s) of 'dynamic-memory'");
+    assert_stderr_has(&out, "tick cost: mean");
+
+    // Not a trace: a clear error.
+    std::fs::write(dir.join("bad.jsonl"), "{\"type\":\"nope\"}\n").unwrap();
+    let out = luvisor(&[
+        "policy",
+        "simulate",
+        default_policy().to_str().unwrap(),
+        "--trace",
+        dir.join("bad.jsonl").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "bad.jsonl:1: not a policy trace record");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `luvisor --log-level info serve ARGS` in `dir`; its stderr lines.
+fn spawn_serve(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, Lines) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["--log-level", "info", "serve"])
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start luvisor serve");
+    let lines = Lines::new(child.stderr.take().unwrap());
+    (child, lines)
+}
+
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill only sends a signal to the child we started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+#[test]
+fn serve_records_a_trace_that_replays_to_the_same_decisions_and_stops_on_sigterm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = scratch("serve");
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("lab.lua"),
+        r#"
+        local vm = hv.vm{ name = "web", memory = { startup = "128M", min = "64M", max = "256M" },
+                          guest = hv.guest.builtin{ cmdline = "idle" } }
+        vm:start()
+        "#,
+    )
+    .unwrap();
+    // Its decisions depend on its own state and on the targets it set before.
+    std::fs::write(
+        dir.join("policies/stepper.lua"),
+        r#"
+        local n = 0
+        return { name = "stepper", interval_ms = 50, tick = function(ctx)
+            n = n + 1
+            for _, vm in ipairs(ctx.vms) do
+                local step = (n % 3 == 0) and -4 or 8
+                ctx:set_memory_target(vm, vm.memory.target + step * 1024 * 1024, "step " .. n)
+            end
+            print("ticked " .. n)
+        end }
+        "#,
+    )
+    .unwrap();
+    let (child, mut lines) = spawn_serve(
+        &dir,
+        &[
+            "lab.lua",
+            "--policies",
+            "policies",
+            "--record",
+            "trace.jsonl",
+        ],
+    );
+    lines.wait_for("serve to be ready", |l| {
+        l.contains("luvisor serve: serving 1 VM(s) with 1 policy(ies)")
+    });
+    lines.wait_for("six ticks", |l| l.contains("ticked 6"));
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let stderr = lines.all().join("\n");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(r#"vm stopped vm="web" state=stopped"#),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("luvisor serve: stopped 1 VM(s)"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args([
+            "policy",
+            "simulate",
+            "policies/stepper.lua",
+            "--trace",
+            "trace.jsonl",
+            "--json",
+            "--check",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ticks: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // "ticked 6" was printed by the sixth run: the shadow run and five ticks.
+    assert!(ticks.len() >= 6, "a shadow run and five ticks: {ticks:?}");
+    assert_eq!(ticks[0]["shadow"], true);
+    for tick in &ticks {
+        assert_eq!(tick["matches_recording"], true, "{tick}");
+        assert_eq!(tick["decisions"][0]["vm"], "web");
+    }
+    assert_stderr_has(&out, "decided the same as the recording");
+    // The trace also holds the host and the VM as serve sampled them.
+    let trace = std::fs::read_to_string(dir.join("trace.jsonl")).unwrap();
+    assert!(trace
+        .lines()
+        .next()
+        .unwrap()
+        .contains("luvisor-policy-trace"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_stops_a_config_script_that_is_still_running_and_fails_with_a_broken_one() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = scratch("serve-config");
+    std::fs::write(
+        dir.join("slow.lua"),
+        r#"
+        local vm = hv.vm{ name = "slow", memory = "64M", guest = hv.guest.builtin{ cmdline = "idle" } }
+        vm:start()
+        io.stderr:write("config started\n")
+        hv.sleep(3600)
+        "#,
+    )
+    .unwrap();
+    let (child, mut lines) = spawn_serve(&dir, &["slow.lua"]);
+    lines.wait_for("the config script to run", |l| l.contains("config started"));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let stderr = lines.all().join("\n");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("luvisor serve: stopped 1 VM(s)"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        dir.join("broken.lua"),
+        "hv.vm{ name = 'b', memory = '64M', guest = hv.guest.builtin{ cmdline = 'idle' } }\n\
+         error('bad config')\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["serve", "broken.lua"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "broken.lua:2: bad config");
+    let out = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["serve", "--policies", "no-such-dir"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "cannot watch no-such-dir");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,6 +9,7 @@
 //! - [`disk`] has `hv.disk.create{}`, `hv.disk.open()`, `hv.disk.overlay{}` and the `Disk` object;
 //! - [`host`] has `hv.host()`, `hv.now()` and `hv.sleep()`;
 //! - [`snapshot`] has `hv.restore()` (and `vm:snapshot()`, which the `Vm` handle calls);
+//! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - `hv.version` is registered here.
 //!
 //! The other modules serve them all:
@@ -32,6 +33,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod namespace;
 pub mod options;
+pub mod policy;
 pub mod script;
 pub mod snapshot;
 pub mod vm;
@@ -57,6 +59,7 @@ pub const NAMESPACES: &[Namespace] = &[
     disk::NAMESPACE,
     host::NAMESPACE,
     snapshot::NAMESPACE,
+    policy::NAMESPACE,
     VERSION,
 ];
 
@@ -102,7 +105,7 @@ mod tests {
     fn hv_has_every_namespace_and_is_required_as_hv() {
         let lua = new_user_state(Arc::new(Registry::new())).unwrap();
         for name in [
-            "vm", "vms", "guest", "disk", "host", "now", "sleep", "version",
+            "vm", "vms", "guest", "disk", "host", "now", "sleep", "version", "policy",
         ] {
             let present: bool = lua.load(format!("return hv.{name} ~= nil")).eval().unwrap();
             assert!(present, "hv.{name}");

@@ -312,4 +312,64 @@ function hv.sleep(seconds) end
 ---@return number
 function hv.now() end
 
+---@class hv.PolicyDecision
+---@field vm string
+---@field asked integer What the policy asked for, bytes.
+---@field target integer What was applied: asked within [min, max], whole pages.
+---@field clamped boolean asked was outside [min, max].
+---@field previous integer The VM's target before the tick.
+---@field reason string
+
+---@class hv.PolicyStatus
+---@field name string? Nil until a version of the file loaded.
+---@field file string
+---@field description string?
+---@field generation integer Versions loaded so far (0: none).
+---@field running boolean
+---@field interval_ms integer
+---@field ticks integer Ticks run, failed ones included.
+---@field failures integer
+---@field last_tick_ms number?
+---@field last_error string? The last failed tick or refused version, with file and line.
+---@field decisions hv.PolicyDecision[] The last successful tick's decisions.
+---@field decisions_tick integer
+
+---@class hv.PolicyLimits
+---@field instruction_budget? integer Lua instructions per tick (default 20000000).
+---@field memory_limit? integer|string Memory of the policy's Lua state (default "64M").
+
+---Policies: Lua files that decide VM memory targets, each in its own sandboxed state on
+---its own thread (see docs/policies.md).
+hv.policy = {}
+
+---Loads (or reloads) a policy file: fresh sandbox, checked table, one shadow tick, then it
+---runs. Raises with the file and line when it fails; a failed reload keeps the previous
+---version running.
+---@param path string
+---@param limits? hv.PolicyLimits
+---@return hv.PolicyStatus
+function hv.policy.load(path, limits) end
+
+---Loads every policy file of `dir` and reloads each when it is saved (unloads it when
+---removed). Failures show in the statuses instead of raising.
+---@param dir string
+---@param limits? hv.PolicyLimits
+---@return hv.PolicyStatus[]
+function hv.policy.watch(dir, limits) end
+
+---Stops and forgets the policy `name`.
+---@param name string
+---@return true
+function hv.policy.unload(name) end
+
+---Every policy's status, or the one named `name` (nil if none).
+---@param name? string
+---@return hv.PolicyStatus[]|hv.PolicyStatus|nil
+function hv.policy.status(name) end
+
+---Records every policy tick (input and decisions) to `path` as JSON lines, for
+---`luvisor policy simulate`; nil stops.
+---@param path string?
+function hv.policy.record(path) end
+
 return hv

@@ -21,6 +21,7 @@ fails("expected an options table", hv.vm, "demo")
 err = fails("option 'memory' must be a size", hv.vm, { name = "a", memory = "12Q", guest = guest })
 assert(err:find('"12Q"', 1, true) and err:find('"128M"', 1, true), err)
 fails("option 'memory' must be a size", hv.vm, { name = "a", memory = -5, guest = guest })
+-- A table is dynamic memory's knobs, which need at least startup.
 fails("option 'startup' is required", hv.vm, { name = "a", memory = {}, guest = guest })
 fails("memory = 1000 bytes is invalid", hv.vm, { name = "a", memory = 1000, guest = guest })
 fails("memory = 1099511627776 bytes is invalid", hv.vm, { name = "a", memory = "1T", guest = guest })

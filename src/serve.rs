@@ -1,0 +1,190 @@
+//! `luvisor serve`: the long-running host process. It runs an optional config script
+//! (which defines VMs with the same `hv` API as `luvisor run`), loads and watches
+//! policies, optionally records a trace, and serves until SIGTERM or SIGINT. The first
+//! signal stops the policies and every VM cleanly and exits 0; a second one exits at
+//! once.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use luvisor_lua::interrupt::Interrupter;
+use luvisor_lua::policy::{Limits, TraceFile};
+use luvisor_lua::StateLimits;
+use luvisor_runtime::Registry;
+
+/// How often a recording `serve` samples the host and VMs on its own.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// SIGINT and SIGTERM, blocked in every thread so that only the signal thread takes them.
+struct StopSignals(libc::sigset_t);
+
+impl StopSignals {
+    /// Blocks SIGINT and SIGTERM in this thread and in every thread it starts from now on.
+    /// Call it before any other thread exists.
+    fn block() -> StopSignals {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before any use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t we own; the calls only write into it and into
+        // this thread's signal mask.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        StopSignals(set)
+    }
+
+    /// Waits for the next of the signals; its number.
+    fn wait(&self) -> i32 {
+        let mut signal = 0;
+        // SAFETY: `self.0` is an initialised set and `signal` a valid place for the result.
+        let rc = unsafe { libc::sigwait(&self.0, &mut signal) };
+        if rc != 0 {
+            // sigwait fails only for an invalid set; stop rather than spin.
+            return libc::SIGTERM;
+        }
+        signal
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// `luvisor serve [CONFIG] [--policies DIR] [--record TRACE]`.
+pub fn run(
+    registry: &Arc<Registry>,
+    config: Option<&Path>,
+    policies: Option<&Path>,
+    record: Option<&Path>,
+) -> ExitCode {
+    let signals = StopSignals::block();
+    let (stop, stopped) = channel::<i32>();
+    // Interrupts the config script if a signal comes while it runs.
+    let config_interrupter: Arc<Mutex<Option<Interrupter>>> = Arc::new(Mutex::new(None));
+    {
+        let config_interrupter = config_interrupter.clone();
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let first = signals.wait();
+                tracing::info!("{} received: stopping", signal_name(first));
+                eprintln!(
+                    "luvisor serve: {} received, stopping every VM (send it again to exit at once)",
+                    signal_name(first)
+                );
+                if let Some(interrupter) = config_interrupter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    interrupter.interrupt();
+                }
+                let _ = stop.send(first);
+                let second = signals.wait();
+                eprintln!(
+                    "luvisor serve: {} received again, exiting without stopping VMs",
+                    signal_name(second)
+                );
+                std::process::exit(128 + second);
+            });
+        if let Err(e) = spawned {
+            eprintln!("luvisor serve: cannot start the signal thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+
+    let engine = luvisor_lua::policy::engine(registry);
+    let finish = |code: ExitCode| {
+        engine.shutdown();
+        let vms = registry.list();
+        for vm in &vms {
+            vm.stop();
+            tracing::info!(vm = vm.name(), state = %vm.state(), "vm stopped");
+        }
+        eprintln!("luvisor serve: stopped {} VM(s)", vms.len());
+        code
+    };
+    if let Some(path) = record {
+        match TraceFile::create(path) {
+            Ok(trace) => engine.set_recorder(Some(Arc::new(trace))),
+            Err(e) => {
+                eprintln!("luvisor serve: {e}");
+                return finish(ExitCode::FAILURE);
+            }
+        }
+    }
+
+    // The config script, in a state of its own that lives as long as the process serves
+    // (its VM handles and globals stay valid). No Ctrl-C handler: signals stop serve.
+    let limits = StateLimits {
+        interrupt_on_ctrl_c: false,
+        instruction_budget: None,
+    };
+    let lua = match luvisor_lua::new_user_state_with_limits(registry.clone(), limits) {
+        Ok(lua) => lua,
+        Err(e) => {
+            eprintln!("luvisor serve: cannot set up Lua: {e}");
+            return finish(ExitCode::FAILURE);
+        }
+    };
+    *config_interrupter.lock().unwrap_or_else(|p| p.into_inner()) =
+        luvisor_lua::interrupt::interrupter(&lua);
+    if let Some(config) = config {
+        if let Err(message) = luvisor_lua::script::run_file(&lua, config, &[]) {
+            if stopped.try_recv().is_ok() {
+                // Interrupted by the stop signal: a clean stop.
+                return finish(ExitCode::SUCCESS);
+            }
+            eprintln!("luvisor serve: {message}");
+            return finish(ExitCode::FAILURE);
+        }
+    }
+    if let Some(dir) = policies {
+        match engine.watch(dir, Limits::default()) {
+            Ok(found) => {
+                for status in found.iter().filter(|s| !s.running) {
+                    eprintln!(
+                        "luvisor serve: policy {} not loaded: {}",
+                        status.file,
+                        status.last_error.as_deref().unwrap_or("unknown error")
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("luvisor serve: {e}");
+                return finish(ExitCode::FAILURE);
+            }
+        }
+    }
+    let running = engine.status().iter().filter(|s| s.running).count();
+    eprintln!(
+        "luvisor serve: serving {} VM(s) with {running} policy(ies); SIGTERM or SIGINT stops",
+        registry.list().len()
+    );
+    loop {
+        let timeout = if record.is_some() {
+            SAMPLE_EVERY
+        } else {
+            Duration::from_secs(3600)
+        };
+        match stopped.recv_timeout(timeout) {
+            Ok(_) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                if record.is_some() {
+                    engine.record_sample();
+                }
+            }
+        }
+    }
+    drop(lua);
+    finish(ExitCode::SUCCESS)
+}
