@@ -18,6 +18,7 @@ pub mod boot;
 pub mod builder;
 pub mod devices;
 pub mod host;
+pub mod migration;
 pub mod registry;
 pub mod size;
 pub mod snapshot;
