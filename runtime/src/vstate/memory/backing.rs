@@ -142,13 +142,26 @@ pub fn create_ram_with(size: u64, backing: MemoryBacking) -> Result<GuestRam, Me
             builder = builder.with_file_offset(FileOffset::from_arc(file.clone(), file_offset));
         }
         let region: MmapRegion<RamBitmap> = builder.build().map_err(map_error)?;
-        let region = GuestRegionMmap::new(region, base).ok_or(MemoryError::Map {
-            size,
-            source: FromRangesError::InvalidGuestRegion,
-        })?;
-        regions.push(region);
+        regions.push(place(region, base, size)?);
         file_offset += len as u64;
     }
+    collect(regions, size)
+}
+
+/// `region` as guest RAM at `base` (`size`: all of the RAM, for the message).
+fn place(
+    region: MmapRegion<RamBitmap>,
+    base: vm_memory::GuestAddress,
+    size: u64,
+) -> Result<GuestRegionMmap<RamBitmap>, MemoryError> {
+    GuestRegionMmap::new(region, base).ok_or(MemoryError::Map {
+        size,
+        source: FromRangesError::InvalidGuestRegion,
+    })
+}
+
+/// The regions as one [`GuestRam`].
+fn collect(regions: Vec<GuestRegionMmap<RamBitmap>>, size: u64) -> Result<GuestRam, MemoryError> {
     GuestRam::from_regions(regions).map_err(|e| MemoryError::Map {
         size,
         source: FromRangesError::Collection(e),
@@ -233,17 +246,10 @@ pub fn map_file_over(
         let built: MmapRegion<RamBitmap> = unsafe { builder.with_raw_mmap_pointer(host) }
             .build()
             .map_err(map_error)?;
-        let region = GuestRegionMmap::new(built, region.start_addr()).ok_or(MemoryError::Map {
-            size,
-            source: FromRangesError::InvalidGuestRegion,
-        })?;
-        regions.push(region);
+        regions.push(place(built, region.start_addr(), size)?);
         file_offset += len as u64;
     }
-    GuestRam::from_regions(regions).map_err(|e| MemoryError::Map {
-        size,
-        source: FromRangesError::Collection(e),
-    })
+    collect(regions, size)
 }
 
 /// A new memfd of `size` bytes (all holes: it costs nothing until written).
