@@ -216,10 +216,12 @@ pub(crate) fn wait_for_console_arguments(
 ) -> mlua::Result<(String, u64, Duration)> {
     let pattern = match pattern {
         Value::String(s) => s.to_str()?.to_string(),
-        other => return Err(mlua::Error::runtime(format!(
+        other => {
+            return Err(mlua::Error::runtime(format!(
             "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got {}",
             a_type_name(&other)
-        ))),
+        )))
+        }
     };
     let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
     let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
