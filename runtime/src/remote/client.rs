@@ -15,6 +15,11 @@ use crate::migration::{ChannelError, PeerKey, SecureChannel};
 
 /// How much longer than a request's own wait the client waits for its answer.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
+/// A connection unused for this long is replaced before the next call: hosts close idle
+/// connections after [`IDLE_TIMEOUT`](super::handler::IDLE_TIMEOUT), which is longer, so
+/// a call never goes out on a connection the host already closed for idling.
+const RECONNECT_AFTER_IDLE: Duration = Duration::from_secs(30 * 60);
+const _: () = assert!(RECONNECT_AFTER_IDLE.as_secs() < super::handler::IDLE_TIMEOUT.as_secs());
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -100,6 +105,8 @@ pub struct RemoteHost {
     /// The host's name, from its welcome.
     name: String,
     next_id: u64,
+    /// When the connection last carried a call.
+    last_used: Instant,
 }
 
 impl std::fmt::Debug for RemoteHost {
@@ -135,6 +142,7 @@ impl RemoteHost {
             channel: None,
             name: String::new(),
             next_id: 1,
+            last_used: Instant::now(),
         };
         host.open()?;
         Ok(host)
@@ -213,9 +221,13 @@ impl RemoteHost {
             addr: addr.clone(),
             source,
         };
+        if self.last_used.elapsed() > RECONNECT_AFTER_IDLE {
+            self.drop_channel();
+        }
         if self.channel.is_none() {
             self.open()?;
         }
+        self.last_used = Instant::now();
         let Some(channel) = self.channel.as_mut() else {
             return Err(self.protocol("no connection after connecting"));
         };

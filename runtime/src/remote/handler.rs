@@ -143,6 +143,15 @@ impl ControlServer {
                     )),
                 }),
                 Err(ChannelError::Closed { .. }) => break,
+                Err(ChannelError::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::info!(peer, "control connection idle; closing it");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(peer, error = %e, "control connection failed");
                     break;
