@@ -518,3 +518,18 @@ fn newest_console_text_keeps_whole_characters() {
     assert_eq!(newest("abcdef".into(), 3), "def");
     assert_eq!(newest("aéb".into(), 2), "b");
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_in_the_welcome() {
+    let addr = serve(registry_with(&[]), ControlHooks::default());
+    let open: Vec<RemoteHost> = (0..MAX_CONNECTIONS).map(|_| connect(&addr)).collect();
+    let err = RemoteHost::connect(&addr, PeerKey::from_bytes(KEY), T).unwrap_err();
+    assert!(matches!(err, RemoteError::Refused { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "serves at most {MAX_CONNECTIONS} control connections"
+        )),
+        "{err}"
+    );
+    drop(open);
+}
