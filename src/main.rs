@@ -24,7 +24,8 @@ use luvisor_runtime::Registry;
                   consoles are Lua objects: scripts create, drive and check them through the \
                   `hv` module.\n\nExamples:\n  luvisor run examples/quickstart.lua\n  \
                   luvisor run -i lab.lua\n  \
-                  luvisor repl\n  luvisor doctor\n  \
+                  luvisor repl\n  luvisor repl --connect 10.0.0.2:7001 --key-file KEY\n  \
+                  luvisor doctor\n  \
                   luvisor serve lab.lua --policies policies/\n  \
                   luvisor completions bash > /etc/bash_completion.d/luvisor"
 )]
@@ -78,7 +79,21 @@ enum Command {
     /// $XDG_STATE_HOME/luvisor/history (default ~/.local/state/luvisor/history). With
     /// input piped in, nothing goes into the history, and the exit code is 1 if any
     /// chunk failed.
-    Repl,
+    ///
+    /// With `--connect ADDR --key-file KEY`, the prompt is the same local one, with the
+    /// global `host` bound to `hv.connect(ADDR, { key_file = KEY })`: a handle on that
+    /// `luvisor serve --listen` host (`host:vms()`, `host:vm(name)`, `host:info()`,
+    /// `host:policies()`). `hv` itself stays local. See docs/remote.md.
+    #[command(after_help = "Examples:\n  luvisor repl\n  \
+                            luvisor repl --connect 10.0.0.2:7001 --key-file /etc/luvisor/key")]
+    Repl {
+        /// Connect to the luvisor host at ADDR (host:port) and bind it to the global `host`.
+        #[arg(long, value_name = "ADDR", requires = "key_file")]
+        connect: Option<String>,
+        /// The key file shared with that host (needed with --connect).
+        #[arg(long, value_name = "KEY", requires = "connect")]
+        key_file: Option<PathBuf>,
+    },
     /// Serve: run the config script, then keep its VMs and the policies running until
     /// SIGTERM or SIGINT.
     ///
@@ -188,7 +203,10 @@ fn main() -> ExitCode {
             }
             run(&registry, &code, script.as_deref(), &args, interactive)
         }
-        Command::Repl => repl::run(registry.clone()),
+        Command::Repl { connect, key_file } => repl::run(
+            registry.clone(),
+            connect.as_deref().zip(key_file.as_deref()),
+        ),
         Command::Serve {
             config,
             policies,

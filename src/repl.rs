@@ -7,7 +7,7 @@
 //! code 1 once the input ends, so `luvisor repl < file` can be used in scripts.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -98,15 +98,47 @@ fn install_sigint_handler() {
     }
 }
 
-/// `luvisor repl`: a fresh Lua state with `hv`, then the prompt.
-pub fn run(registry: Arc<Registry>) -> ExitCode {
-    match luvisor_lua::new_user_state(registry) {
-        Ok(lua) => interact(&lua),
+/// `luvisor repl`: a fresh Lua state with `hv`, then the prompt. With `connect`
+/// (address, key file), the global `host` is first bound to `hv.connect` on that host.
+pub fn run(registry: Arc<Registry>, connect: Option<(&str, &Path)>) -> ExitCode {
+    let lua = match luvisor_lua::new_user_state(registry) {
+        Ok(lua) => lua,
         Err(e) => {
             eprintln!("luvisor: cannot set up Lua: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some((addr, key_file)) = connect {
+        match connect_host(&lua, addr, key_file) {
+            Ok(name) => println!(
+                "connected to luvisor host {name} at {addr}: it is the global `host` \
+                 (host:vms(), host:vm(name), host:info(), host:policies()); `hv` is this machine's."
+            ),
+            Err(message) => {
+                eprintln!("luvisor: {message}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    interact(&lua)
+}
+
+/// Sets the global `host` to `hv.connect(addr, { key_file })`; returns the host's name.
+fn connect_host(lua: &Lua, addr: &str, key_file: &Path) -> Result<String, String> {
+    let connected = (|| -> mlua::Result<String> {
+        let hv: Table = lua.globals().get("hv")?;
+        let connect: Function = hv.get("connect")?;
+        let opts = lua.create_table()?;
+        opts.set("key_file", key_file.to_string_lossy().as_ref())?;
+        let host: Value = connect.call((addr, opts))?;
+        let name: String = match &host {
+            Value::UserData(ud) => ud.get("name")?,
+            _ => String::new(),
+        };
+        lua.globals().set("host", host)?;
+        Ok(name)
+    })();
+    connected.map_err(|e| luvisor_lua::script::error_message(&e))
 }
 
 /// The prompt on an existing Lua state (`luvisor run -i` keeps the script's globals). The

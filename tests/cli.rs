@@ -60,7 +60,16 @@ fn help_and_version() {
             "run",
             &["-e <CODE>", "-i", "[SCRIPT]", "standard input"][..],
         ),
-        ("repl", &["Tab", "history", "piped"][..]),
+        (
+            "repl",
+            &[
+                "Tab",
+                "history",
+                "piped",
+                "--connect <ADDR>",
+                "--key-file <KEY>",
+            ][..],
+        ),
         ("doctor", &["--json", "/dev/kvm"][..]),
         (
             "completions",

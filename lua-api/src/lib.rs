@@ -10,6 +10,8 @@
 //! - [`host`] has `hv.host()`, `hv.now()` and `hv.sleep()`;
 //! - [`snapshot`] has `hv.restore()` (and `vm:snapshot()`, which the `Vm` handle calls);
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
+//! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
+//!   control handler `luvisor serve` hands control connections to;
 //! - `hv.version` is registered here.
 //!
 //! The other modules serve them all:
@@ -34,6 +36,7 @@ pub mod memory;
 pub mod namespace;
 pub mod options;
 pub mod policy;
+pub mod remote;
 pub mod script;
 pub mod snapshot;
 pub mod vm;
@@ -60,6 +63,7 @@ pub const NAMESPACES: &[Namespace] = &[
     host::NAMESPACE,
     snapshot::NAMESPACE,
     policy::NAMESPACE,
+    remote::NAMESPACE,
     VERSION,
 ];
 
@@ -105,7 +109,7 @@ mod tests {
     fn hv_has_every_namespace_and_is_required_as_hv() {
         let lua = new_user_state(Arc::new(Registry::new())).unwrap();
         for name in [
-            "vm", "vms", "guest", "disk", "host", "now", "sleep", "version", "policy",
+            "vm", "vms", "guest", "disk", "host", "now", "sleep", "version", "policy", "connect",
         ] {
             let present: bool = lua.load(format!("return hv.{name} ~= nil")).eval().unwrap();
             assert!(present, "hv.{name}");

@@ -85,62 +85,90 @@ impl UserData for VmMemory {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("set_target", |lua, this, (target, opts): (Value, Value)| {
             let vm = this.0.resolve()?;
-            let target = size_value(&target)
-                .map_err(|got| {
-                    mlua::Error::runtime(format!(
-                        "vm.memory:set_target: target must be a size (bytes, or \"384M\"), got {got}"
-                    ))
-                })?
-                .ok_or_else(|| mlua::Error::runtime("vm.memory:set_target: target is required"))?;
-            let opts = Options::from_value(lua, "vm.memory:set_target", opts, &["reason"])?;
-            let reason = opts.string("reason")?.unwrap_or_else(|| "script".into());
+            let (target, reason) = target_arguments(lua, target, opts)?;
             let applied = vm.set_memory_target(target, &reason).map_err(lua_err)?;
             Ok((applied.applied, applied.clamped))
         });
         methods.add_method("set_stats_period", |_, this, seconds: Value| {
             let vm = this.0.resolve()?;
-            let seconds = match seconds {
-                Value::Integer(i) if i >= 0 => i as f64,
-                Value::Number(f) if f >= 0.0 && f.is_finite() => f,
-                other => {
-                    return Err(mlua::Error::runtime(format!(
-                        "vm.memory:set_stats_period: seconds must be a non-negative number, got {}",
-                        crate::options::describe(&other)
-                    )))
-                }
-            };
-            let period = std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
-                mlua::Error::runtime(format!(
-                    "vm.memory:set_stats_period: {seconds} seconds is out of range"
-                ))
-            })?;
-            vm.set_memory_stats_period(period).map_err(lua_err)
+            vm.set_memory_stats_period(stats_period_argument(seconds)?)
+                .map_err(lua_err)
         });
         methods.add_method("read", |lua, this, (gpa, len): (Value, Value)| {
             let vm = this.0.resolve()?;
-            let gpa = address("vm.memory:read", "gpa", &gpa)?;
-            let len = address("vm.memory:read", "len", &len)?;
-            if len > MAX_READ {
-                return Err(mlua::Error::runtime(format!(
-                    "vm.memory:read: len {len} is more than {MAX_READ} bytes at once"
-                )));
-            }
+            let (gpa, len) = read_arguments(gpa, len)?;
             let mut buf = vec![0u8; len as usize];
             vm.read_memory(gpa, &mut buf).map_err(lua_err)?;
             lua.create_string(&buf)
         });
         methods.add_method("write", |_, this, (gpa, bytes): (Value, Value)| {
             let vm = this.0.resolve()?;
-            let gpa = address("vm.memory:write", "gpa", &gpa)?;
-            let Value::String(bytes) = bytes else {
-                return Err(mlua::Error::runtime(format!(
-                    "vm.memory:write: bytes must be a string, got {}",
-                    a_type_name(&bytes)
-                )));
-            };
+            let (gpa, bytes) = write_arguments(gpa, bytes)?;
             vm.write_memory(gpa, &bytes.as_bytes()).map_err(lua_err)
         });
     }
+}
+
+/// `vm.memory:set_target(target, { reason })`'s arguments: the target in bytes and the
+/// reason (default "script"). Shared with remote VM handles.
+pub(crate) fn target_arguments(
+    lua: &Lua,
+    target: Value,
+    opts: Value,
+) -> mlua::Result<(u64, String)> {
+    let target = size_value(&target)
+        .map_err(|got| {
+            mlua::Error::runtime(format!(
+                "vm.memory:set_target: target must be a size (bytes, or \"384M\"), got {got}"
+            ))
+        })?
+        .ok_or_else(|| mlua::Error::runtime("vm.memory:set_target: target is required"))?;
+    let opts = Options::from_value(lua, "vm.memory:set_target", opts, &["reason"])?;
+    let reason = opts.string("reason")?.unwrap_or_else(|| "script".into());
+    Ok((target, reason))
+}
+
+/// `vm.memory:set_stats_period(seconds)`'s argument.
+pub(crate) fn stats_period_argument(seconds: Value) -> mlua::Result<std::time::Duration> {
+    let seconds = match seconds {
+        Value::Integer(i) if i >= 0 => i as f64,
+        Value::Number(f) if f >= 0.0 && f.is_finite() => f,
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "vm.memory:set_stats_period: seconds must be a non-negative number, got {}",
+                crate::options::describe(&other)
+            )))
+        }
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
+        mlua::Error::runtime(format!(
+            "vm.memory:set_stats_period: {seconds} seconds is out of range"
+        ))
+    })
+}
+
+/// `vm.memory:read(gpa, len)`'s arguments; `len` is at most [`MAX_READ`].
+pub(crate) fn read_arguments(gpa: Value, len: Value) -> mlua::Result<(u64, u64)> {
+    let gpa = address("vm.memory:read", "gpa", &gpa)?;
+    let len = address("vm.memory:read", "len", &len)?;
+    if len > MAX_READ {
+        return Err(mlua::Error::runtime(format!(
+            "vm.memory:read: len {len} is more than {MAX_READ} bytes at once"
+        )));
+    }
+    Ok((gpa, len))
+}
+
+/// `vm.memory:write(gpa, bytes)`'s arguments.
+pub(crate) fn write_arguments(gpa: Value, bytes: Value) -> mlua::Result<(u64, mlua::LuaString)> {
+    let gpa = address("vm.memory:write", "gpa", &gpa)?;
+    let Value::String(bytes) = bytes else {
+        return Err(mlua::Error::runtime(format!(
+            "vm.memory:write: bytes must be a string, got {}",
+            a_type_name(&bytes)
+        )));
+    };
+    Ok((gpa, bytes))
 }
 
 /// A non-negative integer argument.

@@ -70,7 +70,7 @@ fn lua_err(e: impl std::error::Error) -> mlua::Error {
 }
 
 /// Reads `{ timeout = seconds }` for method `method`.
-fn wait_timeout(
+pub(crate) fn wait_timeout(
     lua: &Lua,
     method: &str,
     opts: Value,
@@ -148,13 +148,8 @@ impl UserData for VmHandle {
         });
         methods.add_method("send", |_, this, text: Value| {
             let vm = this.resolve()?;
-            let Value::String(text) = text else {
-                return Err(mlua::Error::runtime(format!(
-                    "vm:send: text must be a string (bytes for the guest's serial console), got {}",
-                    a_type_name(&text)
-                )));
-            };
-            vm.send_input(&text.as_bytes()).map_err(lua_err)
+            vm.send_input(&send_argument(text)?.as_bytes())
+                .map_err(lua_err)
         });
         methods.add_method("snapshot", |lua, this, (path, opts): (Value, Value)| {
             let vm = this.resolve()?;
@@ -175,24 +170,22 @@ impl UserData for VmHandle {
                 other => (None, state, Some(describe_outcome(Some(&other)))),
             })
         });
-        methods.add_method("wait_for_console", |lua, this, (pattern, opts): (Value, Value)| {
-            let vm = this.resolve()?;
-            let pattern = match pattern {
-                Value::String(s) => s.to_str()?.to_string(),
-                other => {
-                    return Err(mlua::Error::runtime(format!(
-                        "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got {}",
-                        a_type_name(&other)
-                    )))
-                }
-            };
-            let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
-            let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
-            let (line, end) = vm
-                .wait_for_console_cancellable(&pattern, after, timeout, &crate::interrupt::canceller(lua))
-                .map_err(lua_err)?;
-            Ok((line, end))
-        });
+        methods.add_method(
+            "wait_for_console",
+            |lua, this, (pattern, opts): (Value, Value)| {
+                let vm = this.resolve()?;
+                let (pattern, after, timeout) = wait_for_console_arguments(lua, pattern, opts)?;
+                let (line, end) = vm
+                    .wait_for_console_cancellable(
+                        &pattern,
+                        after,
+                        timeout,
+                        &crate::interrupt::canceller(lua),
+                    )
+                    .map_err(lua_err)?;
+                Ok((line, end))
+            },
+        );
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
         methods.add_meta_method(MetaMethod::Eq, |_, this, other: AnyUserData| {
             Ok(other
@@ -201,6 +194,38 @@ impl UserData for VmHandle {
                 .unwrap_or(false))
         });
     }
+}
+
+/// `vm:send(text)`'s argument. Shared with remote VM handles.
+pub(crate) fn send_argument(text: Value) -> mlua::Result<mlua::LuaString> {
+    match text {
+        Value::String(text) => Ok(text),
+        other => Err(mlua::Error::runtime(format!(
+            "vm:send: text must be a string (bytes for the guest's serial console), got {}",
+            a_type_name(&other)
+        ))),
+    }
+}
+
+/// `vm:wait_for_console(pattern, { timeout, after })`'s arguments: the pattern, the
+/// offset to search from and the timeout. Shared with remote VM handles.
+pub(crate) fn wait_for_console_arguments(
+    lua: &Lua,
+    pattern: Value,
+    opts: Value,
+) -> mlua::Result<(String, u64, Duration)> {
+    let pattern = match pattern {
+        Value::String(s) => s.to_str()?.to_string(),
+        other => {
+            return Err(mlua::Error::runtime(format!(
+            "vm:wait_for_console: pattern must be a string (plain text, not a Lua pattern), got {}",
+            a_type_name(&other)
+        )))
+        }
+    };
+    let (timeout, opts) = wait_timeout(lua, "wait_for_console", opts, &["after"])?;
+    let after = opts.integer("after", 0, i64::MAX)?.unwrap_or(0) as u64;
+    Ok((pattern, after, timeout))
 }
 
 /// Registers `hv.vm` and `hv.vms`.

@@ -372,4 +372,67 @@ function hv.policy.status(name) end
 ---@param path string?
 function hv.policy.record(path) end
 
+---@class hv.ConnectOptions
+---@field key_file string The key file shared with that host (as its `luvisor serve --key-file`); only its owner may read it.
+---@field timeout? number Seconds for connecting and for each answer (waits add their own time). Default 10.
+
+---Connects to the `luvisor serve --listen` host at `addr` ("host:port") over the
+---authenticated peer channel. Raises when it cannot connect or the key does not match.
+---@param addr string
+---@param opts hv.ConnectOptions
+---@return hv.Host
+function hv.connect(addr, opts) end
+
+---@class hv.RemoteHostInfo: hv.HostInfo
+---@field name string The host's name (its hostname).
+---@field addr string The address this handle connects to.
+---@field memory_reserve integer Bytes the host keeps for itself.
+---@field vms_resident integer Guest memory resident over every VM of that host, bytes.
+
+---A control connection to a remote host (see docs/remote.md). Errors from the host raise
+---"host ADDR: <the host's message>". A call whose connection broke raises; the next call
+---connects again.
+---@class hv.Host
+---@field addr string
+---@field name string The host's name (its hostname).
+local Host = {}
+
+---`hv.host{}` of that host, with its name and address.
+---@return hv.RemoteHostInfo
+function Host:info() end
+
+---Handles on every VM of that host, in creation order.
+---@return hv.RemoteVm[]
+function Host:vms() end
+
+---The VM named `name` on that host; raises "host ADDR: there is no vm named 'x'; its VMs
+---are: ..." when there is none.
+---@param name string
+---@return hv.RemoteVm
+function Host:vm(name) end
+
+---`hv.policy.status()` of that host.
+---@return hv.PolicyStatus[]
+function Host:policies() end
+
+---@class hv.MigrateOptions
+---@field key_file? string A key file on the source host for the destination (default: the key the source serves with).
+---@field max_downtime_ms? integer Longest pause allowed for the final copy. Default 300.
+---@field timeout? number Seconds the whole migration may take. Default 120.
+
+---A VM on a remote host. It has the fields and methods of hv.Vm except `snapshot` and
+---`destroy`, plus `host` and `migrate`; every use asks the host again. Waits run on the
+---host, a second at a time, so Ctrl-C interrupts them.
+---@class hv.RemoteVm: hv.Vm
+---@field host hv.Host
+local RemoteVm = {}
+
+---Asks the VM's host to live-migrate it to the host at `addr`. Returns the migration's
+---report; raises "host ADDR: cannot migrate vm 'x': migration is not available on this
+---host" where the host has no migration.
+---@param addr string
+---@param opts? hv.MigrateOptions
+---@return table report
+function RemoteVm:migrate(addr, opts) end
+
 return hv

@@ -11,6 +11,8 @@
 //! - [`vm`]: one VM's lifecycle (`created → running ⇄ paused → stopped`, or `crashed`).
 //! - [`registry`]: the set of VMs a process manages, addressed by id and name.
 //! - [`host`]: what this host's KVM is (PVM or hardware) and what it supports.
+//! - [`migration`]: the authenticated channel between hosts, and live migration.
+//! - [`remote`]: remote control of a `luvisor serve` host over that channel.
 //!
 //! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
 
@@ -20,6 +22,7 @@ pub mod devices;
 pub mod host;
 pub mod migration;
 pub mod registry;
+pub mod remote;
 pub mod size;
 pub mod snapshot;
 pub mod storage;

@@ -789,7 +789,7 @@ fn path_argument(function: &str, what: &str, value: Value) -> mlua::Result<PathB
     }
 }
 
-fn status_table(lua: &Lua, status: &PolicyStatus) -> mlua::Result<Table> {
+pub(crate) fn status_table(lua: &Lua, status: &PolicyStatus) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("name", status.name.as_deref())?;
     t.set("file", status.file.as_str())?;
@@ -815,6 +815,25 @@ fn status_table(lua: &Lua, status: &PolicyStatus) -> mlua::Result<Table> {
     t.set("decisions", decisions)?;
     t.set("decisions_tick", status.last_decisions_tick)?;
     Ok(t)
+}
+
+/// A policy's status as JSON, with the keys and values of [`status_table`]: what a remote
+/// client's `host:policies()` shows.
+pub fn status_json(status: &PolicyStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": status.name,
+        "file": status.file,
+        "description": status.description,
+        "generation": status.generation,
+        "running": status.running,
+        "interval_ms": status.interval_ms,
+        "ticks": status.ticks,
+        "failures": status.failures,
+        "last_tick_ms": status.last_tick_ms,
+        "last_error": status.last_error,
+        "decisions": status.last_decisions,
+        "decisions_tick": status.last_decisions_tick,
+    })
 }
 
 fn status_list(lua: &Lua, statuses: &[PolicyStatus]) -> mlua::Result<Table> {

@@ -1,0 +1,543 @@
+//! `hv.connect(addr, { key_file, timeout })`: remote control of a `luvisor serve` host.
+//!
+//! A `Host` handle holds one control connection ([`RemoteHost`], shared with the remote
+//! VM handles it gives out). A remote VM handle holds the host's connection and the VM's
+//! id and name on that host; like a local handle, every field read and method call asks
+//! the host again, so a VM destroyed there raises "vm 'x' no longer exists". Errors from
+//! the host are Lua errors that start with `host ADDR:` and carry the host's message.
+//!
+//! The host side is `luvisor_runtime::remote::handler`; [`control_handler`] builds it with
+//! this crate's policy status provider, for `luvisor serve` to hand control connections
+//! to.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use luvisor_runtime::migration::SecureChannel;
+use luvisor_runtime::remote::protocol::{HostReport, VmInfo, VmRef};
+use luvisor_runtime::remote::{
+    ControlHooks, MigrateOptions, PolicyStatusProvider, RemoteError, RemoteHost,
+};
+use luvisor_runtime::size::format_size;
+use luvisor_runtime::Registry;
+use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
+
+use crate::host::error_chain;
+use crate::namespace::{Context, Namespace};
+use crate::options::{a_type_name, Options};
+
+/// `timeout` of `hv.connect` when none is given: for connecting and for each answer.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most levels of nesting converted from a host's JSON (policy statuses, migration
+/// reports) into Lua tables.
+const MAX_JSON_DEPTH: usize = 32;
+
+/// Registers `hv.connect`.
+pub const NAMESPACE: Namespace = Namespace {
+    name: "remote",
+    register,
+};
+
+fn register(lua: &Lua, hv: &Table, _context: &Context) -> mlua::Result<()> {
+    hv.set(
+        "connect",
+        lua.create_function(|lua, (addr, opts): (Value, Value)| connect(lua, addr, opts))?,
+    )
+}
+
+/// The policy status provider of `registry`'s engine: `hv.policy.status()` as JSON.
+pub fn policy_status_provider(registry: &Arc<Registry>) -> PolicyStatusProvider {
+    let registry: Weak<Registry> = Arc::downgrade(registry);
+    Arc::new(move || match registry.upgrade() {
+        Some(registry) => serde_json::Value::Array(
+            crate::policy::engine(&registry)
+                .status()
+                .iter()
+                .map(crate::policy::status_json)
+                .collect(),
+        ),
+        None => serde_json::Value::Array(Vec::new()),
+    })
+}
+
+/// The hooks a host serving `registry` gives its control handler: this crate's policy
+/// status provider, and no migration (set `migrate` to wire it in).
+pub fn control_hooks(registry: &Arc<Registry>) -> ControlHooks {
+    ControlHooks {
+        policies: Some(policy_status_provider(registry)),
+        migrate: None,
+    }
+}
+
+/// **Integration point** for `luvisor serve --listen`: the handler for control
+/// connections (the accept loop's `ServerHandlers::control`), serving `registry` with
+/// [`control_hooks`].
+pub fn control_handler(registry: &Arc<Registry>) -> Arc<dyn Fn(SecureChannel) + Send + Sync> {
+    luvisor_runtime::remote::control_handler(registry.clone(), control_hooks(registry))
+}
+
+/// One connection, shared by a host handle and its VM handles.
+#[derive(Clone)]
+struct Connection {
+    host: Arc<Mutex<RemoteHost>>,
+    addr: Arc<str>,
+}
+
+impl Connection {
+    fn lock(&self) -> MutexGuard<'_, RemoteHost> {
+        self.host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the connection; a failure becomes a Lua error.
+    fn call<R>(
+        &self,
+        f: impl FnOnce(&mut RemoteHost) -> Result<R, RemoteError>,
+    ) -> mlua::Result<R> {
+        f(&mut self.lock()).map_err(|e| mlua::Error::runtime(error_chain(&e)))
+    }
+}
+
+fn connect(lua: &Lua, addr: Value, opts: Value) -> mlua::Result<HostHandle> {
+    let addr = match addr {
+        Value::String(s) => s.to_str()?.to_string(),
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "hv.connect: addr must be a string such as \"10.0.0.2:7001\", got {}",
+                a_type_name(&other)
+            )))
+        }
+    };
+    let opts = Options::from_value(lua, "hv.connect", opts, &["key_file", "timeout"])?;
+    let key_file = opts.string("key_file")?.ok_or_else(|| {
+        opts.error(
+            "option 'key_file' is required: the key file `luvisor serve --key-file` uses on that host",
+        )
+    })?;
+    let timeout = opts.seconds("timeout")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(opts.error("option 'timeout' must be more than 0 seconds"));
+    }
+    let host = RemoteHost::connect_with_key_file(&addr, &PathBuf::from(key_file), timeout)
+        .map_err(|e| mlua::Error::runtime(format!("hv.connect: {}", error_chain(&e))))?;
+    Ok(HostHandle(Connection {
+        host: Arc::new(Mutex::new(host)),
+        addr: addr.into(),
+    }))
+}
+
+/// The Lua handle on a remote host.
+#[derive(Clone)]
+pub struct HostHandle(Connection);
+
+impl HostHandle {
+    fn vm(&self, info: &VmInfo) -> RemoteVmHandle {
+        RemoteVmHandle {
+            connection: self.0.clone(),
+            vm: info.vm_ref(),
+        }
+    }
+
+    /// `host<name at addr>`.
+    pub fn describe(&self) -> String {
+        format!("host<{} at {}>", self.0.lock().name(), self.0.addr)
+    }
+}
+
+impl UserData for HostHandle {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("addr", |_, this| Ok(this.0.addr.to_string()));
+        fields.add_field_method_get("name", |_, this| Ok(this.0.lock().name().to_string()));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("info", |lua, this, ()| {
+            let report = this.0.call(|host| host.host_info())?;
+            host_table(lua, &report, &this.0.addr)
+        });
+        methods.add_method("vms", |_, this, ()| {
+            let vms = this.0.call(|host| host.list_vms())?;
+            Ok(vms.iter().map(|info| this.vm(info)).collect::<Vec<_>>())
+        });
+        methods.add_method("vm", |_, this, name: Value| {
+            let name = match name {
+                Value::String(s) => s.to_str()?.to_string(),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "host:vm: name must be a string, got {}",
+                        a_type_name(&other)
+                    )))
+                }
+            };
+            let info = this.0.call(|host| host.find_vm(&name))?;
+            Ok(this.vm(&info))
+        });
+        methods.add_method("policies", |lua, this, ()| {
+            let statuses = this.0.call(|host| host.policies())?;
+            json_to_lua(lua, &statuses, 0)
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
+    }
+}
+
+/// The table `hv.host()` gives, for a remote host, with its `name` and `addr`.
+fn host_table(lua: &Lua, report: &HostReport, addr: &str) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("name", report.name.as_str())?;
+    t.set("addr", addr)?;
+    t.set("cpus", report.cpus)?;
+    t.set("memory_total", report.memory_total)?;
+    t.set("memory_available", report.memory_available)?;
+    t.set("memory_reserve", report.memory_reserve)?;
+    t.set("vms_resident", report.vms_resident)?;
+    t.set("process_rss", report.process_rss)?;
+    t.set("process_cpu_seconds", report.process_cpu_seconds)?;
+    match &report.kvm {
+        Ok(k) => {
+            let kt = lua.create_table()?;
+            kt.set("api", k.api)?;
+            kt.set("backend", k.backend.as_str())?;
+            kt.set("max_vcpus", k.max_vcpus)?;
+            kt.set("irqchip", k.irqchip)?;
+            kt.set("irqfd", k.irqfd)?;
+            kt.set("ioeventfd", k.ioeventfd)?;
+            kt.set("dirty_log", k.dirty_log)?;
+            t.set("kvm", kt)?;
+        }
+        Err(e) => {
+            t.set("kvm", false)?;
+            t.set("kvm_error", e.as_str())?;
+        }
+    }
+    Ok(t)
+}
+
+/// A host's JSON as Lua values: objects and arrays become tables, `null` nil.
+fn json_to_lua(lua: &Lua, value: &serde_json::Value, depth: usize) -> mlua::Result<Value> {
+    use serde_json::Value as Json;
+    if depth > MAX_JSON_DEPTH {
+        return Err(mlua::Error::runtime(format!(
+            "the host's answer nests more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
+    Ok(match value {
+        Json::Null => Value::Nil,
+        Json::Bool(b) => Value::Boolean(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::String(lua.create_string(s)?),
+        Json::Array(items) => {
+            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.iter().enumerate() {
+                t.raw_set(i + 1, json_to_lua(lua, item, depth + 1)?)?;
+            }
+            Value::Table(t)
+        }
+        Json::Object(entries) => {
+            let t = lua.create_table_with_capacity(0, entries.len())?;
+            for (key, item) in entries {
+                t.raw_set(key.as_str(), json_to_lua(lua, item, depth + 1)?)?;
+            }
+            Value::Table(t)
+        }
+    })
+}
+
+/// The Lua handle on a VM of a remote host.
+#[derive(Clone)]
+pub struct RemoteVmHandle {
+    connection: Connection,
+    vm: VmRef,
+}
+
+impl RemoteVmHandle {
+    fn info(&self) -> mlua::Result<VmInfo> {
+        self.connection.call(|host| host.vm_info(&self.vm))
+    }
+
+    /// `vm<name #id state, 1 vcpu, 128M on addr>`.
+    pub fn describe(&self) -> String {
+        match self.connection.lock().vm_info(&self.vm) {
+            Ok(info) => format!(
+                "vm<{} #{} {}, {} vcpu{}, {} on {}>",
+                info.name,
+                info.id,
+                info.state,
+                info.vcpus,
+                if info.vcpus == 1 { "" } else { "s" },
+                format_size(info.memory_size),
+                self.connection.addr
+            ),
+            Err(e) => format!(
+                "vm<{} #{} on {}: {}>",
+                self.vm.name,
+                self.vm.id,
+                self.connection.addr,
+                error_chain(&e)
+            ),
+        }
+    }
+}
+
+impl UserData for RemoteVmHandle {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("id", |_, this| Ok(this.info()?.id));
+        fields.add_field_method_get("name", |_, this| Ok(this.info()?.name));
+        fields.add_field_method_get("state", |_, this| Ok(this.info()?.state));
+        fields.add_field_method_get("vcpus", |_, this| Ok(this.info()?.vcpus));
+        fields.add_field_method_get("memory_size", |_, this| Ok(this.info()?.memory_size));
+        fields.add_field_method_get("boot_time_ms", |_, this| Ok(this.info()?.boot_time_ms));
+        fields.add_field_method_get("run_time_ms", |_, this| Ok(this.info()?.run_time_ms));
+        fields.add_field_method_get("exit_code", |_, this| Ok(this.info()?.exit_code));
+        fields.add_field_method_get("crash_reason", |_, this| Ok(this.info()?.crash_reason));
+        fields.add_field_method_get("console_offset", |_, this| Ok(this.info()?.console_offset));
+        fields.add_field_method_get("console_error", |_, this| Ok(this.info()?.console_error));
+        fields.add_field_method_get("memory_resident", |_, this| {
+            Ok(this.info()?.memory_resident)
+        });
+        fields.add_field_method_get("memory", |_, this| {
+            this.info()?;
+            Ok(RemoteVmMemory(this.clone()))
+        });
+        fields.add_field_method_get("host", |_, this| Ok(HostHandle(this.connection.clone())));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("start", |_, this, ()| {
+            this.connection.call(|host| host.start(&this.vm))
+        });
+        methods.add_method("pause", |_, this, ()| {
+            this.connection.call(|host| host.pause(&this.vm))
+        });
+        methods.add_method("resume", |_, this, ()| {
+            this.connection.call(|host| host.resume(&this.vm))
+        });
+        methods.add_method("stop", |_, this, ()| {
+            this.connection.call(|host| host.stop(&this.vm))
+        });
+        methods.add_method("send", |_, this, text: Value| {
+            let text = crate::vm::send_argument(text)?;
+            this.connection
+                .call(|host| host.send(&this.vm, &text.as_bytes()))
+        });
+        methods.add_method("console", |_, this, ()| {
+            this.connection.call(|host| host.console(&this.vm))
+        });
+        methods.add_method("wait", |lua, this, opts: Value| {
+            let (timeout, _) = crate::vm::wait_timeout(lua, "wait", opts, &[])?;
+            let cancel = crate::interrupt::canceller(lua);
+            this.connection
+                .call(|host| host.wait(&this.vm, timeout, &cancel))
+        });
+        methods.add_method(
+            "wait_for_console",
+            |lua, this, (pattern, opts): (Value, Value)| {
+                let (pattern, after, timeout) =
+                    crate::vm::wait_for_console_arguments(lua, pattern, opts)?;
+                let cancel = crate::interrupt::canceller(lua);
+                this.connection
+                    .call(|host| host.wait_for_console(&this.vm, &pattern, after, timeout, &cancel))
+            },
+        );
+        methods.add_method("migrate", |lua, this, (addr, opts): (Value, Value)| {
+            let addr = match addr {
+                Value::String(s) => s.to_str()?.to_string(),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "vm:migrate: addr must be a string such as \"10.0.0.3:7001\", got {}",
+                        a_type_name(&other)
+                    )))
+                }
+            };
+            let options = migrate_options(lua, opts)?;
+            let report = this
+                .connection
+                .call(|host| host.migrate(&this.vm, &addr, &options))?;
+            json_to_lua(lua, &report, 0)
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
+        methods.add_meta_method(MetaMethod::Eq, |_, this, other: AnyUserData| {
+            Ok(other
+                .borrow::<RemoteVmHandle>()
+                .map(|o| o.vm.id == this.vm.id && o.connection.addr == this.connection.addr)
+                .unwrap_or(false))
+        });
+    }
+}
+
+/// `vm:migrate(addr, { key_file, max_downtime_ms, timeout })` of a remote VM.
+fn migrate_options(lua: &Lua, opts: Value) -> mlua::Result<MigrateOptions> {
+    let opts = Options::from_value(
+        lua,
+        "vm:migrate",
+        opts,
+        &["key_file", "max_downtime_ms", "timeout"],
+    )?;
+    let defaults = MigrateOptions::default();
+    Ok(MigrateOptions {
+        key_file: opts.string("key_file")?,
+        max_downtime: opts
+            .integer("max_downtime_ms", 1, i64::MAX)?
+            .map_or(defaults.max_downtime, |ms| Duration::from_millis(ms as u64)),
+        timeout: opts.seconds("timeout")?.unwrap_or(defaults.timeout),
+    })
+}
+
+/// `vm.memory` of a remote VM.
+pub struct RemoteVmMemory(RemoteVmHandle);
+
+impl RemoteVmMemory {
+    fn report(&self) -> mlua::Result<luvisor_runtime::remote::protocol::MemoryReport> {
+        let vm = &self.0;
+        vm.connection.call(|host| host.memory(&vm.vm))
+    }
+}
+
+impl UserData for RemoteVmMemory {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("size", |_, this| Ok(this.report()?.size));
+        fields.add_field_method_get("target", |_, this| Ok(this.report()?.target));
+        fields.add_field_method_get("resident", |_, this| Ok(this.report()?.resident));
+        fields.add_field_method_get("held", |_, this| Ok(this.report()?.held));
+        fields.add_field_method_get("stats_period", |_, this| {
+            Ok(this.report()?.stats_period_ms as f64 / 1000.0)
+        });
+        fields.add_field_method_get("min", |_, this| Ok(this.report()?.min));
+        fields.add_field_method_get("max", |_, this| Ok(this.report()?.max));
+        fields.add_field_method_get("startup", |_, this| Ok(this.report()?.startup));
+        fields.add_field_method_get("buffer", |_, this| Ok(this.report()?.buffer));
+        fields.add_field_method_get("weight", |_, this| Ok(this.report()?.weight));
+        fields.add_field_method_get("stats", |lua, this| {
+            let Some((stats, age_ms)) = this.report()?.stats else {
+                return Ok(Value::Nil);
+            };
+            let t = lua.create_table()?;
+            for (name, value) in stats.fields() {
+                if let Some(value) = value {
+                    t.set(name, value)?;
+                }
+            }
+            t.set("age_ms", age_ms)?;
+            Ok(Value::Table(t))
+        });
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("set_target", |lua, this, (target, opts): (Value, Value)| {
+            let (target, reason) = crate::memory::target_arguments(lua, target, opts)?;
+            let vm = &this.0;
+            vm.connection
+                .call(|host| host.set_memory_target(&vm.vm, target, &reason))
+        });
+        methods.add_method("set_stats_period", |_, this, seconds: Value| {
+            let period = crate::memory::stats_period_argument(seconds)?;
+            let vm = &this.0;
+            vm.connection
+                .call(|host| host.set_memory_stats_period(&vm.vm, period))
+        });
+        methods.add_method("read", |lua, this, (gpa, len): (Value, Value)| {
+            let (gpa, len) = crate::memory::read_arguments(gpa, len)?;
+            let vm = &this.0;
+            let bytes = vm
+                .connection
+                .call(|host| host.read_memory(&vm.vm, gpa, len))?;
+            lua.create_string(&bytes)
+        });
+        methods.add_method("write", |_, this, (gpa, bytes): (Value, Value)| {
+            let (gpa, bytes) = crate::memory::write_arguments(gpa, bytes)?;
+            let vm = &this.0;
+            vm.connection
+                .call(|host| host.write_memory(&vm.vm, gpa, &bytes.as_bytes()))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_becomes_lua_values() {
+        let lua = Lua::new();
+        let json = serde_json::json!({
+            "name": "default", "running": true, "ticks": 3, "last_tick_ms": 1.5,
+            "last_error": null, "decisions": [{ "vm": "a", "target": 1 }]
+        });
+        let value = json_to_lua(&lua, &json, 0).unwrap();
+        lua.globals().set("status", value).unwrap();
+        let ok: bool = lua
+            .load(
+                "return status.name == 'default' and status.running and status.ticks == 3 \
+                 and math.type(status.ticks) == 'integer' and status.last_tick_ms == 1.5 \
+                 and status.last_error == nil and status.decisions[1].vm == 'a' \
+                 and #status.decisions == 1",
+            )
+            .eval()
+            .unwrap();
+        assert!(ok);
+        let mut deep = serde_json::json!(1);
+        for _ in 0..=MAX_JSON_DEPTH {
+            deep = serde_json::json!([deep]);
+        }
+        assert!(json_to_lua(&lua, &deep, 0).is_err());
+    }
+
+    #[test]
+    fn remote_policy_statuses_look_like_local_ones() {
+        use crate::policy::{Decision, PolicyStatus};
+        let status = PolicyStatus {
+            name: Some("default".into()),
+            file: "policies/default.lua".into(),
+            description: None,
+            generation: 2,
+            running: true,
+            interval_ms: 1000,
+            ticks: 5,
+            failures: 1,
+            last_tick_ms: Some(0.5),
+            last_error: Some("boom".into()),
+            last_decisions: vec![Decision {
+                vm: "a".into(),
+                asked: 1 << 30,
+                target: 1 << 29,
+                clamped: true,
+                previous: 1 << 28,
+                reason: "grow".into(),
+            }],
+            last_decisions_tick: 4,
+        };
+        let lua = Lua::new();
+        let local = crate::policy::status_table(&lua, &status).unwrap();
+        let remote = json_to_lua(&lua, &crate::policy::status_json(&status), 0).unwrap();
+        let display = |v: Value| crate::display::format_value(&v, 4);
+        assert_eq!(display(Value::Table(local)), display(remote));
+    }
+
+    #[test]
+    fn connect_checks_its_arguments() {
+        let lua = crate::new_user_state(Arc::new(Registry::new())).unwrap();
+        for (code, expected) in [
+            ("hv.connect(7001)", "hv.connect: addr must be a string"),
+            ("hv.connect('127.0.0.1:1')", "option 'key_file' is required"),
+            (
+                "hv.connect('127.0.0.1:1', { key = 'x' })",
+                "unknown option 'key'; valid options are: key_file, timeout",
+            ),
+            (
+                "hv.connect('127.0.0.1:1', { key_file = 'k', timeout = 0 })",
+                "must be more than 0 seconds",
+            ),
+            (
+                "hv.connect('127.0.0.1:1', { key_file = '/nonexistent/key' })",
+                "hv.connect: cannot open a control connection to host 127.0.0.1:1: cannot read key file /nonexistent/key",
+            ),
+        ] {
+            let err = lua.load(code).exec().unwrap_err();
+            let message = crate::script::error_message(&err);
+            assert!(message.contains(expected), "{code}: {message}");
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Remote control with real VMs: this process plays the `luvisor serve` host (a registry
+//! behind the control handler, on a loopback port, through the test listener that stands
+//! in for serve's accept loop), and is driven by the Rust client, by a `luvisor run`
+//! script using `hv.connect`, and by `luvisor repl --connect`.
+//!
+//! Every wait is for an event (console output, the guest's end), never for a time.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use luvisor_runtime::migration::PeerKey;
+use luvisor_runtime::remote::protocol::FailureKind;
+use luvisor_runtime::remote::{test_listener, RemoteError, RemoteHost};
+use luvisor_runtime::vm::dynamic_memory::MemoryKnobs;
+use luvisor_runtime::{Registry, VmId};
+
+const GREETING: &str = "hello from luvisor guest";
+const T: Duration = Duration::from_secs(10);
+
+/// Writes a private key file in `dir`.
+fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Serves `registry` on a loopback port with the key in `key`; returns the address.
+fn serve(registry: &Arc<Registry>, key: &Path) -> String {
+    test_listener::spawn(
+        PeerKey::from_file(key).unwrap(),
+        luvisor_lua::remote::control_handler(registry),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_rust_client_drives_a_real_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("remote-rust");
+    let key = key_file(&dir, "key", b"a key for the rust client test 0123");
+    let registry = Arc::new(Registry::new());
+    let local = registry
+        .create(common::builtin("listener", "listen"))
+        .unwrap();
+    let addr = serve(&registry, &key);
+    let mut host = RemoteHost::connect_with_key_file(&addr, &key, T).unwrap();
+
+    let vm = host.find_vm("listener").unwrap();
+    assert_eq!(vm.state, "created");
+    let vm = vm.vm_ref();
+    host.start(&vm).unwrap();
+    assert_eq!(local.state().as_str(), "running");
+    let (line, at) = host
+        .wait_for_console(&vm, "listening", 0, common::TIMEOUT, &|| false)
+        .unwrap();
+    assert!(line.contains("listening"), "{line}");
+    host.send(&vm, b"hello\n").unwrap();
+    let (_, at) = host
+        .wait_for_console(&vm, GREETING, at, common::TIMEOUT, &|| false)
+        .unwrap();
+    assert!(host.console(&vm).unwrap().contains(GREETING));
+    assert!(host.vm_info(&vm).unwrap().console_offset >= at);
+
+    // Pause acts on the VM itself.
+    host.pause(&vm).unwrap();
+    assert_eq!(local.state().as_str(), "paused");
+    assert_eq!(host.vm_info(&vm).unwrap().state, "paused");
+
+    // Guest memory, while nothing in the guest changes it: reads (bigger than one
+    // request's chunk) match the VM's own reads, and a write lands in the guest (the
+    // old bytes go back before the guest runs again).
+    let len = 5 << 20;
+    let remote = host.read_memory(&vm, 1 << 20, len).unwrap();
+    let mut own = vec![0u8; len as usize];
+    local.read_memory(1 << 20, &mut own).unwrap();
+    assert!(remote == own, "remote and local reads differ");
+    let scratch = (60 << 20) + 123;
+    let before = host.read_memory(&vm, scratch, 16).unwrap();
+    host.write_memory(&vm, scratch, b"written remotely")
+        .unwrap();
+    let mut back = [0u8; 16];
+    local.read_memory(scratch, &mut back).unwrap();
+    assert_eq!(&back, b"written remotely");
+    host.write_memory(&vm, scratch, &before).unwrap();
+    let err = host.read_memory(&vm, 1 << 40, 16).unwrap_err();
+    assert!(err.to_string().contains("is not all RAM"), "{err}");
+
+    host.resume(&vm).unwrap();
+    assert_eq!(local.state().as_str(), "running");
+
+    // A wait that runs out names the whole timeout asked for, not a slice of it.
+    let err = host
+        .wait(&vm, Duration::from_millis(1500), &|| false)
+        .unwrap_err();
+    assert_eq!(err.failure_kind(), Some(FailureKind::TimedOut));
+    assert!(err.to_string().contains("timed out after 1.5s"), "{err}");
+
+    // The guest's end, with its exit code.
+    host.send(&vm, b"exit 7\n").unwrap();
+    let (code, state, reason) = host.wait(&vm, common::TIMEOUT, &|| false).unwrap();
+    assert_eq!((code, state.as_str(), reason), (Some(7), "stopped", None));
+
+    // A destroyed VM's handle is stale, even once another VM takes its name.
+    registry.destroy(VmId(vm.id));
+    registry
+        .create(common::builtin("listener", "hello"))
+        .unwrap();
+    let err = host.vm_info(&vm).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("host {addr}: vm 'listener' no longer exists")
+    );
+
+    // The wrong key gets nowhere.
+    let wrong = key_file(&dir, "wrong", b"not the key of that host at all!!");
+    let err = RemoteHost::connect_with_key_file(&addr, &wrong, T).unwrap_err();
+    assert!(matches!(err, RemoteError::Connect { .. }), "{err}");
+    assert!(
+        format!("{:?}", std::error::Error::source(&err)).contains("AuthFailed"),
+        "{err}"
+    );
+    registry.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A script that drives the remote host through `hv.connect`; `...` is the address, the
+/// key file and a wrong key file.
+const SCRIPT: &str = r#"
+local addr, key, wrong_key = ...
+local function fails(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching '" .. pattern .. "'")
+  err = tostring(err)
+  assert(err:find(pattern, 1, true), "error '" .. err .. "' does not mention '" .. pattern .. "'")
+  return err
+end
+
+local host = hv.connect(addr, { key_file = key, timeout = 10 })
+assert(tostring(host):find("at " .. addr, 1, true), tostring(host))
+local info = host:info()
+assert(info.addr == addr and info.name == host.name and info.cpus >= 1, "host:info")
+assert(info.memory_total > 0 and info.memory_reserve > 0 and info.vms_resident >= 0)
+assert(info.kvm.api == 12, "kvm")
+
+local vms = host:vms()
+assert(#vms == 1 and vms[1].name == "remote-lua", "host:vms")
+local vm = host:vm("remote-lua")
+assert(vm == vms[1], "handles of one VM are equal")
+assert(vm.state == "created" and vm.vcpus == 1 and vm.memory_size == 128 * 1024 * 1024)
+assert(vm.host.addr == addr)
+fails("host " .. addr .. ": there is no vm named 'nope'; its VMs are: remote-lua", host.vm, host, "nope")
+fails("host:vm: name must be a string", host.vm, host, 3)
+fails("host " .. addr .. ": cannot send input to vm 'remote-lua': it is created", vm.send, vm, "x")
+
+-- The remote policy engine's status, as hv.policy.status() shows it there.
+local policies = host:policies()
+assert(#policies == 1 and policies[1].name == "quiet" and policies[1].running, "policies")
+assert(type(policies[1].decisions) == "table")
+
+vm:start()
+assert(vm.state == "running")
+local _, at = vm:wait_for_console("listening", { timeout = 20 })
+vm:send("hello\n")
+_, at = vm:wait_for_console("hello from luvisor guest", { timeout = 20, after = at })
+assert(vm.console_offset >= at and vm:console():find("hello from luvisor guest", 1, true))
+assert(vm.boot_time_ms and vm.run_time_ms > 0 and vm.memory_resident > 0)
+fails("vm:wait_for_console: pattern must be a string", vm.wait_for_console, vm, 42)
+fails("unknown option 'tiemout'", vm.wait, vm, { tiemout = 1 })
+
+-- Dynamic memory, through vm.memory.
+local mem = vm.memory
+assert(mem.max == 128 * 1024 * 1024 and mem.min == 32 * 1024 * 1024 and mem.startup == 64 * 1024 * 1024)
+assert(mem.buffer == 20 and mem.weight == 5000)
+local applied, clamped = mem:set_target("48M", { reason = "remote test" })
+assert(applied == 48 * 1024 * 1024 and not clamped and mem.target == applied)
+applied, clamped = mem:set_target("1G")
+assert(applied == 128 * 1024 * 1024 and clamped)
+fails("vm.memory:set_target: target must be a size", mem.set_target, mem, {})
+mem:set_stats_period(2)
+assert(mem.stats_period == 2)
+
+vm:pause()
+assert(vm.state == "paused")
+-- Guest memory while the guest and its balloon stand still; the old bytes go back.
+local at60 = 60 * 1024 * 1024
+local old = mem:read(at60, 12)
+mem:write(at60, "remote bytes")
+assert(mem:read(at60, 12) == "remote bytes")
+mem:write(at60, old)
+fails("vm.memory:read: len", mem.read, mem, 0, 65 * 1024 * 1024)
+fails("host " .. addr .. ": timed out after", vm.wait_for_console, vm, "never printed", { timeout = 0.5 })
+vm:resume()
+assert(vm.state == "running")
+
+fails("host " .. addr .. ": cannot migrate vm 'remote-lua': migration is not available on this host",
+      vm.migrate, vm, "127.0.0.1:1", { max_downtime_ms = 100 })
+fails("unknown option 'downtime'", vm.migrate, vm, "127.0.0.1:1", { downtime = 1 })
+
+vm:send("exit 5\n")
+local code, state = vm:wait{ timeout = 20 }
+assert(code == 5 and state == "stopped", tostring(code) .. " " .. tostring(state))
+assert(vm.exit_code == 5)
+
+fails("failed authentication", hv.connect, addr, { key_file = wrong_key })
+print("remote script ok")
+"#;
+
+#[test]
+fn a_script_drives_a_remote_vm_through_hv_connect() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("remote-lua");
+    let key = key_file(&dir, "key", b"a key for the lua script test 0123");
+    let wrong = key_file(&dir, "wrong", b"this is some other host's key!!!!");
+    let registry = Arc::new(Registry::new());
+    let mut config = common::builtin("remote-lua", "listen");
+    let knobs = MemoryKnobs {
+        startup: 64 << 20,
+        min: 32 << 20,
+        max: 128 << 20,
+        buffer_percent: 20,
+        weight: 5000,
+    };
+    config.memory = knobs.max;
+    config.dynamic_memory = Some(knobs);
+    registry.create(config).unwrap();
+    // A policy that decides nothing, so that the script's targets stay as it sets them.
+    let policy = dir.join("quiet.lua");
+    std::fs::write(
+        &policy,
+        "return { name = 'quiet', interval_ms = 1000, tick = function(ctx) end }\n",
+    )
+    .unwrap();
+    luvisor_lua::policy::engine(&registry)
+        .load(&policy, luvisor_lua::policy::Limits::default())
+        .unwrap();
+    let addr = serve(&registry, &key);
+    let (code, stdout, stderr) = common::run_script(
+        &dir,
+        "remote.lua",
+        SCRIPT,
+        &[&addr, key.to_str().unwrap(), wrong.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("remote script ok"), "{stdout}");
+    luvisor_lua::policy::shutdown(&registry);
+    registry.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn repl_connect_binds_the_remote_host_to_host() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("remote-repl");
+    let key = key_file(&dir, "key", b"a key for the repl connect test 01");
+    let registry = Arc::new(Registry::new());
+    registry.create(common::builtin("far", "listen")).unwrap();
+    let addr = serve(&registry, &key);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["repl", "--connect", &addr, "--key-file"])
+        .arg(&key)
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"far = host:vm('far')\n\
+              far:start()\n\
+              far:wait_for_console('listening', { timeout = 20 })\n\
+              far.state\n\
+              #hv.vms()\n\
+              host:vm('nope')\n",
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("connected to luvisor host") && stdout.contains(&addr),
+        "{stdout}"
+    );
+    // The remote VM runs; `hv` is still this machine's (no VMs there).
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"\"running\""), "{stdout}");
+    assert!(lines.contains(&"0"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("error: host {addr}: there is no vm named 'nope'")),
+        "{stderr}"
+    );
+    // Piped input with a failed chunk exits 1.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(registry.find("far").unwrap().state().as_str(), "running");
+    registry.stop_all();
+
+    // A host that cannot be reached: a clear error and exit code 1 before any prompt.
+    let out = Command::new(env!("CARGO_BIN_EXE_luvisor"))
+        .args(["repl", "--connect", "127.0.0.1:1", "--key-file"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("hv.connect: cannot open a control connection to host 127.0.0.1:1"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
