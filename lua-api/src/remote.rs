@@ -214,7 +214,11 @@ fn host_table(lua: &Lua, report: &HostReport, addr: &str) -> mlua::Result<Table>
 }
 
 /// A host's JSON as Lua values: objects and arrays become tables, `null` nil.
-fn json_to_lua(lua: &Lua, value: &serde_json::Value, depth: usize) -> mlua::Result<Value> {
+pub(crate) fn json_to_lua(
+    lua: &Lua,
+    value: &serde_json::Value,
+    depth: usize,
+) -> mlua::Result<Value> {
     use serde_json::Value as Json;
     if depth > MAX_JSON_DEPTH {
         return Err(mlua::Error::runtime(format!(
@@ -487,7 +491,7 @@ mod tests {
 
     #[test]
     fn remote_policy_statuses_look_like_local_ones() {
-        use crate::policy::{Decision, PolicyStatus};
+        use crate::policy::{Decision, MigrateDecision, MigrationRecord, PolicyStatus};
         let status = PolicyStatus {
             name: Some("default".into()),
             file: "policies/default.lua".into(),
@@ -508,6 +512,26 @@ mod tests {
                 reason: "grow".into(),
             }],
             last_decisions_tick: 4,
+            last_migrate_decisions: vec![MigrateDecision {
+                vm: "a".into(),
+                host: "b".into(),
+                reason: "pressure".into(),
+                refused: Some("cooling down".into()),
+            }],
+            last_migrate_decisions_tick: 3,
+            migrations: vec![MigrationRecord {
+                id: 1,
+                policy: "default".into(),
+                vm: "a".into(),
+                host: "b".into(),
+                addr: "127.0.0.1:7002".into(),
+                reason: "pressure".into(),
+                state: "succeeded",
+                started_ms: 100,
+                ended_ms: Some(900),
+                report: Some(serde_json::json!({ "downtime_ms": 12, "rounds": 3 })),
+                error: None,
+            }],
         };
         let lua = Lua::new();
         let local = crate::policy::status_table(&lua, &status).unwrap();

@@ -18,6 +18,8 @@ use luvisor_runtime::Registry;
 use mlua::{Function, Lua, Table, Value};
 use serde::{Deserialize, Serialize};
 
+use super::migrate::{self, MigrateDecision, MigrationSnapshot};
+use super::peers::PeerSnapshot;
 use crate::options::{describe, size_value};
 
 /// How many ticks of history each VM keeps for `ctx:mean` and friends.
@@ -78,17 +80,26 @@ pub struct VmSnapshot {
     pub memory: MemorySnapshot,
 }
 
-/// Everything one tick reads: the host and every VM, and when.
+/// Everything one tick reads: the host, every VM, the peer hosts, the migrations, and
+/// when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TickInput {
     /// Milliseconds since the policy engine started (`ctx.now_ms`).
     pub now_ms: u64,
     pub host: HostSnapshot,
     pub vms: Vec<VmSnapshot>,
+    /// The peer hosts `hv.hosts` declared (`ctx.hosts`), as last polled. Empty in traces
+    /// of format version 1.
+    #[serde(default)]
+    pub hosts: Vec<PeerSnapshot>,
+    /// What the migration guards read (`ctx.migrations` is its `running`).
+    #[serde(default)]
+    pub migrations: MigrationSnapshot,
 }
 
 impl TickInput {
-    /// The live state of the host and of every VM in `registry`, VMs in creation order.
+    /// The live state of the host and of every VM in `registry`, VMs in creation order;
+    /// no peers and no migrations (the engine adds its own).
     pub fn capture(registry: &Registry, epoch: Instant) -> TickInput {
         let info = luvisor_runtime::host::HostInfo::query();
         let vms: Vec<VmSnapshot> = registry
@@ -126,6 +137,8 @@ impl TickInput {
                 vms_resident: vms.iter().map(|vm| vm.memory.resident).sum(),
             },
             vms,
+            hosts: Vec::new(),
+            migrations: MigrationSnapshot::default(),
         }
     }
 
@@ -178,6 +191,8 @@ impl TickInput {
                 vms_resident: vms.iter().map(|v| v.memory.resident).sum(),
             },
             vms,
+            hosts: Vec::new(),
+            migrations: MigrationSnapshot::default(),
         }
     }
 }
@@ -220,6 +235,11 @@ pub const HISTORY_FIELDS: [&str; 14] = [
 
 type Sample = [Option<u64>; HISTORY_FIELDS.len()];
 
+/// Where some fields are in a [`Sample`].
+const MAJOR_FAULTS: usize = 2;
+const MINOR_FAULTS: usize = 3;
+const RESIDENT: usize = 12;
+
 fn sample_of(vm: &VmSnapshot) -> Sample {
     let mut sample: Sample = [None; HISTORY_FIELDS.len()];
     if let Some(stats) = &vm.memory.stats {
@@ -236,11 +256,33 @@ fn sample_of(vm: &VmSnapshot) -> Sample {
     sample
 }
 
-/// The last [`HISTORY_TICKS`] samples of each VM, newest last. A policy's history
-/// survives its reloads; a VM that leaves the snapshot loses its history.
+/// How many ticks `ctx:migration_cost` reads to estimate a VM's dirty rate.
+pub const DIRTY_RATE_TICKS: usize = 10;
+/// The guest page size the fault counters are counted in.
+const PAGE: u64 = 4096;
+/// Most `ctx:held` keys a policy may use at once.
+pub const MAX_HOLD_KEYS: usize = 1024;
+/// Longest `ctx:held` key, in bytes.
+pub const MAX_HOLD_KEY: usize = 256;
+
+/// One `ctx:held` key's streak.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hold {
+    /// The tick that last evaluated it.
+    tick: u64,
+    /// Consecutive ticks the condition held, up to and including `tick`.
+    count: u64,
+    /// The streak before `tick` (so a second call in the same tick counts it once).
+    before: u64,
+}
+
+/// The last [`HISTORY_TICKS`] samples of each VM (with their `now_ms`), newest last, and
+/// the `ctx:held` streaks. A policy's history survives its reloads; a VM that leaves the
+/// snapshot loses its history. A shadow run works on a copy, so it changes nothing here.
 #[derive(Debug, Clone, Default)]
 pub struct History {
-    vms: HashMap<String, VecDeque<Sample>>,
+    vms: HashMap<String, VecDeque<(u64, Sample)>>,
+    holds: HashMap<String, Hold>,
 }
 
 impl History {
@@ -253,7 +295,7 @@ impl History {
             if samples.len() == HISTORY_TICKS {
                 samples.pop_front();
             }
-            samples.push_back(sample_of(vm));
+            samples.push_back((input.now_ms, sample_of(vm)));
         }
     }
 
@@ -264,7 +306,7 @@ impl History {
         samples
             .into_iter()
             .flat_map(move |s| s.iter().skip(skip))
-            .filter_map(move |s| s[field])
+            .filter_map(move |(_, s)| s[field])
     }
 
     /// How many ticks of history `vm` has.
@@ -274,6 +316,66 @@ impl History {
 
     pub fn is_empty(&self) -> bool {
         self.vms.is_empty()
+    }
+
+    /// Bytes per second `vm` dirtied over its last `n` ticks, as far as the engine can
+    /// tell: the larger of its resident memory's growth and its guest's page faults
+    /// (minor + major, counted as 4 KiB each). Both miss pages a guest rewrites in place,
+    /// so this is a lower bound. 0 with fewer than two samples.
+    pub fn dirty_rate(&self, vm: &str, n: usize) -> f64 {
+        let Some(samples) = self.vms.get(vm) else {
+            return 0.0;
+        };
+        let window: Vec<&(u64, Sample)> = samples
+            .iter()
+            .skip(samples.len().saturating_sub(n.max(2)))
+            .collect();
+        let (Some((first_ms, first)), Some((last_ms, last))) = (window.first(), window.last())
+        else {
+            return 0.0;
+        };
+        let seconds = last_ms.saturating_sub(*first_ms) as f64 / 1000.0;
+        if seconds <= 0.0 {
+            return 0.0;
+        }
+        let growth = |field: usize| match (first[field], last[field]) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let resident = growth(RESIDENT).unwrap_or(0) as f64;
+        let faults = match (growth(MINOR_FAULTS), growth(MAJOR_FAULTS)) {
+            (Some(minor), Some(major)) => minor.saturating_add(major).saturating_mul(PAGE),
+            (Some(one), None) | (None, Some(one)) => one.saturating_mul(PAGE),
+            (None, None) => 0,
+        } as f64;
+        resident.max(faults) / seconds
+    }
+
+    /// `ctx:held`: records whether `condition` holds for `key` in `tick`; how many
+    /// consecutive ticks, this one included, it has held. A tick that does not ask about
+    /// `key` breaks its streak; asking twice in one tick counts the tick once (the last
+    /// answer counts).
+    fn hold(&mut self, key: &str, condition: bool, tick: u64) -> Result<u64, String> {
+        if !self.holds.contains_key(key) && self.holds.len() >= MAX_HOLD_KEYS {
+            // Streaks not asked about last tick or this one are broken anyway.
+            self.holds.retain(|_, h| h.tick.saturating_add(1) >= tick);
+            if self.holds.len() >= MAX_HOLD_KEYS {
+                return Err(format!(
+                    "a policy may hold at most {MAX_HOLD_KEYS} keys at once"
+                ));
+            }
+        }
+        let hold = self.holds.entry(key.to_string()).or_default();
+        if hold.tick != tick {
+            hold.before = if hold.tick.saturating_add(1) == tick {
+                hold.count
+            } else {
+                0
+            };
+        }
+        hold.tick = tick;
+        hold.count = if condition { hold.before + 1 } else { 0 };
+        Ok(hold.count)
     }
 }
 
@@ -292,10 +394,21 @@ pub(crate) struct TickScope {
     decisions: Vec<Decision>,
     /// Where each VM's intent is in `decisions`.
     decided: HashMap<String, usize>,
+    /// Migrate intents so far, each with its verdict, in the order made.
+    migrations: Vec<MigrateDecision>,
+    /// The tick's number (for `ctx:held`).
+    tick: u64,
+}
+
+/// What one tick decided.
+#[derive(Debug, Default)]
+pub(crate) struct Intents {
+    pub decisions: Vec<Decision>,
+    pub migrations: Vec<MigrateDecision>,
 }
 
 impl TickScope {
-    pub fn begin(&mut self, input: Rc<TickInput>, history: History) {
+    pub fn begin(&mut self, input: Rc<TickInput>, tick: u64, history: History) {
         self.index = input
             .vms
             .iter()
@@ -306,15 +419,20 @@ impl TickScope {
         self.history = history;
         self.decisions.clear();
         self.decided.clear();
+        self.migrations.clear();
+        self.tick = tick;
         self.active = true;
     }
 
-    /// Ends the tick: its decisions and the history, handed back.
-    pub fn end(&mut self) -> (Vec<Decision>, History) {
+    /// Ends the tick: its intents and the history, handed back.
+    pub fn end(&mut self) -> (Intents, History) {
         self.active = false;
         self.input = None;
         (
-            std::mem::take(&mut self.decisions),
+            Intents {
+                decisions: std::mem::take(&mut self.decisions),
+                migrations: std::mem::take(&mut self.migrations),
+            },
             std::mem::take(&mut self.history),
         )
     }
@@ -323,12 +441,91 @@ impl TickScope {
         let input = self.input.as_ref()?;
         self.index.get(name).map(|&i| &input.vms[i])
     }
+
+    /// The peer `name` of the input; the error names the declared ones.
+    fn host(&self, method: &str, name: &str) -> mlua::Result<&PeerSnapshot> {
+        let hosts = self.input.as_ref().map_or(&[][..], |i| &i.hosts[..]);
+        hosts.iter().find(|h| h.name == name).ok_or_else(|| {
+            if hosts.is_empty() {
+                runtime(format!(
+                    "ctx:{method}: no host named '{name}': no peer hosts are declared (hv.hosts)"
+                ))
+            } else {
+                let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                runtime(format!(
+                    "ctx:{method}: no host named '{name}'; the hosts are: {}",
+                    names.join(", ")
+                ))
+            }
+        })
+    }
 }
 
 pub(crate) type Scope = Rc<RefCell<TickScope>>;
 
 fn runtime(message: String) -> mlua::Error {
     mlua::Error::runtime(message)
+}
+
+/// The peer host an argument names: its name, or an entry of `ctx.hosts`.
+fn host_name(method: &str, value: &Value) -> mlua::Result<String> {
+    match value {
+        Value::String(s) => Ok(s.to_str()?.to_string()),
+        Value::Table(t) => match t.get::<Value>("name")? {
+            Value::String(s) => Ok(s.to_str()?.to_string()),
+            _ => Err(runtime(format!(
+                "ctx:{method}: host must be an entry of ctx.hosts or a host name, got a table without a name"
+            ))),
+        },
+        other => Err(runtime(format!(
+            "ctx:{method}: host must be an entry of ctx.hosts or a host name, got {}",
+            describe(other)
+        ))),
+    }
+}
+
+/// A policy's reason: a non-empty string.
+fn reason(method: &str, why: Value) -> mlua::Result<String> {
+    match why {
+        Value::String(s) if !s.as_bytes().is_empty() => Ok(s.to_str()?.to_string()),
+        other => Err(runtime(format!(
+            "ctx:{method}: a reason (a non-empty string) is required, got {}",
+            describe(&other)
+        ))),
+    }
+}
+
+/// A number argument (integer or float).
+fn number(method: &str, what: &str, value: &Value) -> mlua::Result<f64> {
+    match value {
+        Value::Integer(i) => Ok(*i as f64),
+        Value::Number(f) if f.is_finite() => Ok(*f),
+        other => Err(runtime(format!(
+            "ctx:{method}: {what} must be a number, got {}",
+            describe(other)
+        ))),
+    }
+}
+
+/// How much `ctx:improves` asks for: bytes (a size), or a percent of `from_free`.
+fn margin(from: f64, value: &Value) -> mlua::Result<f64> {
+    if let Value::String(s) = value {
+        let text = s.to_string_lossy();
+        if let Some(percent) = text.trim().strip_suffix('%') {
+            return match percent.trim().parse::<f64>() {
+                Ok(p) if p.is_finite() && p >= 0.0 => Ok(from.abs() * p / 100.0),
+                _ => Err(runtime(format!(
+                    "ctx:improves: margin {text:?} must be a percent >= 0 such as \"10%\""
+                ))),
+            };
+        }
+    }
+    let bytes = size_value(value).map_err(|got| {
+        runtime(format!(
+            "ctx:improves: margin must be a size (bytes, or \"512M\") or a percent (\"10%\"), got {got}"
+        ))
+    })?;
+    Ok(bytes.unwrap_or(0) as f64)
 }
 
 /// The VM an argument names: its name, or a VM table of `ctx.vms`.
@@ -364,6 +561,10 @@ pub(crate) struct Methods {
     mean: Function,
     max: Function,
     min: Function,
+    migrate: Function,
+    held: Function,
+    improves: Function,
+    migration_cost: Function,
 }
 
 /// Which window of history a helper reads: `n` ticks, default all that are kept.
@@ -431,13 +632,20 @@ fn integer(value: u64) -> Value {
 
 impl Methods {
     /// The functions, in the order the sandbox prelude's `make_builder` takes them.
-    pub fn functions(&self) -> (Function, Function, Function, Function) {
-        (
-            self.set_memory_target.clone(),
-            self.mean.clone(),
-            self.max.clone(),
-            self.min.clone(),
-        )
+    pub fn functions(&self) -> mlua::MultiValue {
+        [
+            &self.set_memory_target,
+            &self.mean,
+            &self.max,
+            &self.min,
+            &self.migrate,
+            &self.held,
+            &self.improves,
+            &self.migration_cost,
+        ]
+        .into_iter()
+        .map(|f| Value::Function(f.clone()))
+        .collect()
     }
 
     pub fn new(lua: &Lua, scope: &Scope) -> mlua::Result<Methods> {
@@ -455,15 +663,7 @@ impl Methods {
                         ))
                     })?
                     .ok_or_else(|| runtime("ctx:set_memory_target: bytes is required".into()))?;
-                let reason = match why {
-                    Value::String(s) if !s.as_bytes().is_empty() => s.to_str()?.to_string(),
-                    other => {
-                        return Err(runtime(format!(
-                            "ctx:set_memory_target: a reason (a non-empty string) is required, got {}",
-                            describe(&other)
-                        )))
-                    }
-                };
+                let reason = reason(METHOD, why)?;
                 let memory = &scope
                     .vm(&name)
                     .ok_or_else(|| {
@@ -503,8 +703,151 @@ impl Methods {
             mean,
             max,
             min,
+            migrate: migrate_method(lua, scope)?,
+            held: held_method(lua, scope)?,
+            improves: lua.create_function(
+                |_, (_ctx, from, to, wanted): (Value, Value, Value, Value)| {
+                    let from = number("improves", "from_free", &from)?;
+                    let to = number("improves", "to_free", &to)?;
+                    let margin = margin(from, &wanted)?;
+                    Ok((to - from >= margin, to - from))
+                },
+            )?,
+            migration_cost: migration_cost_method(lua, scope)?,
         })
     }
+}
+
+/// `ctx:migrate(vm, host, reason)`: checks the intent, records it with the guards'
+/// verdict, and returns `true`, or `false` and why it was refused.
+fn migrate_method(lua: &Lua, scope: &Scope) -> mlua::Result<Function> {
+    let scope = scope.clone();
+    lua.create_function(
+        move |_, (_ctx, vm, host, why): (Value, Value, Value, Value)| {
+            const METHOD: &str = "migrate";
+            let mut scope = scope.borrow_mut();
+            active(&scope, METHOD)?;
+            let vm = vm_name(METHOD, &vm)?;
+            let host = host_name(METHOD, &host)?;
+            let reason = reason(METHOD, why)?;
+            let refused = {
+                let snapshot = scope
+                    .vm(&vm)
+                    .ok_or_else(|| runtime(format!("ctx:migrate: no vm named '{vm}'")))?;
+                let peer = scope.host(METHOD, &host)?;
+                let input = scope.input.as_ref().ok_or_else(|| {
+                    runtime("ctx:migrate can only be called while tick runs".into())
+                })?;
+                migrate::verdict(
+                    &input.migrations,
+                    input.now_ms,
+                    snapshot,
+                    peer,
+                    &scope.migrations,
+                )
+            };
+            scope.migrations.push(MigrateDecision {
+                vm,
+                host,
+                reason,
+                refused: refused.clone(),
+            });
+            Ok(match refused {
+                None => (true, None),
+                Some(why) => (false, Some(why)),
+            })
+        },
+    )
+}
+
+/// `ctx:held(key, condition, n)`: true once `condition` has been true for `n`
+/// consecutive ticks; also returns how many ticks it has.
+fn held_method(lua: &Lua, scope: &Scope) -> mlua::Result<Function> {
+    let scope = scope.clone();
+    lua.create_function(
+        move |_, (_ctx, key, condition, n): (Value, Value, Value, Value)| {
+            const METHOD: &str = "held";
+            let mut scope = scope.borrow_mut();
+            active(&scope, METHOD)?;
+            let key = match key {
+                Value::String(s)
+                    if !s.as_bytes().is_empty() && s.as_bytes().len() <= MAX_HOLD_KEY =>
+                {
+                    s.to_str()?.to_string()
+                }
+                other => {
+                    return Err(runtime(format!(
+                        "ctx:held: key must be a string of 1 to {MAX_HOLD_KEY} bytes, got {}",
+                        describe(&other)
+                    )))
+                }
+            };
+            let n = match n {
+                Value::Integer(n) if n >= 1 => n as u64,
+                Value::Number(f) if f >= 1.0 && f.fract() == 0.0 && f < 1e15 => f as u64,
+                other => {
+                    return Err(runtime(format!(
+                        "ctx:held: n must be a whole number of ticks >= 1, got {}",
+                        describe(&other)
+                    )))
+                }
+            };
+            let condition = !matches!(condition, Value::Nil | Value::Boolean(false));
+            let tick = scope.tick;
+            let count = scope
+                .history
+                .hold(&key, condition, tick)
+                .map_err(|e| runtime(format!("ctx:held: {e}")))?;
+            Ok((count >= n, integer(count)))
+        },
+    )
+}
+
+/// `ctx:migration_cost(vm)`: the [`migrate::estimate`] for `vm`, as a table.
+fn migration_cost_method(lua: &Lua, scope: &Scope) -> mlua::Result<Function> {
+    let scope = scope.clone();
+    lua.create_function(move |lua, (_ctx, vm): (Value, Value)| {
+        const METHOD: &str = "migration_cost";
+        let scope = scope.borrow();
+        active(&scope, METHOD)?;
+        let name = vm_name(METHOD, &vm)?;
+        let snapshot = scope
+            .vm(&name)
+            .ok_or_else(|| runtime(format!("ctx:migration_cost: no vm named '{name}'")))?;
+        let bandwidth = scope
+            .input
+            .as_ref()
+            .map_or(migrate::DEFAULT_BANDWIDTH, |i| {
+                i.migrations.limits.bandwidth
+            });
+        let cost = migrate::estimate(
+            snapshot.memory.resident,
+            scope.history.dirty_rate(&name, DIRTY_RATE_TICKS),
+            bandwidth,
+            luvisor_runtime::remote::client::DEFAULT_MAX_DOWNTIME.as_secs_f64(),
+        );
+        let t = lua.create_table()?;
+        t.set("memory", integer(cost.memory))?;
+        t.set("dirty_rate", cost.dirty_rate)?;
+        t.set("bandwidth", integer(cost.bandwidth))?;
+        t.set("rounds", cost.rounds)?;
+        t.set("bytes", cost.bytes)?;
+        t.set("downtime_s", cost.downtime_s)?;
+        t.set("total_s", cost.total_s)?;
+        t.set("converges", cost.converges)?;
+        Ok(t)
+    })
+}
+
+/// Values per VM in [`build`]'s layout.
+const VM_VALUES: usize = 22;
+/// Values per peer host.
+const HOST_VALUES: usize = 10;
+/// Values per running migration.
+const MIGRATION_VALUES: usize = 3;
+
+fn optional(value: Option<u64>) -> Value {
+    value.map_or(Value::Nil, integer)
 }
 
 /// The `ctx` for one tick: the input as one flat list of values, handed to `builder`
@@ -513,7 +856,9 @@ impl Methods {
 /// The layout: host total, available, reserve, resident; now_ms; tick; interval_ms; the
 /// number of VMs; then 22 values per VM: name, state, size, target, resident, min, max,
 /// startup, buffer, weight, whether it has stats, the ten statistics (nil when missing)
-/// and the stats' age.
+/// and the stats' age; then the number of peer hosts and 10 values per host: name, addr,
+/// reachable, memory_total, memory_available, memory_reserve, vms, vms_resident, age_ms,
+/// error; then the number of running migrations and 3 values each: vm, host, started_ms.
 pub(crate) fn build(
     lua: &Lua,
     input: &TickInput,
@@ -521,7 +866,11 @@ pub(crate) fn build(
     interval_ms: u64,
     builder: &Function,
 ) -> mlua::Result<Table> {
-    let mut values: Vec<Value> = Vec::with_capacity(8 + 22 * input.vms.len());
+    let mut values: Vec<Value> = Vec::with_capacity(
+        10 + VM_VALUES * input.vms.len()
+            + HOST_VALUES * input.hosts.len()
+            + MIGRATION_VALUES * input.migrations.running.len(),
+    );
     let host = &input.host;
     values.extend(
         [
@@ -566,6 +915,34 @@ pub(crate) fn build(
             }
             None => values.extend(std::iter::repeat_n(Value::Nil, 12)),
         }
+    }
+    values.push(integer(input.hosts.len() as u64));
+    for peer in &input.hosts {
+        values.push(Value::String(lua.create_string(&peer.name)?));
+        values.push(Value::String(lua.create_string(&peer.addr)?));
+        values.push(Value::Boolean(peer.reachable));
+        values.extend(
+            [
+                peer.memory_total,
+                peer.memory_available,
+                peer.memory_reserve,
+                peer.vms,
+                peer.vms_resident,
+                peer.age_ms,
+            ]
+            .map(optional),
+        );
+        values.push(match &peer.error {
+            Some(error) => Value::String(lua.create_string(error)?),
+            None => Value::Nil,
+        });
+    }
+    let running = &input.migrations.running;
+    values.push(integer(running.len() as u64));
+    for migration in running {
+        values.push(Value::String(lua.create_string(&migration.vm)?));
+        values.push(Value::String(lua.create_string(&migration.host)?));
+        values.push(integer(migration.started_ms));
     }
     builder.call(mlua::MultiValue::from_vec(values))
 }

@@ -10,6 +10,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, Table, Value};
 
 use super::context::{self, Decision, History, Methods, Scope, TickInput, TickScope};
+use super::migrate::MigrateDecision;
 use super::sandbox::{self, Limits};
 use crate::interrupt;
 
@@ -43,6 +44,8 @@ pub struct Instance {
 pub struct TickResult {
     /// The checked and clamped intents; empty when the tick failed.
     pub decisions: Vec<Decision>,
+    /// The migrate intents with the guards' verdicts; empty when the tick failed.
+    pub migrations: Vec<MigrateDecision>,
     /// Why the tick failed, naming the file and line where Lua can tell.
     pub error: Option<String>,
     /// Building `ctx` and running `tick`.
@@ -185,18 +188,20 @@ impl Instance {
     pub fn run(&self, input: &Rc<TickInput>, tick: u64, history: History) -> (TickResult, History) {
         let started = Instant::now();
         let outcome = self.run_inner(input, tick, history);
-        let (decisions, history) = self.scope.borrow_mut().end();
+        let (intents, history) = self.scope.borrow_mut().end();
         let error = outcome.err();
         if error.is_some() {
             // Free what a failed tick (a table bomb, say) left behind.
             let _ = self.lua.gc_collect();
         }
+        let (decisions, migrations) = if error.is_some() {
+            (Vec::new(), Vec::new())
+        } else {
+            (intents.decisions, intents.migrations)
+        };
         let result = TickResult {
-            decisions: if error.is_some() {
-                Vec::new()
-            } else {
-                decisions
-            },
+            decisions,
+            migrations,
             error,
             duration: started.elapsed(),
         };
@@ -206,7 +211,7 @@ impl Instance {
     fn run_inner(&self, input: &Rc<TickInput>, tick: u64, history: History) -> Result<(), String> {
         let fail = |e: mlua::Error| fallback_message(&self.file, self.limits, &e);
         interrupt::reset_budget(&self.lua).map_err(fail)?;
-        self.scope.borrow_mut().begin(input.clone(), history);
+        self.scope.borrow_mut().begin(input.clone(), tick, history);
         let ctx = context::build(&self.lua, input, tick, self.interval_ms, &self.builder)
             .map_err(fail)?;
         let (ok, value): (bool, Value) = self

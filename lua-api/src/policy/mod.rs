@@ -8,6 +8,10 @@
 //! - [`record`]: traces (JSON lines) of every tick's input and decisions, `policy check`
 //!   and `policy simulate`.
 //! - [`watch`]: reloading a directory's policies when their files change.
+//! - [`peers`]: the peer hosts `hv.hosts` declares, polled in the background for
+//!   `ctx.hosts`.
+//! - [`migrate`]: `ctx:migrate` intents, their guards, and the threads that run the
+//!   accepted ones through a [`MigrationExecutor`] (the seam to live migration).
 //!
 //! A policy lives in a *slot*, one per file, keyed by the file's canonical path. A slot's
 //! worker thread owns the current [`Instance`] and the history. It ticks every
@@ -16,10 +20,13 @@
 //! arrives on the worker's channel: the new version loads into a fresh state, runs once
 //! in shadow (decisions computed, not applied), and only then replaces the current one,
 //! between two ticks; a version that fails leaves the current one running and its error
-//! in the status. The new version's first tick runs at once.
+//! in the status. The new version's first tick runs at once. A tick's accepted migrate
+//! intents start migrations on threads of their own (`migrate-<vm>`), never in the tick.
 
 pub mod context;
 pub mod instance;
+pub mod migrate;
+pub mod peers;
 pub mod record;
 pub mod sandbox;
 pub mod watch;
@@ -42,6 +49,8 @@ use serde::Serialize;
 
 pub use context::{Decision, History, TickInput};
 pub use instance::{Instance, TickResult};
+pub use migrate::{MigrateDecision, MigrationExecutor, MigrationLimits, MigrationRecord};
+pub use peers::{PeerHost, PeerSnapshot};
 pub use record::{RecordSink, TraceFile, TraceRecord};
 pub use sandbox::Limits;
 
@@ -75,6 +84,13 @@ pub struct PolicyStatus {
     pub last_decisions: Vec<Decision>,
     /// That tick's number.
     pub last_decisions_tick: u64,
+    /// The migrate intents of the last tick that made any, with their verdicts.
+    pub last_migrate_decisions: Vec<MigrateDecision>,
+    /// That tick's number.
+    pub last_migrate_decisions_tick: u64,
+    /// The migrations this policy started: the ended ones the engine keeps, then those in
+    /// flight.
+    pub migrations: Vec<MigrationRecord>,
 }
 
 impl PolicyStatus {
@@ -92,6 +108,9 @@ impl PolicyStatus {
             last_error: None,
             last_decisions: Vec::new(),
             last_decisions_tick: 0,
+            last_migrate_decisions: Vec::new(),
+            last_migrate_decisions_tick: 0,
+            migrations: Vec::new(),
         }
     }
 }
@@ -135,6 +154,10 @@ pub struct PolicyEngine {
     slots: Mutex<BTreeMap<PathBuf, Arc<Slot>>>,
     watchers: Mutex<Vec<watch::DirWatcher>>,
     recorder: Mutex<Option<Arc<dyn RecordSink>>>,
+    /// The peer hosts `hv.hosts` declared, and their poll threads.
+    peers: Mutex<Option<peers::PeerMonitor>>,
+    /// Migrations in flight and ended, their limits and the executor.
+    migrations: Mutex<migrate::MigrationBook>,
     /// Bumped on every status change; waiters wait on `changed_signal`.
     changed: Mutex<u64>,
     changed_signal: Condvar,
@@ -166,6 +189,8 @@ pub fn engine(registry: &Arc<Registry>) -> Arc<PolicyEngine> {
         slots: Mutex::new(BTreeMap::new()),
         watchers: Mutex::new(Vec::new()),
         recorder: Mutex::new(None),
+        peers: Mutex::new(None),
+        migrations: Mutex::new(migrate::MigrationBook::new(migrate::builtin_executor())),
         changed: Mutex::new(0),
         changed_signal: Condvar::new(),
         shut_down: AtomicBool::new(false),
@@ -223,7 +248,175 @@ impl PolicyEngine {
     /// Every policy's status, by file.
     pub fn status(&self) -> Vec<PolicyStatus> {
         let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
-        slots.iter().map(|s| lock(&s.status).clone()).collect()
+        let mut statuses: Vec<PolicyStatus> =
+            slots.iter().map(|s| lock(&s.status).clone()).collect();
+        let book = lock(&self.migrations);
+        for status in &mut statuses {
+            if let Some(name) = &status.name {
+                status.migrations = book.of_policy(name);
+            }
+        }
+        statuses
+    }
+
+    /// Milliseconds since the engine started (the clock of `ctx.now_ms`).
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// What a tick reads now: the host and VMs, the peers and the migrations.
+    fn capture(&self, registry: &Registry) -> TickInput {
+        let mut input = TickInput::capture(registry, self.epoch);
+        input.hosts = self.hosts();
+        input.migrations = lock(&self.migrations).snapshot(input.now_ms);
+        input
+    }
+
+    /// Declares the peer hosts (replacing those declared before, whose polling stops) and
+    /// starts polling them.
+    pub fn set_peers(self: &Arc<Self>, hosts: Vec<PeerHost>) -> Result<(), String> {
+        if self.shut_down.load(Ordering::SeqCst) {
+            return Err("the policy engine has shut down".into());
+        }
+        let weak = Arc::downgrade(self);
+        let changed: peers::ChangeHook = Arc::new(move || {
+            if let Some(engine) = weak.upgrade() {
+                engine.notify();
+            }
+        });
+        let monitor = if hosts.is_empty() {
+            None
+        } else {
+            Some(peers::PeerMonitor::start(hosts, changed)?)
+        };
+        // The old monitor's threads stop on drop.
+        *lock(&self.peers) = monitor;
+        self.notify();
+        Ok(())
+    }
+
+    /// The declared peer hosts.
+    pub fn peers(&self) -> Vec<PeerHost> {
+        lock(&self.peers)
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.hosts())
+    }
+
+    /// The declared peer hosts as policies see them (`ctx.hosts`).
+    pub fn hosts(&self) -> Vec<PeerSnapshot> {
+        lock(&self.peers)
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.snapshot())
+    }
+
+    /// **The seam to live migration**: sets what runs the migrations policies ask for
+    /// (`None`: they are refused as not available). See [`MigrationExecutor`].
+    pub fn set_migration_executor(&self, executor: Option<MigrationExecutor>) {
+        lock(&self.migrations).executor = executor;
+        self.notify();
+    }
+
+    /// `hv.policy.migration_limits`.
+    pub fn migration_limits(&self) -> MigrationLimits {
+        lock(&self.migrations).limits
+    }
+
+    pub fn set_migration_limits(&self, limits: MigrationLimits) {
+        lock(&self.migrations).limits = limits;
+        self.notify();
+    }
+
+    /// Every migration policies started that the engine still knows, ended ones first.
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        lock(&self.migrations).all()
+    }
+
+    /// Starts the accepted intents of `decisions` (made by `policy`'s tick on `input`):
+    /// each is checked again against the live book and runs on a thread of its own. An
+    /// intent refused now gets its reason.
+    fn start_migrations(
+        self: &Arc<Self>,
+        registry: &Registry,
+        policy: &str,
+        input: &TickInput,
+        decisions: &mut [MigrateDecision],
+    ) {
+        for decision in decisions.iter_mut() {
+            if decision.refused.is_none() {
+                if let Err(why) = self.start_migration(registry, policy, input, decision) {
+                    decision.refused = Some(why);
+                }
+            }
+            match &decision.refused {
+                None => tracing::info!(
+                    policy,
+                    vm = decision.vm.as_str(),
+                    host = decision.host.as_str(),
+                    "migration started: {}",
+                    decision.reason
+                ),
+                Some(why) => tracing::debug!(
+                    policy,
+                    vm = decision.vm.as_str(),
+                    host = decision.host.as_str(),
+                    "migration refused: {why}"
+                ),
+            }
+        }
+    }
+
+    fn start_migration(
+        self: &Arc<Self>,
+        registry: &Registry,
+        policy: &str,
+        input: &TickInput,
+        decision: &MigrateDecision,
+    ) -> Result<(), String> {
+        let vm = registry
+            .find(&decision.vm)
+            .ok_or_else(|| format!("vm '{}' is gone", decision.vm))?;
+        let snapshot = input
+            .vms
+            .iter()
+            .find(|v| v.name == decision.vm)
+            .ok_or_else(|| format!("vm '{}' is gone", decision.vm))?;
+        let host = lock(&self.peers)
+            .as_ref()
+            .and_then(|m| m.host(&decision.host))
+            .ok_or_else(|| format!("host '{}' is no longer declared (hv.hosts)", decision.host))?;
+        let (record, executor) =
+            lock(&self.migrations).start(policy, decision, snapshot, &host, self.now_ms())?;
+        let id = record.id;
+        let engine = self.clone();
+        let reason = format!("policy {policy}: {}", decision.reason);
+        let spawned = std::thread::Builder::new()
+            .name(format!("migrate-{}", decision.vm))
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    executor(&vm, &host, &reason)
+                }))
+                .unwrap_or_else(|_| Err("the migration executor panicked".into()));
+                match &outcome {
+                    Ok(_) => tracing::info!(
+                        vm = vm.name(),
+                        host = host.name.as_str(),
+                        "migration succeeded ({reason})"
+                    ),
+                    Err(error) => tracing::warn!(
+                        vm = vm.name(),
+                        host = host.name.as_str(),
+                        "migration failed ({reason}): {error}"
+                    ),
+                }
+                lock(&engine.migrations).finish(id, outcome, engine.now_ms());
+                engine.notify();
+            });
+        if let Err(e) = spawned {
+            lock(&self.migrations).abandon(id);
+            return Err(format!("cannot start a thread for the migration: {e}"));
+        }
+        self.notify();
+        Ok(())
     }
 
     /// The status of the policy named `name`.
@@ -415,7 +608,7 @@ impl PolicyEngine {
             return;
         };
         self.record(|| TraceRecord::Sample {
-            input: TickInput::capture(&registry, self.epoch),
+            input: self.capture(&registry),
         });
     }
 
@@ -423,6 +616,9 @@ impl PolicyEngine {
     pub fn shutdown(&self) {
         self.shut_down.store(true, Ordering::SeqCst);
         lock(&self.watchers).clear();
+        // Stops polling the peers. Migrations in flight go on: each ends with its
+        // executor's call.
+        *lock(&self.peers) = None;
         let keys: Vec<PathBuf> = lock(&self.slots).keys().cloned().collect();
         for key in keys {
             self.unload_key(&key);
@@ -642,7 +838,7 @@ impl WorkerRun {
             .upgrade()
             .ok_or("the VMs' registry is gone")?;
         let history = current.map_or_else(History::default, |r| r.history.clone());
-        let input = Rc::new(TickInput::capture(&registry, self.engine.epoch));
+        let input = Rc::new(self.engine.capture(&registry));
         let mut trial = history.clone();
         trial.push(&input);
         let tick = current.map_or(0, |r| r.tick) + 1;
@@ -656,6 +852,7 @@ impl WorkerRun {
             shadow: true,
             input: (*input).clone(),
             decisions: result.decisions.clone(),
+            migrations: result.migrations.clone(),
             error: result.error.clone(),
         });
         if let Some(error) = result.error {
@@ -674,15 +871,19 @@ impl WorkerRun {
         let Some(registry) = self.engine.registry.upgrade() else {
             return false;
         };
-        let input = Rc::new(TickInput::capture(&registry, self.engine.epoch));
+        let input = Rc::new(self.engine.capture(&registry));
         current.tick += 1;
         current.history.push(&input);
         let history = std::mem::take(&mut current.history);
-        let (result, history) = current.instance.run(&input, current.tick, history);
+        let (mut result, history) = current.instance.run(&input, current.tick, history);
         current.history = history;
         let name = current.instance.name.as_str();
         match &result.error {
-            None => apply(&registry, name, &result.decisions),
+            None => {
+                apply(&registry, name, &result.decisions);
+                self.engine
+                    .start_migrations(&registry, name, &input, &mut result.migrations);
+            }
             Some(error) => {
                 tracing::warn!(policy = name, tick = current.tick, "tick failed: {error}")
             }
@@ -695,6 +896,7 @@ impl WorkerRun {
             shadow: false,
             input: (*input).clone(),
             decisions: result.decisions.clone(),
+            migrations: result.migrations.clone(),
             error: result.error.clone(),
         });
         {
@@ -709,6 +911,10 @@ impl WorkerRun {
                 None => {
                     status.last_decisions = result.decisions;
                     status.last_decisions_tick = current.tick;
+                    if !result.migrations.is_empty() {
+                        status.last_migrate_decisions = result.migrations;
+                        status.last_migrate_decisions_tick = current.tick;
+                    }
                 }
             }
         }
@@ -814,6 +1020,47 @@ pub(crate) fn status_table(lua: &Lua, status: &PolicyStatus) -> mlua::Result<Tab
     }
     t.set("decisions", decisions)?;
     t.set("decisions_tick", status.last_decisions_tick)?;
+    let migrate_decisions = lua.create_table()?;
+    for (i, d) in status.last_migrate_decisions.iter().enumerate() {
+        migrate_decisions.set(i + 1, migrate_decision_table(lua, d)?)?;
+    }
+    t.set("migrate_decisions", migrate_decisions)?;
+    t.set("migrate_decisions_tick", status.last_migrate_decisions_tick)?;
+    let migrations = lua.create_table()?;
+    for (i, m) in status.migrations.iter().enumerate() {
+        migrations.set(i + 1, migration_table(lua, m)?)?;
+    }
+    t.set("migrations", migrations)?;
+    Ok(t)
+}
+
+/// `{ vm, host, reason, refused }`.
+fn migrate_decision_table(lua: &Lua, d: &MigrateDecision) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("vm", d.vm.as_str())?;
+    t.set("host", d.host.as_str())?;
+    t.set("reason", d.reason.as_str())?;
+    t.set("refused", d.refused.as_deref())?;
+    Ok(t)
+}
+
+/// `{ id, policy, vm, host, addr, reason, state, started_ms, ended_ms, report, error }`.
+pub(crate) fn migration_table(lua: &Lua, m: &MigrationRecord) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("id", m.id)?;
+    t.set("policy", m.policy.as_str())?;
+    t.set("vm", m.vm.as_str())?;
+    t.set("host", m.host.as_str())?;
+    t.set("addr", m.addr.as_str())?;
+    t.set("reason", m.reason.as_str())?;
+    t.set("state", m.state)?;
+    t.set("started_ms", m.started_ms)?;
+    t.set("ended_ms", m.ended_ms)?;
+    match &m.report {
+        Some(report) => t.set("report", crate::remote::json_to_lua(lua, report, 0)?)?,
+        None => t.set("report", Value::Nil)?,
+    }
+    t.set("error", m.error.as_deref())?;
     Ok(t)
 }
 
@@ -833,6 +1080,9 @@ pub fn status_json(status: &PolicyStatus) -> serde_json::Value {
         "last_error": status.last_error,
         "decisions": status.last_decisions,
         "decisions_tick": status.last_decisions_tick,
+        "migrate_decisions": status.last_migrate_decisions,
+        "migrate_decisions_tick": status.last_migrate_decisions_tick,
+        "migrations": status.migrations,
     })
 }
 
@@ -924,5 +1174,73 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
-    hv.set("policy", policy)
+    let registry = context.registry.clone();
+    policy.set(
+        "migration_limits",
+        lua.create_function(move |lua, opts: Value| {
+            let engine = engine(&registry);
+            if !opts.is_nil() {
+                let limits = migration_limits_option(lua, engine.migration_limits(), opts)?;
+                engine.set_migration_limits(limits);
+            }
+            let limits = engine.migration_limits();
+            let t = lua.create_table()?;
+            t.set("per_host", limits.per_host)?;
+            t.set("cooldown_s", limits.cooldown_ms as f64 / 1000.0)?;
+            t.set("bandwidth", limits.bandwidth)?;
+            Ok(t)
+        })?,
+    )?;
+    hv.set("policy", policy)?;
+    let registry = context.registry.clone();
+    hv.set(
+        "hosts",
+        lua.create_function(move |lua, list: Value| {
+            let engine = engine(&registry);
+            if !list.is_nil() {
+                let hosts = peers::parse_hosts(lua, list)?;
+                engine
+                    .set_peers(hosts)
+                    .map_err(|e| mlua::Error::runtime(format!("hv.hosts: {e}")))?;
+            }
+            let seen = engine.hosts();
+            let out = lua.create_table()?;
+            for (i, host) in engine.peers().iter().enumerate() {
+                let snapshot = seen.iter().find(|s| s.name == host.name);
+                out.set(i + 1, peers::host_table(lua, host, snapshot)?)?;
+            }
+            Ok(out)
+        })?,
+    )
+}
+
+/// Reads `hv.policy.migration_limits{ per_host, cooldown_s, bandwidth }` over `current`.
+fn migration_limits_option(
+    lua: &Lua,
+    current: MigrationLimits,
+    opts: Value,
+) -> mlua::Result<MigrationLimits> {
+    const FUNCTION: &str = "hv.policy.migration_limits";
+    let opts = crate::options::Options::from_value(
+        lua,
+        FUNCTION,
+        opts,
+        &["per_host", "cooldown_s", "bandwidth"],
+    )?;
+    let mut limits = current;
+    if let Some(n) = opts.integer("per_host", 0, i64::from(migrate::MAX_PER_HOST))? {
+        limits.per_host = n as u32;
+    }
+    if let Some(cooldown) = opts.seconds("cooldown_s")? {
+        limits.cooldown_ms = u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX);
+    }
+    if let Some(bandwidth) = opts.size("bandwidth")? {
+        if bandwidth < (1 << 20) {
+            return Err(opts.error(format!(
+                "option 'bandwidth' is bytes per second and must be at least 1M, got {bandwidth}"
+            )));
+        }
+        limits.bandwidth = bandwidth;
+    }
+    Ok(limits)
 }

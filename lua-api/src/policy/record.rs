@@ -23,11 +23,16 @@ use serde::{Deserialize, Serialize};
 
 use super::context::{Decision, History, TickInput};
 use super::instance::{Instance, TickResult};
+use super::migrate::MigrateDecision;
 use super::sandbox::Limits;
 
 /// The trace format's name and version, in its header.
 pub const FORMAT: &str = "luvisor-policy-trace";
-pub const VERSION: u32 = 1;
+/// Version 2 added the peer hosts and migrations to each input and the migrate decisions
+/// to each tick; version 1 traces are still read (as inputs without peers or migration).
+pub const VERSION: u32 = 2;
+/// The oldest version this luvisor reads.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// One line of a trace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +51,9 @@ pub enum TraceRecord {
         shadow: bool,
         input: TickInput,
         decisions: Vec<Decision>,
+        /// The migrate intents and their verdicts (none in version 1 traces).
+        #[serde(default)]
+        migrations: Vec<MigrateDecision>,
         error: Option<String>,
     },
     Sample {
@@ -127,10 +135,10 @@ pub fn read_trace(path: &Path) -> Result<Vec<TraceRecord>, String> {
             format, version, ..
         } = &record
         {
-            if format != FORMAT || *version != VERSION {
+            if format != FORMAT || !(OLDEST_VERSION..=VERSION).contains(version) {
                 return Err(format!(
                     "{}:{}: a trace in format {format} version {version}; this luvisor reads \
-                     {FORMAT} version {VERSION}",
+                     {FORMAT} versions {OLDEST_VERSION} to {VERSION}",
                     path.display(),
                     i + 1
                 ));
@@ -176,21 +184,35 @@ pub struct ReplayedTick {
     pub shadow: bool,
     pub now_ms: u64,
     pub decisions: Vec<Decision>,
+    /// The migrate intents, with the verdicts the guards give on the recorded input.
+    pub migrations: Vec<MigrateDecision>,
     pub error: Option<String>,
     /// How long building `ctx` and running `tick` took.
     pub duration_ms: f64,
     /// What the trace recorded for this tick, when it was a tick of this policy; `None`
     /// for inputs taken from samples or other policies' ticks.
     #[serde(skip)]
-    pub recorded: Option<(Vec<Decision>, Option<String>)>,
+    pub recorded: Option<Recorded>,
+}
+
+/// What a trace recorded for one tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub decisions: Vec<Decision>,
+    pub migrations: Vec<MigrateDecision>,
+    pub error: Option<String>,
 }
 
 impl ReplayedTick {
-    /// The replay decided what the live run decided (and failed the same way).
+    /// The replay decided what the live run decided (and failed the same way). A
+    /// migration refused live only because another policy took the last slot in the same
+    /// instant differs here: the replay sees only this policy's input.
     pub fn matches(&self) -> Option<bool> {
-        self.recorded
-            .as_ref()
-            .map(|(decisions, error)| *decisions == self.decisions && *error == self.error)
+        self.recorded.as_ref().map(|r| {
+            r.decisions == self.decisions
+                && r.migrations == self.migrations
+                && r.error == self.error
+        })
     }
 }
 
@@ -217,6 +239,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
                 tick,
                 shadow,
                 decisions,
+                migrations,
                 error,
                 ..
             } if own => {
@@ -227,7 +250,11 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
                     input,
                     *tick,
                     *shadow,
-                    Some((decisions.clone(), error.clone())),
+                    Some(Recorded {
+                        decisions: decisions.clone(),
+                        migrations: migrations.clone(),
+                        error: error.clone(),
+                    }),
                 )
             }
             TraceRecord::Tick { input, .. } | TraceRecord::Sample { input } if !own => {
@@ -257,6 +284,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
             shadow,
             now_ms: input.now_ms,
             decisions: result.decisions,
+            migrations: result.migrations,
             error: result.error,
             duration_ms: result.duration.as_secs_f64() * 1000.0,
             recorded,

@@ -47,8 +47,9 @@ impl Default for Limits {
 
 /// Helpers made before any policy code runs; policy code cannot reach their upvalues.
 pub(crate) struct Prelude {
-    /// `make_builder(set_memory_target, mean, max, min)` returns the function that builds
-    /// a tick's read-only `ctx` from the flat values of [`crate::policy::context::build`].
+    /// `make_builder(set_memory_target, mean, max, min, migrate, held, improves,
+    /// migration_cost)` returns the function that builds a tick's read-only `ctx` from the
+    /// flat values of [`crate::policy::context::build`].
     pub make_builder: Function,
     /// Lua's own `xpcall`, before `install_error_values` wraps it.
     pub xpcall: Function,
@@ -89,17 +90,24 @@ local function by_name(method)
     end
 end
 -- The layout of the values is context::build's.
-local function make_builder(set_memory_target, mean, max, min)
+local function make_builder(set_memory_target, mean, max, min, migrate, held, improves,
+                            migration_cost)
     set_memory_target, mean = by_name(set_memory_target), by_name(mean)
     max, min = by_name(max), by_name(min)
+    migrate, migration_cost = by_name(migrate), by_name(migration_cost)
     local host = {}
     local vms = {}
+    local hosts = {}
+    local migrations = {}
     local ctx = {
-        host = ro(host), vms = ro(vms),
+        host = ro(host), vms = ro(vms), hosts = ro(hosts), migrations = ro(migrations),
         set_memory_target = set_memory_target, mean = mean, max = max, min = min,
+        migrate = migrate, held = held, improves = improves, migration_cost = migration_cost,
     }
     local ctx_proxy = ro(ctx)
     local cache, count, round = {}, 0, 0
+    local host_cache, host_count = {}, 0
+    local pool, running_count = {}, 0
     return function(...)
         local a = { ... }
         host.memory_total, host.memory_available = a[1], a[2]
@@ -146,6 +154,51 @@ local function make_builder(set_memory_target, mean, max, min)
             end
         end
         count = n
+        -- Peer hosts, cached by name like the VMs.
+        local h = a[i]
+        i = i + 1
+        fresh = false
+        for k = 1, h do
+            local name = a[i]
+            local e = host_cache[name]
+            if not e then
+                local t = { name = name }
+                e = { t = t, proxy = ro(t) }
+                host_cache[name] = e
+                fresh = true
+            end
+            e.round = round
+            local t = e.t
+            t.addr, t.reachable = a[i + 1], a[i + 2]
+            t.memory_total, t.memory_available, t.memory_reserve = a[i + 3], a[i + 4], a[i + 5]
+            t.vms, t.vms_resident, t.age_ms, t.error = a[i + 6], a[i + 7], a[i + 8], a[i + 9]
+            hosts[k] = e.proxy
+            i = i + 10
+        end
+        for k = h + 1, host_count do hosts[k] = nil end
+        if fresh or h ~= host_count then
+            for name, e in next, host_cache do
+                if e.round ~= round then host_cache[name] = nil end
+            end
+        end
+        host_count = h
+        -- Running migrations, in tables reused by position.
+        local r = a[i]
+        i = i + 1
+        for k = 1, r do
+            local e = pool[k]
+            if not e then
+                local t = {}
+                e = { t = t, proxy = ro(t) }
+                pool[k] = e
+            end
+            local t = e.t
+            t.vm, t.host, t.started_ms = a[i], a[i + 1], a[i + 2]
+            migrations[k] = e.proxy
+            i = i + 3
+        end
+        for k = r + 1, running_count do migrations[k] = nil end
+        running_count = r
         return ctx_proxy
     end
 end
