@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use luvisor_lua::policy::record::{self, ReplayedTick};
-use luvisor_lua::policy::{Decision, Limits};
+use luvisor_lua::policy::{Decision, Limits, MigrateDecision};
 use luvisor_runtime::size::format_size;
 
 /// A size for people: exact when it is whole MiB or more, else MiB with a decimal.
@@ -35,6 +35,31 @@ fn describe(decision: &Decision) -> String {
     text
 }
 
+fn describe_migration(decision: &MigrateDecision) -> String {
+    let verdict = match &decision.refused {
+        None => String::new(),
+        Some(why) => format!(" [refused: {why}]"),
+    };
+    format!(
+        "migrate {} to {}: {}{verdict}",
+        decision.vm, decision.host, decision.reason
+    )
+}
+
+/// "nothing", "2 targets", "1 target and 1 migration".
+fn decided(targets: usize, migrations: usize) -> String {
+    let count = |n: usize, what: &str| match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    };
+    match (targets, migrations) {
+        (0, 0) => "nothing".to_string(),
+        (t, 0) => count(t, "target"),
+        (0, m) => count(m, "migration"),
+        (t, m) => format!("{} and {}", count(t, "target"), count(m, "migration")),
+    }
+}
+
 /// `luvisor policy check FILE`: load it and run one tick against a sample host.
 pub fn check(file: &Path) -> ExitCode {
     match record::check(file, Limits::default()) {
@@ -46,14 +71,13 @@ pub fn check(file: &Path) -> ExitCode {
                 policy.name,
                 policy.interval_ms,
                 result.duration.as_secs_f64() * 1000.0,
-                match result.decisions.len() {
-                    0 => "nothing".to_string(),
-                    1 => "1 target".to_string(),
-                    n => format!("{n} targets"),
-                }
+                decided(result.decisions.len(), result.migrations.len())
             );
             for decision in &result.decisions {
                 println!("  {}", describe(decision));
+            }
+            for decision in &result.migrations {
+                println!("  {}", describe_migration(decision));
             }
             ExitCode::SUCCESS
         }
@@ -154,7 +178,7 @@ fn write_tick(out: &mut impl Write, tick: &ReplayedTick) -> std::io::Result<()> 
             "tick {}{shadow} at {} ms: failed: {error}{differs}",
             tick.tick, tick.now_ms
         ),
-        None if tick.decisions.is_empty() => writeln!(
+        None if tick.decisions.is_empty() && tick.migrations.is_empty() => writeln!(
             out,
             "tick {}{shadow} at {} ms: no change{differs}",
             tick.tick, tick.now_ms
@@ -168,6 +192,9 @@ fn write_tick(out: &mut impl Write, tick: &ReplayedTick) -> std::io::Result<()> 
             for decision in &tick.decisions {
                 writeln!(out, "  {}", describe(decision))?;
             }
+            for decision in &tick.migrations {
+                writeln!(out, "  {}", describe_migration(decision))?;
+            }
             Ok(())
         }
     }
@@ -180,6 +207,7 @@ struct JsonTick<'a> {
     shadow: bool,
     now_ms: u64,
     decisions: &'a [Decision],
+    migrations: &'a [MigrateDecision],
     error: Option<&'a str>,
     /// Whether it decided what the recording did; null for inputs not recorded as ticks
     /// of this policy.
@@ -194,6 +222,7 @@ impl<'a> From<&'a ReplayedTick> for JsonTick<'a> {
             shadow: tick.shadow,
             now_ms: tick.now_ms,
             decisions: &tick.decisions,
+            migrations: &tick.migrations,
             error: tick.error.as_deref(),
             matches_recording: tick.matches(),
             duration_ms: tick.duration_ms,

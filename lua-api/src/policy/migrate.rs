@@ -454,8 +454,144 @@ pub fn estimate(memory: u64, dirty_rate: f64, bandwidth: u64, max_downtime_s: f6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::context::TickInput;
 
     const G: u64 = 1 << 30;
+
+    fn peer(name: &str, reachable: bool) -> PeerSnapshot {
+        PeerSnapshot {
+            name: name.into(),
+            addr: "127.0.0.1:7002".into(),
+            reachable,
+            memory_total: Some(16 * G),
+            memory_available: Some(8 * G),
+            memory_reserve: Some(G / 2),
+            vms: Some(1),
+            vms_resident: Some(G),
+            age_ms: Some(100),
+            error: (!reachable).then(|| "connection refused".into()),
+        }
+    }
+
+    fn asked(vm: &str, refused: Option<&str>) -> MigrateDecision {
+        MigrateDecision {
+            vm: vm.into(),
+            host: "b".into(),
+            reason: "test".into(),
+            refused: refused.map(String::from),
+        }
+    }
+
+    #[test]
+    fn the_guards_refuse_with_reasons() {
+        let input = TickInput::sample();
+        let (busy, quiet) = (&input.vms[0], &input.vms[1]);
+        let b = peer("b", true);
+        let mut snapshot = MigrationSnapshot {
+            available: true,
+            ..MigrationSnapshot::default()
+        };
+        assert_eq!(verdict(&snapshot, 0, busy, &b, &[]), None);
+        fn refused(
+            s: &MigrationSnapshot,
+            vm: &VmSnapshot,
+            host: &PeerSnapshot,
+            earlier: &[MigrateDecision],
+        ) -> String {
+            verdict(s, 100_000, vm, host, earlier).unwrap()
+        }
+
+        // One per VM at a time: in flight, or asked earlier in the tick (a refused
+        // earlier intent does not count).
+        snapshot.running.push(RunningMigration {
+            vm: "busy".into(),
+            host: "c".into(),
+            started_ms: 1,
+        });
+        assert!(refused(&snapshot, busy, &b, &[]).contains("vm 'busy' is already migrating to 'c'"));
+        snapshot.running.clear();
+        let earlier = [asked("busy", None)];
+        assert!(refused(&snapshot, busy, &b, &earlier).contains("already asked this tick"));
+        assert_eq!(
+            verdict(&snapshot, 0, busy, &b, &[asked("busy", Some("x"))]),
+            None
+        );
+
+        // The per-host limit counts migrations in flight and those accepted this tick.
+        assert!(refused(&snapshot, quiet, &b, &earlier)
+            .contains("the limit of 1 outgoing migration(s) at a time from this host is reached"));
+        snapshot.limits.per_host = 2;
+        assert_eq!(verdict(&snapshot, 0, quiet, &b, &earlier), None);
+        snapshot.running.push(RunningMigration {
+            vm: "other".into(),
+            host: "b".into(),
+            started_ms: 1,
+        });
+        assert!(refused(&snapshot, quiet, &b, &earlier).contains("(2 in flight)"));
+        snapshot.running.clear();
+
+        // The cooldown runs from the end of the VM's last migration.
+        snapshot.ended.push(EndedMigration {
+            vm: "busy".into(),
+            ended_ms: 70_000,
+        });
+        assert_eq!(
+            refused(&snapshot, busy, &b, &[]),
+            "vm 'busy' is cooling down: its last migration ended 30 s ago; the cooldown is 60 s"
+        );
+        assert_eq!(verdict(&snapshot, 130_000, busy, &b, &[]), None);
+
+        // The host must answer, the VM must not have ended, an executor must be set,
+        // and migrations must be on.
+        assert_eq!(
+            refused(&snapshot, quiet, &peer("d", false), &[]),
+            "host 'd' is unreachable: connection refused"
+        );
+        let mut stopped = quiet.clone();
+        stopped.state = "stopped".into();
+        assert!(refused(&snapshot, &stopped, &b, &[]).contains("is stopped"));
+        snapshot.available = false;
+        assert_eq!(refused(&snapshot, quiet, &b, &[]), NOT_AVAILABLE);
+        snapshot.limits.per_host = 0;
+        assert!(refused(&snapshot, quiet, &b, &[]).contains("policy migrations are off"));
+    }
+
+    #[test]
+    fn the_book_runs_one_migration_per_vm_and_remembers_when_it_ended() {
+        let input = TickInput::sample();
+        let busy = &input.vms[0];
+        let executor: MigrationExecutor = Arc::new(|_, _, _| Ok(serde_json::json!({})));
+        let mut book = MigrationBook::new(Some(executor));
+        let host = PeerHost {
+            name: "b".into(),
+            addr: "127.0.0.1:7002".into(),
+            key_file: "key".into(),
+            key: luvisor_runtime::migration::PeerKey::from_bytes(&[7; 32]),
+        };
+        let decision = asked("busy", None);
+        let (record, _) = book.start("p", &decision, busy, &host, 10).unwrap();
+        assert_eq!((record.id, record.state), (1, "running"));
+        let again = book.start("p", &decision, busy, &host, 20).err().unwrap();
+        assert!(again.contains("already migrating"), "{again}");
+        assert_eq!(book.snapshot(20).running.len(), 1);
+        book.finish(record.id, Err("boom".into()), 30);
+        let snapshot = book.snapshot(40);
+        assert!(snapshot.running.is_empty());
+        assert_eq!(snapshot.ended[0].ended_ms, 30);
+        let cooling = book.start("p", &decision, busy, &host, 40).err().unwrap();
+        assert!(cooling.contains("cooling down"), "{cooling}");
+        let of_policy = book.of_policy("p");
+        assert_eq!(of_policy.len(), 1);
+        assert_eq!(
+            (of_policy[0].state, of_policy[0].error.as_deref()),
+            ("failed", Some("boom"))
+        );
+        // Past the cooldown the VM may go again, and the book forgets the old end.
+        assert!(book.snapshot(30 + DEFAULT_COOLDOWN_MS).ended.is_empty());
+        assert!(book
+            .start("p", &decision, busy, &host, 30 + DEFAULT_COOLDOWN_MS)
+            .is_ok());
+    }
 
     #[test]
     fn a_quiet_vm_costs_one_copy_and_a_busy_one_does_not_converge() {

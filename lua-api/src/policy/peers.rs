@@ -309,11 +309,13 @@ pub fn parse_hosts(lua: &Lua, list: Value) -> mlua::Result<Vec<PeerHost>> {
     const FUNCTION: &str = "hv.hosts";
     let list = match list {
         Value::Table(t) => t,
-        other => return Err(mlua::Error::runtime(format!(
+        other => {
+            return Err(mlua::Error::runtime(format!(
             "{FUNCTION}: expected a list of hosts {{ {{ name = \"b\", addr = \"10.0.0.2:7001\", \
                  key_file = \"KEY\" }}, ... }}, got {}",
             describe(&other)
-        ))),
+        )))
+        }
     };
     let count = list.raw_len();
     if list.clone().pairs::<Value, Value>().count() != count {
