@@ -166,8 +166,15 @@ pub fn run(
         }
     }
     let running = engine.status().iter().filter(|s| s.running).count();
+    // Peer hosts come from `hv.hosts{...}` in the config script.
+    let peers = engine.peers().len();
+    let peers = if peers == 0 {
+        String::new()
+    } else {
+        format!(" and {peers} peer host(s)")
+    };
     eprintln!(
-        "luvisor serve: serving {} VM(s) with {running} policy(ies); SIGTERM or SIGINT stops",
+        "luvisor serve: serving {} VM(s) with {running} policy(ies){peers}; SIGTERM or SIGINT stops",
         registry.list().len()
     );
     loop {

@@ -1071,6 +1071,17 @@ fn policy_check_exit_codes() {
     );
     assert!(stdout.contains("busy: 1G -> "), "{stdout}");
 
+    // The shipped migration trigger loads and, with no peer hosts, decides nothing.
+    let migrate = default_policy().with_file_name("migrate_on_pressure.lua");
+    let out = luvisor(&["policy", "check", migrate.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("policy 'migrate-on-pressure' (every 1000 ms) loads")
+            && stdout.contains("decided nothing"),
+        "{stdout}"
+    );
+
     let dir = scratch("check");
     for (name, body, needle) in [
         (

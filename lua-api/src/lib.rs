@@ -110,6 +110,7 @@ mod tests {
         let lua = new_user_state(Arc::new(Registry::new())).unwrap();
         for name in [
             "vm", "vms", "guest", "disk", "host", "now", "sleep", "version", "policy", "connect",
+            "hosts",
         ] {
             let present: bool = lua.load(format!("return hv.{name} ~= nil")).eval().unwrap();
             assert!(present, "hv.{name}");
