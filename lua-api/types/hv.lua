@@ -333,6 +333,33 @@ function hv.now() end
 ---@field last_error string? The last failed tick or refused version, with file and line.
 ---@field decisions hv.PolicyDecision[] The last successful tick's decisions.
 ---@field decisions_tick integer
+---@field migrate_decisions hv.MigrateDecision[] The migrate intents of the last tick that made any, with the guards' verdicts.
+---@field migrate_decisions_tick integer
+---@field migrations hv.PolicyMigration[] Migrations this policy started: recently ended ones, then those in flight.
+
+---@class hv.MigrateDecision
+---@field vm string
+---@field host string The peer host's name.
+---@field reason string The policy's reason.
+---@field refused string? Why the guards refused it; nil when it was started.
+
+---@class hv.PolicyMigration
+---@field id integer
+---@field policy string
+---@field vm string
+---@field host string
+---@field addr string
+---@field reason string
+---@field state "running"|"succeeded"|"failed"
+---@field started_ms integer On the policies' clock (ctx.now_ms).
+---@field ended_ms integer?
+---@field report table? The migration's report, once it succeeded.
+---@field error string? Why it failed.
+
+---@class hv.MigrationLimits
+---@field per_host? integer Most outgoing migrations at once from this host (0 to 64, default 1; 0 turns policy migrations off).
+---@field cooldown_s? number After a VM's migration ends, seconds before it may migrate again (default 60).
+---@field bandwidth? hv.Size Bytes per second ctx:migration_cost assumes (at least 1M, default "1G").
 
 ---@class hv.PolicyLimits
 ---@field instruction_budget? integer Lua instructions per tick (default 20000000).
@@ -371,6 +398,40 @@ function hv.policy.status(name) end
 ---`luvisor policy simulate`; nil stops.
 ---@param path string?
 function hv.policy.record(path) end
+
+---Sets the guards on the migrations policies ask for (`ctx:migrate`); the keys given
+---change, the others stay. Returns the limits now in force.
+---@param limits? hv.MigrationLimits
+---@return { per_host: integer, cooldown_s: number, bandwidth: integer }
+function hv.policy.migration_limits(limits) end
+
+---@class hv.PeerHostSpec
+---@field name string Unique; 1 to 64 letters, digits, '_', '.', '-'. Policies name the host by it.
+---@field addr string "host:port" of that host's `luvisor serve --listen`.
+---@field key_file string The key that host serves with; only its owner may read it.
+
+---@class hv.PeerHost
+---@field name string
+---@field addr string
+---@field key_file string
+---@field reachable boolean The last poll got an answer.
+---@field memory_total integer? Figures of its last answer (nil if it never answered), bytes.
+---@field memory_available integer?
+---@field memory_reserve integer?
+---@field vms integer? How many VMs it has.
+---@field vms_resident integer?
+---@field age_ms integer? How old the figures are.
+---@field error string? Why the last poll failed.
+
+---Declares the peer hosts policies may migrate VMs to, replacing any declared before
+---(`hv.hosts{}` declares none). Each is polled in the background every second for its
+---free memory and VM count, which policies read as `ctx.hosts`. Raises, changing
+---nothing, on a duplicate name or address, a bad address, or a key file that cannot be
+---read, is too short, or that other users can read. Without `list`, returns the peers
+---as they stand.
+---@param list? hv.PeerHostSpec[]
+---@return hv.PeerHost[]
+function hv.hosts(list) end
 
 ---@class hv.ConnectOptions
 ---@field key_file string The key file shared with that host (as its `luvisor serve --key-file`); only its owner may read it.
