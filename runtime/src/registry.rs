@@ -70,6 +70,35 @@ impl Registry {
         Ok(vm)
     }
 
+    /// Validates `config` and records a VM arriving by live migration, in state
+    /// `incoming`. A VM of that name that is only the record of one that migrated away
+    /// (state `migrated`) gives way: the VM is coming back. Any other VM of that name
+    /// refuses it.
+    pub fn create_incoming(&self, config: VmConfig) -> Result<Arc<Vm>, RegistryError> {
+        config.validate()?;
+        let mut vms = self.lock();
+        if !Self::name_free_for_incoming(&vms, &config.name) {
+            return Err(RegistryError::DuplicateName(config.name));
+        }
+        vms.retain(|_, vm| vm.name() != config.name);
+        let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let vm = Arc::new(Vm::new(id, config)?);
+        vm.set_incoming();
+        vms.insert(id, vm.clone());
+        Ok(vm)
+    }
+
+    /// Whether a VM named `name` may arrive by migration now (see
+    /// [`Registry::create_incoming`]).
+    pub fn accepts_incoming(&self, name: &str) -> bool {
+        Self::name_free_for_incoming(&self.lock(), name)
+    }
+
+    fn name_free_for_incoming(vms: &BTreeMap<VmId, Arc<Vm>>, name: &str) -> bool {
+        vms.values()
+            .all(|vm| vm.name() != name || vm.state() == crate::vm::VmState::Migrated)
+    }
+
     /// Restores the snapshot in `dir` as a new running VM named `name` (the snapshotted
     /// VM's name when `None`). Everything is checked before anything is created; if the
     /// restore fails part way, the VM and the disk overlays made for it are removed.
