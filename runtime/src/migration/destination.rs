@@ -30,6 +30,8 @@ use crate::vstate::prepared;
 const REMEMBERED: usize = 1024;
 /// Longest wait between two frames the destination accepts from an offer.
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long an offer waits for an `incoming` VM of the same name to go away.
+const NAME_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How long a query waits for a migration that is starting its VM right now.
 const QUERY_WAIT: Duration = Duration::from_secs(15);
 
@@ -163,6 +165,8 @@ pub(crate) struct Context {
     pub registry: Arc<Registry>,
     pub outcomes: Arc<Outcomes>,
     pub fault: Option<Fault>,
+    /// The fault fires once per process: the next migration goes through.
+    pub fault_fired: std::sync::atomic::AtomicBool,
     pub arrivals: Mutex<Option<Sender<Arrival>>>,
 }
 
@@ -287,7 +291,12 @@ impl Incoming<'_> {
         let Some(fault) = self.context.fault else {
             return Flow::Go;
         };
-        if fault.point != point {
+        if fault.point != point
+            || self
+                .context
+                .fault_fired
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             return Flow::Go;
         }
         tracing::warn!(?point, action = ?fault.action, "injected migration fault");
@@ -335,11 +344,22 @@ impl Incoming<'_> {
                 crate::builder::MAX_DISKS
             )));
         }
-        if !self.context.registry.accepts_incoming(&offer.config.name) {
-            return Err(Failed(format!(
-                "a vm named '{}' already exists here",
-                offer.config.name
-            )));
+        // A VM of that name that is itself arriving, or being thrown away after a
+        // failed arrival, may be gone in a moment: the source may be retrying.
+        let busy_until = Instant::now() + NAME_BUSY_WAIT;
+        while !self.context.registry.accepts_incoming(&offer.config.name) {
+            let arriving = self
+                .context
+                .registry
+                .find(&offer.config.name)
+                .is_some_and(|vm| vm.state() == crate::vm::VmState::Incoming);
+            if !arriving || Instant::now() >= busy_until {
+                return Err(Failed(format!(
+                    "a vm named '{}' already exists here",
+                    offer.config.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         let expected: Vec<(u64, u64)> = ram_ranges(offer.config.memory)
             .into_iter()

@@ -252,7 +252,8 @@ pub fn decode_pages(mut frame: &[u8]) -> impl Iterator<Item = Result<PageRun<'_>
 /// Nth pages frame), `state`, `built`, `ready`, `go` or `started`, and ACTION is `exit`
 /// (the process ends at once, as if killed), `close` (the connection is dropped and
 /// the VM with it; the process goes on) or `hang` (the destination stops answering but
-/// keeps the connection). Not for users: the fault-injection tests and
+/// keeps the connection). It fires once per process: later migrations go through.
+/// Not for users: the fault-injection tests and
 /// `bench/migration_faults.sh` use it.
 pub const FAULT_ENV: &str = "LUVISOR_MIGRATION_FAULT";
 

@@ -782,14 +782,16 @@ impl<'a> Source<'a> {
                     "no confirmation from the destination; asking it"
                 );
                 match self.resolve() {
-                    Ok(Outcome::Started) => Started::default(),
-                    Ok(outcome) => {
+                    Ok(Answer::Said(Outcome::Started)) => Started::default(),
+                    Ok(answer) => {
                         let e = MigrationError::DestinationFailed(format!(
-                            "{why}; asked afterwards, it says the VM {} run there",
-                            if outcome == Outcome::Unknown {
-                                "does not"
-                            } else {
-                                "never did and will not"
+                            "{why}; asked afterwards, {}",
+                            match answer {
+                                Answer::NobodyThere =>
+                                    "nothing listens there any more, so \
+                                                        the VM does not run there",
+                                Answer::Said(Outcome::Unknown) => "it does not know the VM",
+                                _ => "it says the VM never ran there and never will",
                             }
                         ));
                         return Err(self.roll_back(None, e));
@@ -899,7 +901,14 @@ impl Source<'_> {
     /// if it was running and turns the dirty log off if the migration turned it on.
     fn roll_back(&mut self, channel: Option<&mut SecureChannel>, error: MigrationError) -> Failure {
         if let Some(channel) = channel {
-            let _ = channel.send(KIND_ABORT, error.to_string().as_bytes());
+            // A connection that failed (or is stuck) gets no ABORT: writing it could
+            // block; closing says enough.
+            if !matches!(
+                error,
+                MigrationError::Channel { .. } | MigrationError::TimedOut { .. }
+            ) {
+                let _ = channel.send(KIND_ABORT, error.to_string().as_bytes());
+            }
             channel.shutdown();
         }
         let state = self.vm.state();
@@ -955,12 +964,12 @@ impl Source<'_> {
 
     /// Asks the destination, on new connections, what became of this migration; see
     /// the module docs. `Err` when no answer came within [`RESOLVE_WINDOW`].
-    fn resolve(&self) -> Result<Outcome, String> {
+    fn resolve(&self) -> Result<Answer, String> {
         let until = Instant::now() + RESOLVE_WINDOW;
         loop {
             let last = match self.ask() {
-                Ok(outcome) => return Ok(outcome),
-                Err(Asked::NobodyThere) => return Ok(Outcome::Unknown),
+                Ok(outcome) => return Ok(Answer::Said(outcome)),
+                Err(Asked::NobodyThere) => return Ok(Answer::NobodyThere),
                 Err(Asked::Failed(reason)) => reason,
             };
             if Instant::now() >= until {
@@ -997,6 +1006,13 @@ impl Source<'_> {
             other => Err(Asked::Failed(format!("it answered frame kind {other}"))),
         }
     }
+}
+
+/// What the source learnt by asking.
+enum Answer {
+    Said(Outcome),
+    /// Nothing listens at the address.
+    NobodyThere,
 }
 
 /// Why a question to the destination got no answer.
