@@ -14,7 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::protocol::{
     decode, decode_pages, encode, FaultAction, FaultPoint, FinalState, Hello, Offer, Outcome,
     PageRun, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES,
-    KIND_READY, KIND_RUNNING, KIND_STATE,
+    KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC, KIND_SYNCED,
 };
 use super::{Fault, SecureChannel};
 use crate::builder::RestoreParts;
@@ -399,6 +399,7 @@ impl Incoming<'_> {
                         return Ok(false);
                     }
                 }
+                KIND_SYNC => self.channel.send(KIND_SYNCED, &[])?,
                 KIND_STATE => break decode(&buf, "final state").map_err(Failed)?,
                 KIND_ABORT => {
                     tracing::info!(

@@ -28,6 +28,13 @@ pub const KIND_RUNNING: u8 = 15;
 pub const KIND_ABORT: u8 = 16;
 /// Destination → source: the answer to a [`Hello::Query`] ([`Outcome`]).
 pub const KIND_OUTCOME: u8 = 17;
+/// Source → destination, after each pass: answer [`KIND_SYNCED`] once every page before
+/// it is in guest RAM. The source measures the link by it, and pauses the VM only when
+/// the destination has caught up (pages waiting in socket buffers would otherwise add
+/// to the downtime).
+pub const KIND_SYNC: u8 = 18;
+/// Destination → source: the answer to [`KIND_SYNC`].
+pub const KIND_SYNCED: u8 = 19;
 /// Either way: a UTF-8 error message; the sender closes the connection after it.
 pub const KIND_ERROR: u8 = 255;
 
@@ -150,6 +157,27 @@ impl PageEncoder {
         let at = self.buf.len();
         self.buf.resize(at + PAGE_SIZE as usize, 0);
         fill(&mut self.buf[at..]);
+        self.data_bytes += PAGE_SIZE as usize;
+    }
+
+    /// [`PageEncoder::push_data`] from `PAGE_SIZE` bytes at `src`, copied without
+    /// clearing the room first.
+    ///
+    /// # Safety
+    ///
+    /// `src` must point to `PAGE_SIZE` readable bytes that do not overlap the encoder.
+    /// Another thread (a guest vCPU) may write them meanwhile: the copy is then torn,
+    /// which the caller accepts (the page is dirty again and sent again).
+    pub unsafe fn push_data_from(&mut self, gpa: u64, src: *const u8) {
+        self.extend_run(gpa, RUN_DATA);
+        let at = self.buf.len();
+        self.buf.reserve(PAGE_SIZE as usize);
+        // SAFETY: `reserve` made room for PAGE_SIZE bytes past `at`; the caller
+        // vouches for `src`. Every byte of the new room is written before `set_len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr().add(at), PAGE_SIZE as usize);
+            self.buf.set_len(at + PAGE_SIZE as usize);
+        }
         self.data_bytes += PAGE_SIZE as usize;
     }
 

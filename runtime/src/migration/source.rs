@@ -60,7 +60,7 @@
 //! loses at most the moments it ran there).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ use super::channel::{ChannelError, PeerKey, SecureChannel};
 use super::protocol::{
     decode, encode, FinalState, Hello, Offer, Outcome, PageEncoder, Started, KIND_ABORT,
     KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_READY, KIND_RUNNING,
-    KIND_STATE,
+    KIND_STATE, KIND_SYNC, KIND_SYNCED,
 };
 use super::KIND_MIGRATE_HELLO;
 use crate::snapshot::file::{HostRequirements, SavedDisk};
@@ -323,7 +323,7 @@ impl Vm {
             }
             Err((source, left)) => {
                 let left = left.describe(addr);
-                tracing::warn!(vm = self.name(), to = addr, error = %source, left, "live migration failed");
+                tracing::info!(vm = self.name(), to = addr, error = %source, left, "live migration failed");
                 Err(VmError::Migration {
                     name: self.name().to_string(),
                     to: addr.to_string(),
@@ -352,7 +352,33 @@ fn random_id() -> u64 {
 struct Throttle {
     /// Percent of each period the vCPUs are held paused.
     percent: Arc<AtomicU32>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopFlag>,
+}
+
+/// A flag a sleeping thread wakes up for at once, and whether it must leave the vCPUs
+/// paused.
+#[derive(Default)]
+struct StopFlag {
+    /// `Some(leave_paused)` once stopped.
+    stopped: std::sync::Mutex<Option<bool>>,
+    changed: std::sync::Condvar,
+}
+
+impl StopFlag {
+    fn stop(&self, leave_paused: bool) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(leave_paused);
+        self.changed.notify_all();
+    }
+
+    /// Sleeps for `time` or until stopped; `Some(leave_paused)` once stopped.
+    fn sleep(&self, time: Duration) -> Option<bool> {
+        let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (stopped, _) = self
+            .changed
+            .wait_timeout_while(stopped, time, |stopped| stopped.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *stopped
+    }
 }
 
 /// What a failure returns: the error and where the VM is left.
@@ -415,8 +441,10 @@ impl<'a> Source<'a> {
             throttle_thread = Some(scope.spawn(move || throttle_loop(vm, &percent, &stop)));
         }
         let copied = self.copy_while_running(&mut channel, progress);
-        // The duty cycle ends (with the vCPUs running) before anything else touches them.
-        self.throttle.stop.store(true, Ordering::SeqCst);
+        // The duty cycle ends before anything else touches the vCPUs. Going to the final
+        // pass, it leaves them paused: the pause that follows then finds them so, and
+        // the guest dirties nothing in between.
+        self.throttle.stop.stop(copied.is_ok());
         if let Some(thread) = throttle_thread {
             let _ = thread.join();
         }
@@ -581,7 +609,7 @@ impl<'a> Source<'a> {
             throttle: 0.0,
             final_pass: false,
         });
-        let mut last = self.send_pages(channel, &memory, &candidates, true)?;
+        let mut last = self.send_pages(channel, &memory, &candidates, true, false)?;
         let mut iteration = 0u32;
         let mut previous_remaining = u64::MAX;
         let mut not_shrinking = 0;
@@ -621,7 +649,7 @@ impl<'a> Source<'a> {
                 throttle: f64::from(self.throttle.percent.load(Ordering::SeqCst)) / 100.0,
                 final_pass: false,
             });
-            last = self.send_pages(channel, &memory, &dirty, false)?;
+            last = self.send_pages(channel, &memory, &dirty, false, false)?;
         }
     }
 
@@ -646,13 +674,16 @@ impl<'a> Source<'a> {
     }
 
     /// Sends the pages of `set`: with `full`, zero pages are skipped (the destination's
-    /// RAM is zero); otherwise they go as markers. Returns the bytes and time taken.
+    /// RAM is zero); otherwise they go as markers. While the VM runs (`paused` false),
+    /// the pass ends when the destination confirms it took them all in. Returns the
+    /// bytes and time taken.
     fn send_pages(
         &mut self,
         channel: &mut SecureChannel,
         memory: &GuestRam,
         set: &DirtyPages,
         full: bool,
+        paused: bool,
     ) -> Result<(u64, Duration), MigrationError> {
         let started = Instant::now();
         let before = self.bytes_sent;
@@ -679,15 +710,26 @@ impl<'a> Source<'a> {
                     }
                     continue;
                 }
-                self.encoder.push_data(base + page * PAGE_SIZE, |out| {
-                    // SAFETY: `at` has PAGE_SIZE readable bytes (above) and `out` is a
-                    // PAGE_SIZE slice of the encoder's own buffer.
-                    unsafe { std::ptr::copy_nonoverlapping(at, out.as_mut_ptr(), out.len()) }
-                });
+                // SAFETY: `at` has PAGE_SIZE readable bytes of guest memory (above),
+                // which is not the encoder's buffer; a torn copy of a page the guest
+                // writes meanwhile is sent again with the next dirty set.
+                unsafe { self.encoder.push_data_from(base + page * PAGE_SIZE, at) };
             }
         }
         if !self.encoder.is_empty() {
             self.flush_pages(channel)?;
+        }
+        if !paused {
+            // Until the destination has taken in every page, they are not moved: a
+            // pass ends when it says so.
+            self.send(channel, KIND_SYNC, &[], "sending memory")?;
+            let (kind, _) = self.receive(channel, self.remaining(), "sending memory")?;
+            if kind != KIND_SYNCED {
+                return Err(MigrationError::Protocol {
+                    kind,
+                    expected: "SYNCED",
+                });
+            }
         }
         let bytes = self.bytes_sent - before;
         let time = started.elapsed();
@@ -806,6 +848,13 @@ impl<'a> Source<'a> {
             }
         };
         let downtime = pause_started.elapsed();
+        tracing::debug!(
+            vm = self.vm.name(),
+            downtime_us = downtime.as_micros() as u64,
+            build_us = started.build_us,
+            start_us = started.start_us,
+            "hand-over done"
+        );
         self.vm.mark_migrated_locked(self.addr);
         let page_mbps = if self.page_time.is_zero() {
             0.0
@@ -840,10 +889,12 @@ impl Source<'_> {
             VmError::InvalidState { state, .. } => MigrationError::VmEnded(state),
             other => MigrationError::Vm(Box::new(other)),
         };
+        let steps = Instant::now();
         if self.was_running {
             self.vm.pause_for_migration().map_err(vm_error)?;
             self.paused = true;
         }
+        let paused_at = steps.elapsed();
         dirty
             .union_with(&self.take_dirty()?)
             .map_err(MigrationError::Memory)?;
@@ -860,8 +911,10 @@ impl Source<'_> {
             throttle: 0.0,
             final_pass: true,
         });
-        self.send_pages(channel, &memory, &dirty, false)?;
+        self.send_pages(channel, &memory, &dirty, false, true)?;
+        let pages_at = steps.elapsed();
         let (machine, _, devices) = self.vm.save_machine_state().map_err(vm_error)?;
+        let saved_at = steps.elapsed();
         // The disks: everything written reaches the images, then the destination may
         // lock them.
         for (index, disk) in self.vm.live_disks().iter().enumerate() {
@@ -893,6 +946,15 @@ impl Source<'_> {
             reason,
         })?;
         self.send(channel, KIND_STATE, &bytes, "sending the machine state")?;
+        tracing::debug!(
+            vm = self.vm.name(),
+            pause_us = paused_at.as_micros() as u64,
+            pages_us = (pages_at - paused_at).as_micros() as u64,
+            save_us = (saved_at - pages_at).as_micros() as u64,
+            disks_and_state_us = (steps.elapsed() - saved_at).as_micros() as u64,
+            final_pages,
+            "final pass"
+        );
         Ok(final_pages)
     }
 
@@ -916,6 +978,11 @@ impl Source<'_> {
             return (error, Left::Ended(state));
         }
         self.retake_disks();
+        if self.was_running && !self.paused {
+            // The duty cycle may have left the vCPUs paused for a final pass that
+            // never came.
+            let _ = self.vm.throttle_vcpus(false);
+        }
         let mut left = if self.was_running {
             Left::Running
         } else {
@@ -1023,23 +1090,34 @@ enum Asked {
 }
 
 /// The auto-converge duty cycle: each period, the vCPUs are held paused for
-/// `percent` of it. Ends (with the vCPUs running) when `stop` is set or the VM ends.
-fn throttle_loop(vm: &Vm, percent: &AtomicU32, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        let share = percent.load(Ordering::SeqCst).min(THROTTLE_MAX);
-        if share == 0 {
-            std::thread::sleep(THROTTLE_PERIOD);
-            continue;
-        }
-        let held = THROTTLE_PERIOD * share / 100;
-        if vm.throttle_vcpus(true).is_err() {
+/// `percent` of it. Ends as soon as `stop` is set, with the vCPUs running, or paused if
+/// the stop says so (the final pass follows); or when the VM ends.
+fn throttle_loop(vm: &Vm, percent: &AtomicU32, stop: &StopFlag) {
+    let mut held = false;
+    let finish = |held: bool, leave_paused: bool| {
+        if held && !leave_paused {
             let _ = vm.throttle_vcpus(false);
-            return;
         }
-        std::thread::sleep(held);
-        if vm.throttle_vcpus(false).is_err() {
-            return;
+    };
+    loop {
+        let share = percent.load(Ordering::SeqCst).min(THROTTLE_MAX);
+        let hold = THROTTLE_PERIOD * share / 100;
+        if share > 0 {
+            if vm.throttle_vcpus(true).is_err() {
+                let _ = vm.throttle_vcpus(false);
+                return;
+            }
+            held = true;
+            if let Some(leave_paused) = stop.sleep(hold) {
+                return finish(held, leave_paused);
+            }
+            if vm.throttle_vcpus(false).is_err() {
+                return;
+            }
+            held = false;
         }
-        std::thread::sleep(THROTTLE_PERIOD - held);
+        if let Some(leave_paused) = stop.sleep(THROTTLE_PERIOD - hold) {
+            return finish(held, leave_paused);
+        }
     }
 }
