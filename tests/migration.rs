@@ -374,6 +374,36 @@ fn a_destination_that_stops_answering_times_out_and_the_vm_stays() {
     }
 }
 
+#[test]
+fn a_guest_dirtying_as_fast_as_it_can_moves_with_auto_converge() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("migration-auto-converge");
+    let key = write_key(&dir, "peer.key", 6);
+    let home = Home::new(&key);
+    // Rate 0: as fast as the guest can write, far more than the link carries.
+    let mut config = common::builtin("busy", "dirty 8 0; listen");
+    config.vcpus = 2;
+    let vm = home.registry.create(config).unwrap();
+    vm.start().unwrap();
+    vm.wait_for_console("dirty: pass", 0, TIMEOUT).unwrap();
+    let peer = Peer::start(&dir, &key, Some(&home.addr()), None);
+    let mut options = home.options();
+    options.auto_converge = true;
+    options.max_downtime = Duration::from_millis(10);
+    let mut throttles = Vec::new();
+    let report = vm
+        .migrate(&peer.addr, &options, &mut |p| throttles.push(p.throttle))
+        .expect("migrate");
+    eprintln!("migrated: {report:?}; throttle by pass: {throttles:?}");
+    assert!(throttles.iter().all(|t| (0.0..=0.95).contains(t)));
+    let (line, _) = peer.lines.wait_for("verified on destination", 0);
+    assert!(line.contains("dirty-verify: ok"), "{line}");
+    let back = home.wait_arrival("busy");
+    verify(&back);
+}
+
 fn luvisor_runtime_error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
