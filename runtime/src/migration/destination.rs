@@ -171,6 +171,7 @@ pub(crate) struct Context {
 }
 
 /// Why an incoming migration ended without a running VM (for the log).
+#[derive(Debug)]
 struct Failed(String);
 
 impl<E: std::error::Error> From<E> for Failed {
