@@ -628,7 +628,11 @@ fn plan(round: u64, rng: &mut Rng) -> Plan {
     let faults = FAULT_POINTS.len() as u64 * 2;
     if round < faults {
         let point = FAULT_POINTS[(round / 2) as usize];
-        let action = if round.is_multiple_of(2) { "exit" } else { "close" };
+        let action = if round.is_multiple_of(2) {
+            "exit"
+        } else {
+            "close"
+        };
         return Plan::Fault(format!("{point}:{action}"));
     }
     if round < faults + FRAME_CUTS.len() as u64 {

@@ -182,3 +182,45 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{GuestSpec, VmState};
+
+    fn config(name: &str) -> VmConfig {
+        let mut config = VmConfig::new(
+            name,
+            GuestSpec::Builtin {
+                cmdline: "idle".into(),
+            },
+        );
+        config.memory = 16 << 20;
+        config
+    }
+
+    #[test]
+    fn an_incoming_vm_replaces_only_a_migrated_record() {
+        let registry = Registry::new();
+        let live = registry.create(config("a")).unwrap();
+        assert!(!registry.accepts_incoming("a"));
+        assert!(matches!(
+            registry.create_incoming(config("a")),
+            Err(RegistryError::DuplicateName(_))
+        ));
+        // The VM migrated away: its record gives way to the VM coming back.
+        live.mark_migrated_locked("elsewhere:1");
+        assert_eq!(live.state(), VmState::Migrated);
+        assert!(registry.accepts_incoming("a"));
+        let back = registry.create_incoming(config("a")).unwrap();
+        assert_eq!(back.state(), VmState::Incoming);
+        assert_ne!(back.id(), live.id());
+        assert!(registry.get(live.id()).is_none());
+        assert_eq!(registry.list().len(), 1);
+        // An incoming VM holds its name, and a bad configuration is refused.
+        assert!(registry.create(config("a")).is_err());
+        let mut bad = config("b");
+        bad.vcpus = 0;
+        assert!(registry.create_incoming(bad).is_err());
+    }
+}

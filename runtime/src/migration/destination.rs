@@ -372,7 +372,8 @@ impl Incoming<'_> {
                 offer.regions, offer.config.memory
             )));
         }
-        let idle = Duration::from_millis(offer.idle_timeout_ms).min(MAX_IDLE_TIMEOUT);
+        let idle = Duration::from_millis(offer.idle_timeout_ms)
+            .clamp(Duration::from_secs(1), MAX_IDLE_TIMEOUT);
         let size = offer.config.memory;
         let prepared::PreparedVm { vm_fd, memory } = match prepared::take(prepared::Kind {
             size,
