@@ -202,12 +202,14 @@ impl Home {
         options
     }
 
-    /// The VM that comes back.
-    fn wait_arrival(&self, name: &str) -> Arc<Vm> {
-        let arrival = self
-            .arrivals
-            .recv_timeout(LONG)
-            .unwrap_or_else(|_| panic!("vm '{name}' did not come back"));
+    /// The VM that comes back from `peer`.
+    fn wait_arrival(&self, name: &str, peer: &Peer) -> Arc<Vm> {
+        let arrival = self.arrivals.recv_timeout(LONG).unwrap_or_else(|_| {
+            panic!(
+                "vm '{name}' did not come back; the peer printed:\n{}",
+                peer.lines.all()
+            )
+        });
         assert_eq!(arrival.vm.name(), name);
         assert_eq!(arrival.vm.state(), VmState::Running);
         arrival.vm
@@ -283,7 +285,7 @@ fn a_dirtying_vm_moves_to_another_host_and_back() {
     assert!(line.contains("dirty-verify: ok"), "{line}");
     peer.lines.wait_for("arrived from", 0);
 
-    let back = home.wait_arrival("traveller");
+    let back = home.wait_arrival("traveller", &peer);
     // It replaced its `migrated` record here, and kept counting.
     assert_eq!(home.registry.list().len(), 1);
     let pass_after = verify(&back);
@@ -326,7 +328,7 @@ fn a_wrong_key_is_refused_and_the_vm_stays() {
 }
 
 #[test]
-fn a_vm_that_is_not_running_cannot_migrate_and_a_name_taken_there_is_refused() {
+fn a_vm_that_is_not_running_cannot_migrate_nor_one_to_its_own_host() {
     if !kvm_available() {
         return;
     }
@@ -341,13 +343,13 @@ fn a_vm_that_is_not_running_cannot_migrate_and_a_name_taken_there_is_refused() {
         .migrate(&home.addr(), &home.options(), &mut |_| {})
         .unwrap_err();
     assert!(matches!(err, VmError::InvalidState { .. }), "{err}");
-    // Migrating to this very host: the name is taken (by the VM itself).
+    // Migrating to this very host: refused, it is here already.
     let vm = dirtying_vm(&home, "twin", None);
     let err = vm
         .migrate(&home.addr(), &home.options(), &mut |_| {})
         .unwrap_err();
     let text = luvisor_runtime_error_chain(&err);
-    assert!(text.contains("already exists here"), "{text}");
+    assert!(text.contains("is on this host already"), "{text}");
     assert_eq!(vm.state(), VmState::Running);
     verify(&vm);
 }
@@ -400,7 +402,7 @@ fn a_guest_dirtying_as_fast_as_it_can_moves_with_auto_converge() {
     assert!(throttles.iter().all(|t| (0.0..=0.95).contains(t)));
     let (line, _) = peer.lines.wait_for("verified on destination", 0);
     assert!(line.contains("dirty-verify: ok"), "{line}");
-    let back = home.wait_arrival("busy");
+    let back = home.wait_arrival("busy", &peer);
     verify(&back);
 }
 
@@ -712,13 +714,14 @@ fn faults_at_random_points_leave_the_vm_in_exactly_one_place() {
         let target = proxy.as_ref().map_or(peer.addr.clone(), |p| p.addr.clone());
         let result = vm.migrate(&target, &home.options(), &mut |_| {});
         let what = format!("round {round} ({plan:?})");
+        eprintln!("{what}");
         match result {
             Ok(_) => {
                 // The VM runs there: it is verified there and comes back.
                 assert_eq!(vm.state(), VmState::Migrated, "{what}");
                 let (line, _) = peer.lines.wait_for("verified on destination", 0);
                 assert!(line.contains("dirty-verify: ok"), "{what}: {line}");
-                vm = home.wait_arrival("survivor");
+                vm = home.wait_arrival("survivor", &peer);
                 moved += 1;
             }
             Err(e) => {
@@ -752,7 +755,7 @@ fn faults_at_random_points_leave_the_vm_in_exactly_one_place() {
                             )
                         });
                     peer.lines.wait_for("verified on destination", seen);
-                    vm = home.wait_arrival("survivor");
+                    vm = home.wait_arrival("survivor", &peer);
                 }
             }
         }

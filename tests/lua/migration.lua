@@ -37,8 +37,7 @@ local err = fails("cannot migrate vm 'stay' to 127.0.0.1:1 (it goes on running h
 assert(err:find("cannot reach", 1, true), err)
 assert(vm.state == "running")
 
--- A listener in this process: migrating to it is refused, since the VM's name is taken
--- here (by the VM itself).
+-- A listener in this process: migrating to it is refused (the VM is here already).
 fails("hv.migration.on_arrival: expected a function", hv.migration.on_arrival, 42)
 hv.migration.on_arrival(function() end)
 hv.migration.on_arrival(nil)
@@ -48,7 +47,7 @@ local here = hv.migration.listen("127.0.0.1:0", { key_file = key })
 assert(type(here.address) == "string" and here.address:match("^127%.0%.0%.1:%d+$"), tostring(here.address))
 assert(tostring(here):find("listener<127.0.0.1:", 1, true))
 local progress = 0
-err = fails("already exists here", vm.migrate, vm, here.address, {
+err = fails("is on this host already", vm.migrate, vm, here.address, {
   key_file = key,
   on_progress = function() progress = progress + 1 end,
 })

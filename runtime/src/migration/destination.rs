@@ -346,15 +346,22 @@ impl Incoming<'_> {
             )));
         }
         // A VM of that name that is itself arriving, or being thrown away after a
-        // failed arrival, may be gone in a moment: the source may be retrying.
+        // failed arrival, may be gone in a moment (the source may be retrying); one
+        // that is migrating away from here may be `migrated` in a moment (it may be
+        // coming back before this host has heard that it arrived there).
         let busy_until = Instant::now() + NAME_BUSY_WAIT;
         while !self.context.registry.accepts_incoming(&offer.config.name) {
-            let arriving = self
-                .context
-                .registry
-                .find(&offer.config.name)
-                .is_some_and(|vm| vm.state() == crate::vm::VmState::Incoming);
-            if !arriving || Instant::now() >= busy_until {
+            let existing = self.context.registry.find(&offer.config.name);
+            let moving_away = existing.as_ref().and_then(|vm| vm.migration_id());
+            if moving_away == Some(offer.id) {
+                return Err(Failed(format!(
+                    "vm '{}' is on this host already (a migration to itself)",
+                    offer.config.name
+                )));
+            }
+            let in_flux = moving_away.is_some()
+                || existing.is_some_and(|vm| vm.state() == crate::vm::VmState::Incoming);
+            if !in_flux || Instant::now() >= busy_until {
                 return Err(Failed(format!(
                     "a vm named '{}' already exists here",
                     offer.config.name

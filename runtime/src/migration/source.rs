@@ -294,7 +294,7 @@ impl Vm {
             started,
             deadline: crate::vstate::vcpu::deadline_after(options.timeout),
             was_running: state == VmState::Running,
-            id: random_id(),
+            id: random_id().max(1),
             logging_was_on: None,
             paused: false,
             released: Vec::new(),
@@ -308,7 +308,9 @@ impl Vm {
             max_throttle: 0,
             iterations: 0,
         };
+        self.set_migrating(source.id);
         let result = std::thread::scope(|scope| source.run(scope, progress));
+        self.set_migrating(0);
         match result {
             Ok(report) => {
                 tracing::info!(

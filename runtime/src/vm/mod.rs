@@ -49,7 +49,7 @@ use crate::vstate::memory::GuestRam;
 use event_manager::{EventManager, EventOps, EventSet, EventSubscriber, Events, SubscriberOps};
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -170,6 +170,8 @@ pub struct Vm {
     memory_target: Mutex<u64>,
     /// What the balloon device reports (held memory, guest statistics).
     balloon: Arc<dynamic_memory::BalloonStatus>,
+    /// The id of the live migration of this VM to another host under way (0: none).
+    migrating: AtomicU64,
 }
 
 impl Vm {
@@ -201,6 +203,7 @@ impl Vm {
             clock: Arc::new(RunClock::new()),
             memory_target: Mutex::new(target),
             balloon: Arc::default(),
+            migrating: AtomicU64::new(0),
         })
     }
 
@@ -492,6 +495,16 @@ impl Vm {
     /// The control lock, for the migration source, which holds it from start to end.
     pub(crate) fn control_guard(&self) -> MutexGuard<'_, ()> {
         self.lock_control()
+    }
+
+    /// Marks the live migration `id` of this VM as under way (0: over).
+    pub(crate) fn set_migrating(&self, id: u64) {
+        self.migrating.store(id, Ordering::SeqCst);
+    }
+
+    /// The id of the live migration of this VM under way, if any.
+    pub(crate) fn migration_id(&self) -> Option<u64> {
+        Some(self.migrating.load(Ordering::SeqCst)).filter(|&id| id != 0)
     }
 
     /// Runs `f` with the machine's VM fd and RAM (for the dirty log) under the VM's
