@@ -22,5 +22,7 @@ echo "== snapshot and restore"
 "$luvisor" run bench/snapshot.lua 100
 echo "== virtio-balloon"
 "$luvisor" run bench/balloon.lua 5
+echo "== live migration"
+bench/migration.sh 3
 echo "== policies: tick cost and reload latency"
 bench/policy.sh 200 20

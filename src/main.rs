@@ -102,9 +102,13 @@ enum Command {
     /// of DIR and reloads one when it is saved (see docs/policies.md). The first SIGTERM
     /// or SIGINT stops the policies and every VM and exits 0; a second one exits at once.
     /// A config script that fails exits 1, after stopping the VMs it started.
+    /// `--listen ADDR --key-file KEY` receives live migrations from peers holding the
+    /// same key (see docs/migration.md); each arrival is printed, and handed to the
+    /// config script's `hv.migration.on_arrival` handler if it set one.
     #[command(
         after_help = "Examples:\n  luvisor serve lab.lua --policies policies/\n  \
                             luvisor serve --policies policies/ --record trace.jsonl\n  \
+                            luvisor serve --listen 0.0.0.0:7001 --key-file /etc/luvisor/peer.key\n  \
                             luvisor --log-level info --log-format json serve lab.lua"
     )]
     Serve {
@@ -118,6 +122,14 @@ enum Command {
         /// JSON lines, for `luvisor policy simulate`.
         #[arg(long, value_name = "TRACE")]
         record: Option<PathBuf>,
+        /// Accept authenticated peers on ADDR (e.g. 0.0.0.0:7001, or 127.0.0.1:0 for a
+        /// free port): live migrations arrive here. Needs --key-file. The address is
+        /// printed once listening.
+        #[arg(long, value_name = "ADDR", requires = "key_file")]
+        listen: Option<String>,
+        /// The pre-shared key peers must hold: a file only its owner can read (mode 600).
+        #[arg(long, value_name = "KEY", requires = "listen")]
+        key_file: Option<PathBuf>,
     },
     /// Try a policy file without VMs: check it, or replay a recorded trace through it.
     #[command(subcommand)]
@@ -211,11 +223,16 @@ fn main() -> ExitCode {
             config,
             policies,
             record,
+            listen,
+            key_file,
         } => serve::run(
             &registry,
-            config.as_deref(),
-            policies.as_deref(),
-            record.as_deref(),
+            serve::Options {
+                config: config.as_deref(),
+                policies: policies.as_deref(),
+                record: record.as_deref(),
+                listen: listen.as_deref().zip(key_file.as_deref()),
+            },
         ),
         Command::Policy(PolicyCommand::Check { file }) => policy_cmd::check(&file),
         Command::Policy(PolicyCommand::Simulate {

@@ -1,18 +1,19 @@
 //! `luvisor serve`: the long-running host process. It runs an optional config script
 //! (which defines VMs with the same `hv` API as `luvisor run`), loads and watches
-//! policies, optionally records a trace, and serves until SIGTERM or SIGINT. The first
-//! signal stops the policies and every VM cleanly and exits 0; a second one exits at
-//! once.
+//! policies, optionally records a trace, optionally listens for peers (`--listen`: live
+//! migrations arrive), and serves until SIGTERM or SIGINT. The first signal stops the
+//! policies and every VM cleanly and exits 0; a second one exits at once.
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use luvisor_lua::interrupt::Interrupter;
 use luvisor_lua::policy::{Limits, TraceFile};
 use luvisor_lua::StateLimits;
+use luvisor_runtime::migration::{spawn_server, Arrival, PeerKey, ServerHandle, ServerHandlers};
 use luvisor_runtime::Registry;
 
 /// How often a recording `serve` samples the host and VMs on its own.
@@ -59,15 +60,68 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-/// `luvisor serve [CONFIG] [--policies DIR] [--record TRACE]`.
-pub fn run(
+/// What `luvisor serve` was asked to do.
+pub struct Options<'a> {
+    pub config: Option<&'a Path>,
+    pub policies: Option<&'a Path>,
+    pub record: Option<&'a Path>,
+    /// `--listen ADDR --key-file KEY`.
+    pub listen: Option<(&'a str, &'a Path)>,
+}
+
+/// What the main loop waits for.
+enum Event {
+    /// A stop signal.
+    Stop,
+    /// A VM arrived by live migration and runs.
+    Arrived(Arrival),
+}
+
+/// Starts the peer server on `addr` with the key in `key_file`; its arrivals go to
+/// `events`.
+fn listen(
     registry: &Arc<Registry>,
-    config: Option<&Path>,
-    policies: Option<&Path>,
-    record: Option<&Path>,
-) -> ExitCode {
+    addr: &str,
+    key_file: &Path,
+    events: Sender<Event>,
+) -> Result<ServerHandle, String> {
+    let key = PeerKey::from_file(key_file).map_err(|e| luvisor_lua::host::error_chain(&e))?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    // Remote control (hv.connect, repl --connect) on the same port and key.
+    let handlers = ServerHandlers {
+        control: Some(luvisor_lua::remote::serving_control_handler(
+            registry,
+            key.clone(),
+        )),
+    };
+    let server = spawn_server(listener, key, registry.clone(), handlers)
+        .map_err(|e| format!("cannot start the peer server: {e}"))?;
+    let arrivals = server.arrivals();
+    std::thread::Builder::new()
+        .name("arrivals".into())
+        .spawn(move || {
+            for arrival in arrivals {
+                if events.send(Event::Arrived(arrival)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the arrivals thread: {e}"))?;
+    Ok(server)
+}
+
+/// `luvisor serve [CONFIG] [--policies DIR] [--record TRACE] [--listen ADDR --key-file KEY]`.
+pub fn run(registry: &Arc<Registry>, options: Options<'_>) -> ExitCode {
+    let Options {
+        config,
+        policies,
+        record,
+        listen: listen_on,
+    } = options;
     let signals = StopSignals::block();
-    let (stop, stopped) = channel::<i32>();
+    let (stop, stopped) = channel::<Event>();
+    let arrivals = stop.clone();
     // Interrupts the config script if a signal comes while it runs.
     let config_interrupter: Arc<Mutex<Option<Interrupter>>> = Arc::new(Mutex::new(None));
     {
@@ -88,7 +142,7 @@ pub fn run(
                 {
                     interrupter.interrupt();
                 }
-                let _ = stop.send(first);
+                let _ = stop.send(Event::Stop);
                 let second = signals.wait();
                 eprintln!(
                     "luvisor serve: {} received again, exiting without stopping VMs",
@@ -140,7 +194,7 @@ pub fn run(
         luvisor_lua::interrupt::interrupter(&lua);
     if let Some(config) = config {
         if let Err(message) = luvisor_lua::script::run_file(&lua, config, &[]) {
-            if stopped.try_recv().is_ok() {
+            if matches!(stopped.try_recv(), Ok(Event::Stop)) {
                 // Interrupted by the stop signal: a clean stop.
                 return finish(ExitCode::SUCCESS);
             }
@@ -165,6 +219,20 @@ pub fn run(
             }
         }
     }
+    // Peers last: the config script's on_arrival handler is set by now.
+    let _server = match listen_on {
+        None => None,
+        Some((addr, key_file)) => match listen(registry, addr, key_file, arrivals) {
+            Ok(server) => {
+                eprintln!("luvisor serve: listening on {}", server.local_addr());
+                Some(server)
+            }
+            Err(e) => {
+                eprintln!("luvisor serve: {e}");
+                return finish(ExitCode::FAILURE);
+            }
+        },
+    };
     let running = engine.status().iter().filter(|s| s.running).count();
     // Peer hosts come from `hv.hosts{...}` in the config script.
     let peers = engine.peers().len();
@@ -184,7 +252,22 @@ pub fn run(
             Duration::from_secs(3600)
         };
         match stopped.recv_timeout(timeout) {
-            Ok(_) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(Event::Arrived(arrival)) => {
+                eprintln!(
+                    "luvisor serve: vm '{}' arrived from {} ({} bytes, {:.1} ms)",
+                    arrival.vm.name(),
+                    arrival.peer,
+                    arrival.bytes_received,
+                    arrival.total.as_secs_f64() * 1000.0
+                );
+                if let Err(e) =
+                    luvisor_lua::migration::run_arrival_handler(&lua, registry, &arrival)
+                {
+                    // Also when a stop signal interrupted it: its Stop event comes next.
+                    eprintln!("luvisor serve: the on_arrival handler failed: {e}");
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {
                 if record.is_some() {
                     engine.record_sample();

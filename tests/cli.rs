@@ -1381,3 +1381,24 @@ fn serve_stops_a_config_script_that_is_still_running_and_fails_with_a_broken_one
     assert_stderr_has(&out, "cannot watch no-such-dir");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn serve_listen_needs_a_private_key_file_and_an_address_it_can_bind() {
+    let dir = scratch("serve-listen");
+    let out = luvisor(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2), "--listen needs --key-file");
+    assert_stderr_has(&out, "--key-file");
+    let key = dir.join("peer.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = key.to_str().unwrap();
+    let out = luvisor(&["serve", "--listen", "127.0.0.1:0", "--key-file", key]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "chmod 600");
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = luvisor(&["serve", "--listen", "256.1.1.1:7001", "--key-file", key]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "cannot listen on 256.1.1.1:7001");
+    let _ = std::fs::remove_dir_all(&dir);
+}

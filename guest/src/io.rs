@@ -76,6 +76,11 @@ const LSR_DATA_READY: u8 = 0x01;
 /// wakes idle vCPUs when it queues input, so this only bounds a missed wake-up.
 const INPUT_POLL_US: u32 = 50_000;
 
+/// Whether a byte received on COM1 is waiting (it stays there).
+pub fn input_pending() -> bool {
+    inb(COM1_LSR) & LSR_DATA_READY != 0
+}
+
 /// The next byte received on COM1, if one is waiting.
 pub fn try_read_byte() -> Option<u8> {
     if inb(COM1_LSR) & LSR_DATA_READY != 0 {

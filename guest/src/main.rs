@@ -14,6 +14,7 @@
 
 mod balloon;
 mod blk;
+mod dirty;
 mod io;
 mod mem;
 mod virtio;
@@ -70,6 +71,7 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
         blk: None,
         balloon: None,
         listening: false,
+        dirty: None,
     };
     let ram_total: u64 = boot.ram_regions().iter().map(|r| r.size).sum();
     for word in cmdline.split_whitespace() {
@@ -121,6 +123,9 @@ struct State {
     balloon: Option<Balloon>,
     /// A `listen` is reading the console (it does not nest).
     listening: bool,
+    /// The region `dirty` rewrites, kept between runs so that `dirty-verify` can check
+    /// it and a later `dirty` goes on counting.
+    dirty: Option<dirty::DirtyRegion>,
 }
 
 impl State {
@@ -187,6 +192,11 @@ fn run<'a>(
             }
             mem_demand(state, profile)?;
         }
+        "dirty" => {
+            let (mib, rate) = (arg(args)?, arg(args)?);
+            dirty::run(state, mib, rate)?;
+        }
+        "dirty-verify" => dirty::verify(state)?,
         "exit" => io::exit(arg(args)? as u32),
         "listen" => listen(state)?,
         "fault" => fault(),

@@ -9,6 +9,7 @@
 //! - [`disk`] has `hv.disk.create{}`, `hv.disk.open()`, `hv.disk.overlay{}` and the `Disk` object;
 //! - [`host`] has `hv.host()`, `hv.now()` and `hv.sleep()`;
 //! - [`snapshot`] has `hv.restore()` (and `vm:snapshot()`, which the `Vm` handle calls);
+//! - [`migration`] has `hv.migration.listen/on_arrival` (and `vm:migrate()`);
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
 //!   control handler `luvisor serve` hands control connections to;
@@ -33,6 +34,7 @@ pub mod guest;
 pub mod host;
 pub mod interrupt;
 pub mod memory;
+pub mod migration;
 pub mod namespace;
 pub mod options;
 pub mod policy;
@@ -62,6 +64,7 @@ pub const NAMESPACES: &[Namespace] = &[
     disk::NAMESPACE,
     host::NAMESPACE,
     snapshot::NAMESPACE,
+    migration::NAMESPACE,
     policy::NAMESPACE,
     remote::NAMESPACE,
     VERSION,

@@ -78,6 +78,17 @@ pub fn control_handler(registry: &Arc<Registry>) -> Arc<dyn Fn(SecureChannel) + 
     luvisor_runtime::remote::control_handler(registry.clone(), control_hooks(registry))
 }
 
+/// [`control_handler`] for a host serving with `key`: remote `vm:migrate` calls run
+/// `Vm::migrate`, authenticated with the request's key file or, without one, `key`.
+pub fn serving_control_handler(
+    registry: &Arc<Registry>,
+    key: luvisor_runtime::migration::PeerKey,
+) -> Arc<dyn Fn(SecureChannel) + Send + Sync> {
+    let mut hooks = control_hooks(registry);
+    hooks.migrate = Some(luvisor_runtime::remote::handler::migrate_hook(Some(key)));
+    luvisor_runtime::remote::control_handler(registry.clone(), hooks)
+}
+
 /// One connection, shared by a host handle and its VM handles.
 #[derive(Clone)]
 struct Connection {

@@ -235,10 +235,16 @@ pub fn load_script(lua: &Lua, path: &Path) -> Result<Function, String> {
         .map_err(|e| error_message(&e))
 }
 
-/// Sets the global `arg` as `lua` does: `arg[0]` is the script, `arg[1..]` its arguments.
-/// Without a script (only `-e` code) `arg` is an empty table.
+/// Sets the global `arg` as `lua` does: `arg[0]` is the script, `arg[1..]` its arguments,
+/// and `arg[-1]` the interpreter: the `luvisor` executable (so a script can start another
+/// luvisor, e.g. a migration peer). Without a script (only `-e` code) `arg` holds only
+/// `arg[-1]`.
 pub fn set_arg(lua: &Lua, script: Option<&Path>, args: &[String]) -> Result<(), String> {
     let arg = lua.create_table().map_err(|e| e.to_string())?;
+    if let Ok(exe) = std::env::current_exe() {
+        arg.raw_set(-1, exe.display().to_string())
+            .map_err(|e| e.to_string())?;
+    }
     if let Some(script) = script {
         arg.raw_set(0, script.display().to_string())
             .map_err(|e| e.to_string())?;

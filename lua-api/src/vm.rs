@@ -155,6 +155,10 @@ impl UserData for VmHandle {
             let vm = this.resolve()?;
             crate::snapshot::snapshot(lua, &vm, path, opts)
         });
+        methods.add_method("migrate", |lua, this, (addr, opts): (Value, Value)| {
+            let vm = this.resolve()?;
+            crate::migration::migrate(lua, &vm, addr, opts)
+        });
         methods.add_method("console", |_, this, ()| {
             Ok(this.resolve()?.console().text())
         });

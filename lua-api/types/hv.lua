@@ -120,7 +120,9 @@ function guest_ns.builtin(opts) end
 ---stops the copying and is reported in `Vm.console_error`.
 ---@field disks? (hv.Disk|hv.DiskSpec)[] virtio-blk devices, in this order (at most 16); each image once.
 
----@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"
+---"migrated": moved to another host (final, like "stopped"); "incoming": arriving by live
+---migration, built but not yet running (only stop applies).
+---@alias hv.VmState "created"|"running"|"paused"|"stopped"|"crashed"|"migrated"|"incoming"
 
 ---@class hv.WaitOptions
 ---@field timeout? number Seconds; default 30; math.huge waits without limit.
@@ -247,6 +249,42 @@ function Vm:console() end
 ---@return hv.SnapshotReport
 function Vm:snapshot(path, opts) end
 
+---@class hv.MigrationProgress
+---@field iteration integer 0 for the full pass, then one per pass over dirtied pages
+---@field remaining_bytes integer what this pass sends at most
+---@field sent_bytes integer bytes sent so far
+---@field mbps number measured throughput, megabits per second
+---@field throttle number share of time auto-converge holds the vCPUs paused (0 to 0.95)
+---@field final boolean the last pass, with the VM paused
+
+---@class hv.MigrateOptions
+---@field key_file string the pre-shared key both hosts hold (a file only its owner can read)
+---@field max_downtime_ms? integer what the last pages may take to send (default 50)
+---@field timeout? number seconds for the whole migration (default 60)
+---@field auto_converge? boolean hold the vCPUs paused part of the time when the guest dirties memory faster than the link carries it (default false)
+---@field on_progress? fun(p: hv.MigrationProgress) called before each pass; an error in it cancels the migration
+
+---@class hv.MigrationReport
+---@field downtime_ms number from pausing here to running there
+---@field total_ms number
+---@field bytes_sent integer
+---@field iterations integer passes over memory, the full and the final one included
+---@field pages_sent integer pages sent as data
+---@field zero_pages integer pages sent as zero markers
+---@field final_pages integer pages of the final pass
+---@field mbps number average throughput of the page passes, megabits per second
+---@field throttle number the highest auto-converge share used
+---@field destination_build_ms number what the destination took to build the VM
+
+---Moves the running (or paused) VM to the luvisor host listening at `addr`, live. On
+---success the VM runs there and is "migrated" here; on failure the error says where the
+---VM is (normally: it goes on running here). Both hosts must see its disks at the same
+---paths.
+---@param addr string "host:port"
+---@param opts hv.MigrateOptions
+---@return hv.MigrationReport
+function Vm:migrate(addr, opts) end
+
 ---Waits for the guest to end. Returns the exit code (nil if it crashed or was stopped), the
 ---final state, and a description when there is no exit code.
 ---@param opts? hv.WaitOptions
@@ -281,6 +319,40 @@ function hv.vms() end
 ---@param opts? { name?: string }
 ---@return hv.Vm
 function hv.restore(path, opts) end
+
+---@class hv.ArrivalInfo
+---@field from string the source's address
+---@field bytes_received integer
+---@field total_ms number from the offer to running vCPUs
+---@field build_ms number building the VM from the final state
+
+---Receives VMs by live migration in this process.
+---@class hv.Listener
+---@field address string? the address it listens on; nil once closed
+local Listener = {}
+
+---The next VM that arrives, once it runs here.
+---@param opts? hv.WaitOptions
+---@return hv.Vm vm
+---@return hv.ArrivalInfo info
+function Listener:wait_arrival(opts) end
+
+---Stops accepting connections (migrations in progress finish).
+function Listener:close() end
+
+hv.migration = {}
+
+---Accepts authenticated peers on `addr` ("127.0.0.1:0" picks a free port): VMs migrate
+---into this process.
+---@param addr string
+---@param opts { key_file: string }
+---@return hv.Listener
+function hv.migration.listen(addr, opts) end
+
+---Sets the function `luvisor serve --listen` calls for each VM that arrives and runs;
+---nil removes it.
+---@param handler fun(vm: hv.Vm, info: hv.ArrivalInfo)?
+function hv.migration.on_arrival(handler) end
 
 ---@class hv.KvmInfo
 ---@field api integer KVM API version (12).

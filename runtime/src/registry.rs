@@ -70,6 +70,35 @@ impl Registry {
         Ok(vm)
     }
 
+    /// Validates `config` and records a VM arriving by live migration, in state
+    /// `incoming`. A VM of that name that is only the record of one that migrated away
+    /// (state `migrated`) gives way: the VM is coming back. Any other VM of that name
+    /// refuses it.
+    pub fn create_incoming(&self, config: VmConfig) -> Result<Arc<Vm>, RegistryError> {
+        config.validate()?;
+        let mut vms = self.lock();
+        if !Self::name_free_for_incoming(&vms, &config.name) {
+            return Err(RegistryError::DuplicateName(config.name));
+        }
+        vms.retain(|_, vm| vm.name() != config.name);
+        let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let vm = Arc::new(Vm::new(id, config)?);
+        vm.set_incoming();
+        vms.insert(id, vm.clone());
+        Ok(vm)
+    }
+
+    /// Whether a VM named `name` may arrive by migration now (see
+    /// [`Registry::create_incoming`]).
+    pub fn accepts_incoming(&self, name: &str) -> bool {
+        Self::name_free_for_incoming(&self.lock(), name)
+    }
+
+    fn name_free_for_incoming(vms: &BTreeMap<VmId, Arc<Vm>>, name: &str) -> bool {
+        vms.values()
+            .all(|vm| vm.name() != name || vm.state() == crate::vm::VmState::Migrated)
+    }
+
     /// Restores the snapshot in `dir` as a new running VM named `name` (the snapshotted
     /// VM's name when `None`). Everything is checked before anything is created; if the
     /// restore fails part way, the VM and the disk overlays made for it are removed.
@@ -151,5 +180,47 @@ impl Registry {
         for vm in self.list() {
             vm.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{GuestSpec, VmState};
+
+    fn config(name: &str) -> VmConfig {
+        let mut config = VmConfig::new(
+            name,
+            GuestSpec::Builtin {
+                cmdline: "idle".into(),
+            },
+        );
+        config.memory = 16 << 20;
+        config
+    }
+
+    #[test]
+    fn an_incoming_vm_replaces_only_a_migrated_record() {
+        let registry = Registry::new();
+        let live = registry.create(config("a")).unwrap();
+        assert!(!registry.accepts_incoming("a"));
+        assert!(matches!(
+            registry.create_incoming(config("a")),
+            Err(RegistryError::DuplicateName(_))
+        ));
+        // The VM migrated away: its record gives way to the VM coming back.
+        live.mark_migrated_locked("elsewhere:1");
+        assert_eq!(live.state(), VmState::Migrated);
+        assert!(registry.accepts_incoming("a"));
+        let back = registry.create_incoming(config("a")).unwrap();
+        assert_eq!(back.state(), VmState::Incoming);
+        assert_ne!(back.id(), live.id());
+        assert!(registry.get(live.id()).is_none());
+        assert_eq!(registry.list().len(), 1);
+        // An incoming VM holds its name, and a bad configuration is refused.
+        assert!(registry.create(config("a")).is_err());
+        let mut bad = config("b");
+        bad.vcpus = 0;
+        assert!(registry.create_incoming(bad).is_err());
     }
 }

@@ -47,10 +47,22 @@ pub type MigrationExecutor =
 /// **Integration point:** return `Some(Arc::new(|vm, host, reason| ...))` that calls
 /// `vm.migrate(&host.addr, options, progress)` with the peer's key (`host.key`, read from
 /// `host.key_file` when `hv.hosts` declared it), logs `reason`, and maps the report to
-/// JSON and the error to its chain ([`crate::host::error_chain`]). Until then policies'
-/// migrate intents are refused with [`NOT_AVAILABLE`].
+/// JSON and the error to its chain ([`crate::host::error_chain`]). An engine whose
+/// executor is taken away (`set_migration_executor(None)`) refuses migrate intents
+/// with [`NOT_AVAILABLE`].
 pub fn builtin_executor() -> Option<MigrationExecutor> {
-    None
+    Some(Arc::new(|vm: &Arc<Vm>, host: &PeerHost, reason: &str| {
+        tracing::info!(
+            vm = vm.name(),
+            host = host.name,
+            reason,
+            "policy migration starts"
+        );
+        let options = luvisor_runtime::migration::MigrateOptions::new(host.key.clone());
+        vm.migrate(&host.addr, &options, &mut |_| {})
+            .map(|report| report.to_json())
+            .map_err(|e| crate::host::error_chain(&e))
+    }))
 }
 
 /// Why an intent is refused while no executor is set.

@@ -575,6 +575,7 @@ fn migrate_intents_go_through_the_guards_and_run_in_the_background() {
     .unwrap();
 
     // No executor: every intent is refused as not available.
+    engine.set_migration_executor(None);
     engine.load(&file, Limits::default()).unwrap();
     assert!(engine.wait_until(WAIT, |s| s[0].ticks >= 2));
     let refused = status(&engine, "mover");

@@ -331,17 +331,17 @@ impl SecureChannel {
             });
         }
         let tag = self.frame_tag(self.send_direction, self.send_seq, kind, payload);
-        let mut frame = Vec::with_capacity(4 + 1 + payload.len() + TAG);
-        frame.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
-        frame.push(kind);
-        frame.extend_from_slice(payload);
-        frame.extend_from_slice(&tag);
-        self.stream
-            .write_all(&frame)
-            .map_err(|source| ChannelError::Io {
+        let mut header = [0u8; 5];
+        header[..4].copy_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+        header[4] = kind;
+        // Header, payload and tag in one writev: a large payload (guest memory) is not
+        // copied into a frame buffer first.
+        write_all_vectored(&mut self.stream, &[&header, payload, &tag]).map_err(|source| {
+            ChannelError::Io {
                 peer: self.peer.clone(),
                 source,
-            })?;
+            }
+        })?;
         self.send_seq += 1;
         Ok(())
     }
@@ -362,30 +362,53 @@ impl SecureChannel {
     }
 
     fn recv_frame(&mut self) -> Result<(u8, Vec<u8>), ChannelError> {
-        let mut len = [0u8; 4];
-        read_exact(&mut self.stream, &mut len, &self.peer)?;
-        let len = u32::from_le_bytes(len) as usize;
+        let mut payload = Vec::new();
+        let kind = self.recv_frame_into(&mut payload)?;
+        Ok((kind, payload))
+    }
+
+    /// [`SecureChannel::recv`] into `payload` (its old content is replaced; its
+    /// allocation is reused): the frame's kind. For a stream of large frames.
+    pub fn recv_into(&mut self, payload: &mut Vec<u8>) -> Result<u8, ChannelError> {
+        if self.broken {
+            return Err(ChannelError::Tampered {
+                peer: self.peer.clone(),
+            });
+        }
+        let result = self.recv_frame_into(payload);
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn recv_frame_into(&mut self, payload: &mut Vec<u8>) -> Result<u8, ChannelError> {
+        let mut header = [0u8; 5];
+        read_exact(&mut self.stream, &mut header[..4], &self.peer)?;
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         if len == 0 || len - 1 > MAX_FRAME {
             return Err(ChannelError::TooLarge {
                 peer: self.peer.clone(),
                 len,
             });
         }
-        let mut body = vec![0u8; len + TAG];
-        read_exact(&mut self.stream, &mut body, &self.peer)?;
-        let (content, tag) = body.split_at(len);
+        read_exact(&mut self.stream, &mut header[4..], &self.peer)?;
+        let kind = header[4];
+        payload.resize(len - 1 + TAG, 0);
+        read_exact(&mut self.stream, payload, &self.peer)?;
+        let (content, tag) = payload.split_at(len - 1);
         let direction = if self.send_direction == CLIENT_TO_SERVER {
             SERVER_TO_CLIENT
         } else {
             CLIENT_TO_SERVER
         };
-        let len_bytes = (len as u32).to_le_bytes();
         if !tags_match(
             &self.session,
             &[
                 &[direction],
                 &self.recv_seq.to_le_bytes(),
-                &len_bytes,
+                &header[..4],
+                &[kind],
                 content,
             ],
             tag,
@@ -399,16 +422,49 @@ impl SecureChannel {
             });
         }
         self.recv_seq += 1;
-        let kind = content[0];
-        body.truncate(len);
-        body.remove(0);
-        Ok((kind, body))
+        payload.truncate(len - 1);
+        Ok(kind)
     }
 
     /// Closes both directions (the peer's next read sees the end).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// Writes every byte of `parts`, in order, with as few `writev` calls as the socket
+/// allows.
+fn write_all_vectored(stream: &mut TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut part = 0;
+    let mut offset = 0;
+    while part < parts.len() {
+        if offset == parts[part].len() {
+            part += 1;
+            offset = 0;
+            continue;
+        }
+        let mut slices = Vec::with_capacity(parts.len() - part);
+        slices.push(std::io::IoSlice::new(&parts[part][offset..]));
+        slices.extend(parts[part + 1..].iter().map(|p| std::io::IoSlice::new(p)));
+        let mut written = match stream.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while written > 0 && part < parts.len() {
+            let left = parts[part].len() - offset;
+            if written >= left {
+                written -= left;
+                part += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn configure(stream: &TcpStream, timeout: Duration, peer: &str) -> Result<(), ChannelError> {

@@ -1,6 +1,35 @@
 //! Moving a running VM to another host: the authenticated channel between hosts (also
-//! used by remote control) and, on top of it, the live-migration protocol.
+//! used by remote control), the server that accepts peers, and on top of them the
+//! live-migration protocol.
+//!
+//! - [`channel`]: [`SecureChannel`], PSK-authenticated frames with MACs;
+//! - [`server`]: [`spawn_server`], the accept loop of `luvisor serve --listen`: each
+//!   connection is authenticated on its own thread and its first frame says what it
+//!   is: [`KIND_MIGRATE_HELLO`] (a migration, or a question about one) or
+//!   [`KIND_CONTROL_HELLO`] (remote control, handed to [`ServerHandlers::control`]);
+//! - [`source`]: [`Vm::migrate`](crate::Vm::migrate), pre-copy, convergence, and the
+//!   hand-over state machine that keeps exactly one owner of the VM;
+//! - [`destination`]: receiving pages, building the VM paused, running it on GO;
+//! - [`protocol`]: frame kinds, messages and the page encoding.
+//!
+//! `docs/migration.md` describes the protocol and its guarantees for users.
 
 pub mod channel;
+pub mod destination;
+pub mod protocol;
+pub mod server;
+pub mod source;
 
 pub use channel::{ChannelError, PeerKey, SecureChannel};
+pub use destination::Arrival;
+pub use protocol::{Fault, KIND_ERROR};
+pub use server::{spawn_server, ServerHandle, ServerHandlers};
+pub use source::{MigrateOptions, MigrationError, MigrationProgress, MigrationReport};
+
+/// The first frame of a live-migration connection (its payload says whether a VM is
+/// offered or a past migration is asked about).
+pub const KIND_MIGRATE_HELLO: u8 = 1;
+/// The first frame of a remote-control connection; the server hands the channel to
+/// [`ServerHandlers::control`] after it, or answers [`KIND_ERROR`] and closes when there
+/// is none.
+pub const KIND_CONTROL_HELLO: u8 = 2;

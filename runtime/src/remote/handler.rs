@@ -44,6 +44,26 @@ pub type MigrateHook = Arc<
         + Sync,
 >;
 
+/// The migrate hook a `serve` host uses: [`Vm::migrate`](crate::Vm::migrate) to
+/// `params.addr`, authenticated with `params.key_file`, or with `serve_key` (the key
+/// the host serves with) when the request names none.
+pub fn migrate_hook(serve_key: Option<crate::migration::PeerKey>) -> MigrateHook {
+    Arc::new(move |vm, params: &MigrateParams| {
+        let key = match (&params.key_file, &serve_key) {
+            (Some(path), _) => crate::migration::PeerKey::from_file(path)?,
+            (None, Some(key)) => key.clone(),
+            (None, None) => {
+                return Err("no key_file given and this host serves without a key".into())
+            }
+        };
+        let mut options = crate::migration::MigrateOptions::new(key);
+        options.max_downtime = params.max_downtime;
+        options.timeout = params.timeout;
+        let report = vm.migrate(&params.addr, &options, &mut |_| {})?;
+        Ok(report.to_json())
+    })
+}
+
 /// What the host adds to the runtime's own answers. `None` fields answer: no policies
 /// (an empty list), and "migration is not available on this host".
 #[derive(Clone, Default)]

@@ -21,9 +21,9 @@ pub use handler::{
     control_handler, ControlHooks, ControlServer, MigrateHook, MigrateParams, PolicyStatusProvider,
 };
 
-/// The kind of a control connection's first frame (client → host), and of the host's
-/// welcome in reply. The host's accept loop dispatches on it.
-pub const KIND_CONTROL_HELLO: u8 = 2;
+/// The first frame's kind of a remote-control connection (one constant with the
+/// peer server's dispatch).
+pub use crate::migration::KIND_CONTROL_HELLO;
 
 /// A stand-in for `luvisor serve --listen`'s accept loop, for tests until the real one
 /// lands: accepts on a loopback port, authenticates with `key`, reads the first frame and

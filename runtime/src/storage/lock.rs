@@ -165,6 +165,26 @@ pub fn take_up_writing(file: &File, path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Drops every lock `file` holds on the image, so that another process (the destination
+/// of a live migration) can lock it for writing. The file stays open; only
+/// [`lock_image`] makes it a locked image again.
+pub fn release(file: &File) -> io::Result<()> {
+    let lock = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: USE_BASE,
+        // Through the last refuse byte: every byte either kind of lock may use.
+        l_len: REFUSE_BASE + 4 - USE_BASE,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass, which lives for the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// How long a conflicting lock is looked at again before it counts (see `lock_image`).
 const GHOST_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -237,6 +257,22 @@ mod tests {
         }
         drop(w);
         lock_image(&open(&path), &path, LockMode::Exclusive).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_released_image_can_be_locked_elsewhere_and_taken_back_after() {
+        let path = image("release.img");
+        let source = open(&path);
+        lock_image(&source, &path, LockMode::Exclusive).unwrap();
+        release(&source).unwrap();
+        let destination = open(&path);
+        lock_image(&destination, &path, LockMode::Exclusive).unwrap();
+        // While the other side holds it, it cannot be taken back.
+        assert!(lock_image(&source, &path, LockMode::Exclusive).is_err());
+        drop(destination);
+        lock_image(&source, &path, LockMode::Exclusive).unwrap();
+        assert!(lock_image(&open(&path), &path, LockMode::Shared).is_err());
         std::fs::remove_file(path).unwrap();
     }
 

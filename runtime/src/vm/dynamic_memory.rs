@@ -278,7 +278,7 @@ impl Vm {
     }
 
     /// The VM's device manager while it has a machine.
-    fn devices(&self) -> Option<std::sync::Arc<crate::devices::manager::DeviceManager>> {
+    pub(crate) fn devices(&self) -> Option<std::sync::Arc<crate::devices::manager::DeviceManager>> {
         self.lock().machine.as_ref().map(|m| m.devices.clone())
     }
 

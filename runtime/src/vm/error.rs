@@ -116,6 +116,15 @@ pub enum VmError {
         #[source]
         source: SerialError,
     },
+    #[error("cannot migrate vm '{name}' to {to} ({left})")]
+    Migration {
+        name: String,
+        to: String,
+        /// Where that leaves the VM, e.g. "it goes on running here".
+        left: String,
+        #[source]
+        source: Box<crate::migration::MigrationError>,
+    },
 }
 
 /// Why a wait ended without what was awaited.

@@ -9,11 +9,17 @@
 //!                      ^      +----> Stopped (with exit code)
 //!                      +------------------+
 //!            Running --triple fault / emulation failure / host error--> Crashed
+//!  Running/Paused --live migration, once the destination runs it--> Migrated
+//!
+//! On the destination of a live migration:
+//!   Incoming --the source let it go--> Running      (failure: destroyed)
 //! ```
 //!
-//! `Stopped` and `Crashed` are final: the vCPU threads are gone and guest memory is
-//! freed, but the record (console, exit code, crash reason) stays until the VM is
-//! destroyed through the [`Registry`](crate::Registry).
+//! `Stopped`, `Crashed` and `Migrated` are final: the vCPU threads are gone and guest
+//! memory is freed, but the record (console, exit code, crash reason) stays until the VM
+//! is destroyed through the [`Registry`](crate::Registry). An `Incoming` VM is built but
+//! its vCPUs and devices wait paused; no control call but `stop` applies to it (see
+//! `crate::migration`).
 //!
 //! Who moves the state: control calls (`start`, `pause`, `resume`, `stop`) hold the
 //! `control` lock so they never interleave; vCPU threads report the guest's own ending
@@ -31,6 +37,7 @@ mod state;
 
 pub use config::{ConfigError, GuestSpec, VmConfig, MAX_VCPUS};
 pub use error::{VmError, WaitError};
+pub(crate) use snapshot::{config_from_saved, region_layout};
 pub use snapshot::{restored_config, SnapshotOptions, SnapshotReport};
 pub use state::{describe_outcome, VmOutcome, VmState};
 
@@ -42,7 +49,7 @@ use crate::vstate::memory::GuestRam;
 use event_manager::{EventManager, EventOps, EventSet, EventSubscriber, Events, SubscriberOps};
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -163,6 +170,8 @@ pub struct Vm {
     memory_target: Mutex<u64>,
     /// What the balloon device reports (held memory, guest statistics).
     balloon: Arc<dynamic_memory::BalloonStatus>,
+    /// The id of the live migration of this VM to another host under way (0: none).
+    migrating: AtomicU64,
 }
 
 impl Vm {
@@ -194,6 +203,7 @@ impl Vm {
             clock: Arc::new(RunClock::new()),
             memory_target: Mutex::new(target),
             balloon: Arc::default(),
+            migrating: AtomicU64::new(0),
         })
     }
 
@@ -241,6 +251,11 @@ impl Vm {
         Some(f(&memory))
     }
 
+    /// The guest's RAM while the VM has a machine.
+    pub(crate) fn memory_handle(&self) -> Option<Arc<GuestRam>> {
+        self.lock().machine.as_ref().map(|m| m.memory.clone())
+    }
+
     /// Legacy IRQ lines (0–15) the in-kernel PIC has latched and not yet delivered, as a
     /// bit mask; `None` when the VM does not run. Device interrupts arrive here through
     /// irqfds, so this shows whether a device signalled a guest that did not take it.
@@ -280,8 +295,33 @@ impl Vm {
     /// Builds the machine (booting it, or from `restore`) and starts its threads.
     /// Called with the control lock held.
     fn launch(self: &Arc<Self>, restore: Option<RestoreParts<'_>>) -> Result<(), VmError> {
+        self.launch_with(restore, false)
+    }
+
+    /// Builds an `Incoming` VM from the state a migration source sent, with every vCPU
+    /// and the device thread waiting paused: no guest instruction runs and no device is
+    /// served until [`Vm::start_incoming`].
+    pub(crate) fn launch_incoming(
+        self: &Arc<Self>,
+        restore: RestoreParts<'_>,
+    ) -> Result<(), VmError> {
+        let _control = self.lock_control();
+        self.launch_with(Some(restore), true)
+    }
+
+    /// [`Vm::launch`], or with `incoming` the paused build of [`Vm::launch_incoming`].
+    fn launch_with(
+        self: &Arc<Self>,
+        restore: Option<RestoreParts<'_>>,
+        incoming: bool,
+    ) -> Result<(), VmError> {
         let state = self.state();
-        if state != VmState::Created {
+        let expected = if incoming {
+            VmState::Incoming
+        } else {
+            VmState::Created
+        };
+        if state != expected || (incoming && restore.is_none()) {
             return Err(self.invalid("start", state));
         }
         let restoring = restore.is_some();
@@ -306,7 +346,11 @@ impl Vm {
         // reports `running` (taking this lock) before it first enters the guest, so no
         // guest code runs, and nothing can end, before the machine is complete.
         let mut inner = self.lock();
-        inner.state = VmState::Running;
+        inner.state = if incoming {
+            VmState::Incoming
+        } else {
+            VmState::Running
+        };
         inner.outcome = None;
         inner.started_at = Some(started_at);
         inner.vcpu_states = vec![VcpuRunState::Running; built.vcpus.len()];
@@ -317,17 +361,25 @@ impl Vm {
             devices: built.devices.clone(),
             serial: built.serial,
         });
-        inner.event_control = Some(control);
         inner.events = EventControl::default();
+        if incoming {
+            // The device thread's first look at its control eventfd makes it wait
+            // paused, before it serves anything.
+            inner.events.pause = true;
+            let _ = control.write(1);
+        }
+        inner.event_control = Some(control);
         if restoring {
             // A restored guest already went through its boot: it is ready now.
             inner.boot_time = Some(started_at.elapsed());
         }
-        self.clock.start();
         let vm = self.clone();
         let devices = built.devices;
-        if restoring {
-            devices.resume_after_restore();
+        if !incoming {
+            self.clock.start();
+            if restoring {
+                devices.resume_after_restore();
+            }
         }
         let spawned: std::io::Result<()> = 'spawn: {
             let thread = std::thread::Builder::new()
@@ -338,6 +390,10 @@ impl Vm {
                 Err(e) => break 'spawn Err(e),
             }
             for (v, commands) in built.vcpus {
+                if incoming {
+                    // Obeyed before the thread first enters the guest.
+                    let _ = commands.send(VcpuCommand::Pause);
+                }
                 match vcpu::spawn(v, self.name(), commands) {
                     Ok(handle) => inner
                         .machine
@@ -352,12 +408,19 @@ impl Vm {
         };
         drop(inner);
         if let Err(e) = spawned {
-            // Undo everything: the VM goes back to `created`.
+            // Undo everything: the VM goes back to `created` (or stays `incoming`).
             self.release();
             let mut inner = self.lock();
-            inner.state = VmState::Created;
+            inner.state = expected;
             inner.started_at = None;
             return Err(self.thread_error(e));
+        }
+        if incoming {
+            // Every vCPU and the device thread wait paused before this returns.
+            drop(self.command_vcpus("pause", VcpuCommand::Pause, VcpuRunState::Paused)?);
+            self.pause_devices()?;
+            tracing::debug!(vm = self.name(), "incoming vm built, waiting paused");
+            return Ok(());
         }
         tracing::info!(
             vm = self.name(),
@@ -366,6 +429,145 @@ impl Vm {
             "vm started"
         );
         Ok(())
+    }
+
+    /// Lets an `Incoming` VM run: its devices pick up the requests the guest had
+    /// posted, then the clock and the vCPUs go on where the source stopped them. If
+    /// the vCPUs do not all answer, the VM is stopped (it must not run half started)
+    /// and the error returned.
+    pub(crate) fn start_incoming(&self) -> Result<(), VmError> {
+        let _control = self.lock_control();
+        let state = self.state();
+        if state != VmState::Incoming {
+            return Err(self.invalid("start the incoming", state));
+        }
+        if let Some(devices) = self.devices() {
+            devices.resume_after_restore();
+        }
+        self.clock.start();
+        self.resume_devices();
+        let result = self
+            .command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running)
+            .map(|mut inner| {
+                if inner.state == VmState::Incoming {
+                    inner.state = VmState::Running;
+                }
+                inner.state
+            });
+        match result {
+            Ok(VmState::Running) => {
+                tracing::info!(vm = self.name(), "incoming vm running");
+                Ok(())
+            }
+            Ok(other) => Err(self.invalid("start the incoming", other)),
+            Err(e) => {
+                self.stop_locked();
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks an `Incoming` VM as created on this host (from a snapshot-like state that
+    /// a migration brings); only the registry calls it, before anyone sees the VM.
+    pub(crate) fn set_incoming(&self) {
+        let mut inner = self.lock();
+        if inner.state == VmState::Created {
+            inner.state = VmState::Incoming;
+        }
+    }
+
+    /// The end of a successful migration on the source: the VM is `migrated` (to
+    /// `to`), its machine released. Called with the control lock held, while paused.
+    pub(crate) fn mark_migrated_locked(&self, to: &str) {
+        {
+            let mut inner = self.lock();
+            if !inner.state.is_final() {
+                inner.state = VmState::Migrated;
+                inner.outcome = Some(VmOutcome::Migrated { to: to.to_string() });
+            }
+        }
+        self.release();
+        self.console.close();
+        self.changed.notify_all();
+        tracing::info!(vm = self.name(), to, "vm migrated");
+    }
+
+    /// The control lock, for the migration source, which holds it from start to end.
+    pub(crate) fn control_guard(&self) -> MutexGuard<'_, ()> {
+        self.lock_control()
+    }
+
+    /// Marks the live migration `id` of this VM as under way (0: over).
+    pub(crate) fn set_migrating(&self, id: u64) {
+        self.migrating.store(id, Ordering::SeqCst);
+    }
+
+    /// The id of the live migration of this VM under way, if any.
+    pub(crate) fn migration_id(&self) -> Option<u64> {
+        Some(self.migrating.load(Ordering::SeqCst)).filter(|&id| id != 0)
+    }
+
+    /// Runs `f` with the machine's VM fd and RAM (for the dirty log) under the VM's
+    /// lock; `None` once the machine is gone.
+    pub(crate) fn with_vm_memory<R>(&self, f: impl FnOnce(&VmFd, &GuestRam) -> R) -> Option<R> {
+        let inner = self.lock();
+        inner.machine.as_ref().map(|m| f(&m.vm_fd, &m.memory))
+    }
+
+    /// Turns KVM's dirty log on if it is not (for live migration); returns whether it
+    /// was on. Diff snapshots lose their base: the pages taken from now on are gone
+    /// from the log.
+    pub(crate) fn start_dirty_tracking(&self) -> Result<bool, VmError> {
+        let mut inner = self.lock();
+        let was_on = inner.dirty_logging;
+        inner.tracking_since = None;
+        let machine = inner
+            .machine
+            .as_ref()
+            .ok_or_else(|| self.invalid("migrate", inner.state))?;
+        if !was_on {
+            memory::set_dirty_logging(&machine.vm_fd, &machine.memory, true).map_err(|source| {
+                VmError::Memory {
+                    name: self.config.name.clone(),
+                    source,
+                }
+            })?;
+        }
+        inner.dirty_logging = true;
+        Ok(was_on)
+    }
+
+    /// Turns KVM's dirty log off again after a failed migration that turned it on.
+    pub(crate) fn stop_dirty_tracking(&self) {
+        let mut inner = self.lock();
+        if let Some(machine) = inner.machine.as_ref() {
+            match memory::set_dirty_logging(&machine.vm_fd, &machine.memory, false) {
+                Ok(()) => inner.dirty_logging = false,
+                Err(e) => {
+                    tracing::warn!(vm = self.name(), error = %e, "cannot turn the dirty log off")
+                }
+            }
+        }
+    }
+
+    /// Pauses (`true`) or resumes the vCPUs alone, leaving the VM `running`: the duty
+    /// cycle with which a migration slows a guest that dirties memory faster than the
+    /// link carries it.
+    pub(crate) fn throttle_vcpus(&self, pause: bool) -> Result<(), VmError> {
+        let (command, want) = if pause {
+            (VcpuCommand::Pause, VcpuRunState::Paused)
+        } else {
+            (VcpuCommand::Resume, VcpuRunState::Running)
+        };
+        self.command_vcpus("throttle", command, want).map(drop)
+    }
+
+    pub(crate) fn pause_for_migration(&self) -> Result<(), VmError> {
+        self.pause_locked()
+    }
+
+    pub(crate) fn resume_after_migration(&self) -> Result<(), VmError> {
+        self.resume_locked()
     }
 
     fn thread_error(&self, source: std::io::Error) -> VmError {

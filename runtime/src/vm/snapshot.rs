@@ -272,6 +272,153 @@ impl Vm {
         freeze: &[(usize, PathBuf)],
     ) -> Result<SnapshotReport, VmError> {
         let name = || self.config.name.clone();
+        let (machine, memory, devices) = self.save_machine_state()?;
+
+        // Guest memory.
+        let memory_path = dir.join(MEMORY_FILE);
+        let file = File::create(&memory_path).map_err(|source| {
+            self.snapshot_error(SnapshotError::Io {
+                what: "create",
+                path: memory_path.clone(),
+                source,
+            })
+        })?;
+        let memory_error = |source| VmError::Memory {
+            name: name(),
+            source,
+        };
+        let diff_pages = match base {
+            Some(_) => {
+                let inner = self.lock();
+                let machine = inner
+                    .machine
+                    .as_ref()
+                    .ok_or_else(|| self.invalid("snapshot", inner.state))?;
+                Some(take_dirty(&machine.vm_fd, &memory).map_err(memory_error)?)
+            }
+            None => None,
+        };
+        let selection = match &diff_pages {
+            Some(pages) => PageSelection::Dirty(pages),
+            None => PageSelection::All,
+        };
+        let saved = save_ram(&memory, &file, selection).map_err(memory_error)?;
+        file.sync_all().map_err(|source| {
+            self.snapshot_error(SnapshotError::Io {
+                what: "sync",
+                path: memory_path.clone(),
+                source,
+            })
+        })?;
+
+        // Disks: flushed, then frozen under new overlays.
+        let mut saved_disks = Vec::with_capacity(disks.len());
+        for (i, disk) in disks.iter().enumerate() {
+            let flushed = devices.with_block(i, |block| block.flush());
+            if let Some(Err(source)) = flushed {
+                return Err(VmError::Disk {
+                    name: name(),
+                    source: crate::storage::StorageError::Io {
+                        path: disk.path().to_path_buf(),
+                        source,
+                    },
+                });
+            }
+            saved_disks.push(SavedDisk {
+                path: std::fs::canonicalize(disk.path())
+                    .unwrap_or_else(|_| disk.path().to_path_buf()),
+                format: disk.format(),
+                readonly: disk.readonly(),
+                serial: disk.serial().to_string(),
+                shared: !freeze.iter().any(|(f, _)| *f == i) && !disk.readonly(),
+            });
+        }
+        let state = SnapshotState {
+            host: HostRequirements::of_this_host(),
+            config: self.saved_config(saved_disks),
+            machine,
+            memory: MemoryState {
+                regions: region_layout(&memory),
+                diff: match (base, diff_pages) {
+                    (Some(base), Some(pages)) => Some(DiffMemory {
+                        base: base.to_path_buf(),
+                        base_id: self.lock().tracking_since.as_ref().map_or(0, |(_, id)| *id),
+                        pages,
+                    }),
+                    _ => None,
+                },
+                allocated_bytes: saved.bytes_written,
+            },
+            id: new_snapshot_id(),
+            taken_at_ms: now_ms(),
+        };
+        let state_bytes = state.write(dir).map_err(|e| self.snapshot_error(e))?;
+
+        // Freezing comes last: everything before it changes nothing outside `dir`.
+        let new_overlays = self.freeze_disks(&devices, disks, freeze)?;
+
+        // From now on, changes are tracked against this snapshot for the next diff.
+        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        {
+            let mut inner = self.lock();
+            let logging = inner.dirty_logging;
+            if let Some(machine) = inner.machine.as_ref() {
+                // Registering the slots again costs 4–5 ms on PVM: only the first time.
+                let on = if logging {
+                    Ok(())
+                } else {
+                    set_dirty_logging(&machine.vm_fd, &memory, true)
+                };
+                if let Err(e) = on.and_then(|_| take_dirty(&machine.vm_fd, &memory).map(|_| ())) {
+                    tracing::warn!(vm = self.name(), error = %e, "cannot track dirty pages; diff snapshots will be refused");
+                    inner.tracking_since = None;
+                } else {
+                    inner.tracking_since = Some((canonical.clone(), state.id));
+                    inner.dirty_logging = true;
+                }
+            }
+        }
+        Ok(SnapshotReport {
+            path: canonical,
+            memory_bytes: saved.bytes_written,
+            memory_pages: saved.pages_written,
+            state_bytes,
+            diff: base.is_some(),
+            paused_for: Duration::ZERO,
+            new_overlays,
+        })
+    }
+
+    /// The configuration a copy of this VM gets (a restore, or the destination of a
+    /// migration), with `disks`.
+    pub(crate) fn saved_config(&self, disks: Vec<SavedDisk>) -> SavedConfig {
+        let GuestSpec::Builtin { cmdline } = &self.config.guest;
+        SavedConfig {
+            name: self.config.name.clone(),
+            vcpus: self.config.vcpus,
+            memory: self.config.memory,
+            cmdline: cmdline.clone(),
+            console_capacity: self.config.console_capacity,
+            disks,
+            dynamic_memory: self.config.dynamic_memory,
+            memory_target: self.memory_target(),
+        }
+    }
+
+    /// The state of every part of the paused machine but guest memory: vCPUs, irqchip,
+    /// clocks, COM1 and the virtio devices; with the machine's RAM and device manager.
+    /// Snapshots and live migration take it the same way.
+    pub(crate) fn save_machine_state(
+        &self,
+    ) -> Result<
+        (
+            MachineState,
+            Arc<crate::vstate::memory::GuestRam>,
+            Arc<crate::devices::manager::DeviceManager>,
+        ),
+        VmError,
+    > {
+        let name = || self.config.name.clone();
         // vCPUs, the irqchip and the clock.
         let (replies, irqchip, kvm_clock, memory, devices) = {
             let inner = self.lock();
@@ -333,137 +480,16 @@ impl Vm {
             })?
         };
 
-        // Guest memory.
-        let memory_path = dir.join(MEMORY_FILE);
-        let file = File::create(&memory_path).map_err(|source| {
-            self.snapshot_error(SnapshotError::Io {
-                what: "create",
-                path: memory_path.clone(),
-                source,
-            })
-        })?;
-        let memory_error = |source| VmError::Memory {
-            name: name(),
-            source,
+        let machine = MachineState {
+            vcpus,
+            irqchip,
+            kvm_clock,
+            run_time_ns: self.clock.elapsed().as_nanos() as u64,
+            serial,
+            layout: devices.layout().clone(),
+            devices: device_states,
         };
-        let diff_pages = match base {
-            Some(_) => {
-                let inner = self.lock();
-                let machine = inner
-                    .machine
-                    .as_ref()
-                    .ok_or_else(|| self.invalid("snapshot", inner.state))?;
-                Some(take_dirty(&machine.vm_fd, &memory).map_err(memory_error)?)
-            }
-            None => None,
-        };
-        let selection = match &diff_pages {
-            Some(pages) => PageSelection::Dirty(pages),
-            None => PageSelection::All,
-        };
-        let saved = save_ram(&memory, &file, selection).map_err(memory_error)?;
-        file.sync_all().map_err(|source| {
-            self.snapshot_error(SnapshotError::Io {
-                what: "sync",
-                path: memory_path.clone(),
-                source,
-            })
-        })?;
-
-        // Disks: flushed, then frozen under new overlays.
-        let mut saved_disks = Vec::with_capacity(disks.len());
-        for (i, disk) in disks.iter().enumerate() {
-            let flushed = devices.with_block(i, |block| block.flush());
-            if let Some(Err(source)) = flushed {
-                return Err(VmError::Disk {
-                    name: name(),
-                    source: crate::storage::StorageError::Io {
-                        path: disk.path().to_path_buf(),
-                        source,
-                    },
-                });
-            }
-            saved_disks.push(SavedDisk {
-                path: std::fs::canonicalize(disk.path())
-                    .unwrap_or_else(|_| disk.path().to_path_buf()),
-                format: disk.format(),
-                readonly: disk.readonly(),
-                serial: disk.serial().to_string(),
-                shared: !freeze.iter().any(|(f, _)| *f == i) && !disk.readonly(),
-            });
-        }
-        let GuestSpec::Builtin { cmdline } = &self.config.guest;
-        let state = SnapshotState {
-            host: HostRequirements::of_this_host(),
-            config: SavedConfig {
-                name: self.config.name.clone(),
-                vcpus: self.config.vcpus,
-                memory: self.config.memory,
-                cmdline: cmdline.clone(),
-                console_capacity: self.config.console_capacity,
-                disks: saved_disks,
-                dynamic_memory: self.config.dynamic_memory,
-                memory_target: self.memory_target(),
-            },
-            machine: MachineState {
-                vcpus,
-                irqchip,
-                kvm_clock,
-                run_time_ns: self.clock.elapsed().as_nanos() as u64,
-                serial,
-                layout: devices.layout().clone(),
-                devices: device_states,
-            },
-            memory: MemoryState {
-                regions: region_layout(&memory),
-                diff: match (base, diff_pages) {
-                    (Some(base), Some(pages)) => Some(DiffMemory {
-                        base: base.to_path_buf(),
-                        base_id: self.lock().tracking_since.as_ref().map_or(0, |(_, id)| *id),
-                        pages,
-                    }),
-                    _ => None,
-                },
-                allocated_bytes: saved.bytes_written,
-            },
-            id: new_snapshot_id(),
-            taken_at_ms: now_ms(),
-        };
-        let state_bytes = state.write(dir).map_err(|e| self.snapshot_error(e))?;
-
-        // Freezing comes last: everything before it changes nothing outside `dir`.
-        let new_overlays = self.freeze_disks(&devices, disks, freeze)?;
-
-        // From now on, changes are tracked against this snapshot for the next diff.
-        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        {
-            let mut inner = self.lock();
-            let logging = inner.dirty_logging;
-            if let Some(machine) = inner.machine.as_ref() {
-                // Registering the slots again costs 4–5 ms on PVM: only the first time.
-                let on = if logging {
-                    Ok(())
-                } else {
-                    set_dirty_logging(&machine.vm_fd, &memory, true)
-                };
-                if let Err(e) = on.and_then(|_| take_dirty(&machine.vm_fd, &memory).map(|_| ())) {
-                    tracing::warn!(vm = self.name(), error = %e, "cannot track dirty pages; diff snapshots will be refused");
-                    inner.tracking_since = None;
-                } else {
-                    inner.tracking_since = Some((canonical.clone(), state.id));
-                    inner.dirty_logging = true;
-                }
-            }
-        }
-        Ok(SnapshotReport {
-            path: canonical,
-            memory_bytes: saved.bytes_written,
-            memory_pages: saved.pages_written,
-            state_bytes,
-            diff: base.is_some(),
-            paused_for: Duration::ZERO,
-            new_overlays,
-        })
+        Ok((machine, memory, devices))
     }
 
     /// Switches each disk in `freeze` to a new overlay on top of its (flushed) image,
@@ -677,9 +703,17 @@ pub fn restored_config(
     state: &SnapshotState,
     name: &str,
 ) -> Result<(VmConfig, Vec<PathBuf>), crate::storage::StorageError> {
-    let mut disks = Vec::with_capacity(state.config.disks.len());
+    config_from_saved(&state.config, name)
+}
+
+/// [`restored_config`] from the saved configuration alone (a migration brings one).
+pub(crate) fn config_from_saved(
+    saved_config: &SavedConfig,
+    name: &str,
+) -> Result<(VmConfig, Vec<PathBuf>), crate::storage::StorageError> {
+    let mut disks = Vec::with_capacity(saved_config.disks.len());
     let mut created = Vec::new();
-    for saved in &state.config.disks {
+    for saved in &saved_config.disks {
         let opened = if saved.readonly || saved.shared {
             Disk::open_with(
                 &saved.path,
@@ -712,20 +746,20 @@ pub fn restored_config(
     let mut config = VmConfig::new(
         name,
         GuestSpec::Builtin {
-            cmdline: state.config.cmdline.clone(),
+            cmdline: saved_config.cmdline.clone(),
         },
     );
-    config.vcpus = state.config.vcpus;
-    config.memory = state.config.memory;
+    config.vcpus = saved_config.vcpus;
+    config.memory = saved_config.memory;
     // Bounded whatever the file says: the console buffer is allocated up front.
-    config.console_capacity = state.config.console_capacity.min(MAX_RESTORED_CONSOLE);
+    config.console_capacity = saved_config.console_capacity.min(MAX_RESTORED_CONSOLE);
     config.disks = disks;
-    config.dynamic_memory = state.config.dynamic_memory;
+    config.dynamic_memory = saved_config.dynamic_memory;
     Ok((config, created))
 }
 
 /// Guest-physical start and length of each RAM region, in file order.
-fn region_layout(mem: &crate::vstate::memory::GuestRam) -> Vec<(u64, u64)> {
+pub(crate) fn region_layout(mem: &crate::vstate::memory::GuestRam) -> Vec<(u64, u64)> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
 }

@@ -8,6 +8,13 @@ pub enum VmState {
     Paused,
     Stopped,
     Crashed,
+    /// Arriving by live migration: built on this host from the state the source sent,
+    /// not running, and out of reach of control calls until the source has let it go
+    /// (then it runs) or the migration failed (then it goes away).
+    Incoming,
+    /// Moved to another host by live migration; final, like `Stopped`. Nothing of it
+    /// runs here any more.
+    Migrated,
 }
 
 impl VmState {
@@ -18,11 +25,16 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
+            VmState::Incoming => "incoming",
+            VmState::Migrated => "migrated",
         }
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, VmState::Stopped | VmState::Crashed)
+        matches!(
+            self,
+            VmState::Stopped | VmState::Crashed | VmState::Migrated
+        )
     }
 }
 
@@ -41,6 +53,8 @@ pub enum VmOutcome {
     Stopped,
     /// It crashed; the reason names the exit kind and RIP.
     Crashed(String),
+    /// It moved to the host at this address by live migration.
+    Migrated { to: String },
 }
 
 /// A short human description of an outcome, for messages.
@@ -49,6 +63,7 @@ pub fn describe_outcome(outcome: Option<&VmOutcome>) -> String {
         Some(VmOutcome::Exited(code)) => format!("exit code {code}"),
         Some(VmOutcome::Stopped) => "stopped by the host".into(),
         Some(VmOutcome::Crashed(reason)) => format!("crashed: {reason}"),
+        Some(VmOutcome::Migrated { to }) => format!("migrated to {to}"),
         None => "still running".into(),
     }
 }

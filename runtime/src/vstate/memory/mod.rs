@@ -55,7 +55,9 @@ pub use dirty_log::{set_dirty_logging, take_dirty, take_vmm_dirty};
 pub use discard::{discard, DiscardEffect};
 pub use pages::{DirtyPages, PageRun};
 pub use residency::resident_bytes;
-pub use snapshot::{apply_ram_diff, save_ram, PageSelection, SavedRam};
+pub use snapshot::{
+    apply_ram_diff, pages_that_may_hold_data_in, save_ram, PageSelection, SavedRam,
+};
 
 /// Guest RAM as the VMM sees it: `vm-memory` mappings whose every region carries a
 /// bitmap of the pages the VMM itself wrote (device completions, used rings, boot

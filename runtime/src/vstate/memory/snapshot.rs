@@ -87,16 +87,7 @@ pub fn save_ram(
 
     let candidates = match which {
         PageSelection::Dirty(pages) => pages.clone(),
-        PageSelection::All => {
-            let pagemap = Pagemap::open()
-                .inspect_err(|e| tracing::debug!(error = %e, "cannot read /proc/self/pagemap"))
-                .ok();
-            let bitmaps = mem
-                .iter()
-                .map(|region| pages_that_may_hold_data(region, pagemap.as_ref()))
-                .collect();
-            DirtyPages::from_bitmaps(mem, bitmaps)
-        }
+        PageSelection::All => pages_that_may_hold_data_in(mem),
     };
 
     let regions: Vec<_> = mem.iter().collect();
@@ -144,6 +135,20 @@ pub fn save_ram(
             PageSelection::Dirty(_) => candidates,
         },
     })
+}
+
+/// The pages of `mem` that may hold data; every other page certainly reads as zero
+/// (see `residency::pages_that_may_hold_data`). A full snapshot and the first pass of a
+/// live migration read only these.
+pub fn pages_that_may_hold_data_in(mem: &GuestRam) -> DirtyPages {
+    let pagemap = Pagemap::open()
+        .inspect_err(|e| tracing::debug!(error = %e, "cannot read /proc/self/pagemap"))
+        .ok();
+    let bitmaps = mem
+        .iter()
+        .map(|region| pages_that_may_hold_data(region, pagemap.as_ref()))
+        .collect();
+    DirtyPages::from_bitmaps(mem, bitmaps)
 }
 
 /// Copies the pages in `pages` from the diff snapshot memory file `file` (written by
@@ -216,7 +221,7 @@ fn refuse_backing_file(mem: &GuestRam, file: &File) -> Result<(), MemoryError> {
 ///
 /// `page` must point to [`PAGE_SIZE`] readable bytes, aligned to 8. The guest may change
 /// them meanwhile (volatile reads, so the compiler assumes nothing about them).
-unsafe fn page_is_zero(page: *const u8) -> bool {
+pub(crate) unsafe fn page_is_zero(page: *const u8) -> bool {
     let words = page.cast::<u64>();
     const WORDS: usize = (PAGE_SIZE / 8) as usize;
     // Eight words per step, ORed together: one branch per 64 bytes.

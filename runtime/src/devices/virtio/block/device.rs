@@ -194,6 +194,40 @@ impl Block {
         }
     }
 
+    /// Drops the image's locks (a writable image only; a read-only one is shared
+    /// anyway), so the destination of a live migration can lock it. Only while the VM
+    /// is paused, after [`Block::flush`]; [`Block::retake_image`] undoes it.
+    pub fn release_image(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<(), crate::storage::StorageError> {
+        match self.backend.lock_file() {
+            Some(file) if !self.readonly => crate::storage::lock::release(file).map_err(|source| {
+                crate::storage::StorageError::LockFailed {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Locks the image again after [`Block::release_image`]; fails (a conflict) while
+    /// another process holds it.
+    pub fn retake_image(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<(), crate::storage::StorageError> {
+        match self.backend.lock_file() {
+            Some(file) if !self.readonly => crate::storage::lock::lock_image(
+                file,
+                path,
+                crate::storage::lock::LockMode::Exclusive,
+            ),
+            _ => Ok(()),
+        }
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.backend.size()
     }
