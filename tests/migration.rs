@@ -318,7 +318,7 @@ fn a_wrong_key_is_refused_and_the_vm_stays() {
     let err = vm
         .migrate(&peer.addr, &home.options(), &mut |_| {})
         .unwrap_err();
-    let text = luvisor_runtime_error_chain(&err);
+    let text = luvisor_runtime::error_chain(&err);
     assert!(text.contains("authentication"), "{text}");
     assert!(text.contains("it goes on running here"), "{text}");
     assert_eq!(vm.state(), VmState::Running);
@@ -348,7 +348,7 @@ fn a_vm_that_is_not_running_cannot_migrate_nor_one_to_its_own_host() {
     let err = vm
         .migrate(&home.addr(), &home.options(), &mut |_| {})
         .unwrap_err();
-    let text = luvisor_runtime_error_chain(&err);
+    let text = luvisor_runtime::error_chain(&err);
     assert!(text.contains("is on this host already"), "{text}");
     assert_eq!(vm.state(), VmState::Running);
     verify(&vm);
@@ -368,7 +368,7 @@ fn a_destination_that_stops_answering_times_out_and_the_vm_stays() {
         let mut options = home.options();
         options.timeout = Duration::from_secs(3);
         let err = vm.migrate(&peer.addr, &options, &mut |_| {}).unwrap_err();
-        let text = luvisor_runtime_error_chain(&err);
+        let text = luvisor_runtime::error_chain(&err);
         assert!(text.contains("it goes on running here"), "{fault}: {text}");
         assert_eq!(vm.state(), VmState::Running, "{fault}");
         verify(&vm);
@@ -404,17 +404,6 @@ fn a_guest_dirtying_as_fast_as_it_can_moves_with_auto_converge() {
     assert!(line.contains("dirty-verify: ok"), "{line}");
     let back = home.wait_arrival("busy", &peer);
     verify(&back);
-}
-
-fn luvisor_runtime_error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A seeded xorshift: the rounds are the same on every run with one seed.
@@ -725,7 +714,7 @@ fn faults_at_random_points_leave_the_vm_in_exactly_one_place() {
                 moved += 1;
             }
             Err(e) => {
-                let text = luvisor_runtime_error_chain(&e);
+                let text = luvisor_runtime::error_chain(&e);
                 eprintln!("{what}: {text}");
                 assert!(text.contains("it goes on running here"), "{what}: {text}");
                 assert_eq!(vm.state(), VmState::Running, "{what}: {text}");
@@ -751,7 +740,7 @@ fn faults_at_random_points_leave_the_vm_in_exactly_one_place() {
                         .unwrap_or_else(|e| {
                             panic!(
                                 "{what}: the retry failed: {}",
-                                luvisor_runtime_error_chain(&e)
+                                luvisor_runtime::error_chain(&e)
                             )
                         });
                     peer.lines.wait_for("verified on destination", seen);

@@ -102,13 +102,4 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
 }
 
 /// An error and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use luvisor_runtime::error_chain;

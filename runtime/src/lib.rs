@@ -30,4 +30,17 @@ pub mod vm;
 pub mod vstate;
 
 pub use registry::{Registry, RegistryError, VmId};
+
+/// An error and its sources, joined with ": " (for messages that cross a process or a
+/// language boundary, where the source chain would otherwise be lost).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 pub use vm::{GuestSpec, Vm, VmConfig, VmError, VmOutcome, VmState, WaitError};

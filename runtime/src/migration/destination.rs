@@ -180,17 +180,7 @@ impl<E: std::error::Error> From<E> for Failed {
     }
 }
 
-/// An error and its sources, joined with `: `.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use crate::error_chain;
 
 /// Serves a connection whose first frame was a migration hello (`payload`).
 pub(crate) fn serve(mut channel: SecureChannel, payload: &[u8], context: &Context) {

@@ -582,17 +582,7 @@ fn newest(text: String, max: usize) -> String {
     text[start..].to_string()
 }
 
-/// An error and its sources, joined with ": ".
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use crate::error_chain;
 
 /// This host's name, for the welcome and `host:info().name`.
 fn host_name() -> String {
