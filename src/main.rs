@@ -246,6 +246,9 @@ fn main() -> ExitCode {
         Command::Manpage { command } => manpage(command.as_deref()),
     };
     luvisor_lua::policy::shutdown(&registry);
+    // Pools and labs remove their VMs' overlay files; stopping alone would leave them.
+    luvisor_runtime::pool::shutdown(&registry);
+    luvisor_runtime::lab::destroy_all();
     registry.stop_all();
     code
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use luvisor_lua::policy::record::{self, ReplayedTick};
-use luvisor_lua::policy::{Decision, Limits, MigrateDecision};
+use luvisor_lua::policy::{Decision, Limits, MigrateDecision, PoolDecision};
 use luvisor_runtime::size::format_size;
 
 /// A size for people: exact when it is whole MiB or more, else MiB with a decimal.
@@ -46,17 +46,41 @@ fn describe_migration(decision: &MigrateDecision) -> String {
     )
 }
 
-/// "nothing", "2 targets", "1 target and 1 migration".
-fn decided(targets: usize, migrations: usize) -> String {
+fn describe_pool(decision: &PoolDecision) -> String {
+    let mut text = format!(
+        "pool {}: {} -> {} ready",
+        decision.pool, decision.previous, decision.target
+    );
+    if decision.clamped {
+        text.push_str(&format!(
+            " (asked {}, clamped to the pool's min/max and the host's free memory)",
+            decision.asked
+        ));
+    }
+    text.push_str(&format!(": {}", decision.reason));
+    text
+}
+
+/// "nothing", "2 targets", "1 target and 1 migration", "1 target, 1 migration and 1
+/// pool target".
+fn decided(targets: usize, migrations: usize, pools: usize) -> String {
     let count = |n: usize, what: &str| match n {
         1 => format!("1 {what}"),
         n => format!("{n} {what}s"),
     };
-    match (targets, migrations) {
-        (0, 0) => "nothing".to_string(),
-        (t, 0) => count(t, "target"),
-        (0, m) => count(m, "migration"),
-        (t, m) => format!("{} and {}", count(t, "target"), count(m, "migration")),
+    let parts: Vec<String> = [
+        (targets, "target"),
+        (migrations, "migration"),
+        (pools, "pool target"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| count(n, what))
+    .collect();
+    match parts.as_slice() {
+        [] => "nothing".to_string(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -65,19 +89,26 @@ pub fn check(file: &Path) -> ExitCode {
     match record::check(file, Limits::default()) {
         Ok((policy, result)) => {
             println!(
-                "{}: policy '{}' (every {} ms) loads; one tick against a sample host with 3 VMs \
+                "{}: policy '{}' (every {} ms) loads; one tick against a sample host with 3 VMs and a pool \
                  took {:.3} ms and decided {}:",
                 file.display(),
                 policy.name,
                 policy.interval_ms,
                 result.duration.as_secs_f64() * 1000.0,
-                decided(result.decisions.len(), result.migrations.len())
+                decided(
+                    result.decisions.len(),
+                    result.migrations.len(),
+                    result.pools.len()
+                )
             );
             for decision in &result.decisions {
                 println!("  {}", describe(decision));
             }
             for decision in &result.migrations {
                 println!("  {}", describe_migration(decision));
+            }
+            for decision in &result.pools {
+                println!("  {}", describe_pool(decision));
             }
             ExitCode::SUCCESS
         }
@@ -178,11 +209,16 @@ fn write_tick(out: &mut impl Write, tick: &ReplayedTick) -> std::io::Result<()> 
             "tick {}{shadow} at {} ms: failed: {error}{differs}",
             tick.tick, tick.now_ms
         ),
-        None if tick.decisions.is_empty() && tick.migrations.is_empty() => writeln!(
-            out,
-            "tick {}{shadow} at {} ms: no change{differs}",
-            tick.tick, tick.now_ms
-        ),
+        None if tick.decisions.is_empty()
+            && tick.migrations.is_empty()
+            && tick.pools.is_empty() =>
+        {
+            writeln!(
+                out,
+                "tick {}{shadow} at {} ms: no change{differs}",
+                tick.tick, tick.now_ms
+            )
+        }
         None => {
             writeln!(
                 out,
@@ -194,6 +230,9 @@ fn write_tick(out: &mut impl Write, tick: &ReplayedTick) -> std::io::Result<()> 
             }
             for decision in &tick.migrations {
                 writeln!(out, "  {}", describe_migration(decision))?;
+            }
+            for decision in &tick.pools {
+                writeln!(out, "  {}", describe_pool(decision))?;
             }
             Ok(())
         }
@@ -208,6 +247,7 @@ struct JsonTick<'a> {
     now_ms: u64,
     decisions: &'a [Decision],
     migrations: &'a [MigrateDecision],
+    pools: &'a [PoolDecision],
     error: Option<&'a str>,
     /// Whether it decided what the recording did; null for inputs not recorded as ticks
     /// of this policy.
@@ -223,6 +263,7 @@ impl<'a> From<&'a ReplayedTick> for JsonTick<'a> {
             now_ms: tick.now_ms,
             decisions: &tick.decisions,
             migrations: &tick.migrations,
+            pools: &tick.pools,
             error: tick.error.as_deref(),
             matches_recording: tick.matches(),
             duration_ms: tick.duration_ms,

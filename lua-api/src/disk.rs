@@ -82,7 +82,7 @@ fn storage_err(function: &str, e: impl std::error::Error) -> mlua::Error {
 }
 
 /// A path option or argument: a string, or a disk (its path).
-fn path_value(function: &str, what: &str, value: Value) -> mlua::Result<PathBuf> {
+pub(crate) fn path_value(function: &str, what: &str, value: Value) -> mlua::Result<PathBuf> {
     match value {
         Value::String(s) => Ok(PathBuf::from(s.to_str()?.to_string())),
         Value::UserData(ud) => match ud.borrow::<DiskHandle>() {
@@ -103,7 +103,7 @@ fn path_value(function: &str, what: &str, value: Value) -> mlua::Result<PathBuf>
 
 /// Reads the optional `serial` option: at most 20 bytes, no NUL (the guest reads it as a
 /// NUL-padded string, so a NUL would cut it short).
-fn serial_option(opts: &Options) -> mlua::Result<Option<String>> {
+pub(crate) fn serial_option(opts: &Options) -> mlua::Result<Option<String>> {
     let Some(serial) = opts.string("serial")? else {
         return Ok(None);
     };
@@ -128,7 +128,7 @@ fn apply_serial(disk: Disk, serial: Option<String>) -> Disk {
 }
 
 /// Reads the optional `format` option ("raw" or "qcow2"); `None` means probe.
-fn format_option(opts: &Options) -> mlua::Result<Option<DiskFormat>> {
+pub(crate) fn format_option(opts: &Options) -> mlua::Result<Option<DiskFormat>> {
     match opts.string("format")? {
         None => Ok(None),
         Some(name) => DiskFormat::parse(&name).map(Some).ok_or_else(|| {

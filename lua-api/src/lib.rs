@@ -10,6 +10,8 @@
 //! - [`host`] has `hv.host()`, `hv.now()` and `hv.sleep()`;
 //! - [`snapshot`] has `hv.restore()` (and `vm:snapshot()`, which the `Vm` handle calls);
 //! - [`migration`] has `hv.migration.listen/on_arrival` (and `vm:migrate()`);
+//! - [`lab`] has `hv.lab{}` and the `Lab` handle;
+//! - [`pool`] has `hv.pool.define/claim/status/set_target/remove` and the `Pool` handle;
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
 //!   control handler `luvisor serve` hands control connections to;
@@ -33,11 +35,13 @@ pub mod display;
 pub mod guest;
 pub mod host;
 pub mod interrupt;
+pub mod lab;
 pub mod memory;
 pub mod migration;
 pub mod namespace;
 pub mod options;
 pub mod policy;
+pub mod pool;
 pub mod remote;
 pub mod script;
 pub mod snapshot;
@@ -65,6 +69,8 @@ pub const NAMESPACES: &[Namespace] = &[
     host::NAMESPACE,
     snapshot::NAMESPACE,
     migration::NAMESPACE,
+    lab::NAMESPACE,
+    pool::NAMESPACE,
     policy::NAMESPACE,
     remote::NAMESPACE,
     VERSION,
@@ -113,7 +119,7 @@ mod tests {
         let lua = new_user_state(Arc::new(Registry::new())).unwrap();
         for name in [
             "vm", "vms", "guest", "disk", "host", "now", "sleep", "version", "policy", "connect",
-            "hosts",
+            "hosts", "lab", "pool",
         ] {
             let present: bool = lua.load(format!("return hv.{name} ~= nil")).eval().unwrap();
             assert!(present, "hv.{name}");

@@ -502,7 +502,9 @@ mod tests {
 
     #[test]
     fn remote_policy_statuses_look_like_local_ones() {
-        use crate::policy::{Decision, MigrateDecision, MigrationRecord, PolicyStatus};
+        use crate::policy::{
+            Decision, MigrateDecision, MigrationRecord, PolicyStatus, PoolDecision,
+        };
         let status = PolicyStatus {
             name: Some("default".into()),
             file: "policies/default.lua".into(),
@@ -530,6 +532,15 @@ mod tests {
                 refused: Some("cooling down".into()),
             }],
             last_migrate_decisions_tick: 3,
+            last_pool_decisions: vec![PoolDecision {
+                pool: "ci".into(),
+                asked: 40,
+                target: 16,
+                clamped: true,
+                previous: 2,
+                reason: "busy".into(),
+            }],
+            last_pool_decisions_tick: 4,
             migrations: vec![MigrationRecord {
                 id: 1,
                 policy: "default".into(),

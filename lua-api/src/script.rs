@@ -3,8 +3,9 @@
 //!
 //! The script gets `arg` as in the stock `lua` interpreter (`arg[0]` is the script,
 //! `arg[1..]` its arguments, which are also passed as `...`). An error that ends a chunk
-//! comes back as its message followed by one traceback. `os.exit` stops every VM before
-//! the process exits, so no vCPU thread or guest memory outlives the script.
+//! comes back as its message followed by one traceback. `os.exit` stops every VM (and
+//! removes labs and pools with their files) before the process exits, so no vCPU thread,
+//! guest memory or overlay outlives the script.
 //!
 //! # Error values
 //!
@@ -48,6 +49,9 @@ pub fn install_exit(lua: &Lua, registry: Arc<Registry>) -> mlua::Result<()> {
                     )))
                 }
             };
+            // Labs and pools remove their overlay files; exit skips their destructors.
+            luvisor_runtime::pool::shutdown(&registry);
+            luvisor_runtime::lab::destroy_all();
             registry.stop_all();
             use std::io::Write;
             let _ = std::io::stdout().flush();

@@ -263,6 +263,19 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
     let name = opts.string("name")?.ok_or_else(|| {
         opts.error("option 'name' is required: a unique string such as \"web-1\"")
     })?;
+    let mut config = machine_config(lua, &opts, name)?;
+    config.console_file = opts.string("console")?.map(PathBuf::from);
+    config.disks = crate::disk::disks_option(&opts)?;
+    let vm = registry
+        .create(config)
+        .map_err(|e| opts.error(error_chain(&e)))?;
+    Ok(VmHandle::new(&vm, registry.clone()))
+}
+
+/// The machine part of a VM's options (`guest`, `vcpus`, `memory`) as a configuration
+/// named `name`, without console or disks: what `hv.vm{}` and the templates of
+/// `hv.lab{}` and `hv.pool.define{}` share.
+pub(crate) fn machine_config(lua: &Lua, opts: &Options, name: String) -> mlua::Result<VmConfig> {
     let guest = match opts.raw("guest")? {
         Value::UserData(ud) => ud.borrow::<Guest>().map(|g| g.0.clone()).map_err(|_| {
             opts.error("option 'guest' must be a guest such as hv.guest.builtin{ cmdline = \"hello\" }")
@@ -293,10 +306,5 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
             }
         }
     }
-    config.console_file = opts.string("console")?.map(PathBuf::from);
-    config.disks = crate::disk::disks_option(&opts)?;
-    let vm = registry
-        .create(config)
-        .map_err(|e| opts.error(error_chain(&e)))?;
-    Ok(VmHandle::new(&vm, registry.clone()))
+    Ok(config)
 }

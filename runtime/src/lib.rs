@@ -12,6 +12,9 @@
 //! - [`registry`]: the set of VMs a process manages, addressed by id and name.
 //! - [`host`]: what this host's KVM is (PVM or hardware) and what it supports.
 //! - [`migration`]: the authenticated channel between hosts, and live migration.
+//! - [`lab`]: sets of VMs from one template, each disk a copy-on-write overlay, brought up
+//!   in parallel until ready; [`pool`]: warm pools of ready VMs restored from a snapshot;
+//!   [`readiness`]: when a started VM counts as ready (a console pattern, a guest KVP key).
 //! - [`remote`]: remote control of a `luvisor serve` host over that channel.
 //!
 //! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
@@ -20,7 +23,10 @@ pub mod boot;
 pub mod builder;
 pub mod devices;
 pub mod host;
+pub mod lab;
 pub mod migration;
+pub mod pool;
+pub mod readiness;
 pub mod registry;
 pub mod remote;
 pub mod size;

@@ -13,6 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
+use luvisor_runtime::pool::{clamp_target, PoolSnapshot};
 use luvisor_runtime::vm::dynamic_memory::{MemoryKnobs, MemoryStats};
 use luvisor_runtime::Registry;
 use mlua::{Function, Lua, Table, Value};
@@ -95,6 +96,9 @@ pub struct TickInput {
     /// What the migration guards read (`ctx.migrations` is its `running`).
     #[serde(default)]
     pub migrations: MigrationSnapshot,
+    /// The warm pools (`ctx.pools`). Empty in traces before format version 3.
+    #[serde(default)]
+    pub pools: Vec<PoolSnapshot>,
 }
 
 impl TickInput {
@@ -139,6 +143,7 @@ impl TickInput {
             vms,
             hosts: Vec::new(),
             migrations: MigrationSnapshot::default(),
+            pools: Vec::new(),
         }
     }
 
@@ -193,6 +198,20 @@ impl TickInput {
             vms,
             hosts: Vec::new(),
             migrations: MigrationSnapshot::default(),
+            pools: vec![PoolSnapshot {
+                name: "ci".into(),
+                min: 1,
+                max: 16,
+                target: 2,
+                ready: 2,
+                claimed: 5,
+                restoring: 0,
+                claims: 40,
+                claims_window: 12,
+                window_ms: 10_000,
+                returned: 35,
+                memory: 128 * M,
+            }],
         }
     }
 }
@@ -211,6 +230,21 @@ pub struct Decision {
     /// The VM's target before this tick.
     pub previous: u64,
     /// The policy's reason.
+    pub reason: String,
+}
+
+/// A tick's intent for one warm pool (`ctx:pool_target`), once Rust has clamped it the
+/// way the pool will ([`clamp_target`]: within `[min, max]` and the host's free memory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolDecision {
+    pub pool: String,
+    /// The ready VMs the policy asked for.
+    pub asked: u64,
+    /// What the pool is set to.
+    pub target: u64,
+    pub clamped: bool,
+    /// The pool's target before this tick.
+    pub previous: u64,
     pub reason: String,
 }
 
@@ -396,6 +430,8 @@ pub(crate) struct TickScope {
     decided: HashMap<String, usize>,
     /// Migrate intents so far, each with its verdict, in the order made.
     migrations: Vec<MigrateDecision>,
+    /// Pool targets so far, at most one per pool (the last one counts), in the order made.
+    pools: Vec<PoolDecision>,
     /// The tick's number (for `ctx:held`).
     tick: u64,
 }
@@ -405,6 +441,7 @@ pub(crate) struct TickScope {
 pub(crate) struct Intents {
     pub decisions: Vec<Decision>,
     pub migrations: Vec<MigrateDecision>,
+    pub pools: Vec<PoolDecision>,
 }
 
 impl TickScope {
@@ -420,6 +457,7 @@ impl TickScope {
         self.decisions.clear();
         self.decided.clear();
         self.migrations.clear();
+        self.pools.clear();
         self.tick = tick;
         self.active = true;
     }
@@ -432,6 +470,7 @@ impl TickScope {
             Intents {
                 decisions: std::mem::take(&mut self.decisions),
                 migrations: std::mem::take(&mut self.migrations),
+                pools: std::mem::take(&mut self.pools),
             },
             std::mem::take(&mut self.history),
         )
@@ -565,6 +604,7 @@ pub(crate) struct Methods {
     held: Function,
     improves: Function,
     migration_cost: Function,
+    pool_target: Function,
 }
 
 /// Which window of history a helper reads: `n` ticks, default all that are kept.
@@ -642,6 +682,7 @@ impl Methods {
             &self.held,
             &self.improves,
             &self.migration_cost,
+            &self.pool_target,
         ]
         .into_iter()
         .map(|f| Value::Function(f.clone()))
@@ -714,6 +755,7 @@ impl Methods {
                 },
             )?,
             migration_cost: migration_cost_method(lua, scope)?,
+            pool_target: pool_target_method(lua, scope)?,
         })
     }
 }
@@ -756,6 +798,82 @@ fn migrate_method(lua: &Lua, scope: &Scope) -> mlua::Result<Function> {
                 None => (true, None),
                 Some(why) => (false, Some(why)),
             })
+        },
+    )
+}
+
+/// `ctx:pool_target(pool, n, reason)`: asks the warm pool (an entry of `ctx.pools` or its
+/// name) to keep `n` VMs ready; returns the target it gets and whether that was clamped.
+fn pool_target_method(lua: &Lua, scope: &Scope) -> mlua::Result<Function> {
+    let scope = scope.clone();
+    lua.create_function(
+        move |_, (_ctx, pool, n, why): (Value, Value, Value, Value)| {
+            const METHOD: &str = "pool_target";
+            let mut scope = scope.borrow_mut();
+            active(&scope, METHOD)?;
+            let name = match &pool {
+                Value::String(s) => s.to_str()?.to_string(),
+                Value::Table(t) => match t.get::<Value>("name")? {
+                    Value::String(s) => s.to_str()?.to_string(),
+                    _ => {
+                        return Err(runtime(
+                            "ctx:pool_target: pool must be an entry of ctx.pools or a pool name, got a table without a name".into(),
+                        ))
+                    }
+                },
+                other => {
+                    return Err(runtime(format!(
+                        "ctx:pool_target: pool must be an entry of ctx.pools or a pool name, got {}",
+                        describe(other)
+                    )))
+                }
+            };
+            let asked = match n {
+                Value::Integer(i) if i >= 0 => i as u64,
+                Value::Number(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => f as u64,
+                other => {
+                    return Err(runtime(format!(
+                        "ctx:pool_target: n must be a whole number of ready VMs >= 0, got {}",
+                        describe(&other)
+                    )))
+                }
+            };
+            let reason = reason(METHOD, why)?;
+            let input = scope
+                .input
+                .clone()
+                .ok_or_else(|| runtime("ctx:pool_target can only be called while tick runs".into()))?;
+            let snapshot = input.pools.iter().find(|p| p.name == name).ok_or_else(|| {
+                if input.pools.is_empty() {
+                    runtime(format!(
+                        "ctx:pool_target: no pool named '{name}': no pool is defined (hv.pool.define)"
+                    ))
+                } else {
+                    let names: Vec<&str> = input.pools.iter().map(|p| p.name.as_str()).collect();
+                    runtime(format!(
+                        "ctx:pool_target: no pool named '{name}'; the pools are: {}",
+                        names.join(", ")
+                    ))
+                }
+            })?;
+            let free = input
+                .host
+                .memory_available
+                .saturating_sub(input.host.memory_reserve);
+            let applied = clamp_target(asked, snapshot, free);
+            let decision = PoolDecision {
+                pool: name,
+                asked,
+                target: applied.target,
+                clamped: applied.clamped,
+                previous: snapshot.target,
+                reason,
+            };
+            match scope.pools.iter().position(|d| d.pool == decision.pool) {
+                Some(at) => scope.pools[at] = decision,
+                None => scope.pools.push(decision),
+            }
+            Ok((integer(applied.target), applied.clamped))
         },
     )
 }
@@ -845,6 +963,8 @@ const VM_VALUES: usize = 22;
 const HOST_VALUES: usize = 10;
 /// Values per running migration.
 const MIGRATION_VALUES: usize = 3;
+/// Values per warm pool.
+const POOL_VALUES: usize = 12;
 
 fn optional(value: Option<u64>) -> Value {
     value.map_or(Value::Nil, integer)
@@ -858,7 +978,9 @@ fn optional(value: Option<u64>) -> Value {
 /// startup, buffer, weight, whether it has stats, the ten statistics (nil when missing)
 /// and the stats' age; then the number of peer hosts and 10 values per host: name, addr,
 /// reachable, memory_total, memory_available, memory_reserve, vms, vms_resident, age_ms,
-/// error; then the number of running migrations and 3 values each: vm, host, started_ms.
+/// error; then the number of running migrations and 3 values each: vm, host, started_ms;
+/// then the number of warm pools and 12 values each: name, min, max, target, ready,
+/// claimed, restoring, claims, claims_window, window_ms, returned, memory.
 pub(crate) fn build(
     lua: &Lua,
     input: &TickInput,
@@ -867,9 +989,10 @@ pub(crate) fn build(
     builder: &Function,
 ) -> mlua::Result<Table> {
     let mut values: Vec<Value> = Vec::with_capacity(
-        10 + VM_VALUES * input.vms.len()
+        11 + VM_VALUES * input.vms.len()
             + HOST_VALUES * input.hosts.len()
-            + MIGRATION_VALUES * input.migrations.running.len(),
+            + MIGRATION_VALUES * input.migrations.running.len()
+            + POOL_VALUES * input.pools.len(),
     );
     let host = &input.host;
     values.extend(
@@ -943,6 +1066,26 @@ pub(crate) fn build(
         values.push(Value::String(lua.create_string(&migration.vm)?));
         values.push(Value::String(lua.create_string(&migration.host)?));
         values.push(integer(migration.started_ms));
+    }
+    values.push(integer(input.pools.len() as u64));
+    for pool in &input.pools {
+        values.push(Value::String(lua.create_string(&pool.name)?));
+        values.extend(
+            [
+                pool.min,
+                pool.max,
+                pool.target,
+                pool.ready,
+                pool.claimed,
+                pool.restoring,
+                pool.claims,
+                pool.claims_window,
+                pool.window_ms,
+                pool.returned,
+                pool.memory,
+            ]
+            .map(integer),
+        );
     }
     builder.call(mlua::MultiValue::from_vec(values))
 }

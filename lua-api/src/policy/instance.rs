@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, Table, Value};
 
-use super::context::{self, Decision, History, Methods, Scope, TickInput, TickScope};
+use super::context::{self, Decision, History, Methods, PoolDecision, Scope, TickInput, TickScope};
 use super::migrate::MigrateDecision;
 use super::sandbox::{self, Limits};
 use crate::interrupt;
@@ -46,6 +46,8 @@ pub struct TickResult {
     pub decisions: Vec<Decision>,
     /// The migrate intents with the guards' verdicts; empty when the tick failed.
     pub migrations: Vec<MigrateDecision>,
+    /// The warm pool targets, clamped; empty when the tick failed.
+    pub pools: Vec<PoolDecision>,
     /// Why the tick failed, naming the file and line where Lua can tell.
     pub error: Option<String>,
     /// Building `ctx` and running `tick`.
@@ -194,14 +196,15 @@ impl Instance {
             // Free what a failed tick (a table bomb, say) left behind.
             let _ = self.lua.gc_collect();
         }
-        let (decisions, migrations) = if error.is_some() {
-            (Vec::new(), Vec::new())
+        let (decisions, migrations, pools) = if error.is_some() {
+            (Vec::new(), Vec::new(), Vec::new())
         } else {
-            (intents.decisions, intents.migrations)
+            (intents.decisions, intents.migrations, intents.pools)
         };
         let result = TickResult {
             decisions,
             migrations,
+            pools,
             error,
             duration: started.elapsed(),
         };

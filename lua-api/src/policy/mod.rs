@@ -47,7 +47,7 @@ use luvisor_runtime::Registry;
 use mlua::{Lua, Table, Value};
 use serde::Serialize;
 
-pub use context::{Decision, History, TickInput};
+pub use context::{Decision, History, PoolDecision, TickInput};
 pub use instance::{Instance, TickResult};
 pub use migrate::{MigrateDecision, MigrationExecutor, MigrationLimits, MigrationRecord};
 pub use peers::{PeerHost, PeerSnapshot};
@@ -88,6 +88,10 @@ pub struct PolicyStatus {
     pub last_migrate_decisions: Vec<MigrateDecision>,
     /// That tick's number.
     pub last_migrate_decisions_tick: u64,
+    /// The warm pool targets of the last tick that set any.
+    pub last_pool_decisions: Vec<PoolDecision>,
+    /// That tick's number.
+    pub last_pool_decisions_tick: u64,
     /// The migrations this policy started: the ended ones the engine keeps, then those in
     /// flight.
     pub migrations: Vec<MigrationRecord>,
@@ -110,6 +114,8 @@ impl PolicyStatus {
             last_decisions_tick: 0,
             last_migrate_decisions: Vec::new(),
             last_migrate_decisions_tick: 0,
+            last_pool_decisions: Vec::new(),
+            last_pool_decisions_tick: 0,
             migrations: Vec::new(),
         }
     }
@@ -264,11 +270,12 @@ impl PolicyEngine {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// What a tick reads now: the host and VMs, the peers and the migrations.
-    fn capture(&self, registry: &Registry) -> TickInput {
+    /// What a tick reads now: the host and VMs, the peers, the migrations and the pools.
+    fn capture(&self, registry: &Arc<Registry>) -> TickInput {
         let mut input = TickInput::capture(registry, self.epoch);
         input.hosts = self.hosts();
         input.migrations = lock(&self.migrations).snapshot(input.now_ms);
+        input.pools = luvisor_runtime::pool::pools(registry).snapshot();
         input
     }
 
@@ -853,6 +860,7 @@ impl WorkerRun {
             input: (*input).clone(),
             decisions: result.decisions.clone(),
             migrations: result.migrations.clone(),
+            pools: result.pools.clone(),
             error: result.error.clone(),
         });
         if let Some(error) = result.error {
@@ -881,6 +889,7 @@ impl WorkerRun {
         match &result.error {
             None => {
                 apply(&registry, name, &result.decisions);
+                apply_pools(&registry, name, &result.pools);
                 self.engine
                     .start_migrations(&registry, name, &input, &mut result.migrations);
             }
@@ -897,6 +906,7 @@ impl WorkerRun {
             input: (*input).clone(),
             decisions: result.decisions.clone(),
             migrations: result.migrations.clone(),
+            pools: result.pools.clone(),
             error: result.error.clone(),
         });
         {
@@ -914,6 +924,10 @@ impl WorkerRun {
                     if !result.migrations.is_empty() {
                         status.last_migrate_decisions = result.migrations;
                         status.last_migrate_decisions_tick = current.tick;
+                    }
+                    if !result.pools.is_empty() {
+                        status.last_pool_decisions = result.pools;
+                        status.last_pool_decisions_tick = current.tick;
                     }
                 }
             }
@@ -949,6 +963,39 @@ fn apply(registry: &Registry, policy: &str, decisions: &[Decision]) {
                 vm = decision.vm.as_str(),
                 "cannot set the memory target: {}",
                 crate::host::error_chain(&e)
+            ),
+        }
+    }
+}
+
+/// Applies a tick's warm pool targets, each with the policy's reason. The pool clamps
+/// again against the host as it is now.
+fn apply_pools(registry: &Arc<Registry>, policy: &str, decisions: &[PoolDecision]) {
+    if decisions.is_empty() {
+        return;
+    }
+    let pools = luvisor_runtime::pool::pools(registry);
+    for decision in decisions {
+        match pools.get(&decision.pool) {
+            Ok(pool) => {
+                let applied = pool.set_target(
+                    decision.target,
+                    &format!("policy {policy}: {}", decision.reason),
+                );
+                if applied.target != decision.target {
+                    tracing::debug!(
+                        policy,
+                        pool = decision.pool.as_str(),
+                        decided = decision.target,
+                        applied = applied.target,
+                        "the host's memory changed since the tick's snapshot"
+                    );
+                }
+            }
+            Err(_) => tracing::debug!(
+                policy,
+                pool = decision.pool.as_str(),
+                "pool gone before its target"
             ),
         }
     }
@@ -1026,6 +1073,19 @@ pub(crate) fn status_table(lua: &Lua, status: &PolicyStatus) -> mlua::Result<Tab
     }
     t.set("migrate_decisions", migrate_decisions)?;
     t.set("migrate_decisions_tick", status.last_migrate_decisions_tick)?;
+    let pool_decisions = lua.create_table()?;
+    for (i, d) in status.last_pool_decisions.iter().enumerate() {
+        let entry = lua.create_table()?;
+        entry.set("pool", d.pool.as_str())?;
+        entry.set("asked", d.asked)?;
+        entry.set("target", d.target)?;
+        entry.set("clamped", d.clamped)?;
+        entry.set("previous", d.previous)?;
+        entry.set("reason", d.reason.as_str())?;
+        pool_decisions.set(i + 1, entry)?;
+    }
+    t.set("pool_decisions", pool_decisions)?;
+    t.set("pool_decisions_tick", status.last_pool_decisions_tick)?;
     let migrations = lua.create_table()?;
     for (i, m) in status.migrations.iter().enumerate() {
         migrations.set(i + 1, migration_table(lua, m)?)?;
@@ -1082,6 +1142,8 @@ pub fn status_json(status: &PolicyStatus) -> serde_json::Value {
         "decisions_tick": status.last_decisions_tick,
         "migrate_decisions": status.last_migrate_decisions,
         "migrate_decisions_tick": status.last_migrate_decisions_tick,
+        "pool_decisions": status.last_pool_decisions,
+        "pool_decisions_tick": status.last_pool_decisions_tick,
         "migrations": status.migrations,
     })
 }

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::context::{Decision, History, TickInput};
+use super::context::{Decision, History, PoolDecision, TickInput};
 use super::instance::{Instance, TickResult};
 use super::migrate::MigrateDecision;
 use super::sandbox::Limits;
@@ -29,8 +29,9 @@ use super::sandbox::Limits;
 /// The trace format's name and version, in its header.
 pub const FORMAT: &str = "luvisor-policy-trace";
 /// Version 2 added the peer hosts and migrations to each input and the migrate decisions
-/// to each tick; version 1 traces are still read (as inputs without peers or migration).
-pub const VERSION: u32 = 2;
+/// to each tick; version 3 the warm pools to each input and the pool targets to each
+/// tick. Older traces are still read (as inputs without peers, migrations or pools).
+pub const VERSION: u32 = 3;
 /// The oldest version this luvisor reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -54,6 +55,9 @@ pub enum TraceRecord {
         /// The migrate intents and their verdicts (none in version 1 traces).
         #[serde(default)]
         migrations: Vec<MigrateDecision>,
+        /// The warm pool targets (none before version 3).
+        #[serde(default)]
+        pools: Vec<PoolDecision>,
         error: Option<String>,
     },
     Sample {
@@ -186,6 +190,8 @@ pub struct ReplayedTick {
     pub decisions: Vec<Decision>,
     /// The migrate intents, with the verdicts the guards give on the recorded input.
     pub migrations: Vec<MigrateDecision>,
+    /// The warm pool targets.
+    pub pools: Vec<PoolDecision>,
     pub error: Option<String>,
     /// How long building `ctx` and running `tick` took.
     pub duration_ms: f64,
@@ -200,6 +206,7 @@ pub struct ReplayedTick {
 pub struct Recorded {
     pub decisions: Vec<Decision>,
     pub migrations: Vec<MigrateDecision>,
+    pub pools: Vec<PoolDecision>,
     pub error: Option<String>,
 }
 
@@ -211,6 +218,7 @@ impl ReplayedTick {
         self.recorded.as_ref().map(|r| {
             r.decisions == self.decisions
                 && r.migrations == self.migrations
+                && r.pools == self.pools
                 && r.error == self.error
         })
     }
@@ -240,6 +248,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
                 shadow,
                 decisions,
                 migrations,
+                pools,
                 error,
                 ..
             } if own => {
@@ -253,6 +262,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
                     Some(Recorded {
                         decisions: decisions.clone(),
                         migrations: migrations.clone(),
+                        pools: pools.clone(),
                         error: error.clone(),
                     }),
                 )
@@ -285,6 +295,7 @@ pub fn simulate(instance: &Instance, records: &[TraceRecord]) -> Vec<ReplayedTic
             now_ms: input.now_ms,
             decisions: result.decisions,
             migrations: result.migrations,
+            pools: result.pools,
             error: result.error,
             duration_ms: result.duration.as_secs_f64() * 1000.0,
             recorded,

@@ -48,7 +48,7 @@ impl Default for Limits {
 /// Helpers made before any policy code runs; policy code cannot reach their upvalues.
 pub(crate) struct Prelude {
     /// `make_builder(set_memory_target, mean, max, min, migrate, held, improves,
-    /// migration_cost)` returns the function that builds a tick's read-only `ctx` from the
+    /// migration_cost, pool_target)` returns the function that builds a tick's read-only `ctx` from the
     /// flat values of [`crate::policy::context::build`].
     pub make_builder: Function,
     /// Lua's own `xpcall`, before `install_error_values` wraps it.
@@ -91,23 +91,28 @@ local function by_name(method)
 end
 -- The layout of the values is context::build's.
 local function make_builder(set_memory_target, mean, max, min, migrate, held, improves,
-                            migration_cost)
+                            migration_cost, pool_target)
     set_memory_target, mean = by_name(set_memory_target), by_name(mean)
     max, min = by_name(max), by_name(min)
     migrate, migration_cost = by_name(migrate), by_name(migration_cost)
+    pool_target = by_name(pool_target)
     local host = {}
     local vms = {}
     local hosts = {}
     local migrations = {}
+    local pools = {}
     local ctx = {
         host = ro(host), vms = ro(vms), hosts = ro(hosts), migrations = ro(migrations),
+        pools = ro(pools),
         set_memory_target = set_memory_target, mean = mean, max = max, min = min,
         migrate = migrate, held = held, improves = improves, migration_cost = migration_cost,
+        pool_target = pool_target,
     }
     local ctx_proxy = ro(ctx)
     local cache, count, round = {}, 0, 0
     local host_cache, host_count = {}, 0
     local pool, running_count = {}, 0
+    local pool_cache, pool_count = {}, 0
     return function(...)
         local a = { ... }
         host.memory_total, host.memory_available = a[1], a[2]
@@ -199,6 +204,35 @@ local function make_builder(set_memory_target, mean, max, min, migrate, held, im
         end
         for k = r + 1, running_count do migrations[k] = nil end
         running_count = r
+        -- Warm pools, cached by name like the VMs.
+        local p = a[i]
+        i = i + 1
+        fresh = false
+        for k = 1, p do
+            local name = a[i]
+            local e = pool_cache[name]
+            if not e then
+                local t = { name = name }
+                e = { t = t, proxy = ro(t) }
+                pool_cache[name] = e
+                fresh = true
+            end
+            e.round = round
+            local t = e.t
+            t.min, t.max, t.target, t.ready = a[i + 1], a[i + 2], a[i + 3], a[i + 4]
+            t.claimed, t.restoring, t.claims = a[i + 5], a[i + 6], a[i + 7]
+            t.claims_window, t.window_s = a[i + 8], a[i + 9] / 1000
+            t.returned, t.memory = a[i + 10], a[i + 11]
+            pools[k] = e.proxy
+            i = i + 12
+        end
+        for k = p + 1, pool_count do pools[k] = nil end
+        if fresh or p ~= pool_count then
+            for name, e in next, pool_cache do
+                if e.round ~= round then pool_cache[name] = nil end
+            end
+        end
+        pool_count = p
         return ctx_proxy
     end
 end

@@ -1161,6 +1161,7 @@ fn version_1_traces_replay_without_peers() {
     let mut old_input = input.clone();
     old_input.as_object_mut().unwrap().remove("hosts");
     old_input.as_object_mut().unwrap().remove("migrations");
+    old_input.as_object_mut().unwrap().remove("pools");
     std::fs::write(
         &trace,
         format!(
@@ -1174,7 +1175,9 @@ fn version_1_traces_replay_without_peers() {
     let TraceRecord::Sample { input: read } = &records[1] else {
         panic!("{:?}", records[1]);
     };
-    assert_eq!(read, &TickInput::sample());
+    let mut without_pools = TickInput::sample();
+    without_pools.pools.clear();
+    assert_eq!(read, &without_pools);
     let replayed = record::simulate(&shipped("migrate_on_pressure.lua"), &records);
     assert_eq!(replayed.len(), 1);
     assert_eq!(replayed[0].error, None);
@@ -1188,7 +1191,159 @@ fn version_1_traces_replay_without_peers() {
     .unwrap();
     let error = record::read_trace(&trace).unwrap_err();
     assert!(
-        error.contains("reads luvisor-policy-trace versions 1 to 2"),
+        error.contains("reads luvisor-policy-trace versions 1 to 3"),
         "{error}"
     );
+}
+
+/// The sample input with its pool seeing `claims_window` claims in its window, holding
+/// `target` and as many ready, and `available` bytes free on the host.
+fn pool_input(claims_window: u64, target: u64, available: u64) -> TickInput {
+    let mut input = TickInput::sample();
+    input.host.memory_available = available;
+    let pool = &mut input.pools[0];
+    pool.claims_window = claims_window;
+    pool.target = target;
+    pool.ready = target;
+    input
+}
+
+#[test]
+fn pool_targets_are_clamped_like_the_pool_clamps_them() {
+    let p = load_source(
+        r#"
+        return { name = "p", tick = function(ctx)
+            local pool = ctx.pools[1]
+            assert(#ctx.pools == 1 and pool.name == "ci" and pool.window_s == 10)
+            assert(pool.claims_window == 12 and pool.memory == 128 * 1024 * 1024)
+            assert(not pcall(function() pool.target = 3 end), "ctx.pools is read-only")
+            local n = 0
+            for _ in pairs(pool) do n = n + 1 end
+            assert(n == 12, n)
+            ctx:pool_target(pool, 3, "first")
+            local target, clamped = ctx:pool_target("ci", 100, "too many")
+            assert(clamped and target < 100, target)
+        end }
+        "#,
+    );
+    let result = &run_ticks(&p, &[TickInput::sample()])[0];
+    assert_eq!(result.error, None);
+    // The last target for a pool counts.
+    assert_eq!(result.pools.len(), 1);
+    let d = &result.pools[0];
+    assert_eq!(
+        (d.pool.as_str(), d.asked, d.target, d.clamped, d.previous),
+        ("ci", 100, 16, true, 2)
+    );
+    assert_eq!(d.reason, "too many");
+
+    // Short of memory: 300M above the 512M reserve holds two more 128M VMs.
+    let result = &run_ticks(&p, &[pool_input(12, 2, 812 * M)])[0];
+    assert_eq!(result.error, None);
+    assert_eq!((result.pools[0].target, result.pools[0].clamped), (4, true));
+
+    let error = run_ticks(
+        &load_source(
+            "return { name = 'p', tick = function(ctx) ctx:pool_target('nope', 1, 'x') end }",
+        ),
+        &[TickInput::sample()],
+    )[0]
+    .error
+    .clone()
+    .unwrap();
+    assert!(
+        error.contains("ctx:pool_target: no pool named 'nope'; the pools are: ci"),
+        "{error}"
+    );
+    let error = run_ticks(
+        &load_source(
+            "return { name = 'p', tick = function(ctx) ctx:pool_target('ci', -1, 'x') end }",
+        ),
+        &[TickInput::sample()],
+    )[0]
+    .error
+    .clone()
+    .unwrap();
+    assert!(error.contains("n must be a whole number"), "{error}");
+}
+
+#[test]
+fn warm_pool_rises_with_the_claim_rate_and_falls_slowly_once_it_stays_low() {
+    let p = shipped("warm_pool.lua");
+    const PLENTY: u64 = 64 << 30;
+    // 12 claims in 10 s: 1.2/s, two seconds of them: min 1 + 3 = 4.
+    let up = &run_ticks(&p, &[pool_input(12, 1, PLENTY)])[0];
+    assert_eq!(up.error, None);
+    assert_eq!(up.pools.len(), 1);
+    assert_eq!((up.pools[0].target, up.pools[0].previous), (4, 1));
+    // 50 claims in 10 s: 11, within max 16.
+    let up = &run_ticks(&p, &[pool_input(50, 4, PLENTY)])[0];
+    assert_eq!(up.pools[0].target, 11);
+    // The claims stop: nothing for three ticks, then down by two a tick, to min.
+    let quiet: Vec<TickInput> = [11, 11, 11, 11, 9, 7, 5, 3, 1, 1]
+        .iter()
+        .map(|&target| pool_input(0, target, PLENTY))
+        .collect();
+    let targets: Vec<Option<u64>> = run_ticks(&p, &quiet)
+        .iter()
+        .map(|r| {
+            assert_eq!(r.error, None);
+            r.pools.first().map(|d| d.target)
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            None,
+            None,
+            None,
+            Some(9),
+            Some(7),
+            Some(5),
+            Some(3),
+            Some(1),
+            None,
+            None
+        ]
+    );
+    // A pause between bursts shorter than the settle time changes nothing.
+    let bursty: Vec<TickInput> = (0..12)
+        .map(|i| pool_input(if i % 3 == 2 { 30 } else { 0 }, 7, PLENTY))
+        .collect();
+    assert!(run_ticks(&p, &bursty)
+        .iter()
+        .all(|r| r.pools.iter().all(|d| d.target >= 7)));
+}
+
+#[test]
+fn pool_targets_are_recorded_and_replay_the_same() {
+    let dir = scratch("pool-trace");
+    let p = shipped("warm_pool.lua");
+    let inputs = [pool_input(12, 1, 64 << 30), pool_input(0, 4, 64 << 30)];
+    let results = run_ticks(&p, &inputs);
+    let mut lines = vec![serde_json::to_string(&TraceRecord::header()).unwrap()];
+    for (i, (input, result)) in inputs.iter().zip(&results).enumerate() {
+        lines.push(
+            serde_json::to_string(&TraceRecord::Tick {
+                policy: "warm_pool".into(),
+                file: "policies/warm_pool.lua".into(),
+                generation: 1,
+                tick: i as u64 + 1,
+                shadow: false,
+                input: input.clone(),
+                decisions: result.decisions.clone(),
+                migrations: result.migrations.clone(),
+                pools: result.pools.clone(),
+                error: result.error.clone(),
+            })
+            .unwrap(),
+        );
+    }
+    let trace = dir.join("pools.jsonl");
+    std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
+    let records = record::read_trace(&trace).unwrap();
+    let replayed = record::simulate(&shipped("warm_pool.lua"), &records);
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(replayed[0].pools[0].target, 4);
+    assert!(replayed.iter().all(|t| t.matches() == Some(true)));
 }
