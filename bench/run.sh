@@ -22,6 +22,8 @@ echo "== snapshot and restore"
 "$luvisor" run bench/snapshot.lua 100
 echo "== virtio-balloon"
 "$luvisor" run bench/balloon.lua 5
+echo "== labs and warm pools"
+"$luvisor" run bench/lab.lua 200
 echo "== live migration"
 bench/migration.sh 3
 echo "== policies: tick cost and reload latency"

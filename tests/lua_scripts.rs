@@ -18,6 +18,11 @@ fn lua_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Scripts written against the agent channel (`vm:exec`, `vm.kvp`, `vm:shutdown`,
+/// "kvp:ready" readiness), which this tree does not have yet: skipped, by name, until it
+/// is merged. Remove them from here then.
+const NEEDS_AGENT: &[&str] = &["examples/lab.lua", "tests/lua/lab_agent.lua"];
+
 /// Runs each script in its own scratch directory; reports every failure at once.
 fn run_all(dir: &str, args_for: impl Fn(&Path) -> Vec<String>) {
     if !common::kvm_available() {
@@ -25,6 +30,10 @@ fn run_all(dir: &str, args_for: impl Fn(&Path) -> Vec<String>) {
     }
     let mut failures = Vec::new();
     for script in lua_files(dir) {
+        if NEEDS_AGENT.iter().any(|pending| script.ends_with(pending)) {
+            println!("{}: skipped, it needs the agent channel", script.display());
+            continue;
+        }
         // The folder is part of the name: examples/storage.lua and tests/lua/storage.lua
         // run at the same time in this process and must not share a directory.
         let scratch = std::env::temp_dir().join(format!(

@@ -407,7 +407,17 @@ function hv.now() end
 ---@field decisions_tick integer
 ---@field migrate_decisions hv.MigrateDecision[] The migrate intents of the last tick that made any, with the guards' verdicts.
 ---@field migrate_decisions_tick integer
+---@field pool_decisions hv.PoolDecision[] The warm pool targets of the last tick that set any.
+---@field pool_decisions_tick integer
 ---@field migrations hv.PolicyMigration[] Migrations this policy started: recently ended ones, then those in flight.
+
+---@class hv.PoolDecision
+---@field pool string
+---@field asked integer Ready VMs the policy asked for.
+---@field target integer What the pool was set to: within [min, max] and the host's free memory.
+---@field clamped boolean
+---@field previous integer The pool's target before the tick.
+---@field reason string
 
 ---@class hv.MigrateDecision
 ---@field vm string
@@ -567,5 +577,186 @@ local RemoteVm = {}
 ---@param opts? hv.MigrateOptions
 ---@return table report
 function RemoteVm:migrate(addr, opts) end
+
+---When a VM counts as ready: "kvp:KEY" or "kvp:KEY=VALUE" (the guest published it over
+---the agent channel; the built-in guest publishes ready = "1"), "console:TEXT" or a plain
+---TEXT (the console shows it; not a Lua pattern). Default "kvp:ready".
+---@alias hv.Readiness string
+
+---@class hv.DiskTemplate
+---@field base string|hv.Disk The image every VM gets its own copy-on-write overlay of; never written.
+---@field format? "raw"|"qcow2" The base's format (probed when omitted).
+---@field serial? string What every VM's disk reports; up to 20 bytes.
+
+---What every VM of a lab or pool is made from: hv.vm options but name, console and disks.
+---@class hv.Template
+---@field vcpus? integer
+---@field memory? hv.Size|hv.MemoryOptions
+---@field guest hv.Guest
+---@field disks? hv.DiskTemplate[]
+
+---@class hv.LabOptions
+---@field name string VMs are NAME-1 .. NAME-count; 1 to 64 letters, digits, '-', '_', '.'.
+---@field template hv.Template
+---@field count integer 1 to 1024.
+---@field ready? hv.Readiness Default "kvp:ready".
+---@field dir? string Where the overlays go (NAME-i.diskK.qcow2); default the current directory. Made if missing, and then removed with the lab when empty.
+
+---@class hv.LabStartOptions
+---@field parallel? integer Most VMs booting at a time, 1 to 64. Default 4.
+---@field timeout? number Seconds each VM has from its start to be ready. Default 30.
+---@field progress? "auto"|"lines"|boolean "auto" (default): a bar on stderr when it is a terminal, else nothing; true: a bar on a terminal, else lines; "lines": lines; false: nothing.
+
+---@class hv.LabStartReport
+---@field elapsed_ms number From the call until every VM was ready.
+---@field vms { name: string, ready_ms: number }[] Each VM's start-to-ready time, in order.
+
+---VMs from one template, each disk an overlay of its base (see docs/labs.md). Destroyed
+---(VMs and overlays) by destroy(), when the handle is closed (`local lab <close> = ...`)
+---or collected, when the script ends, and when start fails.
+---@class hv.Lab
+---@field name string
+---@field count integer
+---@field state "created"|"starting"|"ready"|"destroyed"
+---@field dir string
+---@field ready string The readiness, as written.
+---@operator len: integer
+local Lab = {}
+
+---Boots at most `parallel` VMs at a time until each is ready. The first VM that crashes,
+---exits, times out or cannot be checked ends it, destroys the lab, and raises naming the
+---VM and why; so does Ctrl-C.
+---@param opts? hv.LabStartOptions
+---@return hv.LabStartReport
+function Lab:start(opts) end
+
+---Calls fn(vm) for every VM in order; the list of its first results. An error stops it
+---and is raised as "lab 'NAME': VM: message".
+---@param fn fun(vm: hv.Vm): any
+---@return any[]
+function Lab:each(fn) end
+
+---The lab's VMs that exist, in order.
+---@return hv.Vm[]
+function Lab:vms() end
+
+---The VM at index `which` (from 1) or named `which`; nil when there is none.
+---@param which integer|string
+---@return hv.Vm?
+function Lab:vm(which) end
+
+---The overlay files the lab made.
+---@return string[]
+function Lab:overlays() end
+
+---Ends every VM at once (each guest is asked to shut down through the agent channel and
+---stopped hard after `timeout` seconds); the VMs and overlays stay until destroy().
+---@param opts? hv.WaitOptions
+---@return { name: string, outcome: string }[]
+function Lab:shutdown(opts) end
+
+---Destroys every VM and removes every overlay (and the directory the lab made). Idempotent.
+function Lab:destroy() end
+
+---Makes a lab's overlays and VMs (state created). Checks everything first; a failure
+---part way removes what was made.
+---@param opts hv.LabOptions
+---@return hv.Lab
+function hv.lab(opts) end
+
+---@class hv.PoolOptions
+---@field name string VMs are NAME-1, NAME-2, ... (never reused); the template VM NAME-template.
+---@field template hv.Template
+---@field ready? hv.Readiness When the template VM counts as ready. Default "kvp:ready".
+---@field min? integer Fewest ready VMs kept, 0 to max. Default 1.
+---@field max? integer Most ready VMs kept, 1 to 256. Default 16.
+---@field window? number Seconds of claims policies scale on (ctx.pools' claims_window). Default 10.
+---@field dir? string Where the snapshot and overlays go. Default "NAME.pool".
+---@field timeout? number Seconds for the template to be ready. Default 30.
+
+---@class hv.PoolStatus
+---@field name string
+---@field min integer
+---@field max integer
+---@field target integer Ready VMs kept now.
+---@field target_reason string Who set it: "min", or the policy and its reason.
+---@field ready integer
+---@field claimed integer Claimed VMs that still exist.
+---@field restoring integer
+---@field claims integer Since the pool was defined.
+---@field claims_window integer Claims in the last window_s seconds.
+---@field window_s number
+---@field returned integer Claimed VMs destroyed since the pool was defined.
+---@field memory integer Guest memory of one VM, bytes.
+---@field last_error string? The filler's last problem (a failed restore, no memory).
+---@field last_restore_ms number? How long the last restore took.
+---@field dir string
+---@field ready_vms string[] Names of the ready VMs, oldest first.
+---@field claimed_vms string[]
+
+---A warm pool (see docs/labs.md). The handle holds the name; a removed pool's handle raises.
+---@class hv.Pool
+---@field name string
+---@field dir string
+---@field min integer
+---@field max integer
+---@field target integer
+---@field ready integer
+---@field claimed integer
+---@field claims integer
+---@field returned integer
+local Pool = {}
+
+---@param opts? hv.WaitOptions
+---@return hv.Vm vm
+---@return "warm"|"cold" how
+function Pool:claim(opts) end
+
+---@return hv.PoolStatus
+function Pool:status() end
+
+---@param n integer
+---@param reason? string
+---@return integer target
+---@return boolean clamped
+function Pool:set_target(n, reason) end
+
+---Destroys every VM of the pool, claimed ones too, and removes its files.
+function Pool:remove() end
+
+---Warm pools: ready VMs restored from a snapshot of a booted template.
+hv.pool = {}
+
+---Boots the template, waits until it is ready, snapshots it and keeps `min` VMs ready.
+---Raises, leaving nothing, when the template does not become ready.
+---@param opts hv.PoolOptions
+---@return hv.Pool
+function hv.pool.define(opts) end
+
+---A ready VM ("warm"), or one restored for this claim ("cold") when none is; waits up to
+---`timeout` (default 30 s) when the host's free memory cannot hold one more. Destroying
+---the VM gives it back to the pool's accounting.
+---@param pool string|hv.Pool
+---@param opts? hv.WaitOptions
+---@return hv.Vm vm
+---@return "warm"|"cold" how
+function hv.pool.claim(pool, opts) end
+
+---Every pool's status, or the one of `pool` (nil if none).
+---@param pool? string|hv.Pool
+---@return hv.PoolStatus[]|hv.PoolStatus|nil
+function hv.pool.status(pool) end
+
+---Sets how many VMs to keep ready (clamped to [min, max] and the host's free memory).
+---@param pool string|hv.Pool
+---@param n integer
+---@param reason? string
+---@return integer target
+---@return boolean clamped
+function hv.pool.set_target(pool, n, reason) end
+
+---Destroys every VM of the pool, claimed ones too, and removes its files.
+---@param pool string|hv.Pool
+function hv.pool.remove(pool) end
 
 return hv

@@ -667,8 +667,7 @@ impl Lab {
                 let _ = events.send(Event::Failed(Failure::Start(name, e)));
                 return;
             }
-            let deadline = crate::vstate::vcpu::deadline_after(ready_timeout);
-            match wait_ready(&vm, &self.readiness, deadline, &aborted) {
+            match wait_ready(&vm, &self.readiness, ready_timeout, &aborted) {
                 Ok(()) => {
                     let _ = events.send(Event::Ready(index, name, started.elapsed()));
                 }
@@ -754,6 +753,112 @@ pub fn shutdown_vm(vm: &Vm, timeout: Duration) -> VmOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::GuestSpec;
+
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("luvisor-lab-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn spec(dir: &Path, name: &str, count: usize) -> LabSpec {
+        let mut config = VmConfig::new(
+            "",
+            GuestSpec::Builtin {
+                cmdline: "hello; idle".into(),
+            },
+        );
+        config.memory = 16 << 20;
+        LabSpec {
+            name: name.into(),
+            template: Template {
+                config,
+                disks: vec![DiskTemplate {
+                    base: dir.join("base.img"),
+                    format: None,
+                    serial: Some("lab-disk".into()),
+                }],
+            },
+            count,
+            readiness: Readiness::Console("hello".into()),
+            dir: Some(dir.join("lab")),
+        }
+    }
+
+    // No KVM needed: the VMs stay in state `created`.
+    #[test]
+    fn a_lab_makes_an_overlay_per_vm_and_destroy_removes_everything() {
+        let dir = scratch("make");
+        Disk::create(&dir.join("base.img"), 1 << 20, None).unwrap();
+        let registry = Arc::new(Registry::new());
+        let lab = Lab::create(&registry, spec(&dir, "t", 3)).unwrap();
+        assert_eq!(lab.len(), 3);
+        assert_eq!(lab.state(), LabState::Created);
+        let names: Vec<&str> = lab.members().iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["t-1", "t-2", "t-3"]);
+        for (i, path) in lab.overlays().iter().enumerate() {
+            assert_eq!(*path, dir.join(format!("lab/t-{}.disk0.qcow2", i + 1)));
+            assert!(path.exists());
+        }
+        let vm = lab.find("t-2").unwrap();
+        assert_eq!(vm.config().disks[0].serial(), "lab-disk");
+        assert_eq!(vm.config().disks[0].backing_chain()[0].path, dir.join("base.img"));
+        // A second lab of the same name is refused before it makes anything.
+        let again = Lab::create(&registry, spec(&dir, "t", 1)).unwrap_err();
+        assert_eq!(
+            again.to_string(),
+            "lab 't': a vm named 't-1' already exists; destroy it or choose another lab name"
+        );
+        let overlays = lab.overlays();
+        drop(lab);
+        assert!(registry.list().is_empty());
+        assert!(overlays.iter().all(|p| !p.exists()));
+        assert!(!dir.join("lab").exists(), "the lab's own directory goes with it");
+        assert!(dir.join("base.img").exists());
+    }
+
+    #[test]
+    fn a_lab_that_fails_half_way_leaves_nothing() {
+        let dir = scratch("half");
+        Disk::create(&dir.join("base.img"), 1 << 20, None).unwrap();
+        let registry = Arc::new(Registry::new());
+        // The third VM's overlay path is taken: the first two are undone.
+        std::fs::create_dir_all(dir.join("lab")).unwrap();
+        std::fs::write(dir.join("lab/h-3.disk0.qcow2"), b"mine").unwrap();
+        let error = Lab::create(&registry, spec(&dir, "h", 4)).unwrap_err();
+        assert!(matches!(error, LabError::Overlay { ref vm, .. } if vm == "h-3"), "{error}");
+        assert!(registry.list().is_empty());
+        assert!(!dir.join("lab/h-1.disk0.qcow2").exists());
+        assert_eq!(std::fs::read(dir.join("lab/h-3.disk0.qcow2")).unwrap(), b"mine");
+        let mut bad = spec(&dir, "b", 2);
+        bad.template.config.vcpus = 0;
+        assert!(Lab::create(&registry, bad).is_err());
+        assert!(Lab::create(&registry, spec(&dir, "c", 0)).is_err());
+        assert!(Lab::create(&registry, spec(&dir, "a/b", 1)).is_err());
+        assert!(registry.list().is_empty());
+    }
+
+    /// **Replace at merge:** with the agent channel wired into `wait_kvp_ready`, a guest
+    /// that serves it becomes ready; this pins the message until then.
+    #[test]
+    fn kvp_readiness_says_it_needs_the_agent_channel() {
+        let registry = Registry::new();
+        let vm = registry
+            .create(VmConfig::new(
+                "k",
+                GuestSpec::Builtin {
+                    cmdline: String::new(),
+                },
+            ))
+            .unwrap();
+        let error = crate::readiness::wait_kvp_ready(&vm, "ready", None, Duration::ZERO, &|| false)
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("readiness \"kvp:ready\" needs the agent channel"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn names_become_file_and_vm_names() {

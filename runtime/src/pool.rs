@@ -812,8 +812,7 @@ impl Pools {
                 source,
             })
         })?;
-        let deadline = crate::vstate::vcpu::deadline_after(spec.ready_timeout);
-        wait_ready(&template, &spec.readiness, deadline, cancel).map_err(|source| {
+        wait_ready(&template, &spec.readiness, spec.ready_timeout, cancel).map_err(|source| {
             undo(PoolError::NotReady {
                 pool: pool.clone(),
                 source,

@@ -10,7 +10,7 @@
 //! - `"console:PATTERN"`: the console shows PATTERN (plain text, not a Lua pattern).
 //! - anything else: a console pattern, as if written `"console:..."`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -107,15 +107,14 @@ impl ReadyError {
     }
 }
 
-/// Waits until `vm` (already started) is ready as `readiness` says, until `deadline`.
+/// Waits up to `timeout` until `vm` (already started) is ready as `readiness` says.
 /// `cancel` is polled while waiting; it must be cheap.
 pub fn wait_ready(
     vm: &Vm,
     readiness: &Readiness,
-    deadline: Instant,
+    timeout: Duration,
     cancel: &dyn Fn() -> bool,
 ) -> Result<(), ReadyError> {
-    let timeout = deadline.saturating_duration_since(Instant::now());
     match readiness {
         Readiness::Console(pattern) => {
             vm.wait_for_console_cancellable(pattern, 0, timeout, cancel)?;
