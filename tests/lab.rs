@@ -69,7 +69,11 @@ fn wait_for_line(inbox: &Receiver<String>, text: &str, seen: &mut Vec<String>) {
 }
 
 /// Waits for the process to end; its exit code and the rest of its stderr.
-fn finish(mut child: Child, inbox: Receiver<String>, mut seen: Vec<String>) -> (Option<i32>, String) {
+fn finish(
+    mut child: Child,
+    inbox: Receiver<String>,
+    mut seen: Vec<String>,
+) -> (Option<i32>, String) {
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -97,7 +101,12 @@ fn only_inputs_left(dir: &Path) {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, ["base.img", "script.lua"], "left in {}", dir.display());
+    assert_eq!(
+        left,
+        ["base.img", "script.lua"],
+        "left in {}",
+        dir.display()
+    );
     let base = std::fs::read(dir.join("base.img")).unwrap();
     assert!(base.iter().all(|&b| b == 0), "the base was written");
 }
@@ -122,7 +131,9 @@ fn ctrl_c_while_a_lab_starts_destroys_it() {
     let (code, stderr) = finish(child, inbox, seen);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("lab 'int': interrupted while starting, 0 of 4 VMs ready (the lab was destroyed)"),
+        stderr.contains(
+            "lab 'int': interrupted while starting, 0 of 4 VMs ready (the lab was destroyed)"
+        ),
         "{stderr}"
     );
     only_inputs_left(&dir);

@@ -203,9 +203,15 @@ impl Drop for CtrlCHold {
         holds.0 -= 1;
         if holds.0 == 0 && holds.1 {
             holds.1 = false;
-            // SAFETY: puts back the default action our handler replaced.
+            // SAFETY: reads the current action into `current`, which we own, and puts the
+            // default action back only while our handler is the one installed (something
+            // installed since, such as the REPL's, stays).
             unsafe {
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                let mut current: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current);
+                if current.sa_sigaction == on_sigint as *const () as usize {
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                }
             }
         }
     }

@@ -165,28 +165,28 @@ pub enum LabError {
         base: PathBuf,
         path: PathBuf,
         #[source]
-        source: StorageError,
+        source: Box<StorageError>,
     },
     #[error("lab '{lab}': cannot create vm '{vm}'")]
     Create {
         lab: String,
         vm: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("lab '{lab}': vm '{vm}' failed to start (the lab was destroyed)")]
     Start {
         lab: String,
         vm: String,
         #[source]
-        source: VmError,
+        source: Box<VmError>,
     },
     #[error("lab '{lab}': vm '{vm}' did not become ready (the lab was destroyed)")]
     NotReady {
         lab: String,
         vm: String,
         #[source]
-        source: ReadyError,
+        source: Box<ReadyError>,
     },
     #[error("lab '{lab}': vm '{vm}' was destroyed while the lab started (the lab was destroyed)")]
     Gone { lab: String, vm: String },
@@ -403,7 +403,7 @@ impl Lab {
         probe.validate().map_err(|e| LabError::Create {
             lab: lab.clone(),
             vm: probe.name.clone(),
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let dir_path = spec.dir.clone().unwrap_or_else(|| PathBuf::from("."));
         let dir = OwnedDir::open(&dir_path).map_err(|source| LabError::Dir {
@@ -434,12 +434,12 @@ impl Lab {
                             vm: name,
                             base,
                             path,
-                            source,
+                            source: Box::new(source),
                         },
                         MakeVmError::Create(source) => LabError::Create {
                             lab,
                             vm: name,
-                            source,
+                            source: Box::new(source),
                         },
                     });
                 }
@@ -635,8 +635,16 @@ impl Lab {
     fn failure_error(&self, failure: Failure) -> LabError {
         let lab = self.name.clone();
         match failure {
-            Failure::Start(vm, source) => LabError::Start { lab, vm, source },
-            Failure::NotReady(vm, source) => LabError::NotReady { lab, vm, source },
+            Failure::Start(vm, source) => LabError::Start {
+                lab,
+                vm,
+                source: Box::new(source),
+            },
+            Failure::NotReady(vm, source) => LabError::NotReady {
+                lab,
+                vm,
+                source: Box::new(source),
+            },
             Failure::Gone(vm) => LabError::Gone { lab, vm },
         }
     }
@@ -803,7 +811,10 @@ mod tests {
         }
         let vm = lab.find("t-2").unwrap();
         assert_eq!(vm.config().disks[0].serial(), "lab-disk");
-        assert_eq!(vm.config().disks[0].backing_chain()[0].path, dir.join("base.img"));
+        assert_eq!(
+            vm.config().disks[0].backing_chain()[0].path,
+            dir.join("base.img")
+        );
         // A second lab of the same name is refused before it makes anything.
         let again = Lab::create(&registry, spec(&dir, "t", 1)).unwrap_err();
         assert_eq!(
@@ -814,7 +825,10 @@ mod tests {
         drop(lab);
         assert!(registry.list().is_empty());
         assert!(overlays.iter().all(|p| !p.exists()));
-        assert!(!dir.join("lab").exists(), "the lab's own directory goes with it");
+        assert!(
+            !dir.join("lab").exists(),
+            "the lab's own directory goes with it"
+        );
         assert!(dir.join("base.img").exists());
     }
 
@@ -827,10 +841,16 @@ mod tests {
         std::fs::create_dir_all(dir.join("lab")).unwrap();
         std::fs::write(dir.join("lab/h-3.disk0.qcow2"), b"mine").unwrap();
         let error = Lab::create(&registry, spec(&dir, "h", 4)).unwrap_err();
-        assert!(matches!(error, LabError::Overlay { ref vm, .. } if vm == "h-3"), "{error}");
+        assert!(
+            matches!(error, LabError::Overlay { ref vm, .. } if vm == "h-3"),
+            "{error}"
+        );
         assert!(registry.list().is_empty());
         assert!(!dir.join("lab/h-1.disk0.qcow2").exists());
-        assert_eq!(std::fs::read(dir.join("lab/h-3.disk0.qcow2")).unwrap(), b"mine");
+        assert_eq!(
+            std::fs::read(dir.join("lab/h-3.disk0.qcow2")).unwrap(),
+            b"mine"
+        );
         let mut bad = spec(&dir, "b", 2);
         bad.template.config.vcpus = 0;
         assert!(Lab::create(&registry, bad).is_err());
@@ -855,7 +875,9 @@ mod tests {
         let error = crate::readiness::wait_kvp_ready(&vm, "ready", None, Duration::ZERO, &|| false)
             .unwrap_err();
         assert!(
-            error.to_string().contains("readiness \"kvp:ready\" needs the agent channel"),
+            error
+                .to_string()
+                .contains("readiness \"kvp:ready\" needs the agent channel"),
             "{error}"
         );
     }

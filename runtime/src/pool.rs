@@ -178,31 +178,31 @@ pub enum PoolError {
         base: PathBuf,
         path: PathBuf,
         #[source]
-        source: StorageError,
+        source: Box<StorageError>,
     },
     #[error("pool '{pool}': cannot create the template VM")]
     Create {
         pool: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("pool '{pool}': the template VM failed to start")]
     Start {
         pool: String,
         #[source]
-        source: VmError,
+        source: Box<VmError>,
     },
     #[error("pool '{pool}': the template VM did not become ready")]
     NotReady {
         pool: String,
         #[source]
-        source: ReadyError,
+        source: Box<ReadyError>,
     },
     #[error("pool '{pool}': cannot snapshot the template VM")]
     Snapshot {
         pool: String,
         #[source]
-        source: VmError,
+        source: Box<VmError>,
     },
     #[error("pool '{pool}': cannot start its filler thread")]
     Thread {
@@ -214,7 +214,7 @@ pub enum PoolError {
     Restore {
         pool: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("pool '{pool}': no ready VM within {waited:?}: {why}")]
     Empty {
@@ -252,8 +252,6 @@ struct PoolState {
     claims: u64,
     claim_times: VecDeque<Instant>,
     returned: u64,
-    /// Claims waiting for a VM.
-    waiters: usize,
     /// The filler's last problem (a failed restore, memory), cleared by a success.
     last_error: Option<String>,
     stopping: bool,
@@ -517,7 +515,7 @@ impl Pool {
                 state.restoring -= 1;
                 let pooled = restored.map_err(|source| PoolError::Restore {
                     pool: self.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 let Some(vm) = registry.get(pooled.id) else {
                     remove_files(&pooled.overlays);
@@ -546,13 +544,11 @@ impl Pool {
                     pool: self.name.clone(),
                 });
             }
-            state.waiters += 1;
             state = self
                 .changed
                 .wait_timeout(state, (deadline - now).min(CANCEL_POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-            state.waiters -= 1;
         }
     }
 
@@ -793,9 +789,12 @@ impl Pools {
                             pool,
                             base,
                             path,
-                            source,
+                            source: Box::new(source),
                         },
-                        MakeVmError::Create(source) => PoolError::Create { pool, source },
+                        MakeVmError::Create(source) => PoolError::Create {
+                            pool,
+                            source: Box::new(source),
+                        },
                     });
                 }
             };
@@ -809,13 +808,13 @@ impl Pools {
         template.start().map_err(|source| {
             undo(PoolError::Start {
                 pool: pool.clone(),
-                source,
+                source: Box::new(source),
             })
         })?;
         wait_ready(&template, &spec.readiness, spec.ready_timeout, cancel).map_err(|source| {
             undo(PoolError::NotReady {
                 pool: pool.clone(),
-                source,
+                source: Box::new(source),
             })
         })?;
         // Not `stop`: a stopping snapshot leaves its disks as they are, and every restore
@@ -826,7 +825,7 @@ impl Pools {
             .map_err(|source| {
                 undo(PoolError::Snapshot {
                     pool: pool.clone(),
-                    source,
+                    source: Box::new(source),
                 })
             })?;
         registry.destroy(template.id());
@@ -851,7 +850,6 @@ impl Pools {
                 claims: 0,
                 claim_times: VecDeque::new(),
                 returned: 0,
-                waiters: 0,
                 last_error: None,
                 stopping: false,
                 last_restore: None,
