@@ -159,6 +159,9 @@ pub fn run(registry: &Arc<Registry>, options: Options<'_>) -> ExitCode {
     let engine = luvisor_lua::policy::engine(registry);
     let finish = |code: ExitCode| {
         engine.shutdown();
+        // Pools and labs take their VMs and overlay files with them.
+        luvisor_runtime::pool::shutdown(registry);
+        luvisor_runtime::lab::destroy_all();
         let vms = registry.list();
         for vm in &vms {
             vm.stop();
