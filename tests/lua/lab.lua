@@ -152,12 +152,13 @@ squatter:destroy()
 no_vms()
 
 -- Fail fast, naming the VM and why; nothing is left.
-local function failing(name, cmdline, ready, timeout, pattern)
+local function failing(name, cmdline, ready, timeout, pattern, parallel)
   local l = hv.lab{ name = name, count = 6, dir = name .. "-lab", ready = ready,
                     template = { memory = "32M", disks = { { base = "base.img" } },
                                  guest = hv.guest.builtin{ cmdline = cmdline } } }
   local paths = l:overlays()
-  local e = fails(pattern, l.start, l, { parallel = 2, timeout = timeout, progress = false })
+  local e = fails(pattern, l.start, l,
+                  { parallel = parallel or 2, timeout = timeout, progress = false })
   assert(e:find("lab '" .. name .. "': vm '" .. name .. "%-%d'"), e)
   assert(e:find("(the lab was destroyed)", 1, true), e)
   assert(l.state == "destroyed")
@@ -171,7 +172,7 @@ failing("crash", "fault", "console:hello", 20, "crashed")
 failing("exits", "exit 7", "console:hello", 20, "exit code 7")
 failing("slow", "idle", "console:never printed", 0.2, "timed out")
 -- One VM of a lab that fails: with parallel = 1 it is the first.
-local e = failing("first", "fault", "console:hello", 20, "did not become ready")
+local e = failing("first", "fault", "console:hello", 20, "did not become ready", 1)
 assert(e:find("vm 'first-1'", 1, true), e)
 
 -- <close> destroys the lab when its variable goes out of scope, even on an error.
