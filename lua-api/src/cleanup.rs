@@ -152,6 +152,18 @@ pub fn close_scope(lua: &Lua) -> Result<ScopeReport, CleanupError> {
     Ok(report)
 }
 
+/// Whether the VM `id` was created while the innermost scope was open, so that closing
+/// it destroys the VM. False without an open scope.
+pub fn made_in_scope(lua: &Lua, id: VmId) -> bool {
+    lua.app_data_ref::<Scopes>().is_some_and(|scopes| {
+        scopes
+            .stack
+            .borrow()
+            .last()
+            .is_some_and(|scope| scope.vm_baseline.is_none_or(|baseline| id > baseline))
+    })
+}
+
 /// How many scopes are open in `lua` (0 without cleanup).
 pub fn depth(lua: &Lua) -> usize {
     lua.app_data_ref::<Scopes>()
@@ -327,6 +339,11 @@ mod tests {
         open_scope(&lua, "test").unwrap();
         create(&registry, "made-in-test");
         create(&registry, "also-made-in-test");
+        assert!(made_in_scope(
+            &lua,
+            registry.find("made-in-test").unwrap().id()
+        ));
+        assert!(!made_in_scope(&lua, registry.find("kept").unwrap().id()));
         let report = close_scope(&lua).unwrap();
         assert_eq!(report.vms_destroyed, ["made-in-test", "also-made-in-test"]);
         assert_eq!(names(&registry), ["kept"]);
