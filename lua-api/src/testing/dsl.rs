@@ -226,9 +226,10 @@ fn trim_traceback(traceback: &str) -> Option<String> {
         .trim_start_matches('\n')
         .lines()
         .filter(|l| {
-            !l.starts_with(&dsl)
-                && !l.starts_with("\t[luvisor]:")
-                && !(l.starts_with("\t[C]: in ") && l.contains("xpcall"))
+            let runner_frame = l.starts_with(&dsl)
+                || l.starts_with("\t[luvisor]:")
+                || (l.starts_with("\t[C]: in ") && l.contains("xpcall"));
+            !runner_frame
         })
         .collect();
     if lines.len() <= 1 {

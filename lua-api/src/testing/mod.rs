@@ -408,7 +408,7 @@ pub fn check_filter(pattern: &str) -> Result<(), SelectError> {
 }
 
 enum Message {
-    Test(usize, TestResult),
+    Test(usize, Box<TestResult>),
     File(usize, FileReport),
 }
 
@@ -433,6 +433,7 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
     let mut reports: Vec<Option<FileReport>> = vec![None; files.len()];
     let displays: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     std::thread::scope(|scope| {
+        let mut handles = Vec::new();
         for worker in 0..jobs {
             let sender = sender.clone();
             let next = &next;
@@ -447,13 +448,14 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
                         let index = next.fetch_add(1, Ordering::SeqCst);
                         let Some(path) = files.get(index) else { break };
                         let report = worker.run_file(path, &mut |test| {
-                            let _ = sender.send(Message::Test(index, test.clone()));
+                            let _ = sender.send(Message::Test(index, Box::new(test.clone())));
                         });
                         let _ = sender.send(Message::File(index, report));
                     }
                 });
-            if let Err(e) = spawned {
-                warnings.push(format!("cannot start test worker {worker}: {e}"));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => warnings.push(format!("cannot start test worker {worker}: {e}")),
             }
         }
         drop(sender);
@@ -483,6 +485,13 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
                     reporter.file_finished(&report);
                     reports[index] = Some(report);
                 }
+            }
+        }
+        // The scope only waits for the workers' code to return; joining waits for their
+        // threads to be gone, so a run leaves no thread behind.
+        for handle in handles {
+            if handle.join().is_err() {
+                warnings.push("a test worker panicked".into());
             }
         }
     });
