@@ -408,6 +408,7 @@ pub fn check_filter(pattern: &str) -> Result<(), SelectError> {
 }
 
 enum Message {
+    Started(usize),
     Test(usize, Box<TestResult>),
     File(usize, FileReport),
 }
@@ -447,6 +448,7 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
                         }
                         let index = next.fetch_add(1, Ordering::SeqCst);
                         let Some(path) = files.get(index) else { break };
+                        let _ = sender.send(Message::Started(index));
                         let report = worker.run_file(path, &mut |test| {
                             let _ = sender.send(Message::Test(index, Box::new(test.clone())));
                         });
@@ -462,6 +464,11 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
         let mut streaming: Option<usize> = None;
         for message in receiver {
             match message {
+                Message::Started(index) if jobs == 1 => {
+                    reporter.file_started(&displays[index]);
+                    streaming = Some(index);
+                }
+                Message::Started(_) => {}
                 Message::Test(index, test) if jobs == 1 => {
                     if streaming != Some(index) {
                         reporter.file_started(&displays[index]);
