@@ -28,3 +28,5 @@ echo "== live migration"
 bench/migration.sh 3
 echo "== policies: tick cost and reload latency"
 bench/policy.sh 200 20
+echo "== luvisor test: runner overhead"
+bench/runner.sh 1000 100 5

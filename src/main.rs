@@ -6,6 +6,7 @@ mod logging;
 mod policy_cmd;
 mod repl;
 mod serve;
+mod test_cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use luvisor_runtime::Registry;
                   luvisor repl\n  luvisor repl --connect 10.0.0.2:7001 --key-file KEY\n  \
                   luvisor doctor\n  \
                   luvisor serve lab.lua --policies policies/\n  \
+                  luvisor test tests/ --format tap --junit report.xml\n  \
                   luvisor completions bash > /etc/bash_completion.d/luvisor"
 )]
 struct Cli {
@@ -131,6 +133,80 @@ enum Command {
         #[arg(long, value_name = "KEY", requires = "listen")]
         key_file: Option<PathBuf>,
     },
+    /// Run Lua test files: describe/it suites, or plain scripts that assert.
+    ///
+    /// Each PATH is a test file, or a directory whose .lua files (recursively, skipping
+    /// names that start with '.') are test files; without PATHS, `tests/`. Each file runs
+    /// in a fresh Lua state with the `hv` module and its own VM registry, so files never
+    /// see each other's VMs.
+    ///
+    /// A test file declares tests with `describe(name, fn)` (groups, nestable),
+    /// `it(name, fn)`, `pending(name[, reason])` (counted, never run; `it` without a
+    /// function is pending too), and `before_each(fn)`/`after_each(fn)` (run around every
+    /// test of their group and its subgroups: before_each outer to inner, after_each inner
+    /// to outer, even when the test failed). A test's full name is its groups' names and
+    /// its own, joined by spaces. Assertions: `assert.equal(expected, actual)` (deep for
+    /// tables; a diff path by path, a line diff for multi-line strings), `not_equal`,
+    /// `truthy`, `falsy`, `error(fn[, pattern])`, `error_contains(fn, text)`,
+    /// `match(pattern, s)`, `contains(text, s)`, `fail(message)`; plain `assert(v, msg)`
+    /// works as in Lua. Failures say file:line. `print` output is kept per test and shown
+    /// with its failure. A file that calls none of these is one test, named by its path,
+    /// that passes if the file runs without error.
+    ///
+    /// Cleanup: every VM created during a test is destroyed when the test ends, pass or
+    /// fail, and so is every overlay made with hv.disk.overlay (and whatever else an hv
+    /// object registers, such as labs); what the file's top level made goes when the file
+    /// ends. Ctrl-C (SIGINT) or SIGTERM stops the running tests, cleans up the same way and
+    /// exits 130; a second one exits at once.
+    ///
+    /// Output: a line per test (✓, ✗ or - for pending, with its time), then each failure
+    /// with its location, message and diff, then the totals ("N passed, N failed, N
+    /// skipped"); colour only on a terminal. `--format tap` writes TAP version 13 instead
+    /// (failures carry YAML diagnostics, pending tests are `# SKIP`). `--junit FILE`
+    /// also writes JUnit XML (a testsuite per file, a testcase per test, with failure,
+    /// error and skipped elements) for CI servers.
+    ///
+    /// Exit codes: 0 when every selected test passed (pending ones do not fail a run) and
+    /// at least one was selected; 1 when a test failed or none was selected; 2 for a
+    /// usage error (no such path, no .lua files, a bad --filter pattern); 130 when
+    /// interrupted.
+    #[command(after_help = "Examples:\n  luvisor test tests/lua/\n  \
+                            luvisor test examples/tests/ --format tap\n  \
+                            luvisor test tests/ --jobs 4 --junit report.xml\n  \
+                            luvisor test storage.lua --filter 'overlay'\n  \
+                            luvisor test --isolate tests/lua/   # each file in its own empty directory")]
+    Test {
+        /// Test files or directories (default: tests/).
+        #[arg(value_name = "PATHS")]
+        paths: Vec<PathBuf>,
+        /// Run N files at once, each on its own thread (tests of one file always run in
+        /// order).
+        #[arg(short = 'j', long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// Run only the tests whose full name ("describe … it") matches this Lua pattern
+        /// (as in string.find). A plain file's test is named by its path. A file's top
+        /// level always runs, since that is where its tests are declared.
+        #[arg(long, value_name = "PATTERN")]
+        filter: Option<String>,
+        /// How to report on standard output.
+        #[arg(long, value_enum, default_value = "human", value_name = "FORMAT")]
+        format: test_cmd::Format,
+        /// Also write the results as JUnit XML to FILE.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Run each file in a new empty temporary directory (its working directory,
+        /// removed afterwards), so files that write relative paths cannot collide; arg[0]
+        /// is then the file's absolute path.
+        #[arg(long)]
+        isolate: bool,
+        /// Show what every test printed (and Lua tracebacks of failures).
+        #[arg(short, long)]
+        verbose: bool,
+        /// When to colour the human output.
+        #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+        color: test_cmd::Colour,
+    },
     /// Try a policy file without VMs: check it, or replay a recorded trace through it.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -157,8 +233,8 @@ enum Command {
     /// subcommand's page (luvisor-run(1) for `run`). For example:
     /// `luvisor manpage > luvisor.1 && man ./luvisor.1`.
     Manpage {
-        /// A subcommand whose page to print: run, repl, serve, policy, doctor, completions or
-        /// manpage.
+        /// A subcommand whose page to print: run, repl, serve, test, policy, doctor,
+        /// completions or manpage.
         #[arg(value_name = "COMMAND")]
         command: Option<String>,
     },
@@ -234,6 +310,25 @@ fn main() -> ExitCode {
                 listen: listen.as_deref().zip(key_file.as_deref()),
             },
         ),
+        Command::Test {
+            paths,
+            jobs,
+            filter,
+            format,
+            junit,
+            isolate,
+            verbose,
+            color,
+        } => test_cmd::run(test_cmd::Options {
+            paths,
+            jobs: usize::from(jobs),
+            filter,
+            format,
+            junit,
+            isolate,
+            verbose,
+            colour: color,
+        }),
         Command::Policy(PolicyCommand::Check { file }) => policy_cmd::check(&file),
         Command::Policy(PolicyCommand::Simulate {
             file,

@@ -20,12 +20,12 @@ use luvisor_runtime::Registry;
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// SIGINT and SIGTERM, blocked in every thread so that only the signal thread takes them.
-struct StopSignals(libc::sigset_t);
+pub(crate) struct StopSignals(libc::sigset_t);
 
 impl StopSignals {
     /// Blocks SIGINT and SIGTERM in this thread and in every thread it starts from now on.
     /// Call it before any other thread exists.
-    fn block() -> StopSignals {
+    pub(crate) fn block() -> StopSignals {
         // SAFETY: sigset_t is plain data, initialised by sigemptyset before any use.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid sigset_t we own; the calls only write into it and into
@@ -40,7 +40,7 @@ impl StopSignals {
     }
 
     /// Waits for the next of the signals; its number.
-    fn wait(&self) -> i32 {
+    pub(crate) fn wait(&self) -> i32 {
         let mut signal = 0;
         // SAFETY: `self.0` is an initialised set and `signal` a valid place for the result.
         let rc = unsafe { libc::sigwait(&self.0, &mut signal) };
@@ -52,7 +52,7 @@ impl StopSignals {
     }
 }
 
-fn signal_name(signal: i32) -> &'static str {
+pub(crate) fn signal_name(signal: i32) -> &'static str {
     match signal {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",

@@ -1044,7 +1044,7 @@ fn manpage_is_roff() {
     assert_eq!(out.status.code(), Some(2));
     assert_stderr_has(
         &out,
-        "pages exist for: run, repl, serve, policy, doctor, completions, manpage",
+        "pages exist for: run, repl, serve, test, policy, doctor, completions, manpage",
     );
 }
 

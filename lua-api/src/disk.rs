@@ -199,6 +199,8 @@ fn register(lua: &Lua, hv: &Table, _: &Context) -> mlua::Result<()> {
             // `format` is the base's: the overlay itself is always qcow2, and records it.
             let disk = Disk::create_overlay_with(&base, format_option(&opts)?, &path)
                 .map_err(|e| storage_err(F, e))?;
+            // Under `luvisor test`, the overlay goes when the test that made it ends.
+            crate::cleanup::remove_file_on_close(lua, disk.path());
             Ok(DiskHandle(Arc::new(apply_serial(disk, serial))))
         })?,
     )?;

@@ -92,13 +92,16 @@ pub struct Control {
     limits: StateLimits,
     /// Set by [`Interrupter::interrupt`].
     requested: AtomicBool,
+    /// Set by [`Interrupter::cancel`]: every check stops the code from now on.
+    cancelled: AtomicBool,
     /// The Ctrl-C count this state has already acted on (or that was current when it was
     /// created, or last cleared).
     ctrl_c_seen: AtomicU64,
     /// Instructions counted against the budget since the last reset (in steps of the hook
     /// period, so at most one period more than really ran).
     used: AtomicU64,
-    /// The budget error has been raised since the last reset.
+    /// The budget error (or, once cancelled, "interrupted") has been raised since the
+    /// last reset.
     budget_error_raised: AtomicBool,
     /// The hook of some coroutine fires before every instruction (see the module
     /// documentation); reset puts the normal period back.
@@ -110,6 +113,7 @@ impl Control {
         Control {
             limits,
             requested: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
             ctrl_c_seen: AtomicU64::new(CTRL_C_PRESSES.load(Ordering::SeqCst)),
             used: AtomicU64::new(0),
             budget_error_raised: AtomicBool::new(false),
@@ -120,6 +124,9 @@ impl Control {
     /// Takes a pending interrupt request: one from an [`Interrupter`], or a Ctrl-C press
     /// this state has not acted on yet if it takes Ctrl-C.
     fn take_request(&self) -> bool {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return true;
+        }
         let requested = self.requested.swap(false, Ordering::SeqCst);
         let pressed = self.limits.interrupt_on_ctrl_c && {
             let presses = CTRL_C_PRESSES.load(Ordering::SeqCst);
@@ -168,6 +175,15 @@ impl Interrupter {
     pub fn interrupt(&self) {
         self.0.requested.store(true, Ordering::SeqCst);
     }
+
+    /// Stops the state's code for good: like [`Interrupter::interrupt`], but the request
+    /// is never consumed, so code that catches "interrupted" with `pcall` is stopped
+    /// again, at every instruction once it has caught it (as for an exceeded budget).
+    /// For a run that is being abandoned (`luvisor test` on Ctrl-C); the state is of no
+    /// further use for running Lua code.
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Installs [`hook`] as the global hook of `lua`, firing every `every` instructions on the
@@ -186,8 +202,10 @@ fn set_hook(lua: &Lua, control: &Arc<Control>, every: u32) -> mlua::Result<()> {
 fn hook(lua: &Lua, control: &Arc<Control>) -> mlua::Result<VmState> {
     match control.check(u64::from(control.period())) {
         Ok(()) => Ok(VmState::Continue),
-        Err(stopped @ Stopped::Interrupted) => Err(stopped.into()),
-        Err(stopped @ Stopped::BudgetExceeded { .. }) => {
+        Err(stopped @ Stopped::Interrupted) if !control.cancelled.load(Ordering::SeqCst) => {
+            Err(stopped.into())
+        }
+        Err(stopped) => {
             // The first error goes out at the normal period, so message handlers can run.
             // A coroutine still running Lua code at a later check caught it and carried
             // on: from now on it checks before every instruction. Inside a hook, mlua sets
@@ -423,6 +441,23 @@ mod tests {
             message.starts_with("instruction budget of 10000 exceeded\n"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_cancelled_state_cannot_catch_its_way_out() {
+        let lua = state(StateLimits::default());
+        let other = state(StateLimits::default());
+        interrupter(&lua).unwrap().cancel();
+        // Loops that catch "interrupted" and go on are stopped all the same; bounded so
+        // that an escape is a failed assertion rather than a hang.
+        for code in [
+            "for _ = 1, 100000 do pcall(function() while true do end end) end",
+            "for _ = 1, 100000 do pcall(hv.sleep, 600) end",
+        ] {
+            assert_eq!(run(&lua, code), Err("interrupted".into()), "{code}");
+        }
+        assert!(take(&lua), "a cancel is never consumed");
+        assert_eq!(run(&other, "for i = 1, 100000 do end"), Ok(()));
     }
 
     #[test]

@@ -24,12 +24,16 @@
 //! - [`script`] runs scripts the way `luvisor run` does and makes errors raised from Rust
 //!   reach scripts as plain messages;
 //! - [`display`] gives readable forms of values for the REPL;
-//! - [`options`] reads strict option tables.
+//! - [`options`] reads strict option tables;
+//! - [`cleanup`] keeps per-state cleanup scopes: what an `hv` object registers there is
+//!   released when the scope (a test of `luvisor test`) ends;
+//! - [`testing`] is `luvisor test`: the test DSL, the runner and its reports.
 //!
 //! Lua objects are handles: a `Vm` holds an id and resolves it in the runtime's
 //! [`Registry`] on every call, so a destroyed VM raises "vm 'x' no longer exists" and
 //! Lua never holds a borrow into the runtime.
 
+pub mod cleanup;
 pub mod disk;
 pub mod display;
 pub mod guest;
@@ -45,6 +49,7 @@ pub mod pool;
 pub mod remote;
 pub mod script;
 pub mod snapshot;
+pub mod testing;
 pub mod vm;
 
 use std::sync::Arc;

@@ -220,6 +220,17 @@ pub fn load_script(lua: &Lua, path: &Path) -> Result<Function, String> {
     } else {
         std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
     };
+    let name = if path == Path::new("-") {
+        "=stdin".to_string()
+    } else {
+        format!("@{}", path.display())
+    };
+    load_source(lua, source, &name)
+}
+
+/// Compiles a script's `source` as a function named `chunk_name` (`@path` for a file). A
+/// `#!` first line is skipped, as `lua` does.
+pub fn load_source(lua: &Lua, source: Vec<u8>, chunk_name: &str) -> Result<Function, String> {
     // Turn "#!..." into a comment so line numbers stay right.
     let source = if source.starts_with(b"#!") {
         let mut s = b"--".to_vec();
@@ -228,13 +239,8 @@ pub fn load_script(lua: &Lua, path: &Path) -> Result<Function, String> {
     } else {
         source
     };
-    let name = if path == Path::new("-") {
-        "=stdin".to_string()
-    } else {
-        format!("@{}", path.display())
-    };
     lua.load(source)
-        .set_name(name)
+        .set_name(chunk_name)
         .into_function()
         .map_err(|e| error_message(&e))
 }

@@ -61,6 +61,14 @@ pub fn snapshot(lua: &Lua, vm: &Vm, path: Value, opts: Value) -> mlua::Result<Ta
     let report = vm
         .snapshot(&dir, &options)
         .map_err(|e| mlua::Error::runtime(error_chain(&e)))?;
+    // Under `luvisor test`, the overlays a VM made in this test goes on in are removed
+    // with it when the test ends. (Not those of a VM from outside the test: it keeps
+    // running on them.)
+    if crate::cleanup::made_in_scope(lua, vm.id()) {
+        for (_, path) in &report.new_overlays {
+            crate::cleanup::remove_file_on_close(lua, path);
+        }
+    }
     report_table(lua, &report)
 }
 
@@ -91,8 +99,12 @@ fn restore(
     let dir = path_argument(F, path)?;
     let opts = Options::from_value(lua, F, opts, &["name"])?;
     let name = opts.string("name")?;
-    let vm = registry
-        .restore(&dir, name.as_deref())
+    let (vm, overlays) = registry
+        .restore_with_overlays(&dir, name.as_deref())
         .map_err(|e| mlua::Error::runtime(error_chain(&e)))?;
+    // Under `luvisor test`, the restored VM and its overlays go when the test ends.
+    for path in &overlays {
+        crate::cleanup::remove_file_on_close(lua, path);
+    }
     Ok(VmHandle::new(&vm, registry.clone()))
 }

@@ -759,4 +759,105 @@ function hv.pool.set_target(pool, n, reason) end
 ---@param pool string|hv.Pool
 function hv.pool.remove(pool) end
 
+-----------------------------------------------------------------------------------------
+-- `luvisor test` (docs/testing.md): globals defined in test files only.
+
+---Declares a group of tests; groups nest. `fn` runs at once, while the file's top level
+---runs, and declares the group's tests and hooks.
+---@param name string
+---@param fn fun()
+function describe(name, fn) end
+
+---Declares a test, named by its groups' names and `name` joined by spaces. Without `fn`
+---it is pending. Every VM and overlay the test makes is destroyed when it ends, pass or
+---fail.
+---@param name string
+---@param fn? fun()
+function it(name, fn) end
+
+---Declares a pending test (counted, never run). Inside a running test, stops it and
+---counts it as pending, with `name` as the reason.
+---@param name string
+---@param reason? string
+function pending(name, reason) end
+
+---Runs `fn` before every test of this group and its subgroups (outer groups first).
+---@param fn fun()
+function before_each(fn) end
+
+---Runs `fn` after every test of this group and its subgroups (inner groups first), even
+---when the test failed.
+---@param fn fun()
+function after_each(fn) end
+
+---In test files, `assert` is Lua's `assert(v, message, ...)` and a table of assertions.
+---Each failure reports the file and line of the assertion and how the values differ.
+---@class luvisor.assert
+---@overload fun(v: any, message?: any, ...: any): ...
+assert = {}
+
+---Passes when `expected` and `actual` are equal: tables by content, recursively (a diff
+---path by path), strings with several lines shown as a line diff, everything else with
+---`==` (NaN equals NaN). Returns `actual`.
+---@generic T
+---@param expected any
+---@param actual T
+---@param message? string
+---@return T
+function assert.equal(expected, actual, message) end
+
+---Passes when the values are not equal in the sense of `assert.equal`.
+---@generic T
+---@param unexpected any
+---@param actual T
+---@param message? string
+---@return T
+function assert.not_equal(unexpected, actual, message) end
+
+---Passes when `v` is neither nil nor false.
+---@generic T
+---@param v T
+---@param message? string
+---@return T
+function assert.truthy(v, message) end
+
+---Passes when `v` is nil or false.
+---@param v any
+---@param message? string
+function assert.falsy(v, message) end
+
+---Passes when `fn()` raises an error whose message matches the Lua `pattern` (any error
+---without one). Returns the message.
+---@param fn fun()
+---@param pattern? string
+---@param message? string
+---@return string
+function assert.error(fn, pattern, message) end
+
+---Passes when `fn()` raises an error whose message contains `text` literally. Returns the
+---message.
+---@param fn fun()
+---@param text string
+---@param message? string
+---@return string
+function assert.error_contains(fn, text, message) end
+
+---Passes when `s` is a string matching the Lua `pattern`. Returns `s`.
+---@param pattern string
+---@param s any
+---@param message? string
+---@return string
+function assert.match(pattern, s, message) end
+
+---Passes when `s` is a string containing `text` literally. Returns `s`.
+---@param text string
+---@param s any
+---@param message? string
+---@return string
+function assert.contains(text, s, message) end
+
+---Always fails.
+---@param message? string
+function assert.fail(message) end
+
 return hv

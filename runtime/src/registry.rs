@@ -103,6 +103,16 @@ impl Registry {
     /// VM's name when `None`). Everything is checked before anything is created; if the
     /// restore fails part way, the VM and the disk overlays made for it are removed.
     pub fn restore(&self, dir: &Path, name: Option<&str>) -> Result<Arc<Vm>, RegistryError> {
+        self.restore_with_overlays(dir, name).map(|(vm, _)| vm)
+    }
+
+    /// [`Registry::restore`], also returning the disk overlays made for the new VM (one
+    /// per frozen disk of the snapshot), which the caller may remove once the VM is gone.
+    pub fn restore_with_overlays(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+    ) -> Result<(Arc<Vm>, Vec<std::path::PathBuf>), RegistryError> {
         let snapshot_error = |source| RegistryError::Snapshot {
             path: dir.to_path_buf(),
             source,
@@ -141,7 +151,7 @@ impl Registry {
             remove_overlays();
             return Err(e.into());
         }
-        Ok(vm)
+        Ok((vm, overlays))
     }
 
     pub fn get(&self, id: VmId) -> Option<Arc<Vm>> {

@@ -1,111 +1,122 @@
 -- The VM lifecycle through the hv module, as a user script sees it.
 
-local vm = hv.vm{ name = "life", vcpus = 2, memory = "64M",
-                  guest = hv.guest.builtin{ cmdline = "hello; count 20" } }
-assert(vm.state == "created")
-assert(vm.name == "life" and vm.vcpus == 2 and vm.memory_size == 64 * 1024 * 1024)
-assert(vm.boot_time_ms == nil)
-vm:start()
-assert(vm.state == "running")
-local line, offset = vm:wait_for_console("hello from luvisor guest", { timeout = 10 })
-assert(line == "hello from luvisor guest", line)
-assert(offset > 0)
-assert(vm.boot_time_ms > 0, "boot time is recorded once the guest is ready")
+describe("a VM's lifecycle", function()
+  it("starts, pauses, resumes and stops", function()
+    local vm = hv.vm{ name = "life", vcpus = 2, memory = "64M",
+                      guest = hv.guest.builtin{ cmdline = "hello; count 20" } }
+    assert.equal("created", vm.state)
+    assert.equal({ name = "life", vcpus = 2, memory_size = 64 * 1024 * 1024 },
+                 { name = vm.name, vcpus = vm.vcpus, memory_size = vm.memory_size })
+    assert.equal(nil, vm.boot_time_ms)
+    vm:start()
+    assert.equal("running", vm.state)
+    local line, offset = vm:wait_for_console("hello from luvisor guest", { timeout = 10 })
+    assert.equal("hello from luvisor guest", line)
+    assert(offset > 0)
+    assert(vm.boot_time_ms > 0, "boot time is recorded once the guest is ready")
 
--- Pause: the counter stops; resume: it goes on.
-vm:wait_for_console("count 2", { timeout = 10 })
-vm:pause()
-assert(vm.state == "paused")
-local function counts() return select(2, vm:console():gsub("count ", "")) end
-local frozen = counts()
-hv.sleep(0.2)
-assert(counts() == frozen, "the counter advanced while paused")
-vm:resume()
-assert(vm.state == "running")
-vm:wait_for_console("count " .. (frozen + 2), { timeout = 10 })
+    -- Pause: the counter stops; resume: it goes on.
+    vm:wait_for_console("count 2", { timeout = 10 })
+    vm:pause()
+    assert.equal("paused", vm.state)
+    local function counts() return select(2, vm:console():gsub("count ", "")) end
+    local frozen = counts()
+    hv.sleep(0.2)
+    assert.equal(frozen, counts(), "the counter advanced while paused")
+    vm:resume()
+    assert.equal("running", vm.state)
+    vm:wait_for_console("count " .. (frozen + 2), { timeout = 10 })
 
--- A timeout says what was awaited and what was seen.
-local ok, err = pcall(vm.wait_for_console, vm, "never printed", { timeout = 0.1 })
-assert(not ok and tostring(err):find('timed out after 100ms waiting for console output "never printed"', 1, true), tostring(err))
-assert(tostring(err):find("last console line", 1, true), tostring(err))
-ok, err = pcall(vm.wait, vm, { timeout = 0.05 })
-assert(not ok and tostring(err):find("waiting for the guest to end", 1, true), tostring(err))
+    -- A timeout says what was awaited and what was seen.
+    local err = assert.error_contains(function() vm:wait_for_console("never printed", { timeout = 0.1 }) end,
+                                      'timed out after 100ms waiting for console output "never printed"')
+    assert.contains("last console line", err)
+    assert.error_contains(function() vm:wait{ timeout = 0.05 } end, "waiting for the guest to end")
 
-vm:stop()
-vm:stop() -- idempotent
-assert(vm.state == "stopped")
-assert(vm:console():find("hello from luvisor guest", 1, true))
-local code, state, reason = vm:wait{ timeout = 1 }
-assert(code == nil and state == "stopped" and reason == "stopped by the host", tostring(reason))
+    vm:stop()
+    vm:stop() -- idempotent
+    assert.equal("stopped", vm.state)
+    assert.contains("hello from luvisor guest", vm:console())
+    assert.equal({ nil, "stopped", "stopped by the host" }, { vm:wait{ timeout = 1 } })
+  end)
 
--- Exit codes and crashes.
-local e = hv.vm{ name = "e", memory = "64M", guest = hv.guest.builtin{ cmdline = "exit 3" } }
-e:start()
-assert(e:wait{ timeout = 10 } == 3)
-assert(e.exit_code == 3 and e.state == "stopped")
+  it("reports exit codes and crashes, and lists its VMs", function()
+    local life = hv.vm{ name = "life", memory = "16M", guest = hv.guest.builtin{ cmdline = "idle" } }
+    local e = hv.vm{ name = "e", memory = "64M", guest = hv.guest.builtin{ cmdline = "exit 3" } }
+    e:start()
+    assert.equal(3, e:wait{ timeout = 10 })
+    assert.equal({ 3, "stopped" }, { e.exit_code, e.state })
 
-local c = hv.vm{ name = "c", memory = "64M", guest = hv.guest.builtin{ cmdline = "fault" } }
-c:start()
-code, state, reason = c:wait{ timeout = 10 }
-assert(code == nil and state == "crashed", state)
-assert(c.crash_reason:find("rip=0x", 1, true), c.crash_reason)
-print("crash reason: " .. c.crash_reason)
+    local c = hv.vm{ name = "c", memory = "64M", guest = hv.guest.builtin{ cmdline = "fault" } }
+    c:start()
+    local code, state = c:wait{ timeout = 10 }
+    assert.equal({ nil, "crashed" }, { code, state })
+    assert.contains("rip=0x", c.crash_reason)
+    print("crash reason: " .. c.crash_reason)
 
--- A VM that ended reports why when someone waits for its console.
-ok, err = pcall(e.wait_for_console, e, "never", { timeout = 5 })
-assert(not ok and tostring(err):find("exit code 3", 1, true), tostring(err))
+    -- A VM that ended reports why when someone waits for its console.
+    assert.error_contains(function() e:wait_for_console("never", { timeout = 5 }) end, "exit code 3")
 
--- hv.vms() lists handles; tostring is readable.
-local names = {}
-for _, h in ipairs(hv.vms()) do names[#names + 1] = h.name end
-assert(table.concat(names, ",") == "life,e,c", table.concat(names, ","))
-assert(tostring(e):match("^vm<e #%d+ stopped, 1 vcpu, 64M>$"), tostring(e))
-assert(hv.vms()[2] == e, "handles to the same VM compare equal")
+    -- hv.vms() lists handles; tostring is readable.
+    local names = {}
+    for _, h in ipairs(hv.vms()) do names[#names + 1] = h.name end
+    assert.equal({ "life", "e", "c" }, names)
+    assert.match("^vm<e #%d+ stopped, 1 vcpu, 64M>$", tostring(e))
+    assert(hv.vms()[2] == e, "handles to the same VM compare equal")
+    assert(life)
+  end)
 
--- Console output can be teed to a file (appended, written line by line).
-local teed = hv.vm{ name = "teed", memory = "16M", console = "console.log",
-                    guest = hv.guest.builtin{ cmdline = "hello; count 1 2" } }
-teed:start()
-assert(teed:wait{ timeout = 10 } == 0)
-local f = assert(io.open("console.log", "rb"))
-local logged = f:read("a")
-f:close()
-assert(logged == "hello from luvisor guest\r\ncount 1\r\ncount 2\r\n", string.format("%q", logged))
-assert(teed:console() == "hello from luvisor guest\ncount 1\ncount 2\n")
+  it("tees its console to a file, line by line", function()
+    local teed = hv.vm{ name = "teed", memory = "16M", console = "console.log",
+                        guest = hv.guest.builtin{ cmdline = "hello; count 1 2" } }
+    teed:start()
+    assert.equal(0, teed:wait{ timeout = 10 })
+    local f = assert(io.open("console.log", "rb"))
+    local logged = f:read("a")
+    f:close()
+    assert.equal("hello from luvisor guest\r\ncount 1\r\ncount 2\r\n", logged)
+    assert.equal("hello from luvisor guest\ncount 1\ncount 2\n", teed:console())
+    assert.equal(nil, teed.console_error)
 
--- A console file that cannot be written: the guest goes on, the error is reported.
-local full = hv.vm{ name = "full", memory = "16M", console = "/dev/full",
-                    guest = hv.guest.builtin{ cmdline = "hello; exit 0" } }
-assert(full.console_error == nil)
-full:start()
-assert(full:wait{ timeout = 10 } == 0)
-assert(full:console() == "hello from luvisor guest\n")
-assert(full.console_error:find("writing console file /dev/full failed: No space left on device", 1, true),
-       full.console_error)
-assert(teed.console_error == nil)
+    -- A console file that cannot be written: the guest goes on, the error is reported.
+    local full = hv.vm{ name = "full", memory = "16M", console = "/dev/full",
+                        guest = hv.guest.builtin{ cmdline = "hello; exit 0" } }
+    assert.equal(nil, full.console_error)
+    full:start()
+    assert.equal(0, full:wait{ timeout = 10 })
+    assert.equal("hello from luvisor guest\n", full:console())
+    assert.contains("writing console file /dev/full failed: No space left on device", full.console_error)
+    assert.equal(nil, teed.console_error)
+  end)
 
--- wait_for_console returns whole lines: `count ` is on the console before its number.
-local counter = hv.vm{ name = "lines", memory = "16M", guest = hv.guest.builtin{ cmdline = "count 1 100" } }
-counter:start()
-local after = 0
-for n = 1, 100 do
-  line, after = counter:wait_for_console("count ", { timeout = 10, after = after })
-  assert(line == "count " .. n, string.format("match %d returned %q", n, line))
-end
-assert(counter:wait{ timeout = 10 } == 0)
+  it("returns whole lines from wait_for_console", function()
+    -- `count ` is on the console before its number.
+    local counter = hv.vm{ name = "lines", memory = "16M", guest = hv.guest.builtin{ cmdline = "count 1 100" } }
+    counter:start()
+    local line, after = nil, 0
+    for n = 1, 100 do
+      line, after = counter:wait_for_console("count ", { timeout = 10, after = after })
+      assert.equal("count " .. n, line, string.format("match %d", n))
+    end
+    assert.equal(0, counter:wait{ timeout = 10 })
+  end)
 
--- Exit codes are unsigned 32-bit values.
-local max = hv.vm{ name = "max", memory = "16M", guest = hv.guest.builtin{ cmdline = "exit 4294967295" } }
-max:start()
-code, state = max:wait{ timeout = 10 }
-assert(code == 4294967295 and state == "stopped", tostring(code))
-assert(max.exit_code == 4294967295, tostring(max.exit_code))
-ok, err = pcall(max.wait_for_console, max, "never", { timeout = 5 })
-assert(not ok and tostring(err):find("(exit code 4294967295)", 1, true), tostring(err))
+  it("reports exit codes as unsigned 32-bit values", function()
+    local max = hv.vm{ name = "max", memory = "16M", guest = hv.guest.builtin{ cmdline = "exit 4294967295" } }
+    max:start()
+    local code, state = max:wait{ timeout = 10 }
+    assert.equal({ 4294967295, "stopped" }, { code, state })
+    assert.equal(4294967295, max.exit_code)
+    assert.error_contains(function() max:wait_for_console("never", { timeout = 5 }) end, "(exit code 4294967295)")
+  end)
+end)
 
--- hv.host()
-local host = hv.host()
-assert(host.cpus >= 1 and host.memory_total > 0 and host.memory_available > 0)
-assert(host.kvm.api == 12)
-assert(host.kvm.backend == "pvm" or host.kvm.backend == "hardware" or host.kvm.backend == "unknown")
-print("lifecycle: ok")
+describe("hv.host()", function()
+  it("describes the host", function()
+    local host = hv.host()
+    assert(host.cpus >= 1 and host.memory_total > 0 and host.memory_available > 0)
+    assert.equal(12, host.kvm.api)
+    assert(host.kvm.backend == "pvm" or host.kvm.backend == "hardware" or host.kvm.backend == "unknown",
+           host.kvm.backend)
+  end)
+end)

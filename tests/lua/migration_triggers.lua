@@ -25,31 +25,39 @@ assert(os.execute("chmod 600 key"))
 write("open-key", string.rep("k", 32))
 assert(os.execute("chmod 644 open-key"))
 
--- Bad declarations raise and change nothing.
-local ok, err = pcall(hv.hosts, { { name = "b", addr = "127.0.0.1:1", key_file = "open-key" } })
-assert(not ok and err:find("chmod 600", 1, true), err)
-ok, err = pcall(hv.hosts, {
-    { name = "b", addr = "127.0.0.1:1", key_file = "key" },
-    { name = "b", addr = "127.0.0.1:2", key_file = "key" },
-})
-assert(not ok and err:find("two hosts are named 'b'", 1, true), err)
-assert(#hv.hosts() == 0)
+describe("hv.hosts and migrate intents", function()
+    it("refuses bad declarations and changes nothing", function()
+        assert.error_contains(function()
+            hv.hosts{ { name = "b", addr = "127.0.0.1:1", key_file = "open-key" } }
+        end, "chmod 600")
+        assert.error_contains(function()
+            hv.hosts{
+                { name = "b", addr = "127.0.0.1:1", key_file = "key" },
+                { name = "b", addr = "127.0.0.1:2", key_file = "key" },
+            }
+        end, "two hosts are named 'b'")
+        assert.equal(0, #hv.hosts())
+    end)
 
--- Nothing listens on port 1: the peer is polled and found unreachable.
-local hosts = hv.hosts{ { name = "b", addr = "127.0.0.1:1", key_file = "key" } }
-assert(#hosts == 1 and hosts[1].name == "b" and hosts[1].key_file == "key")
-wait_until("the peer's first poll", function()
-    local h = hv.hosts()[1]
-    return h.error ~= "not polled yet"
-end)
-local b = hv.hosts()[1]
-assert(b.reachable == false and b.memory_total == nil and b.error:find("127.0.0.1:1", 1, true), b.error)
+    it("polls an unreachable peer, and the guards refuse a policy's migration to it", function()
+        -- Nothing listens on port 1: the peer is polled and found unreachable.
+        local hosts = hv.hosts{ { name = "b", addr = "127.0.0.1:1", key_file = "key" } }
+        assert.equal(1, #hosts)
+        assert.equal({ "b", "key" }, { hosts[1].name, hosts[1].key_file })
+        wait_until("the peer's first poll", function()
+            local h = hv.hosts()[1]
+            return h.error ~= "not polled yet"
+        end)
+        local b = hv.hosts()[1]
+        assert.equal({ false, nil }, { b.reachable, b.memory_total })
+        assert.contains("127.0.0.1:1", b.error)
 
-local limits = hv.policy.migration_limits{ cooldown_s = 5 }
-assert(limits.per_host == 1 and limits.cooldown_s == 5 and limits.bandwidth == 1024 * 1024 * 1024)
+        local limits = hv.policy.migration_limits{ cooldown_s = 5 }
+        assert.equal({ per_host = 1, cooldown_s = 5, bandwidth = 1024 * 1024 * 1024 },
+                     { per_host = limits.per_host, cooldown_s = limits.cooldown_s, bandwidth = limits.bandwidth })
 
-hv.vm{ name = "web", memory = "64M", guest = hv.guest.builtin{ cmdline = "idle" } }
-write("mover.lua", [[
+        hv.vm{ name = "web", memory = "64M", guest = hv.guest.builtin{ cmdline = "idle" } }
+        write("mover.lua", [[
 return { name = "mover", interval_ms = 20, tick = function(ctx)
     assert(#ctx.hosts == 1 and ctx.hosts[1].name == "b" and not ctx.hosts[1].reachable)
     assert(not pcall(function() ctx.hosts[1].reachable = true end))
@@ -57,23 +65,27 @@ return { name = "mover", interval_ms = 20, tick = function(ctx)
     assert(not ok and why)
 end }
 ]])
-hv.policy.load("mover.lua")
-wait_until("a migrate decision", function()
-    local s = hv.policy.status("mover")
-    return s.ticks >= 1 and #s.migrate_decisions == 1
-end)
-local status = hv.policy.status("mover")
-assert(status.failures == 0, status.last_error)
-local d = status.migrate_decisions[1]
-assert(d.vm == "web" and d.host == "b" and d.reason == "testing", d.vm)
--- The guards refuse a migration to a host that does not answer.
-assert(d.refused:find("host 'b' is unreachable", 1, true), d.refused)
-assert(#status.migrations == 0)
-hv.policy.unload("mover")
+        hv.policy.load("mover.lua")
+        wait_until("a migrate decision", function()
+            local s = hv.policy.status("mover")
+            return s.ticks >= 1 and #s.migrate_decisions == 1
+        end)
+        local status = hv.policy.status("mover")
+        assert.equal(0, status.failures, status.last_error)
+        local d = status.migrate_decisions[1]
+        assert.equal({ vm = "web", host = "b", reason = "testing" }, { vm = d.vm, host = d.host, reason = d.reason })
+        -- The guards refuse a migration to a host that does not answer.
+        assert.contains("host 'b' is unreachable", d.refused)
+        assert.equal(0, #status.migrations)
+        hv.policy.unload("mover")
+    end)
 
--- The shipped trigger loads alongside, and with an unreachable peer does nothing.
-local shipped = hv.policy.load(repo .. "/policies/migrate_on_pressure.lua")
-assert(shipped.name == "migrate-on-pressure" and shipped.running)
-hv.policy.unload("migrate-on-pressure")
-hv.hosts{}
-assert(#hv.hosts() == 0)
+    it("loads the shipped trigger alongside, which does nothing with an unreachable peer", function()
+        hv.hosts{ { name = "b", addr = "127.0.0.1:1", key_file = "key" } }
+        local shipped = hv.policy.load(repo .. "/policies/migrate_on_pressure.lua")
+        assert.equal({ "migrate-on-pressure", true }, { shipped.name, shipped.running })
+        hv.policy.unload("migrate-on-pressure")
+        hv.hosts{}
+        assert.equal(0, #hv.hosts())
+    end)
+end)
