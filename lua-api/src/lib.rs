@@ -13,6 +13,10 @@
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
 //!   control handler `luvisor serve` hands control connections to;
+//! - [`events`] has `hv.on()`, `hv.off()` and `hv.dispatch()`, and runs event handlers
+//!   at safe points;
+//! - [`agent`] has the agent channel's side of the `Vm` handle (`vm.health`, `vm.kvp`,
+//!   `vm:exec()`, `vm:shutdown{}`);
 //! - `hv.version` is registered here.
 //!
 //! The other modules serve them all:
@@ -28,8 +32,10 @@
 //! [`Registry`] on every call, so a destroyed VM raises "vm 'x' no longer exists" and
 //! Lua never holds a borrow into the runtime.
 
+pub mod agent;
 pub mod disk;
 pub mod display;
+pub mod events;
 pub mod guest;
 pub mod host;
 pub mod interrupt;
@@ -67,6 +73,7 @@ pub const NAMESPACES: &[Namespace] = &[
     migration::NAMESPACE,
     policy::NAMESPACE,
     remote::NAMESPACE,
+    events::NAMESPACE,
     VERSION,
 ];
 

@@ -13,12 +13,17 @@
 //! - [`host`]: what this host's KVM is (PVM or hardware) and what it supports.
 //! - [`migration`]: the authenticated channel between hosts, and live migration.
 //! - [`remote`]: remote control of a `luvisor serve` host over that channel.
+//! - [`agent`]: the agent channel's services (heartbeat, time, key-value pairs,
+//!   shutdown, exec) on top of its virtio-console device.
+//! - [`events`]: events about VMs (a lost heartbeat) for whoever subscribes.
 //!
 //! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
 
+pub mod agent;
 pub mod boot;
 pub mod builder;
 pub mod devices;
+pub mod events;
 pub mod host;
 pub mod migration;
 pub mod registry;

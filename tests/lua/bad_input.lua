@@ -50,14 +50,14 @@ fails("memory = 67645739008 bytes is invalid: give a multiple of 4K between 4M a
       hv.vm, { name = "a", memory = 63 * 1024 * 1024 * 1024 + 4096, guest = guest })
 
 -- The command line: no NUL bytes, and at most 3072 bytes with the entries the VM adds
--- for its disks (checked by hv.vm{}, not only at start).
+-- for its disks and its agent channel (checked by hv.vm{}, not only at start).
 fails("hv.guest.builtin: option 'cmdline' has a NUL byte at offset 1; give text without NUL bytes",
       hv.guest.builtin, { cmdline = "a\0b" })
 local disks = {}
 for i = 1, 16 do disks[i] = hv.disk.create{ path = "cmdline-" .. i .. ".img", size = "1M" } end
 local long = hv.guest.builtin{ cmdline = "exit 0;" .. string.rep(" ", 3000 - 7) }
 hv.vm{ name = "long", memory = "16M", guest = long }:destroy() -- fits alone
-fails("hv.vm: the guest command line is 3571 bytes (571 of them for the virtio_mmio.device entries the VM adds for its 16 disks); the limit is 3072",
+fails("hv.vm: the guest command line is 3607 bytes (607 of them for the virtio_mmio.device entries the VM adds for its 16 disks and agent channel); the limit is 3072",
       hv.vm, { name = "long", memory = "16M", guest = long, disks = disks })
 
 -- A console fifo with no reader is refused at once (it used to block forever).
