@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use luvisor_runtime::agent::{AgentStats, ExecResult, Health, ShutdownOutcome};
-use luvisor_runtime::vm::describe_outcome;
-use luvisor_runtime::{Vm, VmOutcome};
+use luvisor_runtime::agent::{AgentStats, ExecResult, Health};
+use luvisor_runtime::remote::protocol::ShutdownReport;
+use luvisor_runtime::Vm;
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
 
 use crate::events::SafePoint;
@@ -57,19 +57,17 @@ pub fn exec_table(lua: &Lua, result: &ExecResult) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// `{ how = "graceful", code = 0, state = "stopped", acknowledged = true, took_ms }`;
-/// `reason` for a crash.
-pub fn shutdown_table(lua: &Lua, outcome: &ShutdownOutcome, state: &str) -> mlua::Result<Table> {
+/// `{ how = "graceful", code = 0, state = "stopped", acknowledged = true, took_ms,
+/// outcome }`; `reason` for a crash.
+pub fn shutdown_table(lua: &Lua, report: &ShutdownReport) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    t.set("how", outcome.how.as_str())?;
-    t.set("code", outcome.code())?;
-    t.set("state", state)?;
-    t.set("acknowledged", outcome.acknowledged)?;
-    t.set("took_ms", outcome.took.as_secs_f64() * 1000.0)?;
-    if let VmOutcome::Crashed(reason) = &outcome.outcome {
-        t.set("reason", reason.as_str())?;
-    }
-    t.set("outcome", describe_outcome(Some(&outcome.outcome)))?;
+    t.set("how", report.how.as_str())?;
+    t.set("code", report.code)?;
+    t.set("state", report.state.as_str())?;
+    t.set("acknowledged", report.acknowledged)?;
+    t.set("took_ms", report.took_ms)?;
+    t.set("outcome", report.outcome.as_str())?;
+    t.set("reason", report.reason.as_deref())?;
     Ok(t)
 }
 
@@ -110,12 +108,97 @@ pub fn shutdown(lua: &Lua, vm: &Vm, opts: Value) -> mlua::Result<Table> {
     let safe = SafePoint::new(lua);
     let result = vm.shutdown_cancellable(timeout, &|| safe.poll());
     let outcome = safe.finish(result)?;
-    shutdown_table(lua, &outcome, vm.state().as_str())
+    shutdown_table(lua, &ShutdownReport::new(&outcome, vm.state().as_str()))
+}
+
+/// Whose pairs a `vm.kvp` handle reads: a local VM's, or a remote one's.
+#[derive(Clone)]
+pub enum KvpTarget {
+    Local(VmHandle),
+    Remote(crate::remote::RemoteVmHandle),
+}
+
+impl KvpTarget {
+    fn name(&self) -> String {
+        match self {
+            KvpTarget::Local(vm) => vm.name.clone(),
+            KvpTarget::Remote(vm) => vm.name().to_string(),
+        }
+    }
+
+    fn list(&self, side: Side) -> mlua::Result<Vec<(String, String)>> {
+        match self {
+            KvpTarget::Local(vm) => {
+                let vm = vm.resolve()?;
+                Ok(match side {
+                    Side::Host => vm.kvp_host_list(),
+                    Side::Guest => vm.kvp_guest_list(),
+                })
+            }
+            KvpTarget::Remote(vm) => vm.kvp_list(side == Side::Guest),
+        }
+    }
+
+    fn get(&self, side: Side, key: &str) -> mlua::Result<Option<String>> {
+        match self {
+            KvpTarget::Local(vm) => {
+                let vm = vm.resolve()?;
+                Ok(match side {
+                    Side::Host => vm.kvp_host_get(key),
+                    Side::Guest => vm.kvp_guest_get(key),
+                })
+            }
+            KvpTarget::Remote(_) => Ok(self
+                .list(side)?
+                .into_iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)),
+        }
+    }
+
+    fn set(&self, key: &str, value: &str) -> mlua::Result<()> {
+        match self {
+            KvpTarget::Local(vm) => vm
+                .resolve()?
+                .kvp_host_set(key, value)
+                .map_err(|e| mlua::Error::runtime(format!("vm.kvp.host:set: {e}"))),
+            KvpTarget::Remote(vm) => vm.kvp_set(key, value),
+        }
+    }
+
+    fn delete(&self, key: &str) -> mlua::Result<bool> {
+        match self {
+            KvpTarget::Local(vm) => vm
+                .resolve()?
+                .kvp_host_delete(key)
+                .map_err(|e| mlua::Error::runtime(format!("vm.kvp.host:delete: {e}"))),
+            KvpTarget::Remote(vm) => vm.kvp_delete(key),
+        }
+    }
+
+    fn wait(
+        &self,
+        lua: &Lua,
+        key: &str,
+        value: Option<&str>,
+        timeout: Duration,
+    ) -> mlua::Result<String> {
+        match self {
+            KvpTarget::Local(vm) => {
+                let vm = vm.resolve()?;
+                let safe = SafePoint::new(lua);
+                let result =
+                    vm.wait_for_guest_kvp_cancellable(key, value, timeout, &|| safe.poll());
+                safe.finish(result)
+            }
+            KvpTarget::Remote(vm) => vm.kvp_wait(lua, key, value, timeout),
+        }
+    }
 }
 
 /// `vm.kvp`: the host's and the guest's key-value pairs.
 #[derive(Clone)]
-pub struct VmKvp(pub VmHandle);
+pub struct VmKvp(pub KvpTarget);
 
 /// Which side's pairs a handle reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -127,7 +210,7 @@ pub enum Side {
 /// `vm.kvp.host` or `vm.kvp.guest`.
 #[derive(Clone)]
 pub struct KvpSide {
-    vm: VmHandle,
+    target: KvpTarget,
     side: Side,
 }
 
@@ -135,13 +218,13 @@ impl UserData for VmKvp {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         fields.add_field_method_get("host", |_, this| {
             Ok(KvpSide {
-                vm: this.0.clone(),
+                target: this.0.clone(),
                 side: Side::Host,
             })
         });
         fields.add_field_method_get("guest", |_, this| {
             Ok(KvpSide {
-                vm: this.0.clone(),
+                target: this.0.clone(),
                 side: Side::Guest,
             })
         });
@@ -149,7 +232,7 @@ impl UserData for VmKvp {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
-            Ok(format!("kvp<{}>", this.0.name))
+            Ok(format!("kvp<{}>", this.0.name()))
         });
     }
 }
@@ -175,26 +258,15 @@ fn pairs_table(lua: &Lua, pairs: Vec<(String, String)>) -> mlua::Result<Table> {
 impl UserData for KvpSide {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("get", |_, this, key: Value| {
-            let vm = this.vm.resolve()?;
             let method = match this.side {
                 Side::Host => "vm.kvp.host:get",
                 Side::Guest => "vm.kvp.guest:get",
             };
             let key = key_argument(method, key)?;
-            Ok(match this.side {
-                Side::Host => vm.kvp_host_get(&key),
-                Side::Guest => vm.kvp_guest_get(&key),
-            })
+            this.target.get(this.side, &key)
         });
         methods.add_method("list", |lua, this, ()| {
-            let vm = this.vm.resolve()?;
-            pairs_table(
-                lua,
-                match this.side {
-                    Side::Host => vm.kvp_host_list(),
-                    Side::Guest => vm.kvp_guest_list(),
-                },
-            )
+            pairs_table(lua, this.target.list(this.side)?)
         });
         methods.add_method("set", |_, this, (key, value): (Value, Value)| {
             if this.side == Side::Guest {
@@ -202,7 +274,6 @@ impl UserData for KvpSide {
                     "vm.kvp.guest is read-only: the guest publishes its own keys (set host keys with vm.kvp.host:set)",
                 ));
             }
-            let vm = this.vm.resolve()?;
             let key = key_argument("vm.kvp.host:set", key)?;
             let value = match value {
                 Value::String(s) => s.to_str()?.to_string(),
@@ -216,8 +287,7 @@ impl UserData for KvpSide {
                     )))
                 }
             };
-            vm.kvp_host_set(&key, &value)
-                .map_err(|e| mlua::Error::runtime(format!("vm.kvp.host:set: {e}")))
+            this.target.set(&key, &value)
         });
         methods.add_method("delete", |_, this, key: Value| {
             if this.side == Side::Guest {
@@ -225,10 +295,8 @@ impl UserData for KvpSide {
                     "vm.kvp.guest is read-only: the guest publishes its own keys",
                 ));
             }
-            let vm = this.vm.resolve()?;
             let key = key_argument("vm.kvp.host:delete", key)?;
-            vm.kvp_host_delete(&key)
-                .map_err(|e| mlua::Error::runtime(format!("vm.kvp.host:delete: {e}")))
+            this.target.delete(&key)
         });
         methods.add_method("wait", |lua, this, (key, opts): (Value, Value)| {
             if this.side == Side::Host {
@@ -236,20 +304,16 @@ impl UserData for KvpSide {
                     "vm.kvp.host:wait: only the guest's keys can be waited for (vm.kvp.guest:wait)",
                 ));
             }
-            let vm = this.vm.resolve()?;
             let key = key_argument("vm.kvp.guest:wait", key)?;
             let opts = Options::from_value(lua, "vm.kvp.guest:wait", opts, &["value", "timeout"])?;
             let value = opts.string("value")?;
             let timeout = opts.seconds("timeout")?.unwrap_or(DEFAULT_WAIT);
-            let safe = SafePoint::new(lua);
-            let result =
-                vm.wait_for_guest_kvp_cancellable(&key, value.as_deref(), timeout, &|| safe.poll());
-            safe.finish(result)
+            this.target.wait(lua, &key, value.as_deref(), timeout)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
             Ok(format!(
                 "kvp<{} {}>",
-                this.vm.name,
+                this.target.name(),
                 match this.side {
                     Side::Host => "host",
                     Side::Guest => "guest",

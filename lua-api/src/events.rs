@@ -4,7 +4,7 @@
 //! only queued there (`luvisor_runtime::events`). Lua runs only on the thread that owns
 //! the state, so handlers run at **safe points**, where the script waits anyway:
 //! `hv.sleep`, the waiting methods (`vm:wait`, `vm:wait_for_console`, `vm:exec`,
-//! `vm:shutdown`, `vm.kvp.guest:wait`), `hv.dispatch()`, and `luvisor serve`'s loop. A
+//! `vm:shutdown`, `vm.kvp.guest:wait`), `hv.handle_events()`, and `luvisor serve`'s loop. A
 //! handler that raises an error ends the call that was waiting with that error. Events
 //! raised while a handler runs are handled after it returns (handlers do not nest).
 
@@ -37,7 +37,7 @@ struct Handler {
     function: RegistryKey,
 }
 
-/// Registers `hv.on`, `hv.off` and `hv.dispatch`.
+/// Registers `hv.on`, `hv.off` and `hv.handle_events`.
 pub const NAMESPACE: Namespace = Namespace {
     name: "events",
     register,
@@ -81,7 +81,10 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
             Ok(removed.unwrap_or(false))
         })?,
     )?;
-    hv.set("dispatch", lua.create_function(|lua, ()| dispatch(lua))?)
+    hv.set(
+        "handle_events",
+        lua.create_function(|lua, ()| dispatch(lua))?,
+    )
 }
 
 fn with_hooks<R>(lua: &Lua, f: impl FnOnce(&mut Hooks) -> R) -> Option<R> {

@@ -13,7 +13,7 @@
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
 //!   control handler `luvisor serve` hands control connections to;
-//! - [`events`] has `hv.on()`, `hv.off()` and `hv.dispatch()`, and runs event handlers
+//! - [`events`] has `hv.on()`, `hv.off()` and `hv.handle_events()`, and runs event handlers
 //!   at safe points;
 //! - [`agent`] has the agent channel's side of the `Vm` handle (`vm.health`, `vm.kvp`,
 //!   `vm:exec()`, `vm:shutdown{}`);

@@ -152,7 +152,9 @@ impl UserData for VmHandle {
         });
         fields.add_field_method_get("kvp", |_, this| {
             this.resolve()?;
-            Ok(crate::agent::VmKvp(this.clone()))
+            Ok(crate::agent::VmKvp(crate::agent::KvpTarget::Local(
+                this.clone(),
+            )))
         });
     }
 

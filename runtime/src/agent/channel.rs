@@ -206,13 +206,17 @@ impl AgentChannel {
         self.lock().outbox.len()
     }
 
-    /// The driver reset the device (or set it up afresh): the session is over and
-    /// whatever waited for it is gone.
-    pub fn device_reset(&self) {
+    /// The driver reset the device: the session is over. With `was_active` (a driver
+    /// had set the device up before) what waited for that driver is dropped; the reset
+    /// that starts the first driver's setup keeps what was queued before it came (a
+    /// shutdown request, say).
+    pub fn device_reset(&self, was_active: bool) {
         let mut st = self.lock();
         st.session = None;
         st.epoch += 1;
-        st.outbox.clear();
+        if was_active {
+            st.outbox.clear();
+        }
         st.ping = None;
         drop(st);
         self.changed.notify_all();

@@ -355,14 +355,15 @@ impl VirtioDevice for Agent {
     }
 
     /// A reset driver starts a new session: kept buffers and half-read frames are
-    /// forgotten, and so is what waited to be sent.
+    /// forgotten, and so is what waited to be sent to a driver that was active.
     fn reset(&mut self) {
+        let was_active = self.activated;
         self.acked_features = 0;
         self.activated = false;
         self.rx.clear();
         self.reader.clear();
         self.arm_timer();
-        self.channel.device_reset();
+        self.channel.device_reset(was_active);
     }
 
     fn save_state(&self) -> VirtioDeviceState {
