@@ -24,5 +24,7 @@ echo "== virtio-balloon"
 "$luvisor" run bench/balloon.lua 5
 echo "== live migration"
 bench/migration.sh 3
+echo "== agent channel: exec round trip, key-value latency"
+"$luvisor" run bench/agent.lua 1000
 echo "== policies: tick cost and reload latency"
 bench/policy.sh 200 20

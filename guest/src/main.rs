@@ -675,6 +675,8 @@ fn fault() -> ! {
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
+    // A panic inside an exec goes to the console, not to a reply that is never sent.
+    io::capture_end();
     println!("error: guest panic: {}", info);
     io::exit(3)
 }
