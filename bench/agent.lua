@@ -59,7 +59,7 @@ for i = 1, rounds do
 end
 print(string.format("guest kvp-set exec -> visible to the host over %d: %s", rounds, summary(times)))
 
--- Heartbeat: the last_seen age a script reads on an idle VM (pings every 500 ms).
+-- Heartbeat: the last_seen age a script reads on an idle VM (pings every second).
 local ages = {}
 for i = 1, 20 do
   hv.sleep(0.05)

@@ -34,6 +34,9 @@ const AGENT_NAME: &str = "luvisor-guest";
 /// How long `init` waits for the host's first TIME_SET: rounds of an idle each.
 const TIME_WAIT_ROUNDS: u32 = 100;
 const TIME_WAIT_US: u32 = 1000;
+/// How long one look at the transmit queue idles (the host wakes the vCPU as soon as
+/// it has the frames, so this only bounds a missed wake-up).
+const TX_WAIT_US: u32 = 100_000;
 /// One key-value slot: key length, value length, then the bytes.
 const SLOT: u64 = 4 + MAX_KEY as u64 + MAX_VALUE as u64;
 
@@ -192,7 +195,14 @@ impl Agent {
         };
         if self.tx.submit(&[buffer]).is_some() {
             self.tx.notify();
-            let _ = self.tx.wait_used(&self.mmio);
+            let mut idles = 0;
+            while self.tx.take_used().is_none() {
+                io::idle(TX_WAIT_US);
+                idles += 1;
+                if idles % 10 == 0 && self.mmio.needs_reset() {
+                    break;
+                }
+            }
         }
         self.tx_len = 0;
     }
@@ -225,9 +235,11 @@ impl Agent {
     }
 
     /// Takes every used receive buffer into the parse buffer, handling each complete
-    /// frame, and posts the buffers again.
+    /// frame, and posts the buffers again. The device looks for posted buffers itself
+    /// whenever it has bytes to send, so a repost is notified (an exit) only when a
+    /// buffer came back full: the host may then have more waiting for room.
     fn receive(&mut self) {
-        let mut reposted = false;
+        let mut filled = false;
         while let Some((head, len)) = self.rx.take_used() {
             // The buffer's index follows from its address; heads are not addresses.
             let index = self.rx_index(head);
@@ -247,9 +259,9 @@ impl Agent {
                 self.parse_frames();
             }
             self.post_rx(index);
-            reposted = true;
+            filled |= len == RX_SIZE as usize;
         }
-        if reposted {
+        if filled {
             self.rx.notify();
         }
     }

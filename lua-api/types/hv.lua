@@ -155,7 +155,7 @@ function guest_ns.builtin(opts) end
 ---@field kvp hv.VmKvp Key-value pairs: `kvp.host` the host publishes, `kvp.guest` the guest does.
 local Vm = {}
 
----"ok": heard from within 1.5 s of running time; "late": silent for 1.5 s or more; "lost":
+---"ok": heard from within 2.5 s of running time; "late": silent for 2.5 s or more; "lost":
 ---silent for 5 s or more; "waiting": running, its agent has not connected yet; "none": no
 ---agent channel, or no machine (not started, or ended).
 ---@alias hv.HealthState "ok"|"late"|"lost"|"waiting"|"none"
