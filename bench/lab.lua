@@ -4,7 +4,7 @@
 --   2. hv.pool.claim latency from a warm pool (a ready VM is there: each claim waits for
 --      the refill first) and from a cold one (min = 0: every claim restores a VM).
 -- Readiness is the console ("hello from luvisor guest"); pass `kvp` as the first argument
--- to use the agent's "kvp:ready" instead (needs the agent channel). Files go into a
+-- to use the agent's "kvp:ready" instead. Files go into a
 -- temporary directory, removed at the end.
 --
 --   luvisor run bench/lab.lua [kvp] [CLAIMS]

@@ -26,6 +26,8 @@ echo "== labs and warm pools"
 "$luvisor" run bench/lab.lua 200
 echo "== live migration"
 bench/migration.sh 3
+echo "== agent channel: exec round trip, key-value latency"
+"$luvisor" run bench/agent.lua 1000
 echo "== policies: tick cost and reload latency"
 bench/policy.sh 200 20
 echo "== luvisor test: runner overhead"

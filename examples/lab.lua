@@ -40,7 +40,7 @@ local boot_ids = labs.kvp_all(lab, "boot_id")
 for _, vm in ipairs(lab:vms()) do
   local kvp = vm.kvp.guest
   print(string.format("%s  ready=%s  boot_id=%s  uptime=%s", vm.name, kvp:get("ready"),
-                      boot_ids[vm.name], tostring(kvp:get("uptime"))))
+                      boot_ids[vm.name], tostring(kvp:get("uptime_ms"))))
 end
 
 -- Ask every guest to shut down, waiting up to 5 s each (a hard stop after that).

@@ -18,6 +18,8 @@ use luvisor_runtime::Registry;
 
 /// How often a recording `serve` samples the host and VMs on its own.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often `serve`'s loop runs `hv.on` handlers of queued events (at the latest).
+const EVENT_POLL: Duration = Duration::from_millis(100);
 
 /// SIGINT and SIGTERM, blocked in every thread so that only the signal thread takes them.
 pub(crate) struct StopSignals(libc::sigset_t);
@@ -248,11 +250,22 @@ pub fn run(registry: &Arc<Registry>, options: Options<'_>) -> ExitCode {
         "luvisor serve: serving {} VM(s) with {running} policy(ies){peers}; SIGTERM or SIGINT stops",
         registry.list().len()
     );
+    let mut next_sample = std::time::Instant::now() + SAMPLE_EVERY;
     loop {
+        // A safe point for `hv.on` handlers: events about VMs are handled here, at
+        // least every EVENT_POLL.
+        if let Err(e) = luvisor_lua::events::dispatch(&lua) {
+            eprintln!("luvisor serve: an event handler failed: {e}");
+        }
+        let now = std::time::Instant::now();
+        if record.is_some() && now >= next_sample {
+            engine.record_sample();
+            next_sample = now + SAMPLE_EVERY;
+        }
         let timeout = if record.is_some() {
-            SAMPLE_EVERY
+            next_sample.saturating_duration_since(now).min(EVENT_POLL)
         } else {
-            Duration::from_secs(3600)
+            EVENT_POLL
         };
         match stopped.recv_timeout(timeout) {
             Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -271,11 +284,7 @@ pub fn run(registry: &Arc<Registry>, options: Options<'_>) -> ExitCode {
                     eprintln!("luvisor serve: the on_arrival handler failed: {e}");
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if record.is_some() {
-                    engine.record_sample();
-                }
-            }
+            Err(RecvTimeoutError::Timeout) => {}
         }
     }
     drop(lua);

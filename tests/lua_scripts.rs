@@ -90,11 +90,6 @@ fn examples_run() {
     }
     let mut failures = Vec::new();
     for script in lua_files("examples") {
-        // TEMPORARY until the agent channel lands: this example needs vm:exec and vm.kvp.
-        if script.ends_with("examples/lab.lua") {
-            println!("{}: skipped, it needs the agent channel", script.display());
-            continue;
-        }
         // Each in its own scratch directory: examples write images with relative paths.
         let scratch = common::scratch_dir(&format!(
             "example-{}",

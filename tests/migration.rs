@@ -121,8 +121,19 @@ struct Peer {
 
 impl Peer {
     fn start(dir: &Path, key: &Path, back: Option<&str>, fault: Option<&str>) -> Peer {
+        Peer::start_with(dir, key, back, fault, DESTINATION_CONFIG)
+    }
+
+    /// A destination whose config script is `script`.
+    fn start_with(
+        dir: &Path,
+        key: &Path,
+        back: Option<&str>,
+        fault: Option<&str>,
+        script: &str,
+    ) -> Peer {
         let config = dir.join("destination.lua");
-        std::fs::write(&config, DESTINATION_CONFIG).unwrap();
+        std::fs::write(&config, script).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_luvisor"));
         command
             .args(["--log-level", "info", "serve"])
@@ -302,6 +313,71 @@ fn a_dirtying_vm_moves_to_another_host_and_back() {
     assert!(!image_is_free(&disk));
     back.stop();
     assert!(image_is_free(&disk));
+}
+
+/// The destination's config for a VM with an agent: exec in it, read its keys, send it
+/// back.
+const AGENT_DESTINATION_CONFIG: &str = r#"
+local back = os.getenv("LUVISOR_TEST_BACK")
+local key = os.getenv("LUVISOR_TEST_KEY")
+hv.migration.on_arrival(function(vm, info)
+  local r = vm:exec("kvp-get role; hello", { timeout = 60 })
+  print(("exec on destination: code %d, %s"):format(r.code, r.stdout:gsub("\n", "|")))
+  print("boot_id on destination: " .. tostring(vm.kvp.guest:get("boot_id")))
+  io.stdout:flush()
+  vm.kvp.host:set("visited", "yes")
+  vm:migrate(back, { key_file = key, timeout = 60 })
+  print("sent back")
+  io.stdout:flush()
+end)
+"#;
+
+/// A VM serving its agent channel goes to another host and back: exec answers on both,
+/// the guest's boot id and both sides' keys travel with it, and the time is set again
+/// after each move.
+#[test]
+fn a_vm_with_an_agent_answers_exec_after_migrating() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("migration-agent");
+    let key = write_key(&dir, "peer.key", 3);
+    let home = Home::new(&key);
+    let vm = home
+        .registry
+        .create(common::builtin("agent-traveller", ""))
+        .unwrap();
+    vm.kvp_host_set("role", "cache").unwrap();
+    vm.start().unwrap();
+    vm.wait_for_guest_kvp("ready", Some("1"), TIMEOUT).unwrap();
+    let boot_id = vm.kvp_guest_get("boot_id").unwrap();
+    let generation = vm.agent_stats().unwrap().time_generation;
+    let peer = Peer::start_with(
+        &dir,
+        &key,
+        Some(&home.addr()),
+        None,
+        AGENT_DESTINATION_CONFIG,
+    );
+    vm.migrate(&peer.addr, &home.options(), &mut |_| {})
+        .expect("migrate");
+    assert_eq!(vm.state(), VmState::Migrated);
+    let (line, _) = peer.lines.wait_for("exec on destination", 0);
+    assert!(
+        line.contains("code 0, role=cache|hello from luvisor guest|"),
+        "{line}"
+    );
+    let (line, _) = peer.lines.wait_for("boot_id on destination", 0);
+    assert!(line.ends_with(&boot_id), "{line}");
+
+    let back = home.wait_arrival("agent-traveller", &peer);
+    let r = back.exec("kvp-get visited; kvp-get role", TIMEOUT).unwrap();
+    assert_eq!(r.stdout, "visited=yes\nrole=cache\n");
+    assert_eq!(back.kvp_guest_get("boot_id"), Some(boot_id));
+    // Set on arrival there, and again here.
+    assert!(back.agent_stats().unwrap().time_generation > generation);
+    let out = back.shutdown(TIMEOUT).unwrap();
+    assert_eq!(out.how, luvisor_runtime::agent::ShutdownHow::Graceful);
 }
 
 #[test]

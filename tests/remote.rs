@@ -205,10 +205,31 @@ fails("host " .. addr .. ": cannot migrate vm 'remote-lua': migration is not ava
       vm.migrate, vm, "127.0.0.1:1", { max_downtime_ms = 100 })
 fails("unknown option 'downtime'", vm.migrate, vm, "127.0.0.1:1", { downtime = 1 })
 
+-- The agent channel, through the remote handle ("listen" serves it while it waits).
+assert(vm.kvp.guest:wait("ready", { value = "1", timeout = 20 }) == "1")
+assert(vm.kvp.guest:list().boot_id ~= nil and vm.kvp.guest:get("ready") == "1")
+local health = vm.health
+assert(health.state == "ok" or health.state == "late", health.state)
+assert(vm.agent.connected and vm.agent.name == "luvisor-guest", "vm.agent")
+vm.kvp.host:set("role", "remote")
+assert(vm.kvp.host:get("role") == "remote" and vm.kvp.host:list().role == "remote")
+local r = vm:exec("kvp-get role", { timeout = 20 })
+assert(r.code == 0 and r.stdout == "role=remote\n", r.stdout)
+r = vm:exec("nope", { timeout = 20 })
+assert(r.code == 2 and not r.truncated, r.stdout)
+assert(vm.kvp.host:delete("role") and not vm.kvp.host:delete("role"))
+fails("host " .. addr .. ": the value of key \"big\" is 1025 bytes", vm.kvp.host.set, vm.kvp.host,
+      "big", string.rep("v", 1025))
+fails("vm:exec: the command must be a string", vm.exec, vm, 42)
+assert(type(vm:time_drift_ms()) == "number")
+
 vm:send("exit 5\n")
 local code, state = vm:wait{ timeout = 20 }
 assert(code == 5 and state == "stopped", tostring(code) .. " " .. tostring(state))
 assert(vm.exit_code == 5)
+local down = vm:shutdown{ timeout = 5 }
+assert(down.how == "already_stopped" and down.code == 5, down.how)
+assert(vm.health.state == "none")
 
 fails("failed authentication", hv.connect, addr, { key_file = wrong_key })
 print("remote script ok")

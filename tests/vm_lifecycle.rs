@@ -362,7 +362,7 @@ fn memory_limit_boundary() {
 }
 
 /// The command-line limit counts the `virtio_mmio.device` entries the VM adds for its
-/// disks, and is checked when the VM is created: a command line that fills the limit
+/// disks and agent channel, and is checked when the VM is created: a command line that fills the limit
 /// exactly with 16 disks boots (the guest sees the last disk), one byte more is refused
 /// by `Registry::create`, not later by `start`.
 #[test]
@@ -394,7 +394,7 @@ fn cmdline_limit_counts_disk_entries() {
         err.to_string(),
         format!(
             "the guest command line is {} bytes ({entries} of them for the virtio_mmio.device \
-             entries the VM adds for its 16 disks); the limit is {MAX_CMDLINE}",
+             entries the VM adds for its 16 disks and agent channel); the limit is {MAX_CMDLINE}",
             MAX_CMDLINE + 1
         )
     );

@@ -1,6 +1,7 @@
 //! Port I/O from CPL3 (the host enters us with RFLAGS.IOPL = 3) and the console.
 
 use core::arch::asm;
+use core::cell::Cell;
 use core::fmt;
 use luvisor_guest_abi::ports;
 
@@ -55,10 +56,67 @@ pub fn clock_ms() -> u32 {
 
 /// The 16550 on COM1. The host's UART is always ready to transmit, so bytes go straight
 /// to the transmit register without polling the line status (one exit per byte, not two).
+/// While an exec runs, output goes to its capture buffer instead.
 pub struct Console;
+
+/// Where console output goes while an exec runs: a buffer of `len` bytes at `base`,
+/// `used` of them written; `base == 0`: no capture.
+struct Capture {
+    base: Cell<u64>,
+    len: Cell<usize>,
+    used: Cell<usize>,
+    truncated: Cell<bool>,
+}
+
+// SAFETY: only vCPU 0 runs commands and prints; the other vCPUs idle and never touch
+// the capture.
+unsafe impl Sync for Capture {}
+
+static CAPTURE: Capture = Capture {
+    base: Cell::new(0),
+    len: Cell::new(0),
+    used: Cell::new(0),
+    truncated: Cell::new(false),
+};
+
+/// Sends console output to the `len` bytes at `base` until [`capture_end`]. The caller
+/// owns that memory and keeps it for the whole capture.
+pub fn capture_start(base: u64, len: usize) {
+    CAPTURE.used.set(0);
+    CAPTURE.truncated.set(false);
+    CAPTURE.len.set(len);
+    CAPTURE.base.set(base);
+}
+
+/// Ends the capture; returns the bytes written and whether more did not fit.
+pub fn capture_end() -> (usize, bool) {
+    CAPTURE.base.set(0);
+    (CAPTURE.used.get(), CAPTURE.truncated.get())
+}
+
+/// Appends to the capture if one runs; returns whether it did.
+fn captured(s: &str) -> bool {
+    let base = CAPTURE.base.get();
+    if base == 0 {
+        return false;
+    }
+    let used = CAPTURE.used.get();
+    let n = s.len().min(CAPTURE.len.get() - used);
+    // SAFETY: [base, base + len) is the buffer `capture_start` was given, and
+    // used + n <= len.
+    unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), (base as *mut u8).add(used), n) };
+    CAPTURE.used.set(used + n);
+    if n < s.len() {
+        CAPTURE.truncated.set(true);
+    }
+    true
+}
 
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if captured(s) {
+            return Ok(());
+        }
         for b in s.bytes() {
             if b == b'\n' {
                 outb(ports::SERIAL_COM1, b'\r');

@@ -6,12 +6,15 @@
 //!
 //! It reads a command line from the boot-info block: commands separated by `;`, run in
 //! order by vCPU 0 (`listen` reads more from the serial console). When they run out,
-//! the guest exits with code 0. Output format is stable because tests and benchmarks
+//! the guest exits with code 0; but a command line that is empty or ends with `serve`
+//! serves the agent channel (`agent.rs`) until the host shuts it down. Output format
+//! is stable because tests and benchmarks
 //! parse it; errors start with `error:` and end the VM with exit code 2. See
 //! `guest/README.md` for the command reference.
 #![no_std]
 #![no_main]
 
+mod agent;
 mod balloon;
 mod blk;
 mod dirty;
@@ -70,6 +73,7 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
         current: 0,
         blk: None,
         balloon: None,
+        agent: None,
         listening: false,
         dirty: None,
     };
@@ -90,20 +94,35 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
                     }
                 }
             }
+        } else if virtio::device_type(entry) == Some(agent::DEVICE_TYPE) {
+            if state.agent.is_none() {
+                match agent::Agent::init(entry, &mut state.pool) {
+                    Ok(a) => state.agent = Some(a),
+                    Err(e) => {
+                        println!("error: agent: {}", e);
+                        io::exit(2);
+                    }
+                }
+            }
         } else if state.device_count < MAX_DEVICES {
             state.devices[state.device_count] = Some(entry);
             state.device_count += 1;
         }
     }
+    let mut ran = false;
     for command in cmdline.split(';') {
         let mut words = command
             .split_whitespace()
             .filter(|w| !w.starts_with(ENTRY_PREFIX));
         let Some(name) = words.next() else { continue };
+        ran = true;
         if let Err(error) = run(name, &mut words, &mut state) {
             println!("error: {}: {}", name, error);
             io::exit(2);
         }
+    }
+    if !ran && agent::present(&state) {
+        agent::serve(&mut state);
     }
     io::exit(0)
 }
@@ -111,16 +130,17 @@ pub unsafe extern "C" fn _start(boot: *const BootInfo, vcpu_index: u64) -> ! {
 /// Most virtio devices the guest keeps track of.
 const MAX_DEVICES: usize = 16;
 
-/// What commands share: the page pool, the block devices and the balloon.
+/// What commands share: the page pool, the block devices, the balloon and the agent.
 struct State {
     pool: PagePool,
-    /// The disks, in order (every virtio device but the balloon).
+    /// The disks, in order (every virtio device but the balloon and the agent).
     devices: [Option<DeviceEntry>; MAX_DEVICES],
     device_count: usize,
     /// Index of the disk `blk-*` commands use (`blk-use N`).
     current: usize,
     blk: Option<Blk>,
     balloon: Option<Balloon>,
+    agent: Option<agent::Agent>,
     /// A `listen` is reading the console (it does not nest).
     listening: bool,
     /// The region `dirty` rewrites, kept between runs so that `dirty-verify` can check
@@ -129,11 +149,13 @@ struct State {
 }
 
 impl State {
-    /// Serves the balloon, if the VM has one. Called wherever the guest waits.
+    /// Serves the balloon and the agent channel, if the VM has them. Called wherever
+    /// the guest waits.
     fn service(&mut self) {
         if let Some(balloon) = &mut self.balloon {
             balloon.service(&mut self.pool);
         }
+        agent::service(self);
     }
 
     /// The driver for the current disk, set up on first use.
@@ -170,7 +192,7 @@ fn run<'a>(
         }
         "sleep" => sleep_ms(state, arg(args)?),
         "idle" => loop {
-            io::idle(u32::MAX);
+            io::idle(agent::idle_micros(state));
             state.service();
         },
         "balloon-report" => {
@@ -307,7 +329,10 @@ fn run<'a>(
                 ops * 1000 / ms
             );
         }
-        _ => return Err(Error::Msg("unknown command")),
+        _ => match agent::run_command(name, args, state) {
+            Some(result) => result?,
+            None => return Err(Error::Msg("unknown command")),
+        },
     }
     if args.next().is_some() {
         return Err(Error::Msg("too many arguments"));
@@ -329,6 +354,7 @@ fn listen(state: &mut State) -> Result<(), Error> {
     }
     state.listening = true;
     println!("listening");
+    agent::publish_ready(state);
     let mut line = [0u8; LISTEN_LINE_MAX];
     let mut len = 0;
     let mut too_long = false;
@@ -378,6 +404,20 @@ fn run_line(line: &[u8], state: &mut State) -> bool {
         }
     }
     true
+}
+
+/// Runs one exec's line (commands separated by `;`, as `listen` takes them); returns
+/// the exit code: 0, or 2 after the first command that failed.
+fn run_exec_line(line: &str, state: &mut State) -> u32 {
+    for command in line.split(';') {
+        let mut words = command.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        if let Err(error) = run(name, &mut words, state) {
+            println!("error: {}: {}", name, error);
+            return 2;
+        }
+    }
+    0
 }
 
 /// Parses hex digits (two per byte, no prefix) into `out`; returns the byte count.
@@ -479,7 +519,7 @@ fn mem_demand(state: &mut State, profile: &str) -> Result<(), Error> {
         state.service();
     }
     loop {
-        io::idle(u32::MAX);
+        io::idle(agent::idle_micros(state));
         state.service();
     }
 }
@@ -635,6 +675,8 @@ fn fault() -> ! {
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
+    // A panic inside an exec goes to the console, not to a reply that is never sent.
+    io::capture_end();
     println!("error: guest panic: {}", info);
     io::exit(3)
 }

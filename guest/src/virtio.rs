@@ -167,6 +167,15 @@ impl Queue {
         Some(ids[0])
     }
 
+    /// The guest-physical address descriptor `index` points at.
+    pub fn descriptor_addr(&self, index: u16) -> u64 {
+        if index >= self.size {
+            return 0;
+        }
+        // SAFETY: index < size, inside the descriptor table.
+        unsafe { read_volatile(self.desc.add(index as usize)) }.addr
+    }
+
     /// For hostile-driver tests: makes the chain at `head` loop back to its start.
     pub fn loop_chain(&mut self, head: u16) {
         let mut d = head;

@@ -60,6 +60,8 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
                 if crate::interrupt::take(lua) {
                     return Err(crate::interrupt::error());
                 }
+                // A safe point: handlers of queued events run here.
+                crate::events::dispatch(lua)?;
                 std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
             }
         })?,

@@ -40,7 +40,7 @@ use crate::options::{describe, Options};
 use crate::vm::VmHandle;
 
 const LAB_OPTIONS: &[&str] = &["name", "template", "count", "ready", "dir"];
-const TEMPLATE_OPTIONS: &[&str] = &["vcpus", "memory", "guest", "disks"];
+const TEMPLATE_OPTIONS: &[&str] = &["vcpus", "memory", "guest", "disks", "agent"];
 const DISK_TEMPLATE_OPTIONS: &[&str] = &["base", "format", "serial"];
 const START_OPTIONS: &[&str] = &["parallel", "timeout", "progress"];
 /// The readiness of a lab or pool that does not name one.
@@ -443,9 +443,10 @@ impl UserData for LabHandle {
             let (timeout, _) = crate::vm::wait_timeout(lua, "shutdown", opts, &[])?;
             let outcomes = this.lab.shutdown(timeout.min(Duration::from_secs(3600)));
             let list = lua.create_table()?;
-            for (i, (name, outcome)) in outcomes.iter().enumerate() {
+            for (i, (name, how, outcome)) in outcomes.iter().enumerate() {
                 let t = lua.create_table()?;
                 t.set("name", name.as_str())?;
+                t.set("how", how.as_str())?;
                 t.set("outcome", describe_outcome(Some(outcome)))?;
                 list.raw_set(i + 1, t)?;
             }
@@ -533,6 +534,15 @@ fn create_lab(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<
         },
     )
     .map_err(|e| opts.error(error_chain(&e)))?;
+    // Under `luvisor test`, the lab goes when the test that made it ends, pass or fail.
+    // Weak, so that a collected handle still destroys the lab at once (Lab's Drop).
+    let for_cleanup = Arc::downgrade(&lab);
+    crate::cleanup::register(lua, format!("lab '{}'", lab.name()), move || {
+        if let Some(lab) = for_cleanup.upgrade() {
+            lab.destroy();
+        }
+        Ok(())
+    });
     Ok(LabHandle {
         lab,
         registry: registry.clone(),

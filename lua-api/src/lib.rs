@@ -15,6 +15,10 @@
 //! - [`policy`] has `hv.policy.load/unload/status/watch/record` and the policy engine;
 //! - [`remote`] has `hv.connect()`, the remote host and remote VM handles, and the
 //!   control handler `luvisor serve` hands control connections to;
+//! - [`events`] has `hv.on()`, `hv.off()` and `hv.handle_events()`, and runs event handlers
+//!   at safe points;
+//! - [`agent`] has the agent channel's side of the `Vm` handle (`vm.health`, `vm.kvp`,
+//!   `vm:exec()`, `vm:shutdown{}`);
 //! - `hv.version` is registered here.
 //!
 //! The other modules serve them all:
@@ -34,8 +38,10 @@
 //! Lua never holds a borrow into the runtime.
 
 pub mod cleanup;
+pub mod agent;
 pub mod disk;
 pub mod display;
+pub mod events;
 pub mod guest;
 pub mod host;
 pub mod interrupt;
@@ -78,6 +84,7 @@ pub const NAMESPACES: &[Namespace] = &[
     pool::NAMESPACE,
     policy::NAMESPACE,
     remote::NAMESPACE,
+    events::NAMESPACE,
     VERSION,
 ];
 

@@ -292,6 +292,16 @@ fn define(lua: &Lua, registry: &Arc<Registry>, opts: Value) -> mlua::Result<Pool
             &cancel,
         )
         .map_err(|e| opts.error(error_chain(&e)))?;
+    // Under `luvisor test`, the pool (its VMs, snapshot and overlays) goes when the test
+    // that defined it ends. One removed by hand already is not an error.
+    let (for_cleanup, name) = (registry.clone(), pool.name().to_string());
+    crate::cleanup::register(lua, format!("pool '{name}'"), move || {
+        let pools = pools(&for_cleanup);
+        if pools.get(&name).is_err() {
+            return Ok(());
+        }
+        pools.remove(&name).map_err(|e| error_chain(&e))
+    });
     Ok(PoolHandle {
         name: pool.name().to_string(),
         registry: registry.clone(),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use luvisor_runtime::migration::SecureChannel;
-use luvisor_runtime::remote::protocol::{HostReport, VmInfo, VmRef};
+use luvisor_runtime::remote::protocol::{AgentReport, HostReport, VmInfo, VmRef};
 use luvisor_runtime::remote::{
     ControlHooks, MigrateOptions, PolicyStatusProvider, RemoteError, RemoteHost,
 };
@@ -71,7 +71,7 @@ pub fn control_hooks(registry: &Arc<Registry>) -> ControlHooks {
     }
 }
 
-/// **Integration point** for `luvisor serve --listen`: the handler for control
+/// What `luvisor serve --listen` serves control connections with: the handler for control
 /// connections (the accept loop's `ServerHandlers::control`), serving `registry` with
 /// [`control_hooks`].
 pub fn control_handler(registry: &Arc<Registry>) -> Arc<dyn Fn(SecureChannel) + Send + Sync> {
@@ -297,6 +297,42 @@ impl RemoteVmHandle {
     }
 }
 
+impl RemoteVmHandle {
+    pub(crate) fn name(&self) -> &str {
+        &self.vm.name
+    }
+
+    fn agent_report(&self) -> mlua::Result<AgentReport> {
+        self.connection.call(|host| host.agent(&self.vm))
+    }
+
+    pub(crate) fn kvp_list(&self, guest: bool) -> mlua::Result<Vec<(String, String)>> {
+        self.connection.call(|host| host.kvp_list(&self.vm, guest))
+    }
+
+    pub(crate) fn kvp_set(&self, key: &str, value: &str) -> mlua::Result<()> {
+        self.connection
+            .call(|host| host.kvp_host_set(&self.vm, key, value))
+    }
+
+    pub(crate) fn kvp_delete(&self, key: &str) -> mlua::Result<bool> {
+        self.connection
+            .call(|host| host.kvp_host_delete(&self.vm, key))
+    }
+
+    pub(crate) fn kvp_wait(
+        &self,
+        lua: &Lua,
+        key: &str,
+        value: Option<&str>,
+        timeout: Duration,
+    ) -> mlua::Result<String> {
+        let cancel = crate::interrupt::canceller(lua);
+        self.connection
+            .call(|host| host.wait_for_guest_kvp(&self.vm, key, value, timeout, &cancel))
+    }
+}
+
 impl UserData for RemoteVmHandle {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         fields.add_field_method_get("id", |_, this| Ok(this.info()?.id));
@@ -318,6 +354,21 @@ impl UserData for RemoteVmHandle {
             Ok(RemoteVmMemory(this.clone()))
         });
         fields.add_field_method_get("host", |_, this| Ok(HostHandle(this.connection.clone())));
+        fields.add_field_method_get("health", |lua, this| {
+            crate::agent::health_table(lua, this.agent_report()?.health)
+        });
+        fields.add_field_method_get("agent", |lua, this| {
+            let report = this.agent_report()?;
+            match report.stats {
+                Some(stats) => Ok(Some(crate::agent::stats_table(lua, &stats, report.agent)?)),
+                None => Ok(None),
+            }
+        });
+        fields.add_field_method_get("kvp", |_, this| {
+            Ok(crate::agent::VmKvp(crate::agent::KvpTarget::Remote(
+                this.clone(),
+            )))
+        });
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -357,6 +408,23 @@ impl UserData for RemoteVmHandle {
                     .call(|host| host.wait_for_console(&this.vm, &pattern, after, timeout, &cancel))
             },
         );
+        methods.add_method("time_drift_ms", |_, this, ()| {
+            Ok(this.agent_report()?.drift_ms)
+        });
+        methods.add_method("exec", |lua, this, (command, opts): (Value, Value)| {
+            let (command, timeout) = crate::agent::exec_arguments(lua, command, opts)?;
+            let result = this
+                .connection
+                .call(|host| host.exec(&this.vm, &command, timeout))?;
+            crate::agent::exec_table(lua, &result)
+        });
+        methods.add_method("shutdown", |lua, this, opts: Value| {
+            let timeout = crate::agent::shutdown_timeout(lua, opts)?;
+            let report = this
+                .connection
+                .call(|host| host.shutdown(&this.vm, timeout))?;
+            crate::agent::shutdown_table(lua, &report)
+        });
         methods.add_method("migrate", |lua, this, (addr, opts): (Value, Value)| {
             let addr = match addr {
                 Value::String(s) => s.to_str()?.to_string(),

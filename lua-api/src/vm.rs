@@ -22,7 +22,9 @@ use crate::options::{a_type_name, Options};
 /// cannot hang a test run forever. `timeout = math.huge` waits without limit.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-const VM_OPTIONS: &[&str] = &["name", "vcpus", "memory", "guest", "console", "disks"];
+const VM_OPTIONS: &[&str] = &[
+    "name", "vcpus", "memory", "guest", "console", "disks", "agent",
+];
 
 /// The Lua handle on a VM.
 #[derive(Clone)]
@@ -37,6 +39,15 @@ impl VmHandle {
         VmHandle {
             id: vm.id(),
             name: vm.name().to_string(),
+            registry,
+        }
+    }
+
+    /// A handle on VM `id` named `name` (an event's VM, which may be gone by now).
+    pub fn from_parts(id: VmId, name: &str, registry: Arc<Registry>) -> VmHandle {
+        VmHandle {
+            id,
+            name: name.to_string(),
             registry,
         }
     }
@@ -125,6 +136,26 @@ impl UserData for VmHandle {
         fields.add_field_method_get("console_error", |_, this| {
             Ok(this.resolve()?.console().tee_error())
         });
+        fields.add_field_method_get("health", |lua, this| {
+            crate::agent::health_table(lua, this.resolve()?.health())
+        });
+        fields.add_field_method_get("agent", |lua, this| {
+            let vm = this.resolve()?;
+            match vm.agent_stats() {
+                Some(stats) => Ok(Some(crate::agent::stats_table(
+                    lua,
+                    &stats,
+                    vm.agent_name(),
+                )?)),
+                None => Ok(None),
+            }
+        });
+        fields.add_field_method_get("kvp", |_, this| {
+            this.resolve()?;
+            Ok(crate::agent::VmKvp(crate::agent::KvpTarget::Local(
+                this.clone(),
+            )))
+        });
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -162,12 +193,23 @@ impl UserData for VmHandle {
         methods.add_method("console", |_, this, ()| {
             Ok(this.resolve()?.console().text())
         });
+        methods.add_method("time_drift_ms", |_, this, ()| {
+            Ok(this.resolve()?.time_drift_ms())
+        });
+        methods.add_method("exec", |lua, this, (command, opts): (Value, Value)| {
+            let vm = this.resolve()?;
+            crate::agent::exec(lua, &vm, command, opts)
+        });
+        methods.add_method("shutdown", |lua, this, opts: Value| {
+            let vm = this.resolve()?;
+            crate::agent::shutdown(lua, &vm, opts)
+        });
         methods.add_method("wait", |lua, this, opts: Value| {
             let vm = this.resolve()?;
             let (timeout, _) = wait_timeout(lua, "wait", opts, &[])?;
-            let outcome = vm
-                .wait_cancellable(timeout, &crate::interrupt::canceller(lua))
-                .map_err(lua_err)?;
+            let safe = crate::events::SafePoint::new(lua);
+            let waited = vm.wait_cancellable(timeout, &|| safe.poll());
+            let outcome = safe.finish(waited)?;
             let state = vm.state().as_str();
             Ok(match outcome {
                 VmOutcome::Exited(code) => (Some(code), state, None),
@@ -179,14 +221,10 @@ impl UserData for VmHandle {
             |lua, this, (pattern, opts): (Value, Value)| {
                 let vm = this.resolve()?;
                 let (pattern, after, timeout) = wait_for_console_arguments(lua, pattern, opts)?;
-                let (line, end) = vm
-                    .wait_for_console_cancellable(
-                        &pattern,
-                        after,
-                        timeout,
-                        &crate::interrupt::canceller(lua),
-                    )
-                    .map_err(lua_err)?;
+                let safe = crate::events::SafePoint::new(lua);
+                let waited =
+                    vm.wait_for_console_cancellable(&pattern, after, timeout, &|| safe.poll());
+                let (line, end) = safe.finish(waited)?;
                 Ok((line, end))
             },
         );
@@ -272,7 +310,7 @@ fn create_vm(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<V
     Ok(VmHandle::new(&vm, registry.clone()))
 }
 
-/// The machine part of a VM's options (`guest`, `vcpus`, `memory`) as a configuration
+/// The machine part of a VM's options (`guest`, `vcpus`, `memory`, `agent`) as a configuration
 /// named `name`, without console or disks: what `hv.vm{}` and the templates of
 /// `hv.lab{}` and `hv.pool.define{}` share.
 pub(crate) fn machine_config(lua: &Lua, opts: &Options, name: String) -> mlua::Result<VmConfig> {
@@ -305,6 +343,9 @@ pub(crate) fn machine_config(lua: &Lua, opts: &Options, name: String) -> mlua::R
                 config.memory = memory;
             }
         }
+    }
+    if let Some(agent) = opts.boolean("agent")? {
+        config.agent = agent;
     }
     Ok(config)
 }

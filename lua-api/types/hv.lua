@@ -92,7 +92,9 @@ local guest_ns = {}
 ---@field cmdline string
 
 ---@class hv.BuiltinGuestOptions
----@field cmdline? string Commands separated by ";" (see guest/README.md). Default: "" (exit 0 at once).
+---@field cmdline? string Commands separated by ";" (see guest/README.md). Default: "": the
+---guest serves its agent channel (vm:exec, vm:shutdown) until shut down (or, with agent =
+---false, exits 0 at once).
 ---At most 3072 bytes, counting the entry each disk adds at start (35 or 36 bytes); no NUL bytes.
 
 ---Selects the built-in CPL3 test guest.
@@ -119,6 +121,8 @@ function guest_ns.builtin(opts) end
 ---already have a reader; output a full fifo has no room for is dropped). A write error
 ---stops the copying and is reported in `Vm.console_error`.
 ---@field disks? (hv.Disk|hv.DiskSpec)[] virtio-blk devices, in this order (at most 16); each image once.
+---@field agent? boolean Attach the agent channel (heartbeat, time, key-value pairs, shutdown,
+---exec; see docs/agent.md). Default true.
 
 ---"migrated": moved to another host (final, like "stopped"); "incoming": arriving by live
 ---migration, built but not yet running (only stop applies).
@@ -146,7 +150,114 @@ function guest_ns.builtin(opts) end
 ---@field crash_reason string? Why it crashed (exit kind and RIP).
 ---@field console_offset integer Console bytes written so far (for wait_for_console's `after`).
 ---@field console_error string? Why console output stopped being copied to the `console` file (a write failed), or nil.
+---@field health hv.Health How the guest's agent answers heartbeats.
+---@field agent hv.AgentStats? What the agent channel carried and refused; nil for a VM created with agent = false.
+---@field kvp hv.VmKvp Key-value pairs: `kvp.host` the host publishes, `kvp.guest` the guest does.
 local Vm = {}
+
+---"ok": heard from within 2.5 s of running time; "late": silent for 2.5 s or more; "lost":
+---silent for 5 s or more; "waiting": running, its agent has not connected yet; "none": no
+---agent channel, or no machine (not started, or ended).
+---@alias hv.HealthState "ok"|"late"|"lost"|"waiting"|"none"
+
+---@class hv.Health
+---@field state hv.HealthState
+---@field last_seen_ms integer? Milliseconds of running time since the guest last sent anything; nil if it never did.
+
+---@class hv.AgentStats
+---@field connected boolean The guest's agent said HELLO.
+---@field name string? The agent's name ("luvisor-guest").
+---@field frames_received integer
+---@field frames_sent integer
+---@field malformed integer Frames dropped: bad version, flags or CRC, or a payload that does not decode.
+---@field oversized integer Frame headers announcing more than 64 KiB.
+---@field discarded_bytes integer Bytes dropped while getting back in step.
+---@field unknown integer Frames of an unknown type, or of a type only the host sends.
+---@field kvp_refused integer Guest pairs over the limits.
+---@field stale_replies integer Exec results nobody waited for any more.
+---@field bad_buffers integer Guest buffers the device could not use.
+---@field sessions integer
+---@field pings integer
+---@field pongs integer
+---@field time_generation integer The last clock setting pushed to the guest.
+---@field time_generation_applied integer The last one the guest applied.
+
+---A VM's key-value pairs. Keys: 1 to 64 bytes of letters, digits, `_-.:`; values at
+---most 1024 bytes; at most 256 keys each side.
+---@class hv.VmKvp
+---@field host hv.KvpHost What the host publishes to the guest.
+---@field guest hv.KvpGuest What the guest publishes (the built-in guest: boot_id, uptime_ms, ready).
+
+---@class hv.KvpHost
+local KvpHost = {}
+
+---Publishes `key = value` to the guest (at once, or when its agent connects).
+---@param key string
+---@param value string|number|boolean
+function KvpHost:set(key, value) end
+
+---@param key string
+---@return string?
+function KvpHost:get(key) end
+
+---Withdraws a key; whether it was set.
+---@param key string
+---@return boolean
+function KvpHost:delete(key) end
+
+---@return table<string, string>
+function KvpHost:list() end
+
+---@class hv.KvpGuest
+local KvpGuest = {}
+
+---@param key string
+---@return string?
+function KvpGuest:get(key) end
+
+---@return table<string, string>
+function KvpGuest:list() end
+
+---Waits until the guest publishes `key` (equal to `value`, when given); returns its value.
+---A safe point for hv.on handlers.
+---@param key string
+---@param opts? { value?: string, timeout?: number }
+---@return string
+function KvpGuest:wait(key, opts) end
+
+---@class hv.ExecResult
+---@field code integer 0 ok, 2 after an error (as on the guest's command line).
+---@field stdout string What the command printed (at most 32 KiB).
+---@field truncated boolean The output was cut at 32 KiB.
+
+---Runs one of the guest's commands (a line of commands separated by ";") through the
+---agent channel; its console output comes back in `stdout` instead of going to the
+---console. One exec at a time per VM; before the agent connects, waits for it. A safe
+---point for hv.on handlers.
+---@param command string At most 1024 bytes, one line.
+---@param opts? { timeout?: number } Seconds; default 30.
+---@return hv.ExecResult
+function Vm:exec(command, opts) end
+
+---@class hv.ShutdownResult
+---@field how "graceful"|"forced"|"already_stopped"
+---@field code integer? The guest's exit code, when it exited by itself.
+---@field state hv.VmState
+---@field acknowledged boolean The guest's agent answered the request.
+---@field took_ms number
+---@field outcome string How the VM ended, in words.
+---@field reason string? Why it crashed, if it did.
+
+---Asks the guest to shut down, waits up to `timeout` for it to end, then stops it hard.
+---A paused VM, or one without an agent, is stopped at once. A safe point for hv.on handlers.
+---@param opts? { timeout?: number } Seconds; default 10.
+---@return hv.ShutdownResult
+function Vm:shutdown(opts) end
+
+---The guest's clock minus the host's in milliseconds, as of the guest's last report (each
+---heartbeat); nil before it reported.
+---@return number?
+function Vm:time_drift_ms() end
 
 ---The guest's memory statistics, as its balloon driver last sent them. A statistic the
 ---guest did not send is nil.
@@ -376,9 +487,32 @@ function hv.migration.on_arrival(handler) end
 ---@return hv.HostInfo
 function hv.host() end
 
----Sleeps for `seconds` (fractions allowed).
+---Sleeps for `seconds` (fractions allowed). A safe point: handlers of queued events
+---(hv.on) run here.
 ---@param seconds number
 function hv.sleep(seconds) end
+
+---"heartbeat_lost": a guest that answered before was silent for 5 s of running time;
+---"heartbeat_restored": it answered again.
+---@alias hv.EventName "heartbeat_lost"|"heartbeat_restored"
+
+---Calls `handler(vm)` for every event `name` about any VM of this process. Events are
+---queued where they happen and handlers run at safe points: hv.sleep, vm:wait,
+---vm:wait_for_console, vm:exec, vm:shutdown, vm.kvp.guest:wait, hv.handle_events, and
+---`luvisor serve`'s loop. A handler's error ends the waiting call with that error.
+---Unknown names are an error listing the known ones.
+---@param name hv.EventName
+---@param handler fun(vm: hv.Vm)
+---@return integer id For hv.off.
+function hv.on(name, handler) end
+
+---Removes the handler hv.on returned `id` for; whether there was one.
+---@param id integer
+---@return boolean
+function hv.off(id) end
+
+---Runs the handlers of every event queued so far, now.
+function hv.handle_events() end
 
 ---Seconds on a monotonic clock, for timing (os.clock() is CPU time).
 ---@return number
@@ -565,7 +699,8 @@ function Host:policies() end
 
 ---A VM on a remote host. It has the fields and methods of hv.Vm except `snapshot` and
 ---`destroy`, plus `host` and `migrate`; every use asks the host again. Waits run on the
----host, a second at a time, so Ctrl-C interrupts them.
+---host, a second at a time, so Ctrl-C interrupts them (`exec` and `shutdown` run as one
+---request each, of at most 600 s). hv.on handlers do not run while a remote call waits.
 ---@class hv.RemoteVm: hv.Vm
 ---@field host hv.Host
 local RemoteVm = {}
@@ -652,7 +787,7 @@ function Lab:overlays() end
 ---Ends every VM at once (each guest is asked to shut down through the agent channel and
 ---stopped hard after `timeout` seconds); the VMs and overlays stay until destroy().
 ---@param opts? hv.WaitOptions
----@return { name: string, outcome: string }[]
+---@return { name: string, how: "graceful"|"forced"|"already_stopped", outcome: string }[]
 function Lab:shutdown(opts) end
 
 ---Destroys every VM and removes every overlay (and the directory the lab made). Idempotent.

@@ -9,7 +9,8 @@
 //! 3. legacy devices on the port bus: COM1 (IRQ 4 through an irqfd) and the paravirtual
 //!    exit/ready/idle/clock ports;
 //! 4. the virtio devices (one virtio-blk per disk, then a virtio-balloon for a VM with
-//!    dynamic memory), built by the [`DeviceManager`] from
+//!    dynamic memory, then the agent channel's virtio-console), built by the
+//!    [`DeviceManager`] from
 //!    the VM's [`DeviceLayout`] (an MMIO window and IRQ line each, queue notifications
 //!    caught by ioeventfds); the guest learns of each from a
 //!    `virtio_mmio.device=4K@<addr>:<irq>` command-line entry;
@@ -48,9 +49,9 @@ use crate::vstate::vcpu::{self, Vcpu, VcpuCommand, VcpuHost};
 pub const MAX_DISKS: usize = 16;
 
 /// The guest's whole command line: the configured one, then one entry per device of a
-/// VM with `disks` disks.
+/// VM with `disks` disks and the default devices (the agent channel).
 pub fn full_cmdline(cmdline: &str, disks: usize) -> String {
-    let layout = DeviceLayout::for_disks(disks.min(MAX_DISKS)).unwrap_or_default();
+    let layout = DeviceLayout::for_vm(disks.min(MAX_DISKS), false, true).unwrap_or_default();
     format!("{cmdline}{}", layout.cmdline_entries())
 }
 
@@ -74,6 +75,8 @@ pub struct BuildContext<'a> {
     /// Shared with the balloon (if the VM has one), and the target it starts with.
     pub balloon_status: Arc<crate::vm::dynamic_memory::BalloonStatus>,
     pub memory_target: u64,
+    /// The VM's agent channel, for its agent device (when it has one).
+    pub agent: Option<Arc<crate::agent::AgentChannel>>,
     /// Restore this saved machine instead of booting; `memory` is its guest RAM, already
     /// filled from the snapshot's memory file and registered with `vm_fd`.
     pub restore: Option<RestoreParts<'a>>,
@@ -193,6 +196,7 @@ pub fn build(ctx: BuildContext<'_>) -> Result<BuiltMachine, VmError> {
             wake_vcpus: wake_vcpus.clone(),
             balloon_status: ctx.balloon_status.clone(),
             memory_target: ctx.memory_target,
+            agent: ctx.agent.clone(),
         },
         &layout,
         restore.map(|s| s.devices.as_slice()),
@@ -295,11 +299,15 @@ mod tests {
 
     #[test]
     fn cmdline_names_every_disk() {
-        assert_eq!(full_cmdline("hello", 0), "hello");
+        assert_eq!(
+            full_cmdline("hello", 0),
+            "hello virtio_mmio.device=4K@0xd0000000:5"
+        );
         assert_eq!(
             full_cmdline("hello", 2),
-            "hello virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+            "hello virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7"
         );
-        assert!(full_cmdline("", MAX_DISKS).ends_with(" virtio_mmio.device=4K@0xd000f000:20"));
+        assert!(full_cmdline("", MAX_DISKS).ends_with(" virtio_mmio.device=4K@0xd0010000:21"));
     }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::agent::ShutdownHow;
 use crate::devices::console::CANCEL_POLL;
 use crate::readiness::{wait_ready, Readiness, ReadyError};
 use crate::registry::{Registry, RegistryError, VmId};
@@ -689,33 +690,42 @@ impl Lab {
         }
     }
 
-    /// Stops every VM of the lab, each within `timeout`, all at once; how each ended.
+    /// Shuts every VM of the lab down gracefully, each within `timeout`, all at once; how
+    /// each was ended and how it ended.
     /// The VMs and overlays stay until [`Lab::destroy`].
-    pub fn shutdown(&self, timeout: Duration) -> Vec<(String, VmOutcome)> {
+    pub fn shutdown(&self, timeout: Duration) -> Vec<(String, ShutdownHow, VmOutcome)> {
         let vms: Vec<(String, Option<Arc<Vm>>)> = self
             .members
             .iter()
             .map(|m| (m.name.clone(), self.registry.get(m.id)))
             .collect();
-        let mut outcomes: Vec<(String, VmOutcome)> = Vec::with_capacity(vms.len());
+        let mut outcomes: Vec<(String, ShutdownHow, VmOutcome)> = Vec::with_capacity(vms.len());
         // A bounded number of threads at once, each shutting one VM down.
         for chunk in vms.chunks(16) {
-            let ended: Vec<VmOutcome> = std::thread::scope(|scope| {
+            let ended: Vec<(ShutdownHow, VmOutcome)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = chunk
                     .iter()
                     .map(|(_, vm)| {
                         scope.spawn(move || match vm {
                             Some(vm) => shutdown_vm(vm, timeout),
-                            None => VmOutcome::Stopped,
+                            None => (ShutdownHow::AlreadyStopped, VmOutcome::Stopped),
                         })
                     })
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or(VmOutcome::Stopped))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or((ShutdownHow::Forced, VmOutcome::Stopped))
+                    })
                     .collect()
             });
-            outcomes.extend(chunk.iter().map(|(n, _)| n.clone()).zip(ended));
+            outcomes.extend(
+                chunk
+                    .iter()
+                    .zip(ended)
+                    .map(|((name, _), (how, outcome))| (name.clone(), how, outcome)),
+            );
         }
         outcomes
     }
@@ -748,14 +758,17 @@ impl Drop for Lab {
     }
 }
 
-/// Ends `vm` within `timeout`; how it ended.
-///
-/// **Integration point:** a hard stop for now. At merge this calls the agent channel's
-/// graceful `vm.shutdown(timeout)` (ask the guest, wait, fall back to a hard stop).
-pub fn shutdown_vm(vm: &Vm, timeout: Duration) -> VmOutcome {
-    let _ = timeout;
-    vm.stop();
-    vm.outcome().unwrap_or(VmOutcome::Stopped)
+/// Ends `vm` within `timeout` through the agent channel's graceful shutdown (ask the
+/// guest, wait, fall back to a hard stop): how it was ended and how the VM ended.
+pub fn shutdown_vm(vm: &Vm, timeout: Duration) -> (ShutdownHow, VmOutcome) {
+    match vm.shutdown(timeout) {
+        Ok(report) => (report.how, report.outcome),
+        Err(e) => {
+            tracing::warn!(vm = vm.name(), error = %crate::error_chain(&e), "graceful shutdown failed; stopping hard");
+            vm.stop();
+            (ShutdownHow::Forced, vm.outcome().unwrap_or(VmOutcome::Stopped))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -859,27 +872,22 @@ mod tests {
         assert!(registry.list().is_empty());
     }
 
-    /// **Replace at merge:** with the agent channel wired into `wait_kvp_ready`, a guest
-    /// that serves it becomes ready; this pins the message until then.
+    /// KVP readiness goes through the agent channel, so a VM made without one is refused
+    /// with a message that says why.
     #[test]
-    fn kvp_readiness_says_it_needs_the_agent_channel() {
+    fn kvp_readiness_needs_an_agent_channel() {
         let registry = Registry::new();
-        let vm = registry
-            .create(VmConfig::new(
-                "k",
-                GuestSpec::Builtin {
-                    cmdline: String::new(),
-                },
-            ))
-            .unwrap();
+        let mut config = VmConfig::new(
+            "k",
+            GuestSpec::Builtin {
+                cmdline: String::new(),
+            },
+        );
+        config.agent = false;
+        let vm = registry.create(config).unwrap();
         let error = crate::readiness::wait_kvp_ready(&vm, "ready", None, Duration::ZERO, &|| false)
             .unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("readiness \"kvp:ready\" needs the agent channel"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("has no agent channel"), "{error}");
     }
 
     #[test]

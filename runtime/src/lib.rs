@@ -16,12 +16,17 @@
 //!   in parallel until ready; [`pool`]: warm pools of ready VMs restored from a snapshot;
 //!   [`readiness`]: when a started VM counts as ready (a console pattern, a guest KVP key).
 //! - [`remote`]: remote control of a `luvisor serve` host over that channel.
+//! - [`agent`]: the agent channel's services (heartbeat, time, key-value pairs,
+//!   shutdown, exec) on top of its virtio-console device.
+//! - [`events`]: events about VMs (a lost heartbeat) for whoever subscribes.
 //!
 //! No Lua in here: `luvisor-lua` calls this crate's plain Rust API.
 
+pub mod agent;
 pub mod boot;
 pub mod builder;
 pub mod devices;
+pub mod events;
 pub mod host;
 pub mod lab;
 pub mod migration;

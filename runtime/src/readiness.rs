@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::agent::AgentError;
 use crate::vm::{Vm, WaitError};
 
 /// The longest readiness text accepted (a console pattern or a KVP key and value).
@@ -92,18 +93,19 @@ pub enum ReadyError {
     /// It crashed, exited, timed out, or the wait was cancelled; the message says which.
     #[error(transparent)]
     Wait(#[from] WaitError),
-    #[error(
-        "vm '{name}': readiness \"{readiness}\" needs the agent channel (the guest's key/value \
-         exchange), which this build does not have yet; use a console pattern such as \
-         ready = \"console:hello from luvisor guest\""
-    )]
-    NeedsAgent { name: String, readiness: String },
+    /// The agent channel could not tell (no channel, the VM ended, timed out, cancelled).
+    #[error(transparent)]
+    Agent(#[from] AgentError),
 }
 
 impl ReadyError {
     /// The wait was cancelled (an interrupt, or another VM of a lab failed first).
     pub fn is_cancelled(&self) -> bool {
-        matches!(self, ReadyError::Wait(WaitError::Cancelled { .. }))
+        matches!(
+            self,
+            ReadyError::Wait(WaitError::Cancelled { .. })
+                | ReadyError::Agent(AgentError::Cancelled { .. })
+        )
     }
 }
 
@@ -126,11 +128,6 @@ pub fn wait_ready(
 
 /// Waits until the guest of `vm` has published `key` (with `value`, when given) over the
 /// agent channel.
-///
-/// **Integration point:** the agent channel is not in this tree yet. At merge this calls
-/// `vm.wait_for_guest_kvp(key, value, ...)` in slices of at most
-/// [`crate::devices::console::CANCEL_POLL`], checking `cancel` between them, and maps its
-/// errors onto [`ReadyError`].
 pub fn wait_kvp_ready(
     vm: &Vm,
     key: &str,
@@ -138,15 +135,8 @@ pub fn wait_kvp_ready(
     timeout: Duration,
     cancel: &dyn Fn() -> bool,
 ) -> Result<(), ReadyError> {
-    let _ = (timeout, cancel);
-    Err(ReadyError::NeedsAgent {
-        name: vm.name().to_string(),
-        readiness: Readiness::Kvp {
-            key: key.to_string(),
-            value: value.map(str::to_string),
-        }
-        .describe(),
-    })
+    vm.wait_for_guest_kvp_cancellable(key, value, timeout, cancel)?;
+    Ok(())
 }
 
 #[cfg(test)]

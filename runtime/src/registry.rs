@@ -10,6 +10,7 @@ use thiserror::Error;
 use std::path::Path;
 
 use crate::devices::console::ConsoleFileError;
+use crate::events::EventBus;
 use crate::snapshot::file::{SnapshotError, SnapshotState};
 use crate::storage::StorageError;
 use crate::vm::{restored_config, ConfigError, Vm, VmConfig, VmError};
@@ -46,11 +47,18 @@ pub enum RegistryError {
 pub struct Registry {
     vms: Mutex<BTreeMap<VmId, Arc<Vm>>>,
     next_id: AtomicU64,
+    /// Events about this registry's VMs (a lost heartbeat), for `hv.on`.
+    events: Arc<EventBus>,
 }
 
 impl Registry {
     pub fn new() -> Registry {
         Registry::default()
+    }
+
+    /// Where events about this registry's VMs are raised; subscribe to receive them.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<VmId, Arc<Vm>>> {
@@ -65,7 +73,7 @@ impl Registry {
             return Err(RegistryError::DuplicateName(config.name));
         }
         let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
-        let vm = Arc::new(Vm::new(id, config)?);
+        let vm = Arc::new(Vm::new(id, config, self.events.clone())?);
         vms.insert(id, vm.clone());
         Ok(vm)
     }
@@ -82,7 +90,7 @@ impl Registry {
         }
         vms.retain(|_, vm| vm.name() != config.name);
         let id = VmId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
-        let vm = Arc::new(Vm::new(id, config)?);
+        let vm = Arc::new(Vm::new(id, config, self.events.clone())?);
         vm.set_incoming();
         vms.insert(id, vm.clone());
         Ok(vm)

@@ -55,7 +55,7 @@ describe("constructors refuse bad options", function()
           hv.vm, { name = "a", memory = 63 * 1024 * 1024 * 1024 + 4096, guest = guest })
   end)
 
-  -- No NUL bytes, and at most 3072 bytes with the entries the VM adds for its disks
+  -- No NUL bytes, and at most 3072 bytes with the entries the VM adds for its disks and its agent channel
   -- (checked by hv.vm{}, not only at start).
   it("checks the command line", function()
     fails("hv.guest.builtin: option 'cmdline' has a NUL byte at offset 1; give text without NUL bytes",
@@ -64,7 +64,7 @@ describe("constructors refuse bad options", function()
     for i = 1, 16 do disks[i] = hv.disk.create{ path = "cmdline-" .. i .. ".img", size = "1M" } end
     local long = hv.guest.builtin{ cmdline = "exit 0;" .. string.rep(" ", 3000 - 7) }
     hv.vm{ name = "long", memory = "16M", guest = long }:destroy() -- fits alone
-    fails("hv.vm: the guest command line is 3571 bytes (571 of them for the virtio_mmio.device entries the VM adds for its 16 disks); the limit is 3072",
+    fails("hv.vm: the guest command line is 3607 bytes (607 of them for the virtio_mmio.device entries the VM adds for its 16 disks and agent channel); the limit is 3072",
           hv.vm, { name = "long", memory = "16M", guest = long, disks = disks })
   end)
 

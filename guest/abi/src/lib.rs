@@ -5,6 +5,8 @@
 //! must agree on lives here, so that neither can drift from the other.
 #![no_std]
 
+pub mod agent;
+
 /// Guest-physical layout below 1 MiB, prepared by the host before the first instruction.
 pub mod layout {
     /// Global descriptor table (null, user code, user data, TSS).

@@ -38,16 +38,15 @@ use super::peers::{PeerHost, PeerSnapshot};
 /// thread of its own (`migrate-<vm>`), never on a policy's thread; it may take as long as
 /// the migration does.
 ///
-/// **Integration point** for live migration (`Vm::migrate`): see [`builtin_executor`].
+/// [`builtin_executor`] is the one that runs `Vm::migrate`.
 pub type MigrationExecutor =
     Arc<dyn Fn(&Arc<Vm>, &PeerHost, &str) -> Result<serde_json::Value, String> + Send + Sync>;
 
 /// The executor every policy engine starts with.
 ///
-/// **Integration point:** return `Some(Arc::new(|vm, host, reason| ...))` that calls
-/// `vm.migrate(&host.addr, options, progress)` with the peer's key (`host.key`, read from
-/// `host.key_file` when `hv.hosts` declared it), logs `reason`, and maps the report to
-/// JSON and the error to its chain ([`crate::host::error_chain`]). An engine whose
+/// It calls `vm.migrate(&host.addr, options, progress)` with the peer's key (`host.key`,
+/// read from `host.key_file` when `hv.hosts` declared it), logs `reason`, and maps the
+/// report to JSON and the error to its chain. An engine whose
 /// executor is taken away (`set_migration_executor(None)`) refuses migrate intents
 /// with [`NOT_AVAILABLE`].
 pub fn builtin_executor() -> Option<MigrationExecutor> {

@@ -248,7 +248,8 @@ impl Console {
     /// The guest prints a byte at a time, so the match can arrive before the rest of its
     /// line: the wait then goes on until the line's newline arrives. If the stream closes
     /// or the deadline passes first, the line as far as it got is returned (the pattern
-    /// was seen). `cancel` is polled every [`CANCEL_POLL`]; when it returns true the wait
+    /// was seen). `cancel` is polled every [`CANCEL_POLL`], without the console's lock
+    /// held (it may run code that reads this console); when it returns true the wait
     /// ends.
     pub fn wait_for(
         &self,
@@ -257,12 +258,12 @@ impl Console {
         deadline: Instant,
         cancel: &dyn Fn() -> bool,
     ) -> Result<(String, u64), ConsoleWaitEnd> {
-        let mut ring = self.lock();
         // Each wake-up searches only what is new (plus a pattern's length of overlap).
         let mut search_from = from;
         // The stream offset where the match starts, once found.
         let mut found: Option<u64> = None;
         loop {
+            let mut ring = self.lock();
             if found.is_none() {
                 found = find_in_ring(&mut ring, pattern.as_bytes(), search_from);
                 search_from = search_from.max(ring.total.saturating_sub(pattern.len() as u64));
@@ -283,14 +284,15 @@ impl Console {
             if let Some(end) = end {
                 return Err(end);
             }
+            drop(
+                self.grew
+                    .wait_timeout(ring, (deadline - now).min(CANCEL_POLL))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0,
+            );
             if cancel() {
                 return Err(ConsoleWaitEnd::Cancelled);
             }
-            ring = self
-                .grew
-                .wait_timeout(ring, (deadline - now).min(CANCEL_POLL))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
         }
     }
 }

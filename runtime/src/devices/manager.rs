@@ -17,6 +17,8 @@ use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::Bus;
+use super::virtio::agent::device::RECEIVE_QUEUE;
+use super::virtio::agent::{Agent, AgentArgs};
 use super::virtio::balloon::pages::RamLayout;
 use super::virtio::balloon::{Balloon, BalloonArgs};
 use super::virtio::block::Block;
@@ -25,6 +27,7 @@ use super::virtio::mmio::{
 };
 use super::virtio::timer::DeviceTimer;
 use super::virtio::{DeviceStateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt};
+use crate::agent::AgentChannel;
 use crate::snapshot::Persist;
 use crate::storage::{Disk, StorageError};
 use crate::vm::dynamic_memory::BalloonStatus;
@@ -48,25 +51,33 @@ pub enum DeviceKind {
     Block { disk: usize },
     /// virtio-balloon, for a VM with dynamic memory (at most one).
     Balloon,
+    /// virtio-console carrying the agent channel (at most one; every VM has it unless
+    /// created with `agent = false`).
+    Agent,
 }
 
 impl DeviceKind {
     /// One of each kind, for tests that must cover every device.
-    pub const EXAMPLES: &'static [DeviceKind] =
-        &[DeviceKind::Block { disk: 0 }, DeviceKind::Balloon];
+    pub const EXAMPLES: &'static [DeviceKind] = &[
+        DeviceKind::Block { disk: 0 },
+        DeviceKind::Balloon,
+        DeviceKind::Agent,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
             DeviceKind::Block { .. } => "virtio-blk",
             DeviceKind::Balloon => "virtio-balloon",
+            DeviceKind::Agent => "virtio-console (agent)",
         }
     }
 
-    /// The id control calls use: `disk0`, `disk1`, ..., `balloon`.
+    /// The id control calls use: `disk0`, `disk1`, ..., `balloon`, `agent`.
     pub fn id(&self) -> String {
         match self {
             DeviceKind::Block { disk } => format!("disk{disk}"),
             DeviceKind::Balloon => "balloon".into(),
+            DeviceKind::Agent => "agent".into(),
         }
     }
 }
@@ -130,14 +141,18 @@ impl DeviceLayout {
 
     /// The layout for a VM with `disks` disks and nothing else.
     pub fn for_disks(disks: usize) -> Result<DeviceLayout, LayoutError> {
-        DeviceLayout::for_vm(disks, false)
+        DeviceLayout::for_vm(disks, false, false)
     }
 
-    /// The layout for a VM with `disks` disks, then a balloon if it has one.
-    pub fn for_vm(disks: usize, balloon: bool) -> Result<DeviceLayout, LayoutError> {
+    /// The layout for a VM with `disks` disks, then a balloon if it has one, then the
+    /// agent channel if it has one (last, so that adding it moved no other device).
+    pub fn for_vm(disks: usize, balloon: bool, agent: bool) -> Result<DeviceLayout, LayoutError> {
         let mut kinds: Vec<_> = (0..disks).map(|disk| DeviceKind::Block { disk }).collect();
         if balloon {
             kinds.push(DeviceKind::Balloon);
+        }
+        if agent {
+            kinds.push(DeviceKind::Agent);
         }
         DeviceLayout::plan(&kinds)
     }
@@ -187,6 +202,11 @@ impl DeviceLayout {
         Ok(())
     }
 
+    /// Whether the machine has the agent channel's device.
+    pub fn has_agent(&self) -> bool {
+        self.slots.iter().any(|s| s.kind == DeviceKind::Agent)
+    }
+
     /// The command-line entries that tell the guest of each device:
     /// ` virtio_mmio.device=4K@<addr>:<irq>` each, with a leading space.
     pub fn cmdline_entries(&self) -> String {
@@ -215,7 +235,9 @@ pub enum DeviceError {
     },
     #[error("device {id} asks for disk {disk}, which the VM does not have")]
     NoSuchDisk { id: String, disk: usize },
-    #[error("cannot create the statistics timer of device {id}")]
+    #[error("device {id} is the agent channel, but the VM has none to connect it to")]
+    NoAgentChannel { id: String },
+    #[error("cannot create the timer of device {id}")]
     Timer {
         id: String,
         #[source]
@@ -336,6 +358,8 @@ pub struct DeviceContext<'a> {
     /// with.
     pub balloon_status: Arc<BalloonStatus>,
     pub memory_target: u64,
+    /// The VM's agent channel, which an agent device serves.
+    pub agent: Option<Arc<AgentChannel>>,
 }
 
 /// The error for a saved state of another kind of device than the slot's.
@@ -344,6 +368,7 @@ fn wrong_kind(saved: &VirtioDeviceState, wanted: DeviceKind) -> DeviceStateError
         saved: match saved {
             VirtioDeviceState::Block(_) => DeviceKind::Block { disk: 0 }.name(),
             VirtioDeviceState::Balloon(_) => DeviceKind::Balloon.name(),
+            VirtioDeviceState::Agent(_) => DeviceKind::Agent.name(),
         },
         wanted: wanted.name(),
     }
@@ -432,6 +457,26 @@ impl DeviceManager {
                     Some(other) => return Err(state_error(wrong_kind(other, slot.kind))),
                 }
             }
+            DeviceKind::Agent => {
+                let channel = ctx
+                    .agent
+                    .clone()
+                    .ok_or(DeviceError::NoAgentChannel { id: id() })?;
+                let args = AgentArgs {
+                    channel,
+                    memory: ctx.memory.clone(),
+                };
+                match saved.map(|s| &s.device) {
+                    None => Box::new(
+                        Agent::new(args)
+                            .map_err(|source| DeviceError::Timer { id: id(), source })?,
+                    ),
+                    Some(VirtioDeviceState::Agent(state)) => {
+                        Box::new(Agent::restore(args, state).map_err(state_error)?)
+                    }
+                    Some(other) => return Err(state_error(wrong_kind(other, slot.kind))),
+                }
+            }
         };
         let timer = device.timer();
         let irqfd = eventfd()?;
@@ -457,6 +502,16 @@ impl DeviceManager {
                     source,
                 })?;
             queue_events.push(notify);
+        }
+        if slot.kind == DeviceKind::Agent {
+            // Control calls signal the receive queue when they have something for the
+            // guest; the event thread then writes it.
+            let kick = queue_events[RECEIVE_QUEUE]
+                .try_clone()
+                .map_err(|source| DeviceError::EventFd { id: id(), source })?;
+            if let Some(channel) = &ctx.agent {
+                channel.set_kick(Some(kick));
+            }
         }
         let waker = ctx.wake_vcpus.clone();
         let interrupt = Arc::new(VirtioInterrupt::new(irqfd, Box::new(move || waker())));
@@ -582,6 +637,9 @@ mod tests {
                 }
                 DeviceKind::Balloon => {
                     crate::devices::virtio::balloon::hostile_tests::balloon_state_round_trips()
+                }
+                DeviceKind::Agent => {
+                    crate::devices::virtio::agent::hostile_tests::agent_state_round_trips()
                 }
             }
         }

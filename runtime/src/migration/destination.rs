@@ -431,7 +431,8 @@ impl Incoming<'_> {
             // Both hosts open the same images: never an overlay of our own.
             disk.shared = true;
         }
-        let (config, _) = config_from_saved(&saved, &saved.name)?;
+        let (mut config, _) = config_from_saved(&saved, &saved.name)?;
+        config.agent = final_state.machine.layout.has_agent();
         let vm = self.context.registry.create_incoming(config)?;
         self.vm = Some(vm.clone());
         let _ = vm.set_memory_target(final_state.memory_target, "arrived by live migration");

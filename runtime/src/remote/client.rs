@@ -540,6 +540,121 @@ impl RemoteHost {
         self.json(reply)
     }
 
+    /// `vm.health`, `vm.agent` and `vm:time_drift_ms()`.
+    pub fn agent(&mut self, vm: &VmRef) -> Result<AgentReport, RemoteError> {
+        match self.call_quick(Request::Agent { vm: vm.clone() })? {
+            Reply::Agent(report) => Ok(report),
+            other => Err(self.unexpected(other, "an agent report")),
+        }
+    }
+
+    /// `vm.kvp.host:set(key, value)`.
+    pub fn kvp_host_set(&mut self, vm: &VmRef, key: &str, value: &str) -> Result<(), RemoteError> {
+        self.check("a key", key.len(), MAX_TEXT)?;
+        self.check("a value", value.len(), MAX_TEXT)?;
+        self.done(Request::KvpHostSet {
+            vm: vm.clone(),
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+
+    /// `vm.kvp.host:delete(key)`: whether it was set.
+    pub fn kvp_host_delete(&mut self, vm: &VmRef, key: &str) -> Result<bool, RemoteError> {
+        self.check("a key", key.len(), MAX_TEXT)?;
+        match self.call_quick(Request::KvpHostDelete {
+            vm: vm.clone(),
+            key: key.to_string(),
+        })? {
+            Reply::Deleted(deleted) => Ok(deleted),
+            other => Err(self.unexpected(other, "whether the key was set")),
+        }
+    }
+
+    /// Every key the host (`guest` false) or the guest published.
+    pub fn kvp_list(
+        &mut self,
+        vm: &VmRef,
+        guest: bool,
+    ) -> Result<Vec<(String, String)>, RemoteError> {
+        match self.call_quick(Request::KvpList {
+            vm: vm.clone(),
+            guest,
+        })? {
+            Reply::Pairs(pairs) => Ok(pairs),
+            other => Err(self.unexpected(other, "key-value pairs")),
+        }
+    }
+
+    /// `vm.kvp.guest:wait(key, { value, timeout })`: the key's value.
+    pub fn wait_for_guest_kvp(
+        &mut self,
+        vm: &VmRef,
+        key: &str,
+        value: Option<&str>,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<String, RemoteError> {
+        self.check("a key", key.len(), MAX_TEXT)?;
+        self.check("a value", value.map_or(0, str::len), MAX_TEXT)?;
+        let reply = self.sliced(vm, "a guest key", timeout, cancel, |slice| {
+            Request::WaitForGuestKvp {
+                vm: vm.clone(),
+                key: key.to_string(),
+                value: value.map(str::to_string),
+                timeout_ms: millis(slice),
+                overall_timeout_ms: millis(timeout),
+            }
+        })?;
+        match reply {
+            Reply::Value(value) => Ok(value),
+            other => Err(self.unexpected(other, "a key's value")),
+        }
+    }
+
+    /// `vm:exec(command, { timeout })`; `timeout` at most [`MAX_AGENT_WAIT`].
+    pub fn exec(
+        &mut self,
+        vm: &VmRef,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<crate::agent::ExecResult, RemoteError> {
+        self.check("a command", command.len(), MAX_TEXT)?;
+        let timeout = timeout.min(MAX_AGENT_WAIT);
+        let reply = self.call(
+            Request::Exec {
+                vm: vm.clone(),
+                command: command.to_string(),
+                timeout_ms: millis(timeout),
+            },
+            timeout,
+        )?;
+        match reply {
+            Reply::Exec(result) => Ok(result),
+            other => Err(self.unexpected(other, "an exec result")),
+        }
+    }
+
+    /// `vm:shutdown{ timeout }`; `timeout` at most [`MAX_AGENT_WAIT`].
+    pub fn shutdown(
+        &mut self,
+        vm: &VmRef,
+        timeout: Duration,
+    ) -> Result<ShutdownReport, RemoteError> {
+        let timeout = timeout.min(MAX_AGENT_WAIT);
+        let reply = self.call(
+            Request::Shutdown {
+                vm: vm.clone(),
+                timeout_ms: millis(timeout),
+            },
+            timeout,
+        )?;
+        match reply {
+            Reply::Shutdown(report) => Ok(report),
+            other => Err(self.unexpected(other, "how the VM was shut down")),
+        }
+    }
+
     fn json(&self, reply: Reply) -> Result<serde_json::Value, RemoteError> {
         match reply {
             Reply::Json(text) => serde_json::from_str(&text)

@@ -90,9 +90,9 @@ pub struct ControlServer {
 /// The handler the host's accept loop calls with each control channel (after it read
 /// the hello frame). It serves the connection on a thread of its own and returns at once.
 ///
-/// **Integration point** for `luvisor serve --listen`: build it once at startup, e.g.
+/// `luvisor serve --listen` builds it once at startup through
 /// `luvisor_lua::remote::control_handler(&registry)` (which adds the policy status
-/// provider), and put it in `ServerHandlers::control`.
+/// provider) and puts it in `ServerHandlers::control`.
 pub fn control_handler(
     registry: Arc<Registry>,
     hooks: ControlHooks,
@@ -403,6 +403,82 @@ impl ControlServer {
                     .map_err(|e| Failure::new(FailureKind::Failed, error_chain(e.as_ref())))?;
                 Ok(Reply::Json(report.to_string()))
             }
+            Request::Agent { vm } => {
+                let vm = self.resolve(&vm)?;
+                Ok(Reply::Agent(AgentReport {
+                    health: vm.health(),
+                    drift_ms: vm.time_drift_ms(),
+                    stats: vm.agent_stats(),
+                    agent: vm.agent_name(),
+                }))
+            }
+            Request::KvpHostSet { vm, key, value } => {
+                check_text("key", &key)?;
+                check_text("value", &value)?;
+                self.resolve(&vm)?
+                    .kvp_host_set(&key, &value)
+                    .map_err(failed)?;
+                Ok(Reply::Done)
+            }
+            Request::KvpHostDelete { vm, key } => {
+                check_text("key", &key)?;
+                let deleted = self.resolve(&vm)?.kvp_host_delete(&key).map_err(failed)?;
+                Ok(Reply::Deleted(deleted))
+            }
+            Request::KvpList { vm, guest } => {
+                let vm = self.resolve(&vm)?;
+                Ok(Reply::Pairs(if guest {
+                    vm.kvp_guest_list()
+                } else {
+                    vm.kvp_host_list()
+                }))
+            }
+            Request::WaitForGuestKvp {
+                vm,
+                key,
+                value,
+                timeout_ms,
+                overall_timeout_ms,
+            } => {
+                check_text("key", &key)?;
+                if let Some(value) = &value {
+                    check_text("value", value)?;
+                }
+                let timeout = wait_slice(timeout_ms)?;
+                let vm = self.resolve(&vm)?;
+                match vm.wait_for_guest_kvp(&key, value.as_deref(), timeout) {
+                    Ok(value) => Ok(Reply::Value(value)),
+                    Err(crate::agent::AgentError::TimedOut { name, what, .. }) => {
+                        Err(Failure::new(
+                            FailureKind::TimedOut,
+                            format!(
+                                "timed out after {:?} waiting for vm '{name}' to answer {what}",
+                                Duration::from_millis(overall_timeout_ms)
+                            ),
+                        ))
+                    }
+                    Err(e) => Err(failed(e)),
+                }
+            }
+            Request::Exec {
+                vm,
+                command,
+                timeout_ms,
+            } => {
+                check_text("command", &command)?;
+                let timeout = agent_wait(timeout_ms)?;
+                let result = self.resolve(&vm)?.exec(&command, timeout).map_err(failed)?;
+                Ok(Reply::Exec(result))
+            }
+            Request::Shutdown { vm, timeout_ms } => {
+                let timeout = agent_wait(timeout_ms)?;
+                let vm = self.resolve(&vm)?;
+                let outcome = vm.shutdown(timeout).map_err(failed)?;
+                Ok(Reply::Shutdown(ShutdownReport::new(
+                    &outcome,
+                    vm.state().as_str(),
+                )))
+            }
         }
     }
 
@@ -550,6 +626,21 @@ fn wait_slice(timeout_ms: u64) -> Result<Duration, Failure> {
             format!(
                 "a wait of {timeout_ms} ms is longer than the {} ms one request may wait; ask again",
                 MAX_WAIT_SLICE.as_millis()
+            ),
+        ));
+    }
+    Ok(timeout)
+}
+
+/// An exec's or a shutdown's timeout, at most [`MAX_AGENT_WAIT`].
+fn agent_wait(timeout_ms: u64) -> Result<Duration, Failure> {
+    let timeout = Duration::from_millis(timeout_ms);
+    if timeout > MAX_AGENT_WAIT {
+        return Err(Failure::new(
+            FailureKind::BadRequest,
+            format!(
+                "a timeout of {timeout_ms} ms is longer than the {} ms an exec or a shutdown may wait",
+                MAX_AGENT_WAIT.as_millis()
             ),
         ));
     }

@@ -55,6 +55,8 @@ pub const MAX_CONSOLE_REPLY: usize = 8 << 20;
 pub const MAX_WAIT_SLICE: Duration = Duration::from_secs(60);
 /// How long the Rust client lets the host wait per request.
 pub const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// The longest an exec or a shutdown may wait on the host (one request each).
+pub const MAX_AGENT_WAIT: Duration = Duration::from_secs(600);
 
 /// The client's first frame (kind [`KIND_CONTROL_HELLO`](super::KIND_CONTROL_HELLO)).
 /// Informational only: the accept loop does not pass it to the handler.
@@ -155,11 +157,43 @@ pub enum Request {
         max_downtime_ms: u64,
         timeout_ms: u64,
     },
+    /// `vm.health`, `vm.agent` and `vm:time_drift_ms()` → [`Reply::Agent`].
+    Agent { vm: VmRef },
+    /// `vm.kvp.host:set(key, value)` → [`Reply::Done`].
+    KvpHostSet {
+        vm: VmRef,
+        key: String,
+        value: String,
+    },
+    /// `vm.kvp.host:delete(key)` → [`Reply::Deleted`].
+    KvpHostDelete { vm: VmRef, key: String },
+    /// `vm.kvp.host:list()` (`guest` false) or `vm.kvp.guest:list()` →
+    /// [`Reply::Pairs`].
+    KvpList { vm: VmRef, guest: bool },
+    /// `vm.kvp.guest:wait(key, { value, timeout })` → [`Reply::Value`], or a `TimedOut`
+    /// failure after `timeout_ms` (at most [`MAX_WAIT_SLICE`]).
+    WaitForGuestKvp {
+        vm: VmRef,
+        key: String,
+        value: Option<String>,
+        timeout_ms: u64,
+        overall_timeout_ms: u64,
+    },
+    /// `vm:exec(command, { timeout })` → [`Reply::Exec`]; `timeout_ms` at most
+    /// [`MAX_AGENT_WAIT`] (an exec cannot be asked again in slices).
+    Exec {
+        vm: VmRef,
+        command: String,
+        timeout_ms: u64,
+    },
+    /// `vm:shutdown{ timeout }` → [`Reply::Shutdown`]; `timeout_ms` at most
+    /// [`MAX_AGENT_WAIT`].
+    Shutdown { vm: VmRef, timeout_ms: u64 },
 }
 
 /// How many variants [`Request`] has (a request with a higher variant comes from a newer
 /// client).
-pub const REQUEST_VARIANTS: u32 = 19;
+pub const REQUEST_VARIANTS: u32 = 26;
 
 impl Request {
     /// The request's name, for logs.
@@ -184,6 +218,13 @@ impl Request {
             Request::WriteMemory { .. } => "write_memory",
             Request::Policies => "policies",
             Request::Migrate { .. } => "migrate",
+            Request::Agent { .. } => "agent",
+            Request::KvpHostSet { .. } => "kvp_host_set",
+            Request::KvpHostDelete { .. } => "kvp_host_delete",
+            Request::KvpList { .. } => "kvp_list",
+            Request::WaitForGuestKvp { .. } => "wait_for_guest_kvp",
+            Request::Exec { .. } => "exec",
+            Request::Shutdown { .. } => "shutdown",
         }
     }
 }
@@ -221,6 +262,59 @@ pub enum Reply {
     Bytes(Vec<u8>),
     /// JSON text (policy statuses, a migration report): shapes the runtime does not own.
     Json(String),
+    Agent(AgentReport),
+    /// Whether a deleted key was set.
+    Deleted(bool),
+    /// Key-value pairs, sorted by key.
+    Pairs(Vec<(String, String)>),
+    /// A guest key's value.
+    Value(String),
+    Exec(crate::agent::ExecResult),
+    Shutdown(ShutdownReport),
+}
+
+/// The agent channel of a VM: `vm.health`, `vm.agent`, `vm:time_drift_ms()`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub health: crate::agent::Health,
+    pub drift_ms: Option<f64>,
+    /// `None` for a VM without an agent channel.
+    pub stats: Option<crate::agent::AgentStats>,
+    /// The name the guest's agent gave, once connected.
+    pub agent: Option<String>,
+}
+
+/// How `vm:shutdown{}` ended the VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShutdownReport {
+    /// `"graceful"`, `"forced"` or `"already_stopped"`.
+    pub how: String,
+    pub code: Option<u32>,
+    /// The VM's state after the call.
+    pub state: String,
+    pub acknowledged: bool,
+    pub took_ms: f64,
+    /// How the VM ended, in words.
+    pub outcome: String,
+    /// Why it crashed, if it did.
+    pub reason: Option<String>,
+}
+
+impl ShutdownReport {
+    pub fn new(outcome: &crate::agent::ShutdownOutcome, state: &str) -> ShutdownReport {
+        ShutdownReport {
+            how: outcome.how.as_str().to_string(),
+            code: outcome.code(),
+            state: state.to_string(),
+            acknowledged: outcome.acknowledged,
+            took_ms: outcome.took.as_secs_f64() * 1000.0,
+            outcome: crate::vm::describe_outcome(Some(&outcome.outcome)),
+            reason: match &outcome.outcome {
+                crate::vm::VmOutcome::Crashed(reason) => Some(reason.clone()),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// Why a request failed. The client shows `message`, saying which host it came from.
@@ -376,17 +470,14 @@ mod tests {
 
     #[test]
     fn request_variants_counts_every_request() {
-        let last = Request::Migrate {
+        let last = Request::Shutdown {
             vm: VmRef {
                 id: 0,
                 name: String::new(),
             },
-            addr: String::new(),
-            key_file: None,
-            max_downtime_ms: 0,
             timeout_ms: 0,
         };
-        // Migrate is the last variant: its index is the count minus one.
+        // Shutdown is the last variant: its index is the count minus one.
         assert_eq!(encode(&last).unwrap()[0] as u32, REQUEST_VARIANTS - 1);
     }
 

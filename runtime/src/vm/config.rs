@@ -39,14 +39,43 @@ pub struct VmConfig {
     pub disks: Vec<Arc<Disk>>,
     /// Dynamic memory knobs; `memory` is then their `max`. `None`: a fixed size.
     pub dynamic_memory: Option<MemoryKnobs>,
+    /// Attach the agent channel (a virtio-console device carrying heartbeat, time,
+    /// key-value pairs, shutdown and exec; see `crate::agent`). On by default.
+    pub agent: bool,
 }
 
 impl VmConfig {
     /// Where this VM's devices go: one virtio-blk per disk, in order, then a balloon
-    /// when memory is dynamic (min < max).
+    /// when memory is dynamic (min < max), then the agent channel unless turned off.
     pub fn device_layout(&self) -> Result<DeviceLayout, LayoutError> {
-        let balloon = self.dynamic_memory.is_some_and(|k| k.is_dynamic());
-        DeviceLayout::for_vm(self.disks.len(), balloon)
+        DeviceLayout::for_vm(self.disks.len(), self.has_balloon(), self.agent)
+    }
+
+    /// Whether the VM gets a balloon: its memory is dynamic (min < max).
+    pub fn has_balloon(&self) -> bool {
+        self.dynamic_memory.is_some_and(|k| k.is_dynamic())
+    }
+
+    /// The devices the VM adds `virtio_mmio.device` entries for, for messages: "its 2
+    /// disks, balloon and agent channel".
+    fn devices_described(&self) -> String {
+        let mut parts = Vec::new();
+        match self.disks.len() {
+            0 => {}
+            1 => parts.push("1 disk".to_string()),
+            n => parts.push(format!("{n} disks")),
+        }
+        if self.has_balloon() {
+            parts.push("balloon".into());
+        }
+        if self.agent {
+            parts.push("agent channel".into());
+        }
+        match parts.split_last() {
+            None => String::new(),
+            Some((last, [])) => format!("its {last}"),
+            Some((last, rest)) => format!("its {} and {last}", rest.join(", ")),
+        }
     }
 
     pub fn new(name: impl Into<String>, guest: GuestSpec) -> VmConfig {
@@ -59,6 +88,7 @@ impl VmConfig {
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
             disks: Vec::new(),
             dynamic_memory: None,
+            agent: true,
         }
     }
 
@@ -110,7 +140,7 @@ impl VmConfig {
                 if total > MAX_CMDLINE {
                     return Err(ConfigError::Cmdline {
                         given: cmdline.len(),
-                        disks: self.disks.len(),
+                        devices: self.devices_described(),
                         total,
                     });
                 }
@@ -120,16 +150,16 @@ impl VmConfig {
     }
 }
 
-/// "" or " (N bytes of it are the disks' virtio_mmio.device entries)", for messages.
-fn disk_entries_note(given: usize, disks: usize, total: usize) -> String {
-    match disks {
-        0 => String::new(),
-        n => format!(
-            " ({} of them for the virtio_mmio.device entries the VM adds for its {n} disk{})",
-            total - given,
-            if n == 1 { "" } else { "s" }
-        ),
+/// "" or " (N of them for the virtio_mmio.device entries the VM adds for its ...)",
+/// for messages.
+fn device_entries_note(given: usize, devices: &str, total: usize) -> String {
+    if devices.is_empty() {
+        return String::new();
     }
+    format!(
+        " ({} of them for the virtio_mmio.device entries the VM adds for {devices})",
+        total - given
+    )
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -140,11 +170,12 @@ pub enum ConfigError {
     Vcpus(u64),
     #[error("memory = {0} bytes is invalid: give a multiple of 4K between {min} and {max}", min = format_size(MIN_MEMORY), max = format_size(MAX_MEMORY))]
     Memory(u64),
-    #[error("the guest command line is {total} bytes{note}; the limit is {MAX_CMDLINE}", note = disk_entries_note(*given, *disks, *total))]
+    #[error("the guest command line is {total} bytes{note}; the limit is {MAX_CMDLINE}", note = device_entries_note(*given, devices, *total))]
     Cmdline {
         /// Bytes of the configured command line.
         given: usize,
-        disks: usize,
+        /// The devices that add entries ("its 16 disks and agent channel").
+        devices: String,
         /// Bytes with every entry the VM adds.
         total: usize,
     },
@@ -191,13 +222,36 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_without_disks_may_fill_the_limit() {
-        assert_eq!(config(&"x".repeat(MAX_CMDLINE)).validate(), Ok(()));
-        let err = config(&"x".repeat(MAX_CMDLINE + 1)).validate().unwrap_err();
+    fn cmdline_without_devices_may_fill_the_limit() {
+        let mut c = config(&"x".repeat(MAX_CMDLINE));
+        c.agent = false;
+        assert_eq!(c.validate(), Ok(()));
+        c.guest = GuestSpec::Builtin {
+            cmdline: "x".repeat(MAX_CMDLINE + 1),
+        };
+        let err = c.validate().unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
                 "the guest command line is {} bytes; the limit is {MAX_CMDLINE}",
+                MAX_CMDLINE + 1
+            )
+        );
+    }
+
+    #[test]
+    fn the_agent_channel_counts_in_the_cmdline_limit() {
+        let entry = " virtio_mmio.device=4K@0xd0000000:5".len();
+        assert_eq!(config(&"x".repeat(MAX_CMDLINE - entry)).validate(), Ok(()));
+        let err = config(&"x".repeat(MAX_CMDLINE - entry + 1))
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the guest command line is {} bytes ({entry} of them for the \
+                 virtio_mmio.device entries the VM adds for its agent channel); the limit \
+                 is {MAX_CMDLINE}",
                 MAX_CMDLINE + 1
             )
         );

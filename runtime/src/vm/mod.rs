@@ -29,6 +29,7 @@
 //! - `state.rs`: [`VmState`] and [`VmOutcome`];
 //! - `error.rs`: [`VmError`] and [`WaitError`].
 
+mod agent;
 mod config;
 pub mod dynamic_memory;
 mod error;
@@ -53,10 +54,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::agent::AgentChannel;
 use crate::builder::{self, BuildContext, RestoreParts};
 use crate::devices::console::{Console, ConsoleFileError, ConsoleWaitEnd, Tee, CANCEL_POLL};
 use crate::devices::legacy::SerialDevice;
 use crate::devices::manager::DeviceManager;
+use crate::events::EventBus;
 use crate::registry::VmId;
 use crate::vstate::clock::RunClock;
 use crate::vstate::memory;
@@ -172,14 +175,24 @@ pub struct Vm {
     balloon: Arc<dynamic_memory::BalloonStatus>,
     /// The id of the live migration of this VM to another host under way (0: none).
     migrating: AtomicU64,
+    /// The agent channel the VM's agent device serves (`None`: created without one).
+    agent: Option<Arc<AgentChannel>>,
 }
 
 impl Vm {
-    pub(crate) fn new(id: VmId, config: VmConfig) -> Result<Vm, ConsoleFileError> {
+    pub(crate) fn new(
+        id: VmId,
+        config: VmConfig,
+        events: Arc<EventBus>,
+    ) -> Result<Vm, ConsoleFileError> {
         let target = config
             .dynamic_memory
             .map_or(config.memory, |knobs| knobs.startup);
         let tee = config.console_file.as_deref().map(Tee::open).transpose()?;
+        let clock = Arc::new(RunClock::new());
+        let agent = config
+            .agent
+            .then(|| Arc::new(AgentChannel::new(id, &config.name, clock.clone(), events)));
         Ok(Vm {
             id,
             console: Console::new(config.console_capacity, tee),
@@ -200,10 +213,11 @@ impl Vm {
                 live_disks: Vec::new(),
             }),
             changed: Condvar::new(),
-            clock: Arc::new(RunClock::new()),
+            clock,
             memory_target: Mutex::new(target),
             balloon: Arc::default(),
             migrating: AtomicU64::new(0),
+            agent,
         })
     }
 
@@ -333,6 +347,7 @@ impl Vm {
             host: self.clone(),
             balloon_status: self.balloon.clone(),
             memory_target: self.memory_target(),
+            agent: self.agent.clone(),
             restore,
         })?;
         tracing::debug!(
@@ -369,6 +384,9 @@ impl Vm {
             let _ = control.write(1);
         }
         inner.event_control = Some(control);
+        if let Some(agent) = &self.agent {
+            agent.machine_started();
+        }
         if restoring {
             // A restored guest already went through its boot: it is ready now.
             inner.boot_time = Some(started_at.elapsed());
@@ -379,6 +397,10 @@ impl Vm {
             self.clock.start();
             if restoring {
                 devices.resume_after_restore();
+                // The guest's clock stood still since the snapshot was taken.
+                if let Some(agent) = &self.agent {
+                    agent.push_time();
+                }
             }
         }
         let spawned: std::io::Result<()> = 'spawn: {
@@ -410,6 +432,7 @@ impl Vm {
         if let Err(e) = spawned {
             // Undo everything: the VM goes back to `created` (or stays `incoming`).
             self.release();
+            self.agent_ended("not started");
             let mut inner = self.lock();
             inner.state = expected;
             inner.started_at = None;
@@ -446,6 +469,10 @@ impl Vm {
         }
         self.clock.start();
         self.resume_devices();
+        // The guest's clock stood still while the VM moved.
+        if let Some(agent) = &self.agent {
+            agent.push_time();
+        }
         let result = self
             .command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running)
             .map(|mut inner| {
@@ -488,6 +515,7 @@ impl Vm {
         }
         self.release();
         self.console.close();
+        self.agent_ended(&format!("migrated to {to}"));
         self.changed.notify_all();
         tracing::info!(vm = self.name(), to, "vm migrated");
     }
@@ -742,6 +770,7 @@ impl Vm {
         self.release();
         // Nothing will print any more: waiters for console output give up now.
         self.console.close();
+        self.agent_ended(&describe_outcome(self.outcome().as_ref()));
         self.changed.notify_all();
         tracing::debug!(vm = self.name(), "vm stopped");
     }
@@ -838,6 +867,10 @@ impl Vm {
         }
         self.clock.start();
         self.resume_devices();
+        // The guest's clock stood still while the VM was paused.
+        if let Some(agent) = &self.agent {
+            agent.push_time();
+        }
         let mut inner = self.command_vcpus("resume", VcpuCommand::Resume, VcpuRunState::Running)?;
         if !inner.state.is_final() {
             inner.state = VmState::Running;
@@ -872,7 +905,7 @@ impl Vm {
     }
 
     /// [`Vm::wait`], also ending (with [`WaitError::Cancelled`]) once `cancel` returns
-    /// true; it is polled every [`CANCEL_POLL`].
+    /// true; it is polled every [`CANCEL_POLL`], without the VM's lock held.
     pub fn wait_cancellable(
         &self,
         timeout: Duration,
@@ -896,17 +929,20 @@ impl Vm {
                     last_line: self.console.last_line(),
                 });
             }
+            drop(
+                self.changed
+                    .wait_timeout(inner, (deadline - now).min(CANCEL_POLL))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0,
+            );
+            // Without the VM's lock: `cancel` may run code that looks at this VM.
             if cancel() {
                 return Err(WaitError::Cancelled {
                     name: self.config.name.clone(),
                     what: "the guest to end".into(),
                 });
             }
-            inner = self
-                .changed
-                .wait_timeout(inner, (deadline - now).min(CANCEL_POLL))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            inner = self.lock();
         }
         drop(inner);
         self.stop();
@@ -1003,6 +1039,11 @@ impl VcpuHost for Vm {
         self.request_teardown(&mut inner);
         drop(inner);
         self.console.close();
+        let outcome = match &end {
+            GuestEnd::Exited(code) => VmOutcome::Exited(*code),
+            GuestEnd::Crashed(reason) => VmOutcome::Crashed(reason.clone()),
+        };
+        self.agent_ended(&describe_outcome(Some(&outcome)));
         self.changed.notify_all();
     }
 }

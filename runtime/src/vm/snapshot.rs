@@ -703,7 +703,9 @@ pub fn restored_config(
     state: &SnapshotState,
     name: &str,
 ) -> Result<(VmConfig, Vec<PathBuf>), crate::storage::StorageError> {
-    config_from_saved(&state.config, name)
+    let (mut config, overlays) = config_from_saved(&state.config, name)?;
+    config.agent = state.machine.layout.has_agent();
+    Ok((config, overlays))
 }
 
 /// [`restored_config`] from the saved configuration alone (a migration brings one).

@@ -4,6 +4,7 @@
 //!   status, config space, queue setup and notifications.
 //! - [`block`] is virtio-blk.
 //! - [`balloon`] is virtio-balloon.
+//! - [`agent`] is virtio-console carrying the agent channel (`crate::agent`).
 //! - [`timer`] is the periodic timer a device may keep (the balloon's statistics).
 //!
 //! Every device looks the same from the transport's side: it implements
@@ -12,6 +13,7 @@
 //! through an irqfd (for interrupt-driven guests such as Linux) and wake idle vCPUs (for
 //! the built-in guest, which polls its used rings with interrupts off).
 
+pub mod agent;
 pub mod balloon;
 pub mod block;
 pub mod mmio;
@@ -61,6 +63,7 @@ pub struct QueueError {
 pub enum VirtioDeviceState {
     Block(block::BlockState),
     Balloon(balloon::BalloonState),
+    Agent(Box<agent::AgentState>),
 }
 
 /// Why a device's saved state cannot be restored.

@@ -1,7 +1,3 @@
--- PENDING THE AGENT CHANNEL: tests/lua_scripts.rs skips this file (NEEDS_AGENT) until
--- vm:exec, vm.kvp.guest and vm:shutdown exist and "kvp:KEY" readiness is wired
--- (runtime/src/readiness.rs, wait_kvp_ready). Remove it from NEEDS_AGENT at merge.
---
 -- A lab of 8 VMs from one base, ready when each guest's agent publishes ready; checks in
 -- every VM through exec; KVP; the scripts/lab.lua helpers that use the agent; graceful
 -- shutdown; a warm pool whose readiness is the agent's and whose claimed VMs exec.

@@ -1,0 +1,1017 @@
+//! [`AgentChannel`]: what a VM and its agent device share.
+//!
+//! Two sides use it:
+//! - the VM's event thread (the device): [`AgentChannel::handle_frame`] with every frame
+//!   the guest sent, [`AgentChannel::take_outbox`] to fill the guest's receive buffers,
+//!   [`AgentChannel::tick`] every heartbeat interval;
+//! - control threads (the `Vm` methods in `vm/agent.rs`): set keys, exec, ask for a
+//!   shutdown, read health and figures, wait for an answer.
+//!
+//! Control threads never touch guest memory: they queue frames in the outbox and signal
+//! the device's receive-queue eventfd (the *kick*), so the event thread writes them into
+//! the guest, and a paused VM gets them once it runs again. Lock order: a control
+//! thread takes only this channel's lock; the event thread takes the device's transport
+//! lock, then this one.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use luvisor_guest_abi::agent::{self, Message, MAX_AGENT_NAME, MAX_FRAME, MAX_KEYS};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::stream::StreamCounters;
+use super::{
+    check_command, check_pair, AgentError, AgentStats, ExecResult, Health, HealthState, LATE_AFTER,
+    LOST_AFTER, MAX_OUTBOX,
+};
+use crate::devices::console::CANCEL_POLL;
+use crate::events::{EventBus, VmEvent, VmEventKind};
+use crate::registry::VmId;
+use crate::vstate::clock::RunClock;
+use crate::vstate::vcpu::deadline_after;
+
+/// The agent that said HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub agent: String,
+    pub version: u32,
+}
+
+/// An exec sent to the guest and not answered yet.
+struct PendingExec {
+    id: u32,
+    reply: Option<ExecResult>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    /// Encoded frames the guest has not taken yet.
+    outbox: VecDeque<u8>,
+    host_kvp: BTreeMap<String, String>,
+    guest_kvp: BTreeMap<String, String>,
+    /// Set by HELLO; cleared when the driver resets the device.
+    session: Option<Session>,
+    /// Changes whenever a session starts or ends, so a waiter can tell its request
+    /// went to a session that is gone.
+    epoch: u64,
+    /// Running time when the guest last sent a valid frame.
+    last_seen: Option<Duration>,
+    /// `heartbeat_lost` was raised and the guest has not been heard since.
+    lost_reported: bool,
+    /// Guest clock minus host clock, from the last PONG that carried a time.
+    drift_us: Option<i64>,
+    /// Clock settings the host may still send on its own to correct a guest that
+    /// applied the last one late (see [`TIME_TOLERANCE_US`]).
+    time_retries: u32,
+    /// The PING waiting for its PONG: sequence number and running time it was sent.
+    ping: Option<(u64, Duration)>,
+    next_ping: u64,
+    /// An exec in flight; only one at a time (`exec_busy` queues the others).
+    exec: Option<PendingExec>,
+    exec_busy: bool,
+    next_exec_id: u32,
+    shutdown_acked: bool,
+    /// The VM has a machine (started and not ended).
+    running: bool,
+    /// How the VM ended, once it did.
+    ended: Option<String>,
+    stats: AgentStats,
+    /// The device's frame reader's counters, and payloads that did not decode.
+    stream: StreamCounters,
+    decode_failures: u64,
+}
+
+/// The channel's state that a snapshot or a migration carries (with the device's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelSnapshot {
+    pub outbox: Vec<u8>,
+    pub host_kvp: Vec<(String, String)>,
+    pub guest_kvp: Vec<(String, String)>,
+    pub session: Option<Session>,
+    pub last_seen_ms: Option<u64>,
+    pub lost_reported: bool,
+    pub drift_us: Option<i64>,
+    pub next_ping: u64,
+    pub next_exec_id: u32,
+    pub stats: AgentStats,
+    pub stream: StreamCounters,
+    pub decode_failures: u64,
+}
+
+/// The host side of one VM's agent channel.
+pub struct AgentChannel {
+    vm: VmId,
+    name: String,
+    clock: Arc<RunClock>,
+    events: Arc<EventBus>,
+    state: Mutex<ChannelState>,
+    changed: Condvar,
+    /// The device's receive-queue notification eventfd while a machine runs.
+    kick: Mutex<Option<EventFd>>,
+}
+
+/// A guest clock off by more than this after a setting gets the time again.
+pub const TIME_TOLERANCE_US: i64 = 2000;
+/// Corrections sent after one setting at most.
+pub const TIME_RETRIES: u32 = 3;
+
+/// The host's wall clock, in microseconds since the Unix epoch.
+pub fn unix_time_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl AgentChannel {
+    pub fn new(vm: VmId, name: &str, clock: Arc<RunClock>, events: Arc<EventBus>) -> AgentChannel {
+        AgentChannel {
+            vm,
+            name: name.to_string(),
+            clock,
+            events,
+            state: Mutex::new(ChannelState {
+                next_ping: 1,
+                next_exec_id: 1,
+                ..ChannelState::default()
+            }),
+            changed: Condvar::new(),
+            kick: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChannelState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's receive-queue eventfd: signalling it makes the event thread write
+    /// the outbox into the guest. Set when the device is built.
+    pub fn set_kick(&self, kick: Option<EventFd>) {
+        *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = kick;
+    }
+
+    /// Asks the device to deliver the outbox.
+    pub fn kick(&self) {
+        if let Some(kick) = self.kick.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = kick.write(1);
+        }
+    }
+
+    /// Encodes `message` into the outbox. `Err` carries the bytes already waiting when
+    /// it does not fit under [`MAX_OUTBOX`].
+    fn queue(st: &mut ChannelState, message: &Message) -> Result<(), usize> {
+        let mut frame = vec![0u8; agent::HEADER_LEN + message.payload_len()];
+        let Some(len) = message.encode_frame(&mut frame) else {
+            // Only the host's own messages come here, and they are checked to fit.
+            tracing::error!(
+                kind = message.kind(),
+                "agent: a host message does not encode"
+            );
+            return Ok(());
+        };
+        if st.outbox.len() + len > MAX_OUTBOX {
+            return Err(st.outbox.len());
+        }
+        st.outbox.extend(&frame[..len]);
+        st.stats.frames_sent += 1;
+        Ok(())
+    }
+
+    fn backlog(&self, bytes: usize) -> AgentError {
+        AgentError::Backlog {
+            name: self.name.clone(),
+            bytes,
+        }
+    }
+
+    // ---- the device's side (the VM's event thread) ----
+
+    /// Moves up to `max` bytes of the outbox to the caller (to write into the guest).
+    pub fn take_outbox(&self, max: usize) -> Vec<u8> {
+        let mut st = self.lock();
+        let n = max.min(st.outbox.len());
+        st.outbox.drain(..n).collect()
+    }
+
+    /// Puts bytes the device could not deliver back at the front of the outbox.
+    pub fn untake_outbox(&self, bytes: &[u8]) {
+        let mut st = self.lock();
+        for &b in bytes.iter().rev() {
+            st.outbox.push_front(b);
+        }
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.lock().outbox.len()
+    }
+
+    /// The driver reset the device: the session is over. With `was_active` (a driver
+    /// had set the device up before) what waited for that driver is dropped; the reset
+    /// that starts the first driver's setup keeps what was queued before it came (a
+    /// shutdown request, say).
+    pub fn device_reset(&self, was_active: bool) {
+        let mut st = self.lock();
+        st.session = None;
+        st.epoch += 1;
+        if was_active {
+            st.outbox.clear();
+        }
+        st.ping = None;
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The device's frame reader's latest counters.
+    pub fn set_stream_counters(&self, counters: StreamCounters) {
+        self.lock().stream = counters;
+    }
+
+    /// Buffers the guest posted that the device could not use.
+    pub fn count_bad_buffer(&self) {
+        self.lock().stats.bad_buffers += 1;
+    }
+
+    /// One frame from the guest. Returns whether the outbox has something for it now.
+    pub fn handle_frame(&self, kind: u8, payload: &[u8]) -> bool {
+        let message = match Message::decode(kind, payload) {
+            Ok(m) => m,
+            Err(agent::DecodeError::UnknownKind(_)) => {
+                let mut st = self.lock();
+                st.stats.unknown += 1;
+                return !st.outbox.is_empty();
+            }
+            Err(e) => {
+                tracing::debug!(vm = self.name, kind, error = ?e, "agent: a frame does not decode");
+                let mut st = self.lock();
+                st.decode_failures += 1;
+                return !st.outbox.is_empty();
+            }
+        };
+        let mut st = self.lock();
+        st.stats.frames_received += 1;
+        st.last_seen = Some(self.clock.elapsed());
+        if std::mem::take(&mut st.lost_reported) {
+            self.raise(VmEventKind::HeartbeatRestored);
+        }
+        match message {
+            Message::Hello { version, agent } => {
+                let agent: String = agent.chars().take(MAX_AGENT_NAME).collect();
+                tracing::debug!(vm = self.name, agent, version, "agent: hello");
+                st.session = Some(Session { agent, version });
+                st.epoch += 1;
+                st.stats.sessions += 1;
+                st.guest_kvp.clear();
+                st.ping = None;
+                let _ = Self::queue(
+                    &mut st,
+                    &Message::Welcome {
+                        version: agent::VERSION as u32,
+                    },
+                );
+                Self::queue_time(&mut st);
+                let pairs: Vec<(String, String)> = st
+                    .host_kvp
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for (key, value) in &pairs {
+                    let _ = Self::queue(&mut st, &Message::KvpSet { key, value });
+                }
+            }
+            Message::Pong {
+                seq,
+                time_generation,
+                guest_time_us,
+                ..
+            } => {
+                st.stats.pongs += 1;
+                if st.ping.is_some_and(|(s, _)| s == seq) {
+                    st.ping = None;
+                }
+                st.stats.time_generation_applied = time_generation;
+                if guest_time_us != 0 {
+                    // The PONG left the guest a moment ago; what it took to get here is
+                    // the error of this figure (tens of microseconds).
+                    let drift = guest_time_us as i64 - unix_time_us() as i64;
+                    st.drift_us = Some(drift);
+                    // A guest busy elsewhere applies a setting late, and its clock is
+                    // behind by that delay: send the time again (a few times at most).
+                    let latest = time_generation == st.stats.time_generation;
+                    if latest && drift.abs() > TIME_TOLERANCE_US && st.time_retries > 0 {
+                        st.time_retries -= 1;
+                        Self::queue_time_once(&mut st);
+                    }
+                }
+            }
+            Message::KvpSet { key, value } => {
+                let fresh = !st.guest_kvp.contains_key(key);
+                if check_pair(key, value).is_err() || (fresh && st.guest_kvp.len() >= MAX_KEYS) {
+                    st.stats.kvp_refused += 1;
+                } else {
+                    st.guest_kvp.insert(key.to_string(), value.to_string());
+                }
+            }
+            Message::KvpDelete { key } => {
+                st.guest_kvp.remove(key);
+            }
+            Message::ExecResult {
+                id,
+                code,
+                truncated,
+                output,
+            } => match st.exec.as_mut() {
+                Some(pending) if pending.id == id && pending.reply.is_none() => {
+                    let cut = output.len().min(agent::MAX_OUTPUT);
+                    pending.reply = Some(ExecResult {
+                        code,
+                        stdout: String::from_utf8_lossy(&output[..cut]).into_owned(),
+                        truncated: truncated || cut < output.len(),
+                    });
+                }
+                _ => st.stats.stale_replies += 1,
+            },
+            Message::ShutdownAck => st.shutdown_acked = true,
+            // Only the host sends these.
+            Message::Welcome { .. }
+            | Message::Ping { .. }
+            | Message::TimeSet { .. }
+            | Message::Exec { .. }
+            | Message::Shutdown => st.stats.unknown += 1,
+        }
+        let pending = !st.outbox.is_empty();
+        drop(st);
+        self.changed.notify_all();
+        pending
+    }
+
+    fn raise(&self, kind: VmEventKind) {
+        self.events.publish(VmEvent {
+            kind,
+            vm: self.vm,
+            name: self.name.clone(),
+        });
+    }
+
+    /// The heartbeat timer fired (every [`HEARTBEAT_INTERVAL`] of the event thread's
+    /// time; it does not fire while the VM is paused). Sends a PING when none is
+    /// waiting for its answer (or the one waiting is old), and raises `heartbeat_lost`
+    /// when a guest that answered before has been silent for [`LOST_AFTER`]. Returns
+    /// whether the outbox has something for the guest.
+    pub fn tick(&self) -> bool {
+        let now = self.clock.elapsed();
+        let mut st = self.lock();
+        let due = st
+            .ping
+            .is_none_or(|(_, sent)| now.saturating_sub(sent) >= LATE_AFTER);
+        if st.session.is_some() && due {
+            let seq = st.next_ping;
+            st.next_ping += 1;
+            let ping = Message::Ping {
+                seq,
+                host_time_us: unix_time_us(),
+            };
+            if Self::queue(&mut st, &ping).is_ok() {
+                st.ping = Some((seq, now));
+                st.stats.pings += 1;
+            }
+        }
+        if let Some(seen) = st.last_seen {
+            if now.saturating_sub(seen) >= LOST_AFTER && !st.lost_reported {
+                st.lost_reported = true;
+                tracing::info!(vm = self.name, "agent: heartbeat lost");
+                self.raise(VmEventKind::HeartbeatLost);
+            }
+        }
+        !st.outbox.is_empty()
+    }
+
+    /// Queues a clock setting, with [`TIME_RETRIES`] corrections allowed after it.
+    fn queue_time(st: &mut ChannelState) {
+        st.time_retries = TIME_RETRIES;
+        Self::queue_time_once(st);
+    }
+
+    fn queue_time_once(st: &mut ChannelState) {
+        st.stats.time_generation = st.stats.time_generation.wrapping_add(1).max(1);
+        let set = Message::TimeSet {
+            generation: st.stats.time_generation,
+            unix_time_us: unix_time_us(),
+        };
+        let _ = Self::queue(st, &set);
+    }
+
+    // ---- the VM's lifecycle ----
+
+    /// The VM has a machine now (a start, a restore, an arrival).
+    pub fn machine_started(&self) {
+        let mut st = self.lock();
+        st.running = true;
+        st.ended = None;
+    }
+
+    /// The VM ended (`outcome` says how): every waiter gives up.
+    pub fn machine_ended(&self, outcome: String) {
+        let mut st = self.lock();
+        st.running = false;
+        st.ended = Some(outcome);
+        drop(st);
+        self.set_kick(None);
+        self.changed.notify_all();
+    }
+
+    /// Pushes the host's wall-clock time to the guest (after a resume or a restore; a
+    /// new session gets it with the WELCOME).
+    pub fn push_time(&self) {
+        let mut st = self.lock();
+        if st.session.is_none() {
+            return;
+        }
+        Self::queue_time(&mut st);
+        drop(st);
+        self.kick();
+    }
+
+    // ---- the control side ----
+
+    pub fn health(&self) -> Health {
+        let st = self.lock();
+        if !st.running {
+            return Health {
+                state: HealthState::None,
+                last_seen_ms: None,
+            };
+        }
+        let Some(seen) = st.last_seen else {
+            return Health {
+                state: HealthState::Waiting,
+                last_seen_ms: None,
+            };
+        };
+        let age = self.clock.elapsed().saturating_sub(seen);
+        let state = if age >= LOST_AFTER {
+            HealthState::Lost
+        } else if age >= LATE_AFTER {
+            HealthState::Late
+        } else {
+            HealthState::Ok
+        };
+        Health {
+            state,
+            last_seen_ms: Some(age.as_millis() as u64),
+        }
+    }
+
+    pub fn drift_ms(&self) -> Option<f64> {
+        self.lock().drift_us.map(|us| us as f64 / 1000.0)
+    }
+
+    pub fn session(&self) -> Option<Session> {
+        self.lock().session.clone()
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        let st = self.lock();
+        let mut stats = st.stats;
+        stats.malformed = st.stream.malformed + st.decode_failures;
+        stats.oversized = st.stream.oversized;
+        stats.discarded_bytes = st.stream.discarded_bytes;
+        stats
+    }
+
+    /// Publishes `key = value` to the guest (now, or when its agent says HELLO).
+    pub fn host_set(&self, key: &str, value: &str) -> Result<(), AgentError> {
+        check_pair(key, value)?;
+        let mut st = self.lock();
+        if !st.host_kvp.contains_key(key) && st.host_kvp.len() >= MAX_KEYS {
+            return Err(AgentError::TooManyKeys {
+                name: self.name.clone(),
+                key: key.to_string(),
+            });
+        }
+        if st.session.is_some() {
+            Self::queue(&mut st, &Message::KvpSet { key, value }).map_err(|b| self.backlog(b))?;
+        }
+        st.host_kvp.insert(key.to_string(), value.to_string());
+        drop(st);
+        self.kick();
+        Ok(())
+    }
+
+    /// Withdraws a host key; returns whether it was set.
+    pub fn host_delete(&self, key: &str) -> Result<bool, AgentError> {
+        check_pair(key, "")?;
+        let mut st = self.lock();
+        if !st.host_kvp.contains_key(key) {
+            return Ok(false);
+        }
+        if st.session.is_some() {
+            Self::queue(&mut st, &Message::KvpDelete { key }).map_err(|b| self.backlog(b))?;
+        }
+        st.host_kvp.remove(key);
+        drop(st);
+        self.kick();
+        Ok(true)
+    }
+
+    pub fn host_get(&self, key: &str) -> Option<String> {
+        self.lock().host_kvp.get(key).cloned()
+    }
+
+    pub fn host_list(&self) -> Vec<(String, String)> {
+        let st = self.lock();
+        st.host_kvp
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn guest_get(&self, key: &str) -> Option<String> {
+        self.lock().guest_kvp.get(key).cloned()
+    }
+
+    pub fn guest_list(&self) -> Vec<(String, String)> {
+        let st = self.lock();
+        st.guest_kvp
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Waits on the channel until `done` returns `Some` or the deadline, cancel or the
+    /// VM's end. `cancel` is called without the channel's lock held (it may run Lua
+    /// code that calls back into this VM).
+    fn wait_for<R>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+        mut done: impl FnMut(&mut ChannelState) -> Result<Option<R>, AgentError>,
+    ) -> Result<R, AgentError> {
+        let deadline = deadline_after(timeout);
+        loop {
+            let mut st = self.lock();
+            if let Some(r) = done(&mut st)? {
+                return Ok(r);
+            }
+            if let Some(outcome) = &st.ended {
+                return Err(AgentError::Ended {
+                    name: self.name.clone(),
+                    what: what.to_string(),
+                    outcome: outcome.clone(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AgentError::TimedOut {
+                    name: self.name.clone(),
+                    what: what.to_string(),
+                    timeout,
+                });
+            }
+            let (st, _) = self
+                .changed
+                .wait_timeout(st, (deadline - now).min(CANCEL_POLL))
+                .unwrap_or_else(|p| p.into_inner());
+            drop(st);
+            if cancel() {
+                return Err(AgentError::Cancelled {
+                    name: self.name.clone(),
+                    what: what.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Waits until the guest publishes `key` (with `value`, when given); returns the
+    /// value.
+    pub fn wait_guest_kvp(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<String, AgentError> {
+        let what = match value {
+            Some(v) => format!("guest key {key:?} = {v:?}"),
+            None => format!("guest key {key:?}"),
+        };
+        self.wait_for(&what, timeout, cancel, |st| {
+            Ok(st
+                .guest_kvp
+                .get(key)
+                .filter(|got| value.is_none_or(|want| want == got.as_str()))
+                .cloned())
+        })
+    }
+
+    /// Runs `command` in the guest and waits for its result. One exec at a time per VM:
+    /// a second waits for the first (within its own timeout). Before the guest's agent
+    /// has said HELLO, it waits for that too.
+    pub fn exec(
+        &self,
+        command: &str,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<ExecResult, AgentError> {
+        check_command(command)?;
+        let what = format!("exec {command:?}");
+        let started = Instant::now();
+        let (id, epoch) = self.wait_for(&what, timeout, cancel, |st| {
+            if st.exec_busy || st.session.is_none() {
+                return Ok(None);
+            }
+            let id = st.next_exec_id;
+            st.next_exec_id = st.next_exec_id.wrapping_add(1).max(1);
+            Self::queue(st, &Message::Exec { id, command }).map_err(|b| self.backlog(b))?;
+            st.exec_busy = true;
+            st.exec = Some(PendingExec { id, reply: None });
+            Ok(Some((id, st.epoch)))
+        })?;
+        self.kick();
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let result = self.wait_for(&what, remaining, cancel, |st| {
+            if st.epoch != epoch {
+                return Err(AgentError::Reset {
+                    name: self.name.clone(),
+                    what: what.clone(),
+                });
+            }
+            Ok(st
+                .exec
+                .as_mut()
+                .filter(|p| p.id == id)
+                .and_then(|p| p.reply.take()))
+        });
+        let mut st = self.lock();
+        st.exec_busy = false;
+        st.exec = None;
+        drop(st);
+        self.changed.notify_all();
+        result
+    }
+
+    /// Asks the guest to shut down (now, or as soon as it reads its channel).
+    pub fn request_shutdown(&self) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        st.shutdown_acked = false;
+        Self::queue(&mut st, &Message::Shutdown).map_err(|b| self.backlog(b))?;
+        drop(st);
+        self.kick();
+        Ok(())
+    }
+
+    /// The guest answered the last shutdown request.
+    pub fn shutdown_acked(&self) -> bool {
+        self.lock().shutdown_acked
+    }
+
+    // ---- snapshots ----
+
+    pub fn save(&self) -> ChannelSnapshot {
+        let st = self.lock();
+        ChannelSnapshot {
+            outbox: st.outbox.iter().copied().collect(),
+            host_kvp: st
+                .host_kvp
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            guest_kvp: st
+                .guest_kvp
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            session: st.session.clone(),
+            last_seen_ms: st.last_seen.map(|d| d.as_millis() as u64),
+            lost_reported: st.lost_reported,
+            drift_us: st.drift_us,
+            next_ping: st.next_ping,
+            next_exec_id: st.next_exec_id,
+            stats: st.stats,
+            stream: st.stream,
+            decode_failures: st.decode_failures,
+        }
+    }
+
+    /// Checks a saved channel state against the protocol's limits.
+    pub fn check_saved(saved: &ChannelSnapshot) -> Result<(), String> {
+        if saved.outbox.len() > MAX_OUTBOX + MAX_FRAME {
+            return Err(format!(
+                "{} bytes wait for the guest; at most {MAX_OUTBOX} can",
+                saved.outbox.len()
+            ));
+        }
+        for (side, pairs) in [("host", &saved.host_kvp), ("guest", &saved.guest_kvp)] {
+            if pairs.len() > MAX_KEYS {
+                return Err(format!("{} {side} keys; at most {MAX_KEYS}", pairs.len()));
+            }
+            for (k, v) in pairs {
+                check_pair(k, v).map_err(|e| format!("{side} key: {e}"))?;
+            }
+        }
+        if saved
+            .session
+            .as_ref()
+            .is_some_and(|s| s.agent.chars().count() > MAX_AGENT_NAME)
+        {
+            return Err("the agent's name is too long".into());
+        }
+        Ok(())
+    }
+
+    /// Puts a saved state back (a restored or arriving VM; its channel is new).
+    pub fn restore(&self, saved: &ChannelSnapshot) -> Result<(), String> {
+        Self::check_saved(saved)?;
+        let mut st = self.lock();
+        st.outbox = saved.outbox.iter().copied().collect();
+        st.host_kvp = saved.host_kvp.iter().cloned().collect();
+        st.guest_kvp = saved.guest_kvp.iter().cloned().collect();
+        st.session = saved.session.clone();
+        st.last_seen = saved.last_seen_ms.map(Duration::from_millis);
+        st.lost_reported = saved.lost_reported;
+        st.drift_us = saved.drift_us;
+        st.next_ping = saved.next_ping.max(1);
+        st.next_exec_id = saved.next_exec_id.max(1);
+        st.stats = saved.stats;
+        st.stream = saved.stream;
+        st.decode_failures = saved.decode_failures;
+        st.ping = None;
+        st.epoch += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel() -> (
+        AgentChannel,
+        Arc<RunClock>,
+        Arc<crate::events::Subscription>,
+    ) {
+        let clock = Arc::new(RunClock::new());
+        let bus = Arc::new(EventBus::new());
+        let sub = bus.subscribe();
+        let channel = AgentChannel::new(VmId(1), "t", clock.clone(), bus);
+        channel.machine_started();
+        (channel, clock, sub)
+    }
+
+    fn frame(m: Message) -> (u8, Vec<u8>) {
+        let mut payload = vec![0u8; m.payload_len()];
+        m.encode_payload(&mut payload).unwrap();
+        (m.kind(), payload)
+    }
+
+    fn send(channel: &AgentChannel, m: Message) -> bool {
+        let (kind, payload) = frame(m);
+        channel.handle_frame(kind, &payload)
+    }
+
+    /// Decodes every frame of the outbox.
+    fn outbox_kinds(channel: &AgentChannel) -> Vec<u8> {
+        let bytes = channel.take_outbox(usize::MAX);
+        let mut reader = super::super::stream::FrameReader::new();
+        let mut kinds = Vec::new();
+        reader.push(&bytes, &mut |kind, _| kinds.push(kind));
+        kinds
+    }
+
+    #[test]
+    fn a_hello_gets_the_welcome_the_time_and_every_host_key() {
+        let (channel, _, _) = channel();
+        channel.host_set("a", "1").unwrap();
+        channel.host_set("b", "2").unwrap();
+        assert_eq!(channel.outbox_len(), 0, "nothing is sent before a session");
+        assert_eq!(channel.health().state, HealthState::Waiting);
+        assert!(send(
+            &channel,
+            Message::Hello {
+                version: 1,
+                agent: "test"
+            }
+        ));
+        use agent::kind::*;
+        assert_eq!(
+            outbox_kinds(&channel),
+            [WELCOME, TIME_SET, KVP_SET, KVP_SET]
+        );
+        assert_eq!(channel.health().state, HealthState::Ok);
+        assert_eq!(channel.stats().time_generation, 1);
+    }
+
+    #[test]
+    fn guest_keys_are_bounded_and_bad_ones_counted() {
+        let (channel, _, _) = channel();
+        send(
+            &channel,
+            Message::KvpSet {
+                key: "ready",
+                value: "1",
+            },
+        );
+        send(
+            &channel,
+            Message::KvpSet {
+                key: "big",
+                value: &"x".repeat(agent::MAX_VALUE + 1),
+            },
+        );
+        send(
+            &channel,
+            Message::KvpSet {
+                key: "bad key",
+                value: "1",
+            },
+        );
+        for i in 0..MAX_KEYS + 5 {
+            send(
+                &channel,
+                Message::KvpSet {
+                    key: &format!("k{i}"),
+                    value: "v",
+                },
+            );
+        }
+        assert_eq!(channel.guest_get("ready").as_deref(), Some("1"));
+        assert_eq!(channel.guest_list().len(), MAX_KEYS);
+        assert_eq!(channel.stats().kvp_refused, 2 + 6);
+        send(&channel, Message::KvpDelete { key: "ready" });
+        assert_eq!(channel.guest_get("ready"), None);
+    }
+
+    #[test]
+    fn host_keys_are_checked() {
+        let (channel, _, _) = channel();
+        for i in 0..MAX_KEYS {
+            channel.host_set(&format!("k{i}"), "v").unwrap();
+        }
+        let e = channel.host_set("one-more", "v").unwrap_err();
+        assert!(e.to_string().contains("already has 256 host keys"), "{e}");
+        channel.host_set("k0", "replaced").unwrap();
+        assert!(channel.host_delete("k0").unwrap());
+        assert!(!channel.host_delete("k0").unwrap());
+        channel.host_set("one-more", "v").unwrap();
+        assert!(channel.host_set("x", &"v".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn a_silent_guest_goes_late_then_lost_once_and_comes_back() {
+        let (channel, clock, events) = channel();
+        send(
+            &channel,
+            Message::Hello {
+                version: 1,
+                agent: "test",
+            },
+        );
+        clock.set_elapsed(LATE_AFTER);
+        assert_eq!(channel.health().state, HealthState::Late);
+        assert!(channel.tick(), "a ping is due");
+        clock.set_elapsed(LOST_AFTER);
+        assert_eq!(channel.health().state, HealthState::Lost);
+        channel.tick();
+        channel.tick();
+        let got: Vec<_> = events.take_all().into_iter().map(|e| e.kind).collect();
+        assert_eq!(got, [VmEventKind::HeartbeatLost]);
+        send(
+            &channel,
+            Message::Pong {
+                seq: 1,
+                uptime_ms: 1,
+                time_generation: 1,
+                guest_time_us: unix_time_us() + 2_000_000,
+            },
+        );
+        assert_eq!(channel.health().state, HealthState::Ok);
+        let got: Vec<_> = events.take_all().into_iter().map(|e| e.kind).collect();
+        assert_eq!(got, [VmEventKind::HeartbeatRestored]);
+        let drift = channel.drift_ms().unwrap();
+        assert!(drift > 1000.0, "{drift}");
+    }
+
+    #[test]
+    fn exec_waits_for_its_result_and_stale_results_are_counted() {
+        let (channel, _, _) = channel();
+        let channel = Arc::new(channel);
+        send(
+            &channel,
+            Message::Hello {
+                version: 1,
+                agent: "test",
+            },
+        );
+        channel.take_outbox(usize::MAX);
+        let answering = channel.clone();
+        let guest = std::thread::spawn(move || {
+            // Plays the guest: waits for the EXEC, answers it.
+            loop {
+                let bytes = answering.take_outbox(usize::MAX);
+                let mut reader = super::super::stream::FrameReader::new();
+                let mut id = None;
+                reader.push(&bytes, &mut |kind, payload| {
+                    if let Ok(Message::Exec { id: i, .. }) = Message::decode(kind, payload) {
+                        id = Some(i);
+                    }
+                });
+                if let Some(id) = id {
+                    send(
+                        &answering,
+                        Message::ExecResult {
+                            id: id + 100,
+                            code: 0,
+                            truncated: false,
+                            output: b"",
+                        },
+                    );
+                    send(
+                        &answering,
+                        Message::ExecResult {
+                            id,
+                            code: 2,
+                            truncated: false,
+                            output: b"error: x\n",
+                        },
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let r = channel
+            .exec("x", Duration::from_secs(10), &|| false)
+            .unwrap();
+        guest.join().unwrap();
+        assert_eq!((r.code, r.stdout.as_str()), (2, "error: x\n"));
+        assert_eq!(channel.stats().stale_replies, 1);
+        let e = channel
+            .exec("y", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
+        channel.machine_ended("exit code 0".into());
+        let e = channel
+            .exec("y", Duration::from_secs(10), &|| false)
+            .unwrap_err();
+        assert!(e.to_string().contains("ended (exit code 0)"), "{e}");
+    }
+
+    #[test]
+    fn the_outbox_is_bounded() {
+        let (channel, _, _) = channel();
+        send(
+            &channel,
+            Message::Hello {
+                version: 1,
+                agent: "test",
+            },
+        );
+        let value = "v".repeat(agent::MAX_VALUE);
+        let mut refused = None;
+        for i in 0..10_000 {
+            if let Err(e) = channel.host_set("k", &format!("{i}{value}")[..agent::MAX_VALUE]) {
+                refused = Some(e);
+                break;
+            }
+        }
+        let e = refused.expect("the outbox fills up");
+        assert!(
+            e.to_string().contains("does not read its agent channel"),
+            "{e}"
+        );
+        assert!(channel.outbox_len() <= MAX_OUTBOX);
+    }
+
+    #[test]
+    fn saved_state_round_trips_and_is_checked() {
+        let (channel, clock, _) = channel();
+        send(
+            &channel,
+            Message::Hello {
+                version: 1,
+                agent: "test",
+            },
+        );
+        send(
+            &channel,
+            Message::KvpSet {
+                key: "boot_id",
+                value: "abc",
+            },
+        );
+        channel.host_set("role", "web").unwrap();
+        let saved = channel.save();
+        let (other, other_clock, _) = self::channel();
+        other_clock.set_elapsed(clock.elapsed());
+        other.restore(&saved).unwrap();
+        assert_eq!(other.save(), saved);
+        assert_eq!(other.guest_get("boot_id").as_deref(), Some("abc"));
+        let mut bad = saved.clone();
+        bad.host_kvp.push(("bad key".into(), "v".into()));
+        assert!(other.restore(&bad).is_err());
+        let mut bad = saved;
+        bad.outbox = vec![0; MAX_OUTBOX + MAX_FRAME + 1];
+        assert!(other.restore(&bad).is_err());
+    }
+}
