@@ -17,6 +17,7 @@ mod blk;
 mod dirty;
 mod io;
 mod mem;
+mod pvh;
 mod virtio;
 
 use balloon::Balloon;
