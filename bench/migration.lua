@@ -72,7 +72,7 @@ local function qemu_migrate(size, cmdline, rate)
   for key, value in out:gmatch("([%w_]+)=(%S+)") do
     fields[key] = tonumber(value) or value
   end
-  if not fields.stop_to_resume_ms then
+  if not fields.stop_to_run_ms then
     return nil, out:match("error=(.-)%s*$") or out:match("^%s*(.-)%s*$")
   end
   fields.verify = out:match('verify="(.-)"') or "?"
@@ -91,7 +91,7 @@ for _, size in ipairs{ "128M", "512M", "1G" } do
   local bytes = ({ ["128M"] = 128, ["512M"] = 512, ["1G"] = 1024 })[size] * 2^20
   for _, rate in ipairs(rates) do
     local downtime, total, sent, passes, speed = {}, {}, {}, {}, {}
-    local qemu = { downtime_ms = {}, stop_to_resume_ms = {}, total_ms = {}, bytes = {}, syncs = {} }
+    local qemu = { downtime_ms = {}, stop_to_run_ms = {}, total_ms = {}, bytes = {}, syncs = {} }
     local qemu_error
     local cmdline = ("touch %d; %s"):format(bytes // 2^21, rate.cmd)
     for round = 1, rounds do
@@ -122,7 +122,7 @@ for _, size in ipairs{ "128M", "512M", "1G" } do
     if guest_elf then
       comparison[#comparison + 1] = qemu_error and { size = size, rate = rate.name, error = qemu_error }
         or { size = size, rate = rate.name, downtime = median(downtime), total = median(total),
-             qemu_downtime = median(qemu.downtime_ms), qemu_stop = median(qemu.stop_to_resume_ms),
+             qemu_downtime = median(qemu.downtime_ms), qemu_stop = median(qemu.stop_to_run_ms),
              qemu_total = median(qemu.total_ms), qemu_sent = median(qemu.bytes) / 2^20,
              qemu_syncs = median(qemu.syncs) }
     end
@@ -138,22 +138,22 @@ if guest_elf then
   print()
   print("the same migrations under QEMU (qemu-system-x86_64 -M microvm, KVM, loopback TCP):")
   print(("%-6s %-11s %9s %9s %10s %10s %10s %9s %6s %8s %8s %8s"):format("memory", "dirty rate",
-    "luv down", "luv total", "qemu down", "qemu s->r", "qemu total", "qemu MiB", "syncs",
-    "down x", "s->r x", "total x"))
+    "luv down", "luv total", "qemu own", "qemu down", "qemu total", "qemu MiB", "syncs",
+    "down x", "own x", "total x"))
   for _, row in ipairs(comparison) do
     if row.error then
       print(("%-6s %-11s QEMU failed: %s"):format(row.size, row.rate, row.error))
     else
       print(("%-6s %-11s %9.2f %9.1f %10d %10.2f %10d %9.1f %6d %7.1fx %7.1fx %7.1fx"):format(
         row.size, row.rate, row.downtime, row.total, row.qemu_downtime, row.qemu_stop, row.qemu_total,
-        row.qemu_sent, row.qemu_syncs, row.qemu_downtime / row.downtime, row.qemu_stop / row.downtime,
+        row.qemu_sent, row.qemu_syncs, row.qemu_stop / row.downtime, row.qemu_downtime / row.downtime,
         row.qemu_total / row.total))
     end
   end
-  print(("(ms, medians of %d; QEMU: downtime-limit %d ms, no bandwidth cap, auto-converge on; \"qemu down\" is"):format(
+  print(("(ms, medians of %d; QEMU: downtime-limit %d ms, no bandwidth cap, auto-converge on. \"qemu down\":"):format(
     rounds, max_downtime_ms))
-  print(" QEMU's own downtime (whole ms, source side: stop until the last byte is sent), \"qemu s->r\" its")
-  print(" source's STOP event to the destination's RESUME event; ratios are QEMU / luvisor)")
+  print(" the source starts stopping -> the destination runs, from QEMU's run-state trace, as \"luv down\";")
+  print(" \"qemu own\": QEMU's own downtime, whole ms, until the source sent the last byte; ratios QEMU / luvisor)")
 end
 os.execute("kill " .. pid)
 os.execute(("rm -rf %q"):format(dir))

@@ -12,10 +12,15 @@ the migration completed and the destination runs, --verify is sent to the destin
 console and its answer checked.
 
 Prints one line of key=value fields:
-  downtime_ms       QEMU's own figure (source side: stop until the last byte is sent)
-  stop_to_resume_ms the source's STOP event to the destination's RESUME event (QMP
-                    timestamps, one host clock): pausing here to running there, as
-                    luvisor's downtime_ms
+  downtime_ms       QEMU's own figure, in whole ms: from just before the source stops
+                    the VM until it has sent the last byte (the destination may still be
+                    loading then, and has not started the VM)
+  stop_to_run_ms    from the source's run state leaving `running` (the stop begins) to
+                    the destination's entering it (its vCPUs start), from QEMU's
+                    `runstate_set` trace with `-msg timestamp=on` (one host clock, µs):
+                    pausing here to running there, as luvisor's downtime_ms
+  stop_to_resume_ms the source's STOP event (vCPUs already paused) to the destination's
+                    RESUME event, from QMP timestamps
   total_ms, bytes   QEMU's total-time and ram.transferred
   syncs             ram.dirty-sync-count (dirty bitmap syncs: about one per pass, plus one)
   verify            the destination guest's answer to --verify
@@ -160,11 +165,32 @@ def qemu_command(args, work, side):
         "-chardev", f"socket,id=console,path={work}/{side}.console,server=on,wait=off",
         "-serial", "chardev:console",
         "-qmp", f"unix:{work}/{side}.qmp,server=on,wait=off",
+        # Run state changes with their wall-clock time, for stop_to_run_ms.
+        "-msg", "timestamp=on", "-trace", "runstate_set", "-D", f"{work}/{side}.trace",
         "-kernel", args.elf,
         "-append", args.cmdline,
     ]
     # The source starts stopped, so nothing it prints is lost before we listen.
     return command + (["-S"] if side == "source" else ["-incoming", "defer"])
+
+
+def runstate_time(path, old, new):
+    """When QEMU's run state went from `old` to `new`: the wall-clock time of the first
+    such `runstate_set` line of its trace log (`PID@SECONDS.MICROS:runstate_set
+    current_run_state 9 (running) new_state 5 (finish-migrate)`)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open(path) as log:
+                for line in log:
+                    stamp, _, rest = line.partition(":runstate_set ")
+                    if rest and f"({old}) new_state" in rest and rest.rstrip().endswith(f"({new})"):
+                        return float(stamp.split("@", 1)[1])
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise Failure(f"no run state change {old} -> {new} in {os.path.basename(path)}")
+        time.sleep(0.005)
 
 
 def migrate(args, work):
@@ -216,6 +242,9 @@ def migrate(args, work):
                 raise Failure("no STOP event at the source or no RESUME at the destination")
             time.sleep(0.005)
         stop_to_resume = (destination.event_time("RESUME") - source.event_time("STOP")) * 1000
+        stopping = runstate_time(f"{work}/source.trace", "running", "finish-migrate")
+        running = runstate_time(f"{work}/destination.trace", "inmigrate", "running")
+        stop_to_run = (running - stopping) * 1000
 
         if source.command("query-status")["status"] != "postmigrate":
             raise Failure("the source is not in postmigrate after the migration")
@@ -224,7 +253,8 @@ def migrate(args, work):
         verdict = args.expect + destination_console.line_after(after, 30)
 
         ram = info.get("ram", {})
-        print(f"downtime_ms={info.get('downtime', -1)} stop_to_resume_ms={stop_to_resume:.2f} "
+        print(f"downtime_ms={info.get('downtime', -1)} stop_to_run_ms={stop_to_run:.2f} "
+              f"stop_to_resume_ms={stop_to_resume:.2f} "
               f"total_ms={info.get('total-time', -1)} bytes={ram.get('transferred', -1)} "
               f"syncs={ram.get('dirty-sync-count', -1)} verify={json.dumps(verdict)}")
         for qmp in (source, destination):
