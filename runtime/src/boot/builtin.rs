@@ -12,6 +12,10 @@
 //!
 //! There is no IDT: any exception the guest takes escalates to a triple fault, which the
 //! VMM reports as a crash.
+//!
+//! The image also carries a PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`, see
+//! `guest/src/pvh.rs`) so that QEMU can boot the same guest for comparisons; this loader
+//! ignores it and enters the ELF entry, `_start`, at CPL3 as above.
 
 use std::io::Cursor;
 
