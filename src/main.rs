@@ -234,9 +234,20 @@ enum Command {
     /// `luvisor manpage > luvisor.1 && man ./luvisor.1`.
     Manpage {
         /// A subcommand whose page to print: run, repl, serve, test, policy, doctor,
-        /// completions or manpage.
+        /// completions, manpage or guest-elf.
         #[arg(value_name = "COMMAND")]
         command: Option<String>,
+    },
+    /// Write the built-in test guest's ELF image to PATH.
+    ///
+    /// The image `hv.guest.builtin{}` boots. It also carries a PVH entry, so QEMU boots
+    /// the same guest: `qemu-system-x86_64 -M microvm -enable-kvm -kernel PATH -append
+    /// 'hello; exit 0' -device isa-debug-exit,iobase=0x500,iosize=4 -serial stdio ...`
+    /// (see guest/README.md, "Running under QEMU").
+    #[command(after_help = "Example:\n  luvisor guest-elf /tmp/guest.elf")]
+    GuestElf {
+        /// Where to write the image (an existing file is replaced).
+        path: PathBuf,
     },
 }
 
@@ -339,6 +350,7 @@ fn main() -> ExitCode {
         Command::Doctor { json } => doctor::run(json),
         Command::Completions { shell } => completions(shell),
         Command::Manpage { command } => manpage(command.as_deref()),
+        Command::GuestElf { path } => guest_elf(&path),
     };
     luvisor_lua::policy::shutdown(&registry);
     // Pools and labs remove their VMs' overlay files; stopping alone would leave them.
@@ -409,6 +421,20 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("luvisor: cannot write the completion script: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `luvisor guest-elf PATH`: the embedded guest image, for booting it elsewhere (QEMU).
+fn guest_elf(path: &Path) -> ExitCode {
+    match std::fs::write(path, luvisor_runtime::boot::builtin::GUEST_ELF) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "luvisor: cannot write the built-in guest image to {}: {e}",
+                path.display()
+            );
             ExitCode::FAILURE
         }
     }

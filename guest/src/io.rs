@@ -1,5 +1,11 @@
 //! Port I/O from CPL3 (the host enters us with RFLAGS.IOPL = 3) and the console.
+//!
+//! Under a PVH loader (QEMU, see `pvh.rs`) luvisor's idle and clock ports are not there:
+//! [`idle`] and [`clock_ms`] use `pvh.rs`'s stand-ins, and the console waits for the
+//! transmitter as a real 16550 needs. Exit needs no stand-in: QEMU's `isa-debug-exit`
+//! device sits at the same port.
 
+use crate::pvh;
 use core::arch::asm;
 use core::cell::Cell;
 use core::fmt;
@@ -46,17 +52,24 @@ pub fn exit(code: u32) -> ! {
 
 /// Sleeps up to `micros`, or until the host has an event for this VM.
 pub fn idle(micros: u32) {
+    if pvh::booted() {
+        return pvh::idle(micros);
+    }
     outl(ports::IDLE, micros);
 }
 
 /// Milliseconds of running time since the VM started (paused time excluded).
 pub fn clock_ms() -> u32 {
+    if pvh::booted() {
+        return pvh::clock_ms();
+    }
     inl(ports::CLOCK_MS)
 }
 
-/// The 16550 on COM1. The host's UART is always ready to transmit, so bytes go straight
+/// The 16550 on COM1. luvisor's UART is always ready to transmit, so bytes go straight
 /// to the transmit register without polling the line status (one exit per byte, not two).
-/// While an exec runs, output goes to its capture buffer instead.
+/// QEMU's can fall behind its backend, so under PVH each byte waits for an empty
+/// transmit register. While an exec runs, output goes to its capture buffer instead.
 pub struct Console;
 
 /// Where console output goes while an exec runs: a buffer of `len` bytes at `base`,
@@ -112,6 +125,17 @@ fn captured(s: &str) -> bool {
     true
 }
 
+impl Console {
+    fn put(byte: u8) {
+        if pvh::booted() {
+            while inb(COM1_LSR) & LSR_THR_EMPTY == 0 {
+                core::hint::spin_loop();
+            }
+        }
+        outb(ports::SERIAL_COM1, byte);
+    }
+}
+
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         if captured(s) {
@@ -119,9 +143,9 @@ impl fmt::Write for Console {
         }
         for b in s.bytes() {
             if b == b'\n' {
-                outb(ports::SERIAL_COM1, b'\r');
+                Self::put(b'\r');
             }
-            outb(ports::SERIAL_COM1, b);
+            Self::put(b);
         }
         Ok(())
     }
@@ -130,6 +154,7 @@ impl fmt::Write for Console {
 /// The 16550's line status register and its "data ready" bit.
 const COM1_LSR: u16 = ports::SERIAL_COM1 + 5;
 const LSR_DATA_READY: u8 = 0x01;
+const LSR_THR_EMPTY: u8 = 0x20;
 /// How long to sleep between looks at the receiver when no input is there. The host
 /// wakes idle vCPUs when it queues input, so this only bounds a missed wake-up.
 const INPUT_POLL_US: u32 = 50_000;

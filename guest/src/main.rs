@@ -20,6 +20,7 @@ mod blk;
 mod dirty;
 mod io;
 mod mem;
+mod pvh;
 mod virtio;
 
 use balloon::Balloon;

@@ -12,6 +12,10 @@
 //!
 //! There is no IDT: any exception the guest takes escalates to a triple fault, which the
 //! VMM reports as a crash.
+//!
+//! The image also carries a PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`, see
+//! `guest/src/pvh.rs`) so that QEMU can boot the same guest for comparisons; this loader
+//! ignores it and enters the ELF entry, `_start`, at CPL3 as above.
 
 use std::io::Cursor;
 
@@ -288,6 +292,20 @@ mod tests {
         assert_eq!(magic, BOOT_MAGIC);
         let pde: u64 = mem.read_obj(GuestAddress(PD_ADDR + 8)).unwrap();
         assert_eq!(pde, (2 << 20) | TABLE_FLAGS | PTE_HUGE);
+    }
+
+    /// The image carries a PVH entry note for QEMU (guest/src/pvh.rs); luvisor's loader
+    /// accepts it and still enters the image at `_start`, at CPL3.
+    #[test]
+    fn pvh_note_is_there_and_ignored() {
+        use linux_loader::loader::PvhBootCapability;
+        let mem = crate::vstate::memory::create_ram(16 << 20).unwrap();
+        let loaded = Elf::load(&mem, None, &mut Cursor::new(GUEST_ELF), None).unwrap();
+        let PvhBootCapability::PvhEntryPresent(pvh_entry) = loaded.pvh_boot_cap else {
+            panic!("no PVH entry note: {:?}", loaded.pvh_boot_cap);
+        };
+        assert!(pvh_entry.0 > IMAGE_BASE && pvh_entry.0 < loaded.kernel_end);
+        assert_eq!(load(&mem, "hello", 1).unwrap().rip, IMAGE_BASE);
     }
 
     #[test]
