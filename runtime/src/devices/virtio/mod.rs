@@ -6,6 +6,8 @@
 //! - [`balloon`] is virtio-balloon.
 //! - [`agent`] is virtio-console carrying the agent channel (`crate::agent`).
 //! - [`timer`] is the periodic timer a device may keep (the balloon's statistics).
+//! - `test_driver` (tests only) drives a device through its transport and rings as a
+//!   guest would; each device's hostile-driver tests are built on it.
 //!
 //! Every device looks the same from the transport's side: it implements
 //! [`VirtioDevice`]. Queue notifications reach the VM's event thread through ioeventfds,
@@ -18,6 +20,9 @@ pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod timer;
+
+#[cfg(test)]
+pub(crate) mod test_driver;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

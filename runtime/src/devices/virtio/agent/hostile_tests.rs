@@ -5,62 +5,47 @@
 //! and counted and the channel still working, or in DEVICE_NEEDS_RESET; never a panic,
 //! an access outside guest memory or unbounded memory on the host.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use luvisor_guest_abi::agent::{kind, Message, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, MAX_VALUE};
-use vm_memory::{Address, Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{
-    Agent, AgentArgs, AgentState, MAX_CHAIN_BYTES, MAX_SEGMENTS, QUEUE_COUNT, RECEIVE_QUEUE,
-    TRANSMIT_QUEUE,
+    Agent, AgentArgs, AgentState, MAX_CHAIN_BYTES, MAX_SEGMENTS, RECEIVE_QUEUE, TRANSMIT_QUEUE,
 };
 use crate::agent::stream::FrameReader;
 use crate::agent::{AgentChannel, HealthState};
-use crate::devices::bus::BusDevice;
-use crate::devices::virtio::mmio::{reg, MmioTransport, TransportArgs, TransportState};
-use crate::devices::virtio::{features, status, VirtioDeviceState, VirtioInterrupt};
+use crate::devices::virtio::mmio::{reg, TransportState};
+use crate::devices::virtio::test_driver::{
+    deref_to_driver, restore_transport, Desc, TestDriver, F_NEXT, F_WRITE,
+};
+use crate::devices::virtio::{features, DeviceStateError, VirtioDevice, VirtioDeviceState};
 use crate::events::EventBus;
 use crate::registry::VmId;
 use crate::snapshot::Persist;
 use crate::vstate::clock::RunClock;
-use crate::vstate::memory::{create_ram, GuestRam};
+use crate::vstate::memory::GuestRam;
 
-/// Each queue's rings sit at `RINGS + queue * 0x4000`: descriptors, then the available
-/// ring 0x1000 on, then the used ring 0x2000 on.
-const RINGS: u64 = 0x10_0000;
-/// Receive buffers, 0x1000 apart.
+/// Receive buffers, 0x1000 apart, above the driver's rings.
 const RX_BUFFERS: u64 = 0x20_0000;
 /// Where transmitted bytes are written before they are posted.
 const TX_BUFFERS: u64 = 0x40_0000;
 const TEST_QUEUE_SIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 16 * MIB;
 
-fn desc_table(queue: usize) -> u64 {
-    RINGS + queue as u64 * 0x4000
-}
-fn avail_ring(queue: usize) -> u64 {
-    desc_table(queue) + 0x1000
-}
-fn used_ring(queue: usize) -> u64 {
-    desc_table(queue) + 0x2000
-}
-
+/// An agent device driven by a [`TestDriver`] (which the harness derefs to), its channel,
+/// and the guest's side of the byte streams.
 struct Harness {
-    mem: Arc<GuestRam>,
-    transport: MmioTransport,
+    driver: TestDriver,
     channel: Arc<AgentChannel>,
     clock: Arc<RunClock>,
-    avail_idx: [u16; QUEUE_COUNT],
-    used_seen: [u16; QUEUE_COUNT],
     /// Bytes the guest received so far, and the frames they hold.
     received: FrameReader,
     tx_next: u16,
 }
+
+deref_to_driver!(Harness);
 
 fn new_channel(clock: &Arc<RunClock>) -> Arc<AgentChannel> {
     let channel = Arc::new(AgentChannel::new(
@@ -73,41 +58,23 @@ fn new_channel(clock: &Arc<RunClock>) -> Arc<AgentChannel> {
     channel
 }
 
-fn interrupt() -> Arc<VirtioInterrupt> {
-    let counter = Arc::new(AtomicUsize::new(0));
-    Arc::new(VirtioInterrupt::new(
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        Box::new(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }),
-    ))
-}
-
-fn queue_events() -> Vec<EventFd> {
-    (0..QUEUE_COUNT)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect()
-}
-
 impl Harness {
     fn new() -> Harness {
-        let mem = Arc::new(create_ram(RAM).unwrap());
         let clock = Arc::new(RunClock::new());
         let channel = new_channel(&clock);
-        let agent = Agent::new(AgentArgs {
-            channel: channel.clone(),
-            memory: mem.clone(),
-        })
-        .unwrap();
-        let transport =
-            MmioTransport::new(Box::new(agent), mem.clone(), queue_events(), interrupt());
+        let driver = TestDriver::new(RAM, |mem| {
+            Box::new(
+                Agent::new(AgentArgs {
+                    channel: channel.clone(),
+                    memory: mem.clone(),
+                })
+                .unwrap(),
+            )
+        });
         Harness {
-            mem,
-            transport,
+            driver,
             channel,
             clock,
-            avail_idx: [0; QUEUE_COUNT],
-            used_seen: [0; QUEUE_COUNT],
             received: FrameReader::new(),
             tx_next: 0,
         }
@@ -127,88 +94,20 @@ impl Harness {
         h
     }
 
-    fn write_reg(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
-    }
-
-    fn read_reg(&mut self, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.transport.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
     fn setup(&mut self) {
-        self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
-        let high = self.read_reg(reg::DEVICE_FEATURES) as u64;
-        assert_eq!(high << 32, features::VERSION_1, "only VERSION_1 is offered");
-        self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
-        self.write_reg(reg::DRIVER_FEATURES, 1);
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        assert_eq!(
+            self.offered_features(),
+            features::VERSION_1,
+            "only VERSION_1 is offered"
         );
-        for queue in 0..QUEUE_COUNT {
-            self.write_reg(reg::QUEUE_SEL, queue as u32);
-            self.write_reg(reg::QUEUE_NUM, TEST_QUEUE_SIZE as u32);
-            self.write_reg(reg::QUEUE_DESC_LOW, desc_table(queue) as u32);
-            self.write_reg(reg::QUEUE_DRIVER_LOW, avail_ring(queue) as u32);
-            self.write_reg(reg::QUEUE_DEVICE_LOW, used_ring(queue) as u32);
-            self.write_reg(reg::QUEUE_READY, 1);
-        }
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        self.set_up(0, TEST_QUEUE_SIZE);
         assert!(!self.needs_reset());
-    }
-
-    fn needs_reset(&mut self) -> bool {
-        self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
-    }
-
-    fn desc(&self, queue: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(desc_table(queue) + index as u64 * 16);
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
-    }
-
-    fn publish(&mut self, queue: usize, head: u16) {
-        let slot = self.avail_idx[queue] % TEST_QUEUE_SIZE;
-        self.mem
-            .write_obj(head, GuestAddress(avail_ring(queue) + 4 + slot as u64 * 2))
-            .unwrap();
-        self.avail_idx[queue] = self.avail_idx[queue].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx[queue], GuestAddress(avail_ring(queue) + 2))
-            .unwrap();
     }
 
     /// Posts a writable receive buffer and lets the device take it.
     fn post_rx(&mut self, head: u16, addr: u64, len: u32) {
-        self.desc(RECEIVE_QUEUE, head, addr, len, F_WRITE, 0);
-        self.publish(RECEIVE_QUEUE, head);
-        self.transport.process_queue(RECEIVE_QUEUE);
-    }
-
-    /// Used entries of `queue` not seen yet: (descriptor id, length).
-    fn take_used(&mut self, queue: usize) -> Vec<(u32, u32)> {
-        let idx: u16 = self
-            .mem
-            .read_obj(GuestAddress(used_ring(queue) + 2))
-            .unwrap();
-        let mut used = Vec::new();
-        while self.used_seen[queue] != idx {
-            let slot = self.used_seen[queue] % TEST_QUEUE_SIZE;
-            let at = GuestAddress(used_ring(queue) + 4 + slot as u64 * 8);
-            let id: u32 = self.mem.read_obj(at).unwrap();
-            let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
-            used.push((id, len));
-            self.used_seen[queue] = self.used_seen[queue].wrapping_add(1);
-        }
-        used
+        self.write_desc(RECEIVE_QUEUE, head, Desc::writable(addr, len));
+        self.kick(RECEIVE_QUEUE, head);
     }
 
     /// Sends `bytes` as one transmit buffer and lets the device serve it.
@@ -217,9 +116,12 @@ impl Harness {
         self.tx_next += 1;
         let addr = TX_BUFFERS + head as u64 * 0x2_0000;
         self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-        self.desc(TRANSMIT_QUEUE, head, addr, bytes.len() as u32, 0, 0);
-        self.publish(TRANSMIT_QUEUE, head);
-        self.transport.process_queue(TRANSMIT_QUEUE);
+        self.write_desc(
+            TRANSMIT_QUEUE,
+            head,
+            Desc::readable(addr, bytes.len() as u32),
+        );
+        self.kick(TRANSMIT_QUEUE, head);
         let used = self.take_used(TRANSMIT_QUEUE);
         assert_eq!(
             used,
@@ -244,10 +146,7 @@ impl Harness {
             self.received
                 .push(&bytes, &mut |k, p| frames.push((k, p.to_vec())));
             if len > 0 {
-                let size: u32 = self
-                    .mem
-                    .read_obj(GuestAddress(desc_table(RECEIVE_QUEUE) + id as u64 * 16 + 8))
-                    .unwrap();
+                let size = self.read_desc(RECEIVE_QUEUE, id as u16).len;
                 self.post_rx(id as u16, addr, size);
             }
         }
@@ -259,12 +158,7 @@ impl Harness {
     }
 
     fn agent<R>(&mut self, f: impl FnOnce(&mut Agent) -> R) -> R {
-        f(self
-            .transport
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<Agent>()
-            .unwrap())
+        f(self.device_mut::<Agent>())
     }
 }
 
@@ -405,7 +299,7 @@ fn malformed_buffers_are_given_back_unused() {
     h.publish(RECEIVE_QUEUE, 1);
     h.desc(RECEIVE_QUEUE, 2, RAM - 8, 64, F_WRITE, 0);
     h.publish(RECEIVE_QUEUE, 2);
-    h.transport.process_queue(RECEIVE_QUEUE);
+    h.notify(RECEIVE_QUEUE);
     assert_eq!(h.take_used(RECEIVE_QUEUE), [(0, 0), (1, 0), (2, 0)]);
     assert_eq!(h.agent(|a| a.kept_buffers()), 0);
     // A chain with more writable parts than the device uses: only the first ones fill.
@@ -428,7 +322,7 @@ fn malformed_buffers_are_given_back_unused() {
         0,
     );
     h.publish(RECEIVE_QUEUE, 0);
-    h.transport.process_queue(RECEIVE_QUEUE);
+    h.notify(RECEIVE_QUEUE);
     let used = h.take_used(RECEIVE_QUEUE);
     assert_eq!(used.len(), 1);
     assert!(used[0].1 as usize <= MAX_SEGMENTS, "{used:?}");
@@ -440,13 +334,13 @@ fn malformed_buffers_are_given_back_unused() {
     h.publish(TRANSMIT_QUEUE, 1);
     h.desc(TRANSMIT_QUEUE, 2, 0, (MAX_CHAIN_BYTES * 2) as u32, 0, 0);
     h.publish(TRANSMIT_QUEUE, 2);
-    h.transport.process_queue(TRANSMIT_QUEUE);
+    h.notify(TRANSMIT_QUEUE);
     assert_eq!(h.take_used(TRANSMIT_QUEUE).len(), 3);
     assert!(h.channel.stats().bad_buffers >= 5);
     assert!(!h.needs_reset());
     // A head beyond the queue breaks it: the device needs a reset, nothing panics.
     h.publish(TRANSMIT_QUEUE, 200);
-    h.transport.process_queue(TRANSMIT_QUEUE);
+    h.notify(TRANSMIT_QUEUE);
     assert!(h.needs_reset());
 }
 
@@ -458,7 +352,7 @@ fn a_driver_that_reposts_buffers_cannot_make_the_device_keep_more_than_a_ring() 
             h.desc(RECEIVE_QUEUE, head, RX_BUFFERS, 64, F_WRITE, 0);
             h.publish(RECEIVE_QUEUE, head);
         }
-        h.transport.process_queue(RECEIVE_QUEUE);
+        h.notify(RECEIVE_QUEUE);
     }
     assert_eq!(h.agent(|a| a.kept_buffers()), TEST_QUEUE_SIZE as usize);
     assert_eq!(
@@ -519,33 +413,28 @@ pub(crate) fn agent_state_round_trips() {
     assert_eq!(decoded, saved);
 
     let Harness {
-        mem,
-        transport,
+        driver,
         clock,
-        avail_idx,
-        used_seen,
         received,
         tx_next,
         ..
     } = h;
-    drop(transport);
     let channel = new_channel(&clock);
-    let restored = restore(&mem, &channel, &decoded).unwrap();
-    assert_eq!(
-        restored.save().unwrap(),
-        saved,
-        "a restored device saves the same"
-    );
+    let driver = driver
+        .restore(&decoded, |mem| restore_agent(mem, &channel, &decoded))
+        .unwrap();
     let mut h = Harness {
-        mem,
-        transport: restored,
+        driver,
         channel,
         clock,
-        avail_idx,
-        used_seen,
         received,
         tx_next,
     };
+    assert_eq!(
+        h.transport.save().unwrap(),
+        saved,
+        "a restored device saves the same"
+    );
     assert_eq!(h.channel.guest_get("boot_id").as_deref(), Some("b1"));
     assert_eq!(h.channel.host_get("role").as_deref(), Some("db"));
     h.send_bytes(&pending[10..]);
@@ -554,11 +443,12 @@ pub(crate) fn agent_state_round_trips() {
     assert!(!h.needs_reset());
 }
 
-fn restore(
+/// An agent device restored from `state` on `mem`, serving `channel`.
+fn restore_agent(
     mem: &Arc<GuestRam>,
     channel: &Arc<AgentChannel>,
     state: &TransportState,
-) -> Result<MmioTransport, crate::devices::virtio::DeviceStateError> {
+) -> Result<Box<dyn VirtioDevice>, DeviceStateError> {
     let VirtioDeviceState::Agent(agent_state) = &state.device else {
         panic!("not an agent state");
     };
@@ -569,15 +459,7 @@ fn restore(
         },
         agent_state,
     )?;
-    MmioTransport::restore(
-        TransportArgs {
-            device: Box::new(agent),
-            mem: mem.clone(),
-            queue_events: queue_events(),
-            interrupt: interrupt(),
-        },
-        state,
-    )
+    Ok(Box::new(agent))
 }
 
 #[test]
@@ -592,7 +474,9 @@ fn restored_state_that_does_not_fit_is_refused() {
         };
         f(state);
         let channel = new_channel(&h.clock);
-        restore(&h.mem, &channel, &bad).err().map(|e| e.to_string())
+        restore_transport(&h.mem, &bad, |mem| restore_agent(mem, &channel, &bad))
+            .err()
+            .map(|e| e.to_string())
     };
     let outside = spoil(&|s| s.rx_buffers[0].segments[0].0 = 1 << 40).unwrap();
     assert!(outside.contains("outside guest memory"), "{outside}");

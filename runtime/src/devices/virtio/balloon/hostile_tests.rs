@@ -4,99 +4,59 @@
 //! Every case must end in a used buffer with nothing wrongly released, or in
 //! DEVICE_NEEDS_RESET; never a panic, an access outside guest memory or a wrong count.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Address, Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{
-    config, feature, Balloon, BalloonState, MAX_PFNS_PER_CHAIN, QUEUE_COUNT, QUEUE_SIZE,
-    REPORTS_PER_SECOND, STATS_PER_SECOND,
+    config, feature, Balloon, BalloonState, MAX_PFNS_PER_CHAIN, QUEUE_SIZE, REPORTS_PER_SECOND,
+    STATS_PER_SECOND,
 };
 use super::pages::RamLayout;
 use super::stats::{encode, tag};
 use super::BalloonArgs;
 use crate::devices::bus::BusDevice;
-use crate::devices::virtio::mmio::{reg, MmioTransport, TransportArgs, TransportState};
+use crate::devices::virtio::mmio::{reg, TransportState};
+use crate::devices::virtio::test_driver::{
+    deref_to_driver, restore_transport, Desc, TestDriver, F_WRITE,
+};
 use crate::devices::virtio::{
-    features, status, VirtioDeviceState, VirtioInterrupt, INTERRUPT_CONFIG_CHANGE,
+    DeviceStateError, VirtioDevice, VirtioDeviceState, INTERRUPT_CONFIG_CHANGE,
 };
 use crate::snapshot::Persist;
 use crate::vm::dynamic_memory::BalloonStatus;
-use crate::vstate::memory::{create_ram, GuestRam};
+use crate::vstate::memory::GuestRam;
 
-/// Each queue's rings sit at `RINGS + queue * 0x4000`: descriptors, then the available
-/// ring 0x1000 on, then the used ring 0x2000 on.
-const RINGS: u64 = 0x10_0000;
-/// Buffers the tests fill (PFN arrays, statistics).
+/// Buffers the tests fill (PFN arrays, statistics), above the driver's rings.
 const BUFFERS: u64 = 0x20_0000;
 const TEST_QUEUE_SIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const MIB: u64 = 1 << 20;
 const ALL_FEATURES: u64 = feature::STATS_VQ | feature::REPORTING | feature::DEFLATE_ON_OOM;
 
-fn desc_table(queue: usize) -> u64 {
-    RINGS + queue as u64 * 0x4000
-}
-fn avail_ring(queue: usize) -> u64 {
-    desc_table(queue) + 0x1000
-}
-fn used_ring(queue: usize) -> u64 {
-    desc_table(queue) + 0x2000
-}
-
+/// A balloon driven by a [`TestDriver`] (which the harness derefs to), and the VM's view
+/// of what it holds.
 struct Harness {
-    mem: Arc<GuestRam>,
-    transport: MmioTransport,
+    driver: TestDriver,
     status: Arc<BalloonStatus>,
-    interrupts: Arc<AtomicUsize>,
-    avail_idx: [u16; QUEUE_COUNT],
-    used_seen: [u16; QUEUE_COUNT],
 }
 
-fn interrupt(counter: Arc<AtomicUsize>) -> Arc<VirtioInterrupt> {
-    Arc::new(VirtioInterrupt::new(
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        Box::new(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }),
-    ))
-}
-
-fn queue_events() -> Vec<EventFd> {
-    (0..QUEUE_COUNT)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect()
-}
+deref_to_driver!(Harness);
 
 impl Harness {
     /// A balloon over `memory` bytes of RAM asking the guest to come down to `target`.
     fn new(memory: u64, target: u64) -> Harness {
-        let mem = Arc::new(create_ram(memory).unwrap());
         let status = Arc::new(BalloonStatus::default());
-        let balloon = Balloon::new(BalloonArgs {
-            layout: RamLayout::of(&mem),
-            status: status.clone(),
-            target,
-        })
-        .unwrap();
-        let interrupts = Arc::new(AtomicUsize::new(0));
-        let transport = MmioTransport::new(
-            Box::new(balloon),
-            mem.clone(),
-            queue_events(),
-            interrupt(interrupts.clone()),
-        );
-        Harness {
-            mem,
-            transport,
-            status,
-            interrupts,
-            avail_idx: [0; QUEUE_COUNT],
-            used_seen: [0; QUEUE_COUNT],
-        }
+        let driver = TestDriver::new(memory, |mem| {
+            Box::new(
+                Balloon::new(BalloonArgs {
+                    layout: RamLayout::of(mem),
+                    status: status.clone(),
+                    target,
+                })
+                .unwrap(),
+            )
+        });
+        Harness { driver, status }
     }
 
     /// 64 MiB of RAM, asked down to 32 MiB, with `wanted` features and every queue
@@ -107,93 +67,14 @@ impl Harness {
         h
     }
 
-    fn write_reg(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
-    }
-
-    fn read_reg(&mut self, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.transport.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
     fn config_u32(&mut self, offset: u64) -> u32 {
         self.read_reg(reg::CONFIG + offset)
     }
 
+    /// Sets every queue up, whether or not `wanted` gives it a meaning.
     fn setup(&mut self, wanted: u64) {
-        self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        self.write_reg(reg::DEVICE_FEATURES_SEL, 0);
-        let low = self.read_reg(reg::DEVICE_FEATURES) as u64;
-        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
-        let offered = low | (self.read_reg(reg::DEVICE_FEATURES) as u64) << 32;
-        let acked = offered & (wanted | features::VERSION_1);
-        self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
-        self.write_reg(reg::DRIVER_FEATURES, acked as u32);
-        self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
-        self.write_reg(reg::DRIVER_FEATURES, (acked >> 32) as u32);
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        for queue in 0..QUEUE_COUNT {
-            self.write_reg(reg::QUEUE_SEL, queue as u32);
-            self.write_reg(reg::QUEUE_NUM, TEST_QUEUE_SIZE as u32);
-            self.write_reg(reg::QUEUE_DESC_LOW, desc_table(queue) as u32);
-            self.write_reg(reg::QUEUE_DRIVER_LOW, avail_ring(queue) as u32);
-            self.write_reg(reg::QUEUE_DEVICE_LOW, used_ring(queue) as u32);
-            self.write_reg(reg::QUEUE_READY, 1);
-        }
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        self.set_up(wanted, TEST_QUEUE_SIZE);
         assert!(!self.needs_reset());
-    }
-
-    fn needs_reset(&mut self) -> bool {
-        self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
-    }
-
-    fn desc(&self, queue: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(desc_table(queue) + index as u64 * 16);
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
-    }
-
-    /// Publishes `head` on `queue`'s available ring and lets the device serve it.
-    fn kick(&mut self, queue: usize, head: u16) {
-        self.publish(queue, head);
-        self.transport.process_queue(queue);
-    }
-
-    fn publish(&mut self, queue: usize, head: u16) {
-        let slot = self.avail_idx[queue] % TEST_QUEUE_SIZE;
-        self.mem
-            .write_obj(head, GuestAddress(avail_ring(queue) + 4 + slot as u64 * 2))
-            .unwrap();
-        self.avail_idx[queue] = self.avail_idx[queue].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx[queue], GuestAddress(avail_ring(queue) + 2))
-            .unwrap();
-    }
-
-    /// Used entries of `queue` not seen yet, as descriptor ids.
-    fn take_used(&mut self, queue: usize) -> Vec<u32> {
-        let idx: u16 = self
-            .mem
-            .read_obj(GuestAddress(used_ring(queue) + 2))
-            .unwrap();
-        let mut ids = Vec::new();
-        while self.used_seen[queue] != idx {
-            let slot = self.used_seen[queue] % TEST_QUEUE_SIZE;
-            let at = GuestAddress(used_ring(queue) + 4 + slot as u64 * 8);
-            ids.push(self.mem.read_obj(at).unwrap());
-            self.used_seen[queue] = self.used_seen[queue].wrapping_add(1);
-        }
-        ids
     }
 
     /// Writes `pfns` at `addr` as the little-endian u32 array a driver sends.
@@ -211,16 +92,11 @@ impl Harness {
         let len = self.write_pfns(BUFFERS, pfns);
         self.desc(queue, 0, BUFFERS, len, 0, 0);
         self.kick(queue, 0);
-        assert_eq!(self.take_used(queue), [0], "the buffer comes back");
+        assert_eq!(self.take_used_ids(queue), [0], "the buffer comes back");
     }
 
     fn balloon<R>(&mut self, f: impl FnOnce(&mut Balloon) -> R) -> R {
-        f(self
-            .transport
-            .device_mut()
-            .as_any_mut()
-            .downcast_mut::<Balloon>()
-            .unwrap())
+        f(self.device_mut::<Balloon>())
     }
 
     fn held_pages(&mut self) -> u64 {
@@ -371,8 +247,7 @@ fn a_driver_that_inflates_its_own_rings_only_hurts_itself() {
     // then on, so the driver's queue breaks.
     let len = h.write_pfns(8 * MIB, 0..pages);
     h.desc(0, 0, 8 * MIB, len, 0, 0);
-    h.publish(0, 0);
-    h.transport.process_queue(0);
+    h.kick(0, 0);
     // Whatever the driver broke, the VM is told exactly what the host took back.
     let held = h.held_pages();
     assert!(held <= pages);
@@ -386,26 +261,26 @@ fn malformed_buffers_are_given_back_unused() {
     // A buffer outside guest memory.
     h.desc(0, 0, 1 << 40, 4096, 0, 0);
     h.kick(0, 0);
-    assert_eq!(h.take_used(0), [0]);
+    assert_eq!(h.take_used_ids(0), [0]);
     // A buffer that runs off the end of RAM.
     h.desc(0, 1, 64 * MIB - 8, 16, 0, 0);
     h.kick(0, 1);
-    assert_eq!(h.take_used(0), [1]);
+    assert_eq!(h.take_used_ids(0), [1]);
     // A device-writable buffer carries nothing to inflate.
     h.write_pfns(BUFFERS, [0x600]);
     h.desc(0, 2, BUFFERS, 4, F_WRITE, 0);
     h.kick(0, 2);
-    assert_eq!(h.take_used(0), [2]);
+    assert_eq!(h.take_used_ids(0), [2]);
     // A ragged length: the partial frame number at the end is ignored.
     h.write_pfns(BUFFERS, [0x600, 0x601]);
     h.desc(0, 3, BUFFERS, 7, 0, 0);
     h.kick(0, 3);
-    assert_eq!(h.take_used(0), [3]);
+    assert_eq!(h.take_used_ids(0), [3]);
     assert_eq!(h.held_pages(), 1);
     // A buffer as long as RAM is read up to the per-chain cap, no further.
     h.desc(0, 4, 0, (MAX_PFNS_PER_CHAIN as u32 + 1) * 4, 0, 0);
     h.kick(0, 4);
-    assert_eq!(h.take_used(0), [4]);
+    assert_eq!(h.take_used_ids(0), [4]);
     assert_eq!(h.balloon(|b| b.counters().bad_buffers), 3);
     assert!(!h.needs_reset());
     // A head beyond the queue breaks it: the device needs a reset, nothing panics.
@@ -432,13 +307,13 @@ fn statistics_are_parsed_kept_and_asked_for_each_period() {
     assert_eq!(stats.available, Some(12 * MIB));
     assert_eq!(stats.major_faults, Some(3));
     assert_eq!(stats.swap_in, None);
-    assert!(h.take_used(2).is_empty(), "the device keeps the buffer");
+    assert!(h.take_used_ids(2).is_empty(), "the device keeps the buffer");
     // The period passes: the buffer goes back, so the driver refills it.
     h.transport.serve_timer();
-    assert_eq!(h.take_used(2), [0]);
+    assert_eq!(h.take_used_ids(2), [0]);
     // Nothing kept: the timer has nothing to give back.
     h.transport.serve_timer();
-    assert!(h.take_used(2).is_empty());
+    assert!(h.take_used_ids(2).is_empty());
     h.post_stats(1, &[(tag::FREE_MEMORY, 9 * MIB)]);
     assert_eq!(h.status.stats().unwrap().free, Some(9 * MIB));
     assert_eq!(
@@ -448,7 +323,7 @@ fn statistics_are_parsed_kept_and_asked_for_each_period() {
     );
     // A second buffer while one is kept: the older one goes back.
     h.post_stats(2, &[(tag::FREE_MEMORY, 8 * MIB)]);
-    assert_eq!(h.take_used(2), [1]);
+    assert_eq!(h.take_used_ids(2), [1]);
     assert!(!h.needs_reset());
 }
 
@@ -474,7 +349,7 @@ fn a_flood_of_statistics_is_mostly_ignored() {
         "{counters:?}"
     );
     assert_eq!(
-        h.take_used(2).len(),
+        h.take_used_ids(2).len(),
         posted as usize - 1,
         "all but one kept buffer back"
     );
@@ -486,10 +361,16 @@ fn reported_free_ranges_are_discarded_but_not_held() {
     h.fill(0x80_0000, 4 * MIB, 0xcd);
     // A chain of two ranges (device-writable, as Linux sends them), one misaligned: it
     // is cut to the whole pages inside it.
-    h.desc(3, 0, 0x80_0000, 2 * MIB as u32, F_WRITE | F_NEXT, 1);
-    h.desc(3, 1, 0xa0_0000 + 100, (MIB + 4096) as u32, F_WRITE, 0);
+    h.write_chain(
+        3,
+        0,
+        &[
+            Desc::writable(0x80_0000, 2 * MIB as u32),
+            Desc::writable(0xa0_0000 + 100, (MIB + 4096) as u32),
+        ],
+    );
     h.kick(3, 0);
-    assert_eq!(h.take_used(3), [0]);
+    assert_eq!(h.take_used_ids(3), [0]);
     assert!(h.all_equal(0x80_0000, 2 * MIB, 0));
     assert!(
         h.all_equal(0xa0_0000, 4096, 0xcd),
@@ -499,11 +380,17 @@ fn reported_free_ranges_are_discarded_but_not_held() {
     assert_eq!(h.held_pages(), 0, "reported pages are not the balloon's");
     assert_eq!(h.balloon(|b| b.counters().reported_bytes), 2 * MIB + MIB);
     // Ranges that are not RAM, cross its end, or hold no whole page are ignored.
-    h.desc(3, 2, 1 << 40, 4096, F_WRITE | F_NEXT, 3);
-    h.desc(3, 3, 64 * MIB - 4096, 8192, F_WRITE | F_NEXT, 4);
-    h.desc(3, 4, 0x80_0010, 100, F_WRITE, 0);
+    h.write_chain(
+        3,
+        2,
+        &[
+            Desc::writable(1 << 40, 4096),
+            Desc::writable(64 * MIB - 4096, 8192),
+            Desc::writable(0x80_0010, 100),
+        ],
+    );
     h.kick(3, 2);
-    assert_eq!(h.take_used(3), [2]);
+    assert_eq!(h.take_used_ids(3), [2]);
     assert_eq!(h.balloon(|b| b.counters().reports_ignored), 3);
     assert!(!h.needs_reset());
 }
@@ -513,14 +400,13 @@ fn a_flood_of_reports_is_capped_per_second() {
     let mut h = Harness::ready(ALL_FEATURES);
     // Chains of 16 one-page ranges, until well past the rate.
     let chains = REPORTS_PER_SECOND / 16 + 64;
+    let ranges: Vec<Desc> = (0..TEST_QUEUE_SIZE as u64)
+        .map(|d| Desc::writable((0x800 + d) * 4096, 4096))
+        .collect();
     for i in 0..chains {
-        for d in 0..TEST_QUEUE_SIZE {
-            let page = 0x800 + d as u64;
-            let next = if d + 1 < TEST_QUEUE_SIZE { F_NEXT } else { 0 };
-            h.desc(3, d, page * 4096, 4096, F_WRITE | next, d + 1);
-        }
-        h.kick(3, 0);
-        assert_eq!(h.take_used(3), [0], "chain {i}");
+        h.add_chain(3, 0, &ranges);
+        h.notify(3);
+        assert_eq!(h.take_used_ids(3), [0], "chain {i}");
     }
     let counters = h.balloon(|b| b.counters());
     let sent = chains as u64 * TEST_QUEUE_SIZE as u64;
@@ -539,12 +425,12 @@ fn queues_follow_the_negotiated_features() {
     h.fill(0x80_0000, 4096, 0xcd);
     h.desc(2, 0, 0x80_0000, 4096, F_WRITE, 0);
     h.kick(2, 0);
-    assert_eq!(h.take_used(2), [0]);
+    assert_eq!(h.take_used_ids(2), [0]);
     assert!(h.all_equal(0x80_0000, 4096, 0));
     // Queue 3 means nothing now: what is posted there is left alone.
     h.desc(3, 0, 0x90_0000, 4096, F_WRITE, 0);
     h.kick(3, 0);
-    assert!(h.take_used(3).is_empty());
+    assert!(h.take_used_ids(3).is_empty());
     // Nor does the timer ask for statistics the driver did not agree to send.
     h.transport.serve_timer();
     assert!(!h.needs_reset());
@@ -567,11 +453,12 @@ fn a_reset_gives_every_page_back() {
     h.balloon(|b| assert!(b.counters().inflated_pages == 0x200));
 }
 
-fn restore(
+/// A balloon restored from `state` on `mem`, telling `status` what it holds.
+fn restore_balloon(
     mem: &Arc<GuestRam>,
     status: &Arc<BalloonStatus>,
     state: &TransportState,
-) -> Result<MmioTransport, crate::devices::virtio::DeviceStateError> {
+) -> Result<Box<dyn VirtioDevice>, DeviceStateError> {
     let VirtioDeviceState::Balloon(balloon_state) = &state.device else {
         panic!("not a balloon state");
     };
@@ -583,15 +470,7 @@ fn restore(
         },
         balloon_state,
     )?;
-    MmioTransport::restore(
-        TransportArgs {
-            device: Box::new(device),
-            mem: mem.clone(),
-            queue_events: queue_events(),
-            interrupt: interrupt(Arc::new(AtomicUsize::new(0))),
-        },
-        state,
-    )
+    Ok(Box::new(device))
 }
 
 /// Saves a balloon in the middle of use (pages held, a statistics buffer kept, a
@@ -615,36 +494,30 @@ pub(crate) fn balloon_state_round_trips() {
     let decoded: TransportState = postcard::from_bytes(&bytes).unwrap();
     assert_eq!(decoded, saved);
 
-    let Harness {
-        mem,
-        transport,
-        interrupts,
-        avail_idx,
-        used_seen,
-        ..
-    } = h;
-    drop(transport);
     // A new VM: its status starts empty and learns everything from the device.
     let status = Arc::new(BalloonStatus::default());
-    let restored = restore(&mem, &status, &decoded).unwrap();
+    let driver = h
+        .driver
+        .restore(&decoded, |mem| restore_balloon(mem, &status, &decoded))
+        .unwrap();
+    let mut h = Harness { driver, status };
     assert_eq!(
-        restored.save().unwrap(),
+        h.transport.save().unwrap(),
         saved,
         "a restored device saves the same state"
     );
-    assert_eq!(status.held_bytes(), 0x110 * 4096);
-    assert_eq!(status.stats_period(), std::time::Duration::from_millis(250));
-    let mut h = Harness {
-        mem,
-        transport: restored,
-        status,
-        interrupts,
-        avail_idx,
-        used_seen,
-    };
+    assert_eq!(h.status.held_bytes(), 0x110 * 4096);
+    assert_eq!(
+        h.status.stats_period(),
+        std::time::Duration::from_millis(250)
+    );
     assert_eq!(h.config_u32(config::ACTUAL), 0x110);
     h.transport.serve_timer();
-    assert_eq!(h.take_used(2), [3], "the kept statistics buffer comes back");
+    assert_eq!(
+        h.take_used_ids(2),
+        [3],
+        "the kept statistics buffer comes back"
+    );
     h.send_pfns(1, 0x400..0x500);
     assert_eq!(h.held_pages(), 0x10);
     assert!(!h.needs_reset());
@@ -663,7 +536,9 @@ fn restored_state_that_does_not_fit_is_refused() {
             unreachable!()
         };
         f(state);
-        restore(&mem, &status, &bad).err().map(|e| e.to_string())
+        restore_transport(&mem, &bad, |mem| restore_balloon(mem, &status, &bad))
+            .err()
+            .map(|e| e.to_string())
     };
     type Spoiler<'a> = &'a dyn Fn(&mut BalloonState);
     let cases: [(Spoiler, &str); 6] = [
@@ -686,5 +561,5 @@ fn restored_state_that_does_not_fit_is_refused() {
     }
     let too_many = spoil(&|s| s.num_pages = u32::MAX).expect("refused");
     assert!(too_many.contains("asks to hold"), "{too_many}");
-    assert!(restore(&mem, &status, &saved).is_ok());
+    assert!(restore_transport(&mem, &saved, |mem| restore_balloon(mem, &status, &saved)).is_ok());
 }

@@ -3,41 +3,45 @@
 //! straight into guest memory. Every case must end in an error status, a zero-length
 //! used entry or DEVICE_NEEDS_RESET, never a panic or an access outside guest memory.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::vstate::memory::GuestRam;
-use vm_memory::{Address, Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{feature, Block};
 use super::request::{S_IOERR, S_OK, S_UNSUPP, T_GET_ID, T_IN, T_OUT};
 use crate::devices::bus::BusDevice;
-use crate::devices::virtio::mmio::{reg, MmioTransport};
-use crate::devices::virtio::{features, status, VirtioInterrupt};
+use crate::devices::virtio::mmio::reg;
+use crate::devices::virtio::mmio::TransportState;
+use crate::devices::virtio::test_driver::restore_transport;
+use crate::devices::virtio::test_driver::{
+    deref_to_driver, Desc, QueueLayout, TestDriver, F_INDIRECT, F_NEXT, F_WRITE, RINGS,
+};
+use crate::devices::virtio::{status, DeviceStateError, VirtioDevice, VirtioDeviceState};
+use crate::snapshot::Persist;
 use crate::storage::{Disk, DiskStats};
-use crate::vstate::memory::create_ram;
 
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+/// virtio-blk's only queue.
+const REQUESTS: usize = 0;
+/// Where the driver puts the request queue's descriptor table.
+const DESC: u64 = RINGS;
 const HEADER: u64 = 0x10000;
 const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x30000;
 const QUEUE_SIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
+/// Every feature a driver could want.
+const WANTED: u64 = feature::FLUSH | feature::RO | feature::DISCARD | feature::WRITE_ZEROES;
 
+/// A disk device driven by a [`TestDriver`] (which the harness derefs to), with its image
+/// on the host and its I/O counters.
 struct Harness {
-    mem: Arc<GuestRam>,
-    transport: MmioTransport,
+    driver: TestDriver,
     stats: Arc<DiskStats>,
-    interrupts: Arc<AtomicUsize>,
-    avail_idx: u16,
     disk_path: PathBuf,
 }
+
+deref_to_driver!(Harness);
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("luvisor-hostile-{}", std::process::id()));
@@ -53,92 +57,52 @@ impl Harness {
         std::fs::write(&disk_path, vec![0x5Au8; 1 << 20]).unwrap();
         let disk = Disk::open(&disk_path, readonly).unwrap();
         let backend = disk.attach().unwrap();
-        let mem = Arc::new(create_ram(memory).unwrap());
-        let interrupts = Arc::new(AtomicUsize::new(0));
-        let counter = interrupts.clone();
-        let interrupt = Arc::new(VirtioInterrupt::new(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            Box::new(move || {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }),
-        ));
-        let transport = MmioTransport::new(
-            Box::new(Block::new(&disk, backend)),
-            mem.clone(),
-            vec![EventFd::new(EFD_NONBLOCK).unwrap()],
-            interrupt,
-        );
+        let driver = TestDriver::new(memory, |_| Box::new(Block::new(&disk, backend)));
         Harness {
-            mem,
-            transport,
+            driver,
             stats: disk.stats().clone(),
-            interrupts,
-            avail_idx: 0,
             disk_path,
         }
     }
 
-    fn write_reg(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
-    }
-
-    fn read_reg(&mut self, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.transport.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
     /// The standard driver setup, with queue parameters the test may spoil.
-    fn setup(&mut self, size: u32, desc: u64) {
-        self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        let wanted = features::VERSION_1
-            | feature::FLUSH
-            | feature::RO
-            | feature::DISCARD
-            | feature::WRITE_ZEROES;
-        self.write_reg(reg::DEVICE_FEATURES_SEL, 0);
-        let low = self.read_reg(reg::DEVICE_FEATURES) as u64;
-        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
-        let offered = low | (self.read_reg(reg::DEVICE_FEATURES) as u64) << 32;
-        let acked = offered & wanted;
-        self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
-        self.write_reg(reg::DRIVER_FEATURES, acked as u32);
-        self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
-        self.write_reg(reg::DRIVER_FEATURES, (acked >> 32) as u32);
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        self.write_reg(reg::QUEUE_SEL, 0);
-        self.write_reg(reg::QUEUE_NUM, size);
-        self.write_reg(reg::QUEUE_DESC_LOW, desc as u32);
-        self.write_reg(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        self.write_reg(reg::QUEUE_DRIVER_LOW, AVAIL as u32);
-        self.write_reg(reg::QUEUE_DEVICE_LOW, USED as u32);
-        self.write_reg(reg::QUEUE_READY, 1);
-        self.write_reg(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+    fn setup(&mut self, size: u16, desc_table: u64) {
+        self.acknowledge();
+        self.negotiate(WANTED);
+        let layout = QueueLayout {
+            desc_table,
+            ..QueueLayout::default_for(REQUESTS)
+        };
+        self.setup_queue_at(REQUESTS, size, layout);
+        self.driver_ok();
     }
 
     fn ready(name: &str) -> Harness {
         let mut h = Harness::new(name, false, 16 << 20);
-        h.setup(QUEUE_SIZE as u32, DESC);
+        h.setup(QUEUE_SIZE, DESC);
         assert!(!h.needs_reset());
         h
     }
 
-    fn needs_reset(&mut self) -> bool {
-        self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
+    /// Writes descriptor `index` of the request queue, whatever it holds.
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.driver.desc(REQUESTS, index, addr, len, flags, next);
     }
 
-    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC + index as u64 * 16);
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    /// Publishes `head` on the request queue and lets the device run.
+    fn kick(&mut self, head: u16) {
+        self.driver.kick(REQUESTS, head);
+    }
+
+    /// The request queue's newest used entry: (descriptor id, length).
+    fn last_used(&self) -> (u32, u32) {
+        self.driver.last_used(REQUESTS)
+    }
+
+    /// Writes `descs` as a chain from descriptor 0, publishes it and lets the device run.
+    fn request(&mut self, descs: &[Desc]) {
+        self.write_chain(REQUESTS, 0, descs);
+        self.kick(0);
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -150,31 +114,6 @@ impl Harness {
         self.mem.write_obj(0xEEu8, GuestAddress(STATUS)).unwrap();
     }
 
-    /// Publishes `head` on the available ring and lets the device run.
-    fn kick(&mut self, head: u16) {
-        let slot = self.avail_idx % QUEUE_SIZE;
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + slot as u64 * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
-        self.transport.process_queue(0);
-    }
-
-    /// The newest used entry: (descriptor id, length).
-    fn last_used(&self) -> (u32, u32) {
-        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        assert!(idx > 0, "no used entry");
-        let slot = (idx - 1) % QUEUE_SIZE;
-        let at = GuestAddress(USED + 4 + slot as u64 * 8);
-        (
-            self.mem.read_obj(at).unwrap(),
-            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
-        )
-    }
-
     fn status_byte(&self) -> u8 {
         self.mem.read_obj(GuestAddress(STATUS)).unwrap()
     }
@@ -182,10 +121,11 @@ impl Harness {
     /// A well-formed 1-sector read; proves the device still works.
     fn good_read(&mut self) {
         self.header(T_IN, 1);
-        self.desc(0, HEADER, 16, F_NEXT, 1);
-        self.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
-        self.desc(2, STATUS, 1, F_WRITE, 0);
-        self.kick(0);
+        self.request(&[
+            Desc::readable(HEADER, 16),
+            Desc::writable(DATA, 512),
+            Desc::writable(STATUS, 1),
+        ]);
         assert_eq!(self.last_used(), (0, 513));
         assert_eq!(self.status_byte(), S_OK);
         let data: [u8; 4] = self.mem.read_obj(GuestAddress(DATA)).unwrap();
@@ -202,10 +142,11 @@ fn well_formed_requests_work() {
         "completion raised the interrupt"
     );
     h.header(T_GET_ID, 0);
-    h.desc(0, HEADER, 16, F_NEXT, 1);
-    h.desc(1, DATA, 4, F_WRITE | F_NEXT, 2); // shorter than the 20-byte id: truncated
-    h.desc(2, STATUS, 1, F_WRITE, 0);
-    h.kick(0);
+    h.request(&[
+        Desc::readable(HEADER, 16),
+        Desc::writable(DATA, 4), // shorter than the 20-byte id: truncated
+        Desc::writable(STATUS, 1),
+    ]);
     assert_eq!(h.status_byte(), S_OK);
     let id: [u8; 4] = h.mem.read_obj(GuestAddress(DATA)).unwrap();
     assert_eq!(&id, b"good");
@@ -294,11 +235,12 @@ fn descriptor_loops_end() {
 #[test]
 fn oversized_and_misaligned_transfers() {
     let mut h = Harness::new("big.img", false, 64 << 20);
-    h.setup(QUEUE_SIZE as u32, DESC);
-    // 40 MiB read: inside guest memory, but beyond the device's transfer limit.
+    h.setup(QUEUE_SIZE, DESC);
+    // 40 MiB read: inside guest memory (above the rings), but beyond the device's
+    // transfer limit.
     h.header(T_IN, 0);
     h.desc(0, HEADER, 16, F_NEXT, 1);
-    h.desc(1, 0x100000, 40 << 20, F_WRITE | F_NEXT, 2);
+    h.desc(1, 0x20_0000, 40 << 20, F_WRITE | F_NEXT, 2);
     h.desc(2, STATUS, 1, F_WRITE, 0);
     h.kick(0);
     assert_eq!(h.status_byte(), S_IOERR);
@@ -342,9 +284,7 @@ fn more_segments_than_seg_max() {
 fn unknown_requests_are_unsupported() {
     let mut h = Harness::ready("unsupp.img");
     h.header(99, 0);
-    h.desc(0, HEADER, 16, F_NEXT, 1);
-    h.desc(1, STATUS, 1, F_WRITE, 0);
-    h.kick(0);
+    h.request(&[Desc::readable(HEADER, 16), Desc::writable(STATUS, 1)]);
     assert_eq!(h.status_byte(), S_UNSUPP);
 }
 
@@ -361,13 +301,14 @@ fn indirect_tables_outside_memory() {
 #[test]
 fn read_only_disks_reject_writes() {
     let mut h = Harness::new("ro.img", true, 16 << 20);
-    h.setup(QUEUE_SIZE as u32, DESC);
+    h.setup(QUEUE_SIZE, DESC);
     h.mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
     h.header(T_OUT, 0);
-    h.desc(0, HEADER, 16, F_NEXT, 1);
-    h.desc(1, DATA, 512, F_NEXT, 2);
-    h.desc(2, STATUS, 1, F_WRITE, 0);
-    h.kick(0);
+    h.request(&[
+        Desc::readable(HEADER, 16),
+        Desc::readable(DATA, 512),
+        Desc::writable(STATUS, 1),
+    ]);
     assert_eq!(h.status_byte(), S_IOERR);
     assert_eq!(h.stats.snapshot().errors, 1);
     assert_eq!(
@@ -380,18 +321,17 @@ fn read_only_disks_reject_writes() {
 #[test]
 fn bogus_available_index_needs_reset() {
     let mut h = Harness::ready("avail.img");
-    h.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
-    h.transport.process_queue(0);
+    let avail_idx = h.layout(REQUESTS).avail_idx();
+    h.mem.write_obj(1000u16, avail_idx).unwrap();
+    h.notify(REQUESTS);
     assert!(h.needs_reset());
     // Further notifications are ignored until the driver resets the device (and return
     // at once: a broken queue is never polled).
-    h.transport.process_queue(0);
+    h.notify(REQUESTS);
     h.write_reg(reg::STATUS, 0);
     assert_eq!(h.read_reg(reg::STATUS), 0);
-    h.avail_idx = 0;
-    h.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
-    h.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
-    h.setup(QUEUE_SIZE as u32, DESC);
+    h.forget_rings();
+    h.setup(QUEUE_SIZE, DESC);
     assert!(!h.needs_reset());
     h.good_read();
 }
@@ -407,15 +347,15 @@ fn head_index_out_of_range() {
 
 #[test]
 fn bad_queue_setup_needs_reset() {
-    for size in [0u32, 3, 1024] {
+    for size in [0u16, 3, 1024] {
         let mut h = Harness::new("size.img", false, 16 << 20);
         h.setup(size, DESC);
         assert!(h.needs_reset(), "queue size {size}");
     }
     let mut h = Harness::new("desc.img", false, 16 << 20);
-    h.setup(QUEUE_SIZE as u32, 1 << 40); // descriptor table outside guest memory
+    h.setup(QUEUE_SIZE, 1 << 40); // descriptor table outside guest memory
     assert!(h.needs_reset());
-    h.transport.process_queue(0);
+    h.notify(REQUESTS);
 }
 
 #[test]
@@ -444,19 +384,29 @@ fn features_must_be_a_subset_with_version_1() {
 #[test]
 fn a_reset_leaves_no_no_notify_behind() {
     let mut h = Harness::ready("no-notify.img");
-    h.mem.write_obj(1u16, GuestAddress(USED)).unwrap();
+    let used_flags = h.layout(REQUESTS).used_flags();
+    h.mem.write_obj(1u16, used_flags).unwrap();
     h.write_reg(reg::STATUS, 0);
-    assert_eq!(h.mem.read_obj::<u16>(GuestAddress(USED)).unwrap(), 0);
+    assert_eq!(h.mem.read_obj::<u16>(used_flags).unwrap(), 0);
+}
+
+/// A block device restored from `state` over the image at `disk_path`.
+fn restore_block(
+    disk_path: &Path,
+    state: &TransportState,
+) -> Result<Box<dyn VirtioDevice>, DeviceStateError> {
+    let disk = Disk::open(disk_path, false).unwrap();
+    let VirtioDeviceState::Block(block_state) = &state.device else {
+        panic!("not a block state");
+    };
+    let device = Block::restore_from(&disk, disk.attach().unwrap(), block_state)?;
+    Ok(Box::new(device))
 }
 
 /// Saves a block device and its transport in the middle of use, sends the state through
 /// the snapshot encoding, restores it into a new device on the same memory, and checks
 /// that the state is unchanged and that the device goes on serving the same queue.
 pub(crate) fn block_state_round_trips() {
-    use crate::devices::virtio::mmio::{TransportArgs, TransportState};
-    use crate::devices::virtio::VirtioDeviceState;
-    use crate::snapshot::Persist;
-
     let mut h = Harness::ready("round-trip.img");
     h.good_read();
     h.good_read();
@@ -468,49 +418,24 @@ pub(crate) fn block_state_round_trips() {
     assert_eq!(decoded, saved);
 
     let Harness {
-        mem,
-        transport,
+        driver,
         stats,
-        interrupts,
-        avail_idx,
         disk_path,
     } = h;
-    // The image's lock goes with the old device.
-    drop(transport);
-    let disk = Disk::open(&disk_path, false).unwrap();
-    let VirtioDeviceState::Block(block_state) = &decoded.device else {
-        panic!("not a block state");
+    // The image's lock goes with the old device, which the driver drops first.
+    let driver = driver
+        .restore(&decoded, |_| restore_block(&disk_path, &decoded))
+        .unwrap();
+    let mut h = Harness {
+        driver,
+        stats,
+        disk_path,
     };
-    let device = Block::restore_from(&disk, disk.attach().unwrap(), block_state).unwrap();
-    let counter = interrupts.clone();
-    let restored = MmioTransport::restore(
-        TransportArgs {
-            device: Box::new(device),
-            mem: mem.clone(),
-            queue_events: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
-            interrupt: Arc::new(VirtioInterrupt::new(
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-                Box::new(move || {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                }),
-            )),
-        },
-        &decoded,
-    )
-    .unwrap();
     assert_eq!(
-        restored.save().unwrap(),
+        h.transport.save().unwrap(),
         saved,
         "a restored device saves the same state"
     );
-    let mut h = Harness {
-        mem,
-        transport: restored,
-        stats,
-        interrupts,
-        avail_idx,
-        disk_path,
-    };
     assert!(!h.needs_reset());
     h.good_read();
     assert_eq!(h.last_used(), (0, 513));
@@ -518,39 +443,15 @@ pub(crate) fn block_state_round_trips() {
 
 #[test]
 fn restored_state_that_does_not_fit_the_device_is_refused() {
-    use crate::devices::virtio::mmio::TransportArgs;
-    use crate::devices::virtio::VirtioDeviceState;
-    use crate::snapshot::Persist;
-
     let mut h = Harness::ready("refused.img");
     h.good_read();
     let saved = h.transport.save().unwrap();
-    let Harness {
-        mem,
-        transport,
-        disk_path,
-        ..
-    } = h;
-    drop(transport);
-    let disk = Disk::open(&disk_path, false).unwrap();
-    let restore = |state: &crate::devices::virtio::mmio::TransportState| {
-        let VirtioDeviceState::Block(block) = &state.device else {
-            panic!("not a block state");
-        };
-        let device = Block::restore_from(&disk, disk.attach().unwrap(), block)?;
-        MmioTransport::restore(
-            TransportArgs {
-                device: Box::new(device),
-                mem: mem.clone(),
-                queue_events: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
-                interrupt: Arc::new(VirtioInterrupt::new(
-                    EventFd::new(EFD_NONBLOCK).unwrap(),
-                    Box::new(|| {}),
-                )),
-            },
-            state,
-        )
-        .map(|_| ())
+    let mem = h.mem.clone();
+    let disk_path = h.disk_path.clone();
+    // The image's lock goes with the old device.
+    drop(h);
+    let restore = |state: &TransportState| {
+        restore_transport(&mem, state, |_| restore_block(&disk_path, state)).map(|_| ())
     };
     let mut bad = saved.clone();
     bad.queues[0].used_ring = 1 << 40;
