@@ -337,12 +337,6 @@ impl SecureChannel {
             let mut refusal = VERSION_REFUSED.to_vec();
             refusal.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
             let _ = stream.write_all(&refusal);
-            tracing::warn!(
-                peer,
-                version,
-                ours = PROTOCOL_VERSION,
-                "a peer speaks another protocol version; connection refused"
-            );
             return Err(ChannelError::Version { peer, version });
         }
         let root = key.root();
