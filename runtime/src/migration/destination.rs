@@ -519,7 +519,11 @@ impl Incoming<'_> {
                             let progress = &progress;
                             let spawned = std::thread::Builder::new()
                                 .name("mig-prefault".into())
-                                .spawn_scoped(scope, move || prefault(planned, progress));
+                                // SAFETY: only runs from `plan_in` on `memory` are sent
+                                // to it, and `memory` outlives this scope.
+                                .spawn_scoped(scope, move || unsafe {
+                                    prefault(planned, progress)
+                                });
                             if spawned.is_ok() {
                                 prefaulter = Some(work);
                             }
@@ -651,7 +655,15 @@ fn host_range(memory: &GuestRam, gpa: u64, pages: u64) -> Result<(*mut u8, usize
 /// pages the source holds (the plan is what the source has in memory), never writes
 /// a byte of them, and nothing depends on it: a page it has not reached is faulted in
 /// by the receiver, as without a plan.
-fn prefault(planned: std::sync::mpsc::Receiver<Vec<PlannedRun>>, progress: &PrefaultProgress) {
+///
+/// # Safety
+///
+/// Every run sent to it must lie in anonymous guest RAM mapped read-write that stays
+/// mapped until this returns (runs from [`plan_in`], on RAM that outlives the thread).
+unsafe fn prefault(
+    planned: std::sync::mpsc::Receiver<Vec<PlannedRun>>,
+    progress: &PrefaultProgress,
+) {
     while let Ok(runs) = planned.recv() {
         for (gpa, host, len) in runs {
             let mut offset = 0;
@@ -662,7 +674,9 @@ fn prefault(planned: std::sync::mpsc::Receiver<Vec<PlannedRun>>, progress: &Pref
                 let chunk = (len - offset).min(PREFAULT_CHUNK);
                 let end = gpa + (offset + chunk) as u64;
                 if end > progress.receiver_at.load(Ordering::Acquire) {
-                    populate_for_write((host + offset) as *mut u8, chunk);
+                    // SAFETY: the chunk lies in a run, which lies in live guest RAM
+                    // (the caller vouches for the runs).
+                    unsafe { populate_for_write((host + offset) as *mut u8, chunk) };
                 }
                 progress.done_until.store(end, Ordering::Release);
                 offset += chunk;
@@ -718,9 +732,11 @@ fn receive_pages(
                 Some(progress) if end <= progress.done_until.load(Ordering::Acquire) => {}
                 Some(progress) => {
                     progress.receiver_at.store(run.gpa, Ordering::Release);
-                    populate_for_write(host, len);
+                    // SAFETY: the run lies in guest RAM (checked above).
+                    unsafe { populate_for_write(host, len) };
                 }
-                None => populate_for_write(host, len),
+                // SAFETY: as above.
+                None => unsafe { populate_for_write(host, len) },
             }
             // SAFETY: `host` has `len` writable bytes of guest RAM (checked above), and
             // nothing else reads or writes this RAM: the VM is not built yet (see the
@@ -747,10 +763,14 @@ fn receive_pages(
 /// rather than one page fault per 4 KiB page as the copy would take them (a page fault
 /// costs about a microsecond here, more than copying the page). Best effort: a kernel
 /// without `MADV_POPULATE_WRITE` (before 5.14) leaves it to the faults.
-fn populate_for_write(host: *mut u8, len: usize) {
-    // SAFETY: `host` is page-aligned and `len` bytes of it are guest RAM mapped
-    // read-write (the caller checked the range); populating only allocates zeroed
-    // pages where none are, and changes no byte already there.
+///
+/// # Safety
+///
+/// `host` must be page-aligned and `len` bytes from it must be anonymous guest RAM mapped
+/// read-write (populating such memory only allocates zeroed pages where none are, and
+/// changes no byte already there).
+unsafe fn populate_for_write(host: *mut u8, len: usize) {
+    // SAFETY: the caller vouches for the range (above).
     let result = unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
     if result != 0 {
         tracing::trace!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE failed");
@@ -846,7 +866,8 @@ mod tests {
         let (work, planned) = std::sync::mpsc::channel();
         work.send(runs).unwrap();
         drop(work);
-        prefault(planned, &progress);
+        // SAFETY: the runs come from `plan_in` on `memory`, which outlives the call.
+        unsafe { prefault(planned, &progress) };
         assert_eq!(progress.done_until.load(Ordering::Acquire), 0x80_1000);
         // The 601 planned pages are in memory now (one of them was already), and no
         // byte changed.
@@ -876,7 +897,8 @@ mod tests {
         )
         .unwrap();
         drop(work);
-        prefault(planned, &progress);
+        // SAFETY: as above.
+        unsafe { prefault(planned, &progress) };
         assert_eq!(crate::vstate::memory::resident_bytes(&memory), after);
     }
 
