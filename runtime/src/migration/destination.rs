@@ -1,8 +1,9 @@
 //! The destination side of a live migration: it checks the offer, fills fresh guest
-//! RAM with the pages that arrive, builds the VM from the final state with its vCPUs
-//! and devices waiting paused (state `incoming`), says READY, and runs the VM only
-//! when the source says GO. Anything that goes wrong before GO throws the VM away
-//! here; the source still has it. See `source.rs` for the whole state machine.
+//! RAM with the pages that arrive (read from the socket straight into place, with a
+//! second thread faulting the RAM in ahead of them), builds the VM from the final state
+//! with its vCPUs and devices waiting paused (state `incoming`), says READY, and runs
+//! the VM only when the source says GO. Anything that goes wrong before GO throws the
+//! VM away here; the source still has it. See `source.rs` for the whole state machine.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -9,7 +9,8 @@
 //!    the VMM's bitmap ([`take_dirty`]).
 //! 3. Send every page that may hold data (pages the host never mapped read as zero
 //!    and the destination's fresh RAM is zero already): zero pages are skipped, the
-//!    rest go as data, 1 MiB per frame.
+//!    rest go as data, 1 MiB per frame. A plan of those pages goes first, so the
+//!    destination can fault its RAM in ahead of them on a second thread.
 //! 4. While the VM runs, take the dirty pages and send them again, zero pages as
 //!    markers; the bandwidth of the last pass tells how long the remaining pages would
 //!    take. Once that fits `max_downtime`, go to the final phase. If the remainder does
