@@ -1,23 +1,29 @@
-//! Remote control with real VMs: this process plays the `luvisor serve` host (a registry
-//! behind the control handler, on a loopback port, through the test listener that stands
-//! in for serve's accept loop), and is driven by the Rust client, by a `luvisor run`
-//! script using `hv.connect`, and by `luvisor repl --connect`.
+//! Remote control with real VMs, from the three clients: the Rust client, a
+//! `luvisor run` script using `hv.connect`, and `luvisor repl --connect`.
 //!
-//! Every wait is for an event (console output, the guest's end), never for a time.
+//! The script and the REPL drive a real `luvisor serve CONFIG --listen ADDR --key-file
+//! KEY` process ([`ServeHost`]): the config script creates the VMs, and what the tests
+//! check goes through the remote connection only, as for a user. The Rust client test
+//! plays the host itself (a registry behind the control handler, on a loopback port,
+//! through the test listener that stands in for serve's accept loop), because it checks
+//! what the remote calls did against the VM's own view in this process (its state, its
+//! memory read directly, a handle gone stale).
+//!
+//! Every wait is for an event (console output, the guest's end, a line the host
+//! printed), never for a time.
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use luvisor_runtime::migration::PeerKey;
 use luvisor_runtime::remote::protocol::FailureKind;
 use luvisor_runtime::remote::{test_listener, RemoteError, RemoteHost};
-use luvisor_runtime::vm::dynamic_memory::MemoryKnobs;
 use luvisor_runtime::{Registry, VmId};
 
 const GREETING: &str = "hello from luvisor guest";
@@ -29,6 +35,60 @@ fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&path, bytes).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
+}
+
+/// A `luvisor serve CONFIG --listen 127.0.0.1:0 --key-file KEY` process, killed (and
+/// its VMs with it) when dropped.
+struct ServeHost {
+    child: Child,
+    addr: String,
+}
+
+impl ServeHost {
+    /// Starts serve in `dir` with `config` as its config script (and `--policies
+    /// policies` when given), and waits until it listens.
+    fn start(dir: &Path, config: &str, key: &Path, policies: Option<&Path>) -> ServeHost {
+        let config_path = dir.join("serve.lua");
+        std::fs::write(&config_path, config).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_luvisor"));
+        command.arg("serve").arg(&config_path);
+        if let Some(policies) = policies {
+            command.arg("--policies").arg(policies);
+        }
+        let mut child = command
+            .args(["--listen", "127.0.0.1:0", "--key-file"])
+            .arg(key)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start luvisor serve");
+        // serve prints `luvisor serve: listening on ADDR` once its listener is up.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut printed = String::new();
+        let addr = loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("luvisor serve ended ({status}) before it listened:\n{printed}");
+            }
+            printed.push_str(&line);
+            if let Some(addr) = line.trim().strip_prefix("luvisor serve: listening on ") {
+                break addr.to_string();
+            }
+        };
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        ServeHost { child, addr }
+    }
+}
+
+impl Drop for ServeHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Serves `registry` on a loopback port with the key in `key`; returns the address.
@@ -201,8 +261,11 @@ fails("host " .. addr .. ": timed out after", vm.wait_for_console, vm, "never pr
 vm:resume()
 assert(vm.state == "running")
 
-fails("host " .. addr .. ": cannot migrate vm 'remote-lua': migration is not available on this host",
-      vm.migrate, vm, "127.0.0.1:1", { max_downtime_ms = 100 })
+-- serve --listen can migrate; to a port where nothing listens the VM stays there.
+local err = fails("host " .. addr .. ": cannot migrate vm 'remote-lua' to 127.0.0.1:1",
+                  vm.migrate, vm, "127.0.0.1:1", { max_downtime_ms = 100 })
+assert(err:find("goes on running", 1, true), err)
+assert(vm.state == "running")
 fails("unknown option 'downtime'", vm.migrate, vm, "127.0.0.1:1", { downtime = 1 })
 
 -- The agent channel, through the remote handle ("listen" serves it while it waits).
@@ -235,6 +298,13 @@ fails("failed authentication", hv.connect, addr, { key_file = wrong_key })
 print("remote script ok")
 "#;
 
+/// The serve config of the script test: one VM with dynamic memory, not started.
+const SCRIPT_HOST_CONFIG: &str = r#"
+hv.vm{ name = "remote-lua",
+       memory = { startup = "64M", min = "32M", max = "128M", buffer = 20, weight = 5000 },
+       guest = hv.guest.builtin{ cmdline = "listen" } }
+"#;
+
 #[test]
 fn a_script_drives_a_remote_vm_through_hv_connect() {
     if !common::kvm_available() {
@@ -243,39 +313,24 @@ fn a_script_drives_a_remote_vm_through_hv_connect() {
     let dir = common::scratch_dir("remote-lua");
     let key = key_file(&dir, "key", b"a key for the lua script test 0123");
     let wrong = key_file(&dir, "wrong", b"this is some other host's key!!!!");
-    let registry = Arc::new(Registry::new());
-    let mut config = common::builtin("remote-lua", "listen");
-    let knobs = MemoryKnobs {
-        startup: 64 << 20,
-        min: 32 << 20,
-        max: 128 << 20,
-        buffer_percent: 20,
-        weight: 5000,
-    };
-    config.memory = knobs.max;
-    config.dynamic_memory = Some(knobs);
-    registry.create(config).unwrap();
     // A policy that decides nothing, so that the script's targets stay as it sets them.
-    let policy = dir.join("quiet.lua");
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(
-        &policy,
+        policies.join("quiet.lua"),
         "return { name = 'quiet', interval_ms = 1000, tick = function(ctx) end }\n",
     )
     .unwrap();
-    luvisor_lua::policy::engine(&registry)
-        .load(&policy, luvisor_lua::policy::Limits::default())
-        .unwrap();
-    let addr = serve(&registry, &key);
+    let host = ServeHost::start(&dir, SCRIPT_HOST_CONFIG, &key, Some(&policies));
     let (code, stdout, stderr) = common::run_script(
         &dir,
         "remote.lua",
         SCRIPT,
-        &[&addr, key.to_str().unwrap(), wrong.to_str().unwrap()],
+        &[&host.addr, key.to_str().unwrap(), wrong.to_str().unwrap()],
     );
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("remote script ok"), "{stdout}");
-    luvisor_lua::policy::shutdown(&registry);
-    registry.stop_all();
+    drop(host);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -286,9 +341,13 @@ fn repl_connect_binds_the_remote_host_to_host() {
     }
     let dir = common::scratch_dir("remote-repl");
     let key = key_file(&dir, "key", b"a key for the repl connect test 01");
-    let registry = Arc::new(Registry::new());
-    registry.create(common::builtin("far", "listen")).unwrap();
-    let addr = serve(&registry, &key);
+    let host = ServeHost::start(
+        &dir,
+        "hv.vm{ name = 'far', guest = hv.guest.builtin{ cmdline = 'listen' } }\n",
+        &key,
+        None,
+    );
+    let addr = host.addr.clone();
     let mut child = Command::new(env!("CARGO_BIN_EXE_luvisor"))
         .args(["repl", "--connect", &addr, "--key-file"])
         .arg(&key)
@@ -328,8 +387,10 @@ fn repl_connect_binds_the_remote_host_to_host() {
     );
     // Piped input with a failed chunk exits 1.
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert_eq!(registry.find("far").unwrap().state().as_str(), "running");
-    registry.stop_all();
+    let mut remote = RemoteHost::connect_with_key_file(&addr, &key, T).unwrap();
+    assert_eq!(remote.find_vm("far").unwrap().state, "running");
+    drop(remote);
+    drop(host);
 
     // A host that cannot be reached: a clear error and exit code 1 before any prompt.
     let out = Command::new(env!("CARGO_BIN_EXE_luvisor"))

@@ -1,20 +1,24 @@
 //! The destination side of a live migration: it checks the offer, fills fresh guest
-//! RAM with the pages that arrive, builds the VM from the final state with its vCPUs
-//! and devices waiting paused (state `incoming`), says READY, and runs the VM only
-//! when the source says GO. Anything that goes wrong before GO throws the VM away
-//! here; the source still has it. See `source.rs` for the whole state machine.
+//! RAM with the pages that arrive (read from the socket straight into place, with a
+//! second thread faulting the RAM in ahead of them), builds the VM from the final state
+//! with its vCPUs and devices waiting paused (state `incoming`), says READY, and runs
+//! the VM only when the source says GO. Anything that goes wrong before GO throws the
+//! VM away here; the source still has it. See `source.rs` for the whole state machine.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::channel::IncomingFrame;
 use super::protocol::{
-    decode, decode_pages, encode, FaultAction, FaultPoint, FinalState, Hello, Offer, Outcome,
-    PageRun, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES,
-    KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC, KIND_SYNCED,
+    decode, decode_plan, decode_run_table, encode, run_table_len, FaultAction, FaultPoint,
+    FinalState, Hello, Offer, Outcome, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO,
+    KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC,
+    KIND_SYNCED,
 };
 use super::{Fault, SecureChannel};
 use crate::builder::RestoreParts;
@@ -386,38 +390,9 @@ impl Incoming<'_> {
         self.channel.send(KIND_ACCEPT, &[])?;
 
         // Pages, until the final state.
-        let mut buf = Vec::new();
-        let final_state: FinalState = loop {
-            let kind = self.channel.recv_into(&mut buf)?;
-            self.bytes += buf.len() as u64;
-            match kind {
-                KIND_PAGES => {
-                    apply_pages(&memory, &buf)?;
-                    self.frames += 1;
-                    if let Flow::Dropped = self.fault(FaultPoint::Pages(self.frames)) {
-                        return Ok(false);
-                    }
-                }
-                KIND_SYNC => self.channel.send(KIND_SYNCED, &[])?,
-                KIND_STATE => break decode(&buf, "final state").map_err(Failed)?,
-                KIND_ABORT => {
-                    tracing::info!(
-                        peer = self.peer,
-                        reason = %String::from_utf8_lossy(&buf),
-                        "the source gave up the migration"
-                    );
-                    return Ok(false);
-                }
-                KIND_ERROR => {
-                    return Err(Failed(format!(
-                        "the source failed: {}",
-                        String::from_utf8_lossy(&buf)
-                    )))
-                }
-                other => return Err(Failed(format!("unexpected frame kind {other} among pages"))),
-            }
+        let Some(final_state) = self.receive_memory(&memory)? else {
+            return Ok(false);
         };
-        drop(buf);
         if let Flow::Dropped = self.fault(FaultPoint::State) {
             return Ok(false);
         }
@@ -508,6 +483,97 @@ impl Incoming<'_> {
         Ok(true)
     }
 
+    /// Receives pages until the final state arrives: `Ok(None)` when the migration
+    /// ended quietly (the source gave up, or an injected fault dropped it).
+    fn receive_memory(&mut self, memory: &GuestRam) -> Result<Option<FinalState>, Failed> {
+        let progress = PrefaultProgress::default();
+        std::thread::scope(|scope| {
+            // However this ends, the prefaulter stops before the scope waits for it.
+            let _stop = StopOnDrop(&progress.stop);
+            let mut prefaulter: Option<std::sync::mpsc::Sender<Vec<PlannedRun>>> = None;
+            let stop_prefaulting = |prefaulter: &mut Option<_>| {
+                if prefaulter.take().is_some() {
+                    progress.stop.store(true, Ordering::Release);
+                }
+            };
+            let mut buf = Vec::new();
+            let result = loop {
+                let mut frame = self.channel.recv_streamed()?;
+                let kind = frame.kind();
+                self.bytes += frame.remaining() as u64;
+                if kind == KIND_PAGES {
+                    let ahead = prefaulter.as_ref().map(|_| &progress);
+                    receive_pages(frame, memory, &mut buf, ahead)?;
+                    self.frames += 1;
+                    if let Flow::Dropped = self.fault(FaultPoint::Pages(self.frames)) {
+                        break None;
+                    }
+                    continue;
+                }
+                buf.resize(frame.remaining(), 0);
+                frame.read(&mut buf)?;
+                frame.finish()?;
+                match kind {
+                    KIND_PLAN => {
+                        let runs = plan_in(memory, &buf)?;
+                        if prefaulter.is_none() && !progress.stop.load(Ordering::Acquire) {
+                            let (work, planned) = std::sync::mpsc::channel();
+                            let progress = &progress;
+                            let spawned = std::thread::Builder::new()
+                                .name("mig-prefault".into())
+                                // SAFETY: only runs from `plan_in` on `memory` are sent
+                                // to it, and `memory` outlives this scope.
+                                .spawn_scoped(scope, move || unsafe {
+                                    prefault(planned, progress)
+                                });
+                            if spawned.is_ok() {
+                                prefaulter = Some(work);
+                            }
+                        }
+                        if let Some(work) = &prefaulter {
+                            let _ = work.send(runs);
+                        }
+                    }
+                    KIND_SYNC => {
+                        // The full pass is over: later passes rewrite pages in no
+                        // particular order, which the prefaulter cannot run ahead of.
+                        stop_prefaulting(&mut prefaulter);
+                        self.channel.send(KIND_SYNCED, &[])?;
+                    }
+                    KIND_STATE => {
+                        tracing::debug!(
+                            peer = self.peer,
+                            frames = self.frames,
+                            bytes = self.bytes,
+                            ms = self.started_at.elapsed().as_secs_f64() * 1000.0,
+                            cpu_ms = super::thread_cpu_time().as_secs_f64() * 1000.0,
+                            "pages received"
+                        );
+                        break Some(decode(&buf, "final state").map_err(Failed)?);
+                    }
+                    KIND_ABORT => {
+                        tracing::info!(
+                            peer = self.peer,
+                            reason = %String::from_utf8_lossy(&buf),
+                            "the source gave up the migration"
+                        );
+                        break None;
+                    }
+                    KIND_ERROR => {
+                        return Err(Failed(format!(
+                            "the source failed: {}",
+                            String::from_utf8_lossy(&buf)
+                        )))
+                    }
+                    other => {
+                        return Err(Failed(format!("unexpected frame kind {other} among pages")))
+                    }
+                }
+            };
+            Ok(result)
+        })
+    }
+
     fn notify(&self, arrival: Arrival) {
         let arrivals = self
             .context
@@ -520,57 +586,236 @@ impl Incoming<'_> {
     }
 }
 
-/// Copies the runs of a pages frame into guest RAM. Zero runs clear only pages that are
-/// not zero already, so they cost no host memory.
-fn apply_pages(memory: &GuestRam, frame: &[u8]) -> Result<(), Failed> {
-    for run in decode_pages(frame) {
-        let run = run.map_err(Failed)?;
-        let (gpa, pages) = match &run {
-            PageRun::Data { gpa, data } => (*gpa, data.len() as u64 / PAGE_SIZE),
-            PageRun::Zero { gpa, pages } => (*gpa, *pages),
-        };
-        let len = pages * PAGE_SIZE;
-        let region = memory
-            .find_region(GuestAddress(gpa))
-            .filter(|r| gpa + len <= r.start_addr().0 + r.len())
-            .ok_or_else(|| {
-                Failed(format!(
-                    "pages at {gpa:#x} (+{len:#x}) are not inside guest RAM"
-                ))
-            })?;
-        let offset = (gpa - region.start_addr().0) as usize;
-        // SAFETY: [offset, offset + len) lies inside the region's live mapping (checked
-        // just above); the VM is not built yet, so nothing else touches this memory.
-        let host = unsafe { mapping(region).as_ptr().add(offset) };
-        match run {
-            PageRun::Data { data, .. } => {
-                // SAFETY: `host` has `len` writable bytes (above); `data` is exactly
-                // `len` bytes of the frame buffer, which does not overlap guest RAM.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len()) };
+/// A run of a plan, checked against guest RAM: its guest-physical address, and its
+/// host address and length.
+type PlannedRun = (u64, usize, usize);
+
+/// Where the prefaulter and the receiver are, shared between them.
+#[derive(Default)]
+struct PrefaultProgress {
+    /// Every planned page below this guest-physical address has been faulted in (the
+    /// plan and the full pass both go in address order).
+    done_until: AtomicU64,
+    /// Where the receiver writes now: the prefaulter skips what lies below.
+    receiver_at: AtomicU64,
+    /// Set when the prefaulter must end (the full pass is over, or the migration).
+    stop: AtomicBool,
+}
+
+/// Sets a flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// How much the prefaulter faults in at once.
+const PREFAULT_CHUNK: usize = 2 << 20;
+
+/// The runs of a plan frame, checked to lie in guest RAM.
+fn plan_in(memory: &GuestRam, payload: &[u8]) -> Result<Vec<PlannedRun>, Failed> {
+    decode_plan(payload)
+        .map_err(Failed)?
+        .into_iter()
+        .map(|(gpa, pages)| {
+            let (host, len) = host_range(memory, gpa, pages)?;
+            Ok((gpa, host as usize, len))
+        })
+        .collect()
+}
+
+/// The host address of `pages` pages of guest RAM from `gpa`, and their length; an
+/// error if they are not all inside one RAM region.
+fn host_range(memory: &GuestRam, gpa: u64, pages: u64) -> Result<(*mut u8, usize), Failed> {
+    let len = pages * PAGE_SIZE;
+    let region = memory
+        .find_region(GuestAddress(gpa))
+        .filter(|r| {
+            gpa.checked_add(len)
+                .is_some_and(|end| end <= r.start_addr().0 + r.len())
+        })
+        .ok_or_else(|| {
+            Failed(format!(
+                "pages at {gpa:#x} (+{len:#x}) are not inside guest RAM"
+            ))
+        })?;
+    let offset = (gpa - region.start_addr().0) as usize;
+    // SAFETY: [offset, offset + len) lies inside the region's live mapping (checked just
+    // above).
+    let host = unsafe { mapping(region).as_ptr().add(offset) };
+    Ok((host, len as usize))
+}
+
+/// The prefaulter: faults in the planned RAM in address order, a chunk at a time,
+/// skipping what the receiver has passed already, until told to stop.
+///
+/// Faulting in a fresh 4 KiB page (allocate, clear, map) costs more than receiving and
+/// checking its data; the full pass is its bulk. Done here, on a second thread, it
+/// runs beside the receiver instead of before each of its copies. It only allocates
+/// pages the source holds (the plan is what the source has in memory), never writes
+/// a byte of them, and nothing depends on it: a page it has not reached is faulted in
+/// by the receiver, as without a plan.
+///
+/// # Safety
+///
+/// Every run sent to it must lie in anonymous guest RAM mapped read-write that stays
+/// mapped until this returns (runs from [`plan_in`], on RAM that outlives the thread).
+unsafe fn prefault(
+    planned: std::sync::mpsc::Receiver<Vec<PlannedRun>>,
+    progress: &PrefaultProgress,
+) {
+    while let Ok(runs) = planned.recv() {
+        for (gpa, host, len) in runs {
+            let mut offset = 0;
+            while offset < len {
+                if progress.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let chunk = (len - offset).min(PREFAULT_CHUNK);
+                let end = gpa + (offset + chunk) as u64;
+                if end > progress.receiver_at.load(Ordering::Acquire) {
+                    // SAFETY: the chunk lies in a run, which lies in live guest RAM
+                    // (the caller vouches for the runs).
+                    unsafe { populate_for_write((host + offset) as *mut u8, chunk) };
+                }
+                progress.done_until.store(end, Ordering::Release);
+                offset += chunk;
             }
-            PageRun::Zero { .. } => {
-                for page in 0..pages {
-                    // SAFETY: each page lies inside the `len` bytes checked above, and
-                    // mappings are page-aligned.
-                    unsafe {
-                        let at = host.add((page * PAGE_SIZE) as usize);
-                        if !page_is_zero(at) {
-                            std::ptr::write_bytes(at, 0, PAGE_SIZE as usize);
-                        }
+        }
+    }
+}
+
+/// Receives a pages frame straight into guest RAM: the run table first, then each data
+/// run read from the socket into its place, zero runs cleared; the frame's tag is
+/// checked at its end. `table` is scratch room for the run table. An error (a run
+/// outside RAM, a malformed table, a failed check) ends the migration.
+///
+/// # Why unverified bytes may land in guest RAM here
+///
+/// The data reaches guest RAM before the tag at the end of its frame is checked. That
+/// is safe because of where this RAM is and what happens on a failed check:
+///
+/// - Where: the run table is checked against this VM's RAM before any byte is written,
+///   so whatever a tampered table says, writes land only in the RAM of this incoming
+///   VM, which does not exist yet as a machine: pages frames come only before STATE, no
+///   vCPU or device of it exists, and nothing reads this RAM until the VM is built.
+/// - A failed check: [`SecureChannel`] refuses every later frame after one fails (and
+///   after a frame left half read), so STATE, READY and GO can no longer happen on this
+///   connection. The migration fails, the source resumes its VM, and this RAM is
+///   dropped with everything unverified in it, never run. A VM is built here only from
+///   a STATE frame that arrived after every earlier frame checked out.
+///
+/// What it saves: a frame buffer, and a second copy of every byte (receive into the
+/// buffer, then copy into RAM), on the core that was the migration's bottleneck.
+fn receive_pages(
+    mut frame: IncomingFrame<'_>,
+    memory: &GuestRam,
+    table: &mut Vec<u8>,
+    prefaulted: Option<&PrefaultProgress>,
+) -> Result<(), Failed> {
+    let payload_len = frame.remaining();
+    let mut count = [0u8; 4];
+    frame.read(&mut count)?;
+    let table_len = run_table_len(count, payload_len).map_err(Failed)?;
+    table.resize(table_len, 0);
+    frame.read(table)?;
+    let runs = decode_run_table(table, frame.remaining() as u64).map_err(Failed)?;
+    // Every run is checked before any is written.
+    let places = runs
+        .iter()
+        .map(|run| host_range(memory, run.gpa, run.pages))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (run, (host, len)) in runs.iter().zip(places) {
+        if run.data {
+            let end = run.gpa + len as u64;
+            match prefaulted {
+                Some(progress) if end <= progress.done_until.load(Ordering::Acquire) => {}
+                Some(progress) => {
+                    progress.receiver_at.store(run.gpa, Ordering::Release);
+                    // SAFETY: the run lies in guest RAM (checked above).
+                    unsafe { populate_for_write(host, len) };
+                }
+                // SAFETY: as above.
+                None => unsafe { populate_for_write(host, len) },
+            }
+            // SAFETY: `host` has `len` writable bytes of guest RAM (checked above), and
+            // nothing else reads or writes this RAM: the VM is not built yet (see the
+            // function's docs for why unverified bytes may land there).
+            unsafe { frame.read_raw(host, len) }?;
+        } else {
+            for page in 0..run.pages {
+                // SAFETY: each page lies inside the `len` bytes checked above, and
+                // mappings are page-aligned; nothing else touches this RAM yet.
+                unsafe {
+                    let at = host.add((page * PAGE_SIZE) as usize);
+                    if !page_is_zero(at) {
+                        std::ptr::write_bytes(at, 0, PAGE_SIZE as usize);
                     }
                 }
             }
         }
     }
+    frame.finish()?;
     Ok(())
+}
+
+/// Faults in `len` bytes of fresh anonymous guest RAM at `host` for writing, in one call
+/// rather than one page fault per 4 KiB page as the copy would take them (a page fault
+/// costs about a microsecond here, more than copying the page). Best effort: a kernel
+/// without `MADV_POPULATE_WRITE` (before 5.14) leaves it to the faults.
+///
+/// # Safety
+///
+/// `host` must be page-aligned and `len` bytes from it must be anonymous guest RAM mapped
+/// read-write (populating such memory only allocates zeroed pages where none are, and
+/// changes no byte already there).
+unsafe fn populate_for_write(host: *mut u8, len: usize) {
+    // SAFETY: the caller vouches for the range (above).
+    let result = unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
+    if result != 0 {
+        tracing::trace!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE failed");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::channel::raw::loopback_pair;
+    use crate::migration::channel::TAG;
     use crate::migration::protocol::PageEncoder;
     use crate::vstate::memory::create_ram;
     use vm_memory::Bytes;
+
+    /// Sends `encoder`'s frame over a loopback channel, then `tail` (another frame
+    /// kind, or raw bytes that corrupt the stream) and receives the pages frame into
+    /// `memory`.
+    fn deliver(memory: &GuestRam, encoder: &PageEncoder, tamper: bool) -> Result<(), Failed> {
+        let (mut client, mut server) = loopback_pair();
+        if tamper {
+            // The same frame with one data byte flipped: its tag no longer checks.
+            let payload = encoder.payload();
+            let mut raw = client.frame_bytes(KIND_PAGES, &payload);
+            let last_data = raw.len() - TAG - 1;
+            raw[last_data] ^= 1;
+            client.send_raw(&raw);
+        } else {
+            client.send_parts(KIND_PAGES, &encoder.parts()).unwrap();
+        }
+        client.send(KIND_SYNC, &[]).unwrap();
+        let frame = server.recv_streamed().unwrap();
+        let result = receive_pages(frame, memory, &mut Vec::new(), None);
+        if result.is_ok() {
+            assert_eq!(server.recv().unwrap().0, KIND_SYNC);
+        } else {
+            assert!(
+                server.recv().is_err(),
+                "the channel is dead after a failed frame"
+            );
+        }
+        result
+    }
 
     #[test]
     fn pages_land_where_they_belong_and_nowhere_else() {
@@ -579,21 +824,84 @@ mod tests {
         let mut encoder = PageEncoder::default();
         encoder.push_data(0x1000, |b| b.fill(0xAB));
         encoder.push_zero(0x3000);
-        apply_pages(&memory, encoder.payload()).unwrap();
+        encoder.push_data(0x5000, |b| b.fill(0xCD));
+        deliver(&memory, &encoder, false).unwrap();
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0xAB);
         assert_eq!(memory.read_obj::<u8>(GuestAddress(0x1fff)).unwrap(), 0xAB);
         assert_eq!(memory.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
         assert_eq!(memory.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x5fff)).unwrap(), 0xCD);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x6000)).unwrap(), 0);
 
-        // Past the end of RAM, or straddling it: refused, nothing written.
+        // Past the end of RAM, or straddling it: refused, nothing written (not even
+        // the runs before it).
         for gpa in [1 << 20, (1 << 20) - 0x1000] {
             let mut encoder = PageEncoder::default();
+            encoder.push_data(0x8000, |b| b.fill(1));
             encoder.push_data(gpa, |b| b.fill(1));
             encoder.push_data(gpa + 0x1000, |b| b.fill(1));
-            let Err(err) = apply_pages(&memory, encoder.payload()) else {
+            let Err(err) = deliver(&memory, &encoder, false) else {
                 panic!("pages at {gpa:#x} were accepted");
             };
             assert!(err.0.contains("not inside guest RAM"), "{}", err.0);
+            assert_eq!(memory.read_obj::<u8>(GuestAddress(0x8000)).unwrap(), 0);
         }
+    }
+
+    #[test]
+    fn a_tampered_pages_frame_fails_and_kills_the_channel() {
+        let memory = create_ram(1 << 20).unwrap();
+        let mut encoder = PageEncoder::default();
+        encoder.push_data(0x1000, |b| b.fill(0xAB));
+        let err = deliver(&memory, &encoder, true).unwrap_err();
+        assert!(err.0.contains("integrity"), "{}", err.0);
+    }
+
+    #[test]
+    fn the_prefaulter_faults_in_planned_pages_only_and_writes_nothing() {
+        let memory = create_ram(16 << 20).unwrap();
+        memory.write_obj(0x5Au8, GuestAddress(0x20_0000)).unwrap();
+        let plan = crate::migration::protocol::encode_plan(&[(0x20_0000, 600), (0x80_0000, 1)]);
+        let runs = plan_in(&memory, &plan).unwrap();
+        let before = crate::vstate::memory::resident_bytes(&memory);
+        let progress = PrefaultProgress::default();
+        let (work, planned) = std::sync::mpsc::channel();
+        work.send(runs).unwrap();
+        drop(work);
+        // SAFETY: the runs come from `plan_in` on `memory`, which outlives the call.
+        unsafe { prefault(planned, &progress) };
+        assert_eq!(progress.done_until.load(Ordering::Acquire), 0x80_1000);
+        // The 601 planned pages are in memory now (one of them was already), and no
+        // byte changed.
+        let after = crate::vstate::memory::resident_bytes(&memory);
+        assert_eq!(after - before, 600 * PAGE_SIZE);
+        assert_eq!(
+            memory.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(),
+            0x5A
+        );
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x20_1000)).unwrap(), 0);
+
+        // A plan that leaves RAM is refused; a stopped prefaulter does nothing.
+        let outside = crate::migration::protocol::encode_plan(&[(15 << 20, 257)]);
+        assert!(plan_in(&memory, &outside)
+            .unwrap_err()
+            .0
+            .contains("not inside guest RAM"));
+        let progress = PrefaultProgress::default();
+        progress.stop.store(true, Ordering::Release);
+        let (work, planned) = std::sync::mpsc::channel();
+        work.send(
+            plan_in(
+                &memory,
+                &crate::migration::protocol::encode_plan(&[(0xA0_0000, 16)]),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        drop(work);
+        // SAFETY: as above.
+        unsafe { prefault(planned, &progress) };
+        assert_eq!(crate::vstate::memory::resident_bytes(&memory), after);
     }
 
     #[test]

@@ -33,3 +33,17 @@ pub const KIND_MIGRATE_HELLO: u8 = 1;
 /// [`ServerHandlers::control`] after it, or answers [`KIND_ERROR`] and closes when there
 /// is none.
 pub const KIND_CONTROL_HELLO: u8 = 2;
+
+/// CPU time the calling thread has used, for the debug logs of where a migration's
+/// time went (zero if the clock cannot be read).
+pub(crate) fn thread_cpu_time() -> std::time::Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}

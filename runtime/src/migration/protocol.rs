@@ -13,7 +13,7 @@ use crate::vstate::memory::PAGE_SIZE;
 
 /// The destination accepts the offer: pages may come.
 pub const KIND_ACCEPT: u8 = 10;
-/// Source → destination: guest pages ([`encode`](PageEncoder)).
+/// Source → destination: guest pages (a run table, then the data: [`PageEncoder`]).
 pub const KIND_PAGES: u8 = 11;
 /// Source → destination: the paused machine's state ([`FinalState`]), after the last
 /// pages.
@@ -35,6 +35,10 @@ pub const KIND_OUTCOME: u8 = 17;
 pub const KIND_SYNC: u8 = 18;
 /// Destination → source: the answer to [`KIND_SYNC`].
 pub const KIND_SYNCED: u8 = 19;
+/// Source → destination, before the full pass: the guest pages that pass is about to
+/// send (runs, [`encode_plan`]). A hint only: the destination faults that RAM in on a
+/// thread of its own, ahead of the pages, and nothing else depends on it.
+pub const KIND_PLAN: u8 = 20;
 /// Either way: a UTF-8 error message; the sender closes the connection after it.
 pub const KIND_ERROR: u8 = 255;
 
@@ -110,23 +114,37 @@ pub const RUN_DATA: u8 = 0;
 pub const RUN_ZERO: u8 = 1;
 /// Data bytes a pages frame carries at most (the frame stays far below `MAX_FRAME`).
 pub const PAGES_FRAME_DATA: usize = 1 << 20;
+/// Bytes of run headers a pages frame carries at most (scattered zero pages are one run
+/// each).
+pub const PAGES_FRAME_TABLE: usize = 256 << 10;
 
-/// Builds pages frames: runs of consecutive pages, each either data or zero.
+/// Builds pages frames. A frame's payload is its run table, then the data of its data
+/// runs in table order:
+///
+/// ```text
+/// u32 runs, runs × (u64 guest-physical address, u32 pages, u8 kind), data
+/// ```
+///
+/// The table comes first so that the destination knows where every data byte goes
+/// before it reads it, and reads it straight into guest RAM (`destination.rs`).
 pub struct PageEncoder {
-    buf: Vec<u8>,
+    /// The run count (patched in place), then the run headers.
+    table: Vec<u8>,
+    data: Vec<u8>,
     /// Where the open run's header is, its kind and the address its next page has.
     open: Option<(usize, u8, u64)>,
-    data_bytes: usize,
     pages: u64,
     zero_pages: u64,
 }
 
 impl Default for PageEncoder {
     fn default() -> Self {
+        let mut table = Vec::with_capacity(4 + 64 * RUN_HEADER);
+        table.extend_from_slice(&0u32.to_le_bytes());
         PageEncoder {
-            buf: Vec::with_capacity(PAGES_FRAME_DATA + 64 * RUN_HEADER),
+            table,
+            data: Vec::with_capacity(PAGES_FRAME_DATA),
             open: None,
-            data_bytes: 0,
             pages: 0,
             zero_pages: 0,
         }
@@ -136,12 +154,12 @@ impl Default for PageEncoder {
 impl PageEncoder {
     /// Whether the frame is full and must be sent before the next page.
     pub fn full(&self) -> bool {
-        self.data_bytes + PAGE_SIZE as usize > PAGES_FRAME_DATA
-            || self.buf.len() + RUN_HEADER + PAGE_SIZE as usize > PAGES_FRAME_DATA * 2
+        self.data.len() + PAGE_SIZE as usize > PAGES_FRAME_DATA
+            || self.table.len() + RUN_HEADER > PAGES_FRAME_TABLE
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.pages == 0
     }
 
     /// Adds the page at `gpa` as zero.
@@ -154,10 +172,9 @@ impl PageEncoder {
     /// into the slice it is given.
     pub fn push_data(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8])) {
         self.extend_run(gpa, RUN_DATA);
-        let at = self.buf.len();
-        self.buf.resize(at + PAGE_SIZE as usize, 0);
-        fill(&mut self.buf[at..]);
-        self.data_bytes += PAGE_SIZE as usize;
+        let at = self.data.len();
+        self.data.resize(at + PAGE_SIZE as usize, 0);
+        fill(&mut self.data[at..]);
     }
 
     /// [`PageEncoder::push_data`] from `PAGE_SIZE` bytes at `src`, copied without
@@ -170,15 +187,14 @@ impl PageEncoder {
     /// which the caller accepts (the page is dirty again and sent again).
     pub unsafe fn push_data_from(&mut self, gpa: u64, src: *const u8) {
         self.extend_run(gpa, RUN_DATA);
-        let at = self.buf.len();
-        self.buf.reserve(PAGE_SIZE as usize);
+        let at = self.data.len();
+        self.data.reserve(PAGE_SIZE as usize);
         // SAFETY: `reserve` made room for PAGE_SIZE bytes past `at`; the caller
         // vouches for `src`. Every byte of the new room is written before `set_len`.
         unsafe {
-            std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr().add(at), PAGE_SIZE as usize);
-            self.buf.set_len(at + PAGE_SIZE as usize);
+            std::ptr::copy_nonoverlapping(src, self.data.as_mut_ptr().add(at), PAGE_SIZE as usize);
+            self.data.set_len(at + PAGE_SIZE as usize);
         }
-        self.data_bytes += PAGE_SIZE as usize;
     }
 
     fn extend_run(&mut self, gpa: u64, kind: u8) {
@@ -187,22 +203,30 @@ impl PageEncoder {
             if *open_kind == kind && *next == gpa {
                 let count_at = *header + 8;
                 let count =
-                    u32::from_le_bytes(self.buf[count_at..count_at + 4].try_into().expect("4"));
-                self.buf[count_at..count_at + 4].copy_from_slice(&(count + 1).to_le_bytes());
+                    u32::from_le_bytes(self.table[count_at..count_at + 4].try_into().expect("4"));
+                self.table[count_at..count_at + 4].copy_from_slice(&(count + 1).to_le_bytes());
                 *next += PAGE_SIZE;
                 return;
             }
         }
-        let header = self.buf.len();
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.extend_from_slice(&1u32.to_le_bytes());
-        self.buf.push(kind);
+        let header = self.table.len();
+        self.table.extend_from_slice(&gpa.to_le_bytes());
+        self.table.extend_from_slice(&1u32.to_le_bytes());
+        self.table.push(kind);
         self.open = Some((header, kind, gpa + PAGE_SIZE));
+        let runs = u32::from_le_bytes(self.table[..4].try_into().expect("4"));
+        self.table[..4].copy_from_slice(&(runs + 1).to_le_bytes());
     }
 
-    /// The frame built so far.
-    pub fn payload(&self) -> &[u8] {
-        &self.buf
+    /// The frame built so far, as the two parts of its payload: the run table and the
+    /// data.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.table, &self.data]
+    }
+
+    /// The frame's payload in one piece (tests).
+    pub fn payload(&self) -> Vec<u8> {
+        [&self.table[..], &self.data[..]].concat()
     }
 
     /// Pages in the frame so far, and how many of them are zero.
@@ -212,15 +236,133 @@ impl PageEncoder {
 
     /// Clears the frame after it was sent.
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.table.truncate(4);
+        self.table[..4].copy_from_slice(&0u32.to_le_bytes());
+        self.data.clear();
         self.open = None;
-        self.data_bytes = 0;
         self.pages = 0;
         self.zero_pages = 0;
     }
 }
 
-/// One run of a pages frame.
+/// Bytes of one run of a plan: guest-physical address (u64), page count (u32).
+pub const PLAN_RUN: usize = 8 + 4;
+/// Runs a plan frame carries at most (768 KiB).
+pub const PLAN_FRAME_RUNS: usize = 64 << 10;
+
+/// A plan frame's payload: `runs` as (guest-physical address, pages), each at most
+/// `u32::MAX` pages, at most [`PLAN_FRAME_RUNS`] of them.
+pub fn encode_plan(runs: &[(u64, u32)]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(runs.len() * PLAN_RUN);
+    for (gpa, pages) in runs {
+        payload.extend_from_slice(&gpa.to_le_bytes());
+        payload.extend_from_slice(&pages.to_le_bytes());
+    }
+    payload
+}
+
+/// The runs of a plan frame as (guest-physical address, pages); an error says how the
+/// frame is malformed. Whether the runs are RAM is the receiver's check.
+pub fn decode_plan(payload: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    if !payload.len().is_multiple_of(PLAN_RUN) || payload.len() / PLAN_RUN > PLAN_FRAME_RUNS {
+        return Err(format!(
+            "a plan frame of {} bytes is not a whole number of runs, or too many",
+            payload.len()
+        ));
+    }
+    payload
+        .chunks(PLAN_RUN)
+        .map(|run| {
+            let gpa = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
+            let pages = u64::from(u32::from_le_bytes(run[8..].try_into().expect("4 bytes")));
+            if gpa % PAGE_SIZE != 0 || pages == 0 {
+                return Err(format!(
+                    "a plan frame has a run of {pages} pages at {gpa:#x} (not a page boundary, or empty)"
+                ));
+            }
+            Ok((gpa, pages))
+        })
+        .collect()
+}
+
+/// One entry of a pages frame's run table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunHeader {
+    pub gpa: u64,
+    pub pages: u64,
+    /// Whether the run's pages have data in the frame ([`RUN_DATA`]) or are zero.
+    pub data: bool,
+}
+
+impl RunHeader {
+    /// Bytes of data this run has in the frame.
+    pub fn data_len(&self) -> u64 {
+        if self.data {
+            self.pages * PAGE_SIZE
+        } else {
+            0
+        }
+    }
+}
+
+/// The number of runs a pages frame announces in its first 4 bytes, and how many bytes
+/// of run headers follow; an error if the frame (of `payload_len` bytes) cannot hold
+/// them.
+pub fn run_table_len(count: [u8; 4], payload_len: usize) -> Result<usize, String> {
+    let runs = u32::from_le_bytes(count) as usize;
+    let table = runs
+        .checked_mul(RUN_HEADER)
+        .filter(|table| table + 4 <= payload_len)
+        .ok_or_else(|| {
+            format!(
+                "a pages frame of {payload_len} bytes announces {runs} runs, more than it can hold"
+            )
+        })?;
+    Ok(table)
+}
+
+/// Decodes a pages frame's run headers (`table`, without the count) and checks that
+/// their data is exactly `data_len` bytes. Addresses are checked to be page-aligned
+/// here; whether they are RAM is the receiver's check.
+pub fn decode_run_table(table: &[u8], data_len: u64) -> Result<Vec<RunHeader>, String> {
+    let mut runs = Vec::with_capacity(table.len() / RUN_HEADER);
+    let mut data = 0u64;
+    for header in table.chunks(RUN_HEADER) {
+        if header.len() < RUN_HEADER {
+            return Err("a pages frame ends inside a run header".into());
+        }
+        let gpa = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+        let pages = u64::from(u32::from_le_bytes(header[8..12].try_into().expect("4")));
+        if gpa % PAGE_SIZE != 0 || pages == 0 {
+            return Err(format!(
+                "a pages frame has a run of {pages} pages at {gpa:#x} (not a page boundary, or empty)"
+            ));
+        }
+        let run = match header[12] {
+            RUN_DATA => RunHeader {
+                gpa,
+                pages,
+                data: true,
+            },
+            RUN_ZERO => RunHeader {
+                gpa,
+                pages,
+                data: false,
+            },
+            other => return Err(format!("a pages frame has a run of unknown kind {other}")),
+        };
+        data += run.data_len();
+        runs.push(run);
+    }
+    if data != data_len {
+        return Err(format!(
+            "a pages frame's runs claim {data} bytes of data but it carries {data_len}"
+        ));
+    }
+    Ok(runs)
+}
+
+/// One run of a pages frame held in memory.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PageRun<'a> {
     /// `data.len() / PAGE_SIZE` pages from `gpa`.
@@ -229,50 +371,34 @@ pub enum PageRun<'a> {
     Zero { gpa: u64, pages: u64 },
 }
 
-/// The runs of a pages frame; an error says how the frame is malformed. Addresses are
-/// checked to be page-aligned here; whether they are RAM is the receiver's check.
-pub fn decode_pages(mut frame: &[u8]) -> impl Iterator<Item = Result<PageRun<'_>, String>> {
-    std::iter::from_fn(move || {
-        if frame.is_empty() {
-            return None;
-        }
-        if frame.len() < RUN_HEADER {
-            frame = &[];
-            return Some(Err("a pages frame ends inside a run header".into()));
-        }
-        let gpa = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
-        let pages = u64::from(u32::from_le_bytes(frame[8..12].try_into().expect("4")));
-        let kind = frame[12];
-        frame = &frame[RUN_HEADER..];
-        if gpa % PAGE_SIZE != 0 || pages == 0 {
-            frame = &[];
-            return Some(Err(format!(
-                "a pages frame has a run of {pages} pages at {gpa:#x} (not a page boundary, or empty)"
-            )));
-        }
-        match kind {
-            RUN_ZERO => Some(Ok(PageRun::Zero { gpa, pages })),
-            RUN_DATA => {
-                let len = (pages * PAGE_SIZE) as usize;
-                if frame.len() < len {
-                    frame = &[];
-                    return Some(Err(format!(
-                        "a pages frame's run at {gpa:#x} claims {pages} pages of data but \
-                         the frame ends first"
-                    )));
+/// The runs of a whole pages frame held in memory; an error says how it is malformed.
+pub fn decode_pages(frame: &[u8]) -> Result<Vec<PageRun<'_>>, String> {
+    let count: [u8; 4] = frame
+        .get(..4)
+        .ok_or("a pages frame ends inside its run count")?
+        .try_into()
+        .expect("4 bytes");
+    let table_len = run_table_len(count, frame.len())?;
+    let (table, mut data) = frame[4..].split_at(table_len);
+    let headers = decode_run_table(table, data.len() as u64)?;
+    Ok(headers
+        .into_iter()
+        .map(|run| {
+            if run.data {
+                let (pages, rest) = data.split_at(run.data_len() as usize);
+                data = rest;
+                PageRun::Data {
+                    gpa: run.gpa,
+                    data: pages,
                 }
-                let (data, rest) = frame.split_at(len);
-                frame = rest;
-                Some(Ok(PageRun::Data { gpa, data }))
+            } else {
+                PageRun::Zero {
+                    gpa: run.gpa,
+                    pages: run.pages,
+                }
             }
-            other => {
-                frame = &[];
-                Some(Err(format!(
-                    "a pages frame has a run of unknown kind {other}"
-                )))
-            }
-        }
-    })
+        })
+        .collect())
 }
 
 /// A test-only way to make a destination fail at a chosen step, from the environment
@@ -370,10 +496,12 @@ mod tests {
         encoder.push_data(0x2000, |b| b.fill(2));
         encoder.push_zero(0x3000);
         encoder.push_zero(0x4000);
-        encoder.push_data(0x9000, |b| b.fill(9));
+        // SAFETY: a whole page of this test's own memory.
+        unsafe { encoder.push_data_from(0x9000, [9u8; PAGE_SIZE as usize].as_ptr()) };
         assert_eq!(encoder.counts(), (5, 2));
-        let frame = encoder.payload().to_vec();
-        let runs: Vec<_> = decode_pages(&frame).map(Result::unwrap).collect();
+        let frame = encoder.payload();
+        assert_eq!(frame.len(), 4 + 3 * RUN_HEADER + 3 * PAGE_SIZE as usize);
+        let runs = decode_pages(&frame).unwrap();
         assert_eq!(runs.len(), 3);
         match &runs[0] {
             PageRun::Data { gpa, data } => {
@@ -390,33 +518,40 @@ mod tests {
                 pages: 2
             }
         );
-        assert!(matches!(runs[2], PageRun::Data { gpa: 0x9000, .. }));
+        assert!(matches!(runs[2], PageRun::Data { gpa: 0x9000, data } if data[0] == 9));
         encoder.clear();
         assert!(encoder.is_empty());
+        assert_eq!(encoder.payload(), 0u32.to_le_bytes());
+        assert_eq!(decode_pages(&encoder.payload()).unwrap(), vec![]);
     }
 
     #[test]
     fn malformed_pages_frames_are_errors() {
         let mut encoder = PageEncoder::default();
         encoder.push_data(0x1000, |b| b.fill(1));
-        let frame = encoder.payload().to_vec();
+        let frame = encoder.payload();
         // Cut short: the data is missing.
-        let cut = &frame[..frame.len() - 1];
-        assert!(decode_pages(cut).any(|r| r.is_err()));
-        // A header cut short.
-        assert!(decode_pages(&frame[..5]).any(|r| r.is_err()));
+        assert!(decode_pages(&frame[..frame.len() - 1]).is_err());
+        // Too much data for the runs.
+        assert!(decode_pages(&[&frame[..], &[0]].concat()).is_err());
+        // A count cut short, a header cut short, a count the frame cannot hold.
+        assert!(decode_pages(&frame[..3]).is_err());
+        assert!(decode_pages(&frame[..4 + 5]).is_err());
+        let mut count = frame.clone();
+        count[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_pages(&count).is_err());
         // Unaligned address.
         let mut unaligned = frame.clone();
-        unaligned[0] = 1;
-        assert!(decode_pages(&unaligned).next().unwrap().is_err());
+        unaligned[4] = 1;
+        assert!(decode_pages(&unaligned).is_err());
         // Unknown kind.
         let mut kind = frame.clone();
-        kind[12] = 7;
-        assert!(decode_pages(&kind).next().unwrap().is_err());
+        kind[4 + 12] = 7;
+        assert!(decode_pages(&kind).is_err());
         // Zero pages in a run.
         let mut empty = frame;
-        empty[8..12].copy_from_slice(&0u32.to_le_bytes());
-        assert!(decode_pages(&empty).next().unwrap().is_err());
+        empty[4 + 8..4 + 12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(decode_pages(&empty).is_err());
     }
 
     #[test]
@@ -428,6 +563,29 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, PAGES_FRAME_DATA as u64 / PAGE_SIZE);
+        // Scattered zero pages fill the table instead.
+        let mut encoder = PageEncoder::default();
+        let mut n = 0;
+        while !encoder.full() {
+            encoder.push_zero(2 * n * PAGE_SIZE);
+            n += 1;
+        }
+        assert_eq!(n as usize, (PAGES_FRAME_TABLE - 4) / RUN_HEADER);
+    }
+
+    #[test]
+    fn plans_round_trip_and_malformed_ones_are_errors() {
+        let runs = [(0x1000, 3), (0x10_0000_0000, u32::MAX)];
+        let payload = encode_plan(&runs);
+        assert_eq!(
+            decode_plan(&payload).unwrap(),
+            vec![(0x1000, 3), (0x10_0000_0000, u64::from(u32::MAX))]
+        );
+        assert_eq!(decode_plan(&[]).unwrap(), vec![]);
+        assert!(decode_plan(&payload[..PLAN_RUN + 1]).is_err());
+        assert!(decode_plan(&encode_plan(&[(0x1001, 1)])).is_err());
+        assert!(decode_plan(&encode_plan(&[(0x1000, 0)])).is_err());
+        assert!(decode_plan(&vec![0; (PLAN_FRAME_RUNS + 1) * PLAN_RUN]).is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use super::destination::{self, Arrival, Outcomes};
 use super::protocol::Fault;
-use super::{PeerKey, SecureChannel, KIND_CONTROL_HELLO, KIND_ERROR, KIND_MIGRATE_HELLO};
+use super::{
+    ChannelError, PeerKey, SecureChannel, KIND_CONTROL_HELLO, KIND_ERROR, KIND_MIGRATE_HELLO,
+};
 use crate::registry::Registry;
 
 /// How long a peer has to authenticate and send its first frame.
@@ -176,6 +178,10 @@ fn serve_connection(
 ) {
     let mut channel = match SecureChannel::accept(stream, key, HANDSHAKE_TIMEOUT) {
         Ok(channel) => channel,
+        Err(e @ ChannelError::Version { .. }) => {
+            tracing::warn!(error = %e, "peer connection refused: it speaks another protocol version");
+            return;
+        }
         Err(e) => {
             // A peer with another key hangs up when our proof fails its check: that
             // shows here as a closed connection, not as a failed proof.

@@ -9,7 +9,8 @@
 //!    the VMM's bitmap ([`take_dirty`]).
 //! 3. Send every page that may hold data (pages the host never mapped read as zero
 //!    and the destination's fresh RAM is zero already): zero pages are skipped, the
-//!    rest go as data, 1 MiB per frame.
+//!    rest go as data, 1 MiB per frame. A plan of those pages goes first, so the
+//!    destination can fault its RAM in ahead of them on a second thread.
 //! 4. While the VM runs, take the dirty pages and send them again, zero pages as
 //!    markers; the bandwidth of the last pass tells how long the remaining pages would
 //!    take. Once that fits `max_downtime`, go to the final phase. If the remainder does
@@ -67,11 +68,11 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::channel::{ChannelError, PeerKey, SecureChannel};
+use super::channel::{ChannelError, PeerKey, SecureChannel, FRAME_OVERHEAD};
 use super::protocol::{
-    decode, encode, FinalState, Hello, Offer, Outcome, PageEncoder, Started, KIND_ABORT,
-    KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_READY, KIND_RUNNING,
-    KIND_STATE, KIND_SYNC, KIND_SYNCED,
+    decode, encode, encode_plan, FinalState, Hello, Offer, Outcome, PageEncoder, Started,
+    KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY,
+    KIND_RUNNING, KIND_STATE, KIND_SYNC, KIND_SYNCED, PLAN_FRAME_RUNS,
 };
 use super::KIND_MIGRATE_HELLO;
 use crate::snapshot::file::{HostRequirements, SavedDisk};
@@ -322,6 +323,8 @@ impl Vm {
             throttle: Throttle::default(),
             max_throttle: 0,
             iterations: 0,
+            steps: Vec::new(),
+            cpu_started: super::thread_cpu_time(),
         };
         self.set_migrating(source.id);
         let result = std::thread::scope(|scope| source.run(scope, progress));
@@ -426,6 +429,10 @@ struct Source<'a> {
     max_throttle: u32,
     /// Passes over memory so far.
     iterations: u32,
+    /// When each step ended, for the debug log of where the time went.
+    steps: Vec<(&'static str, Instant)>,
+    /// This thread's CPU time when the migration started.
+    cpu_started: Duration,
 }
 
 impl<'a> Source<'a> {
@@ -446,10 +453,12 @@ impl<'a> Source<'a> {
         let connect_timeout = CONNECT_TIMEOUT.min(self.options.timeout.max(Duration::from_secs(1)));
         let mut channel = SecureChannel::connect(self.addr, &self.options.key, connect_timeout)
             .map_err(|e| (MigrationError::Connect(e), unchanged.clone()))?;
+        self.step("connect");
         if let Err(e) = self.offer(&mut channel) {
             channel.shutdown();
             return Err((e, unchanged));
         }
+        self.step("offer");
         let mut throttle_thread = None;
         if self.options.auto_converge && self.was_running {
             let vm = self.vm;
@@ -470,6 +479,11 @@ impl<'a> Source<'a> {
             Err(e) => return Err(self.roll_back(Some(&mut channel), e)),
         };
         self.hand_over(channel, final_set, progress)
+    }
+
+    /// Notes that `what` ended now.
+    fn step(&mut self, what: &'static str) {
+        self.steps.push((what, Instant::now()));
     }
 
     fn remaining(&self) -> Duration {
@@ -499,7 +513,7 @@ impl<'a> Source<'a> {
         channel
             .send(kind, payload)
             .map_err(|source| MigrationError::Channel { stage, source })?;
-        self.bytes_sent += payload.len() as u64 + 37;
+        self.bytes_sent += (payload.len() + FRAME_OVERHEAD) as u64;
         Ok(())
     }
 
@@ -613,11 +627,13 @@ impl<'a> Source<'a> {
         );
         // The baseline: pages written before now are read by the full pass.
         self.take_dirty()?;
+        self.step("dirty log on");
         let memory = self
             .vm
             .memory_handle()
             .ok_or_else(|| MigrationError::VmEnded(self.vm.state()))?;
         let candidates = pages_that_may_hold_data_in(&memory);
+        self.step("resident pages");
         progress(&MigrationProgress {
             iteration: 0,
             remaining_bytes: candidates.count() * PAGE_SIZE,
@@ -626,7 +642,10 @@ impl<'a> Source<'a> {
             throttle: 0.0,
             final_pass: false,
         });
+        self.send_plan(channel, &memory, &candidates)?;
+        self.step("plan");
         let mut last = self.send_pages(channel, &memory, &candidates, true, false)?;
+        self.step("full pass");
         let mut iteration = 0u32;
         let mut previous_remaining = u64::MAX;
         let mut not_shrinking = 0;
@@ -667,7 +686,34 @@ impl<'a> Source<'a> {
                 final_pass: false,
             });
             last = self.send_pages(channel, &memory, &dirty, false, false)?;
+            self.step("dirty pass");
         }
+    }
+
+    /// Tells the destination which pages the full pass is about to send, so that it
+    /// can fault its RAM in ahead of them ([`KIND_PLAN`]).
+    fn send_plan(
+        &mut self,
+        channel: &mut SecureChannel,
+        memory: &GuestRam,
+        candidates: &DirtyPages,
+    ) -> Result<(), MigrationError> {
+        let bases: Vec<u64> = memory.iter().map(|r| r.start_addr().0).collect();
+        let mut runs = Vec::with_capacity(PLAN_FRAME_RUNS.min(1024));
+        for run in candidates.runs(u64::from(u32::MAX)) {
+            runs.push((
+                bases[run.region] + run.first_page * PAGE_SIZE,
+                run.pages as u32,
+            ));
+            if runs.len() == PLAN_FRAME_RUNS {
+                self.send(channel, KIND_PLAN, &encode_plan(&runs), "sending memory")?;
+                runs.clear();
+            }
+        }
+        if !runs.is_empty() {
+            self.send(channel, KIND_PLAN, &encode_plan(&runs), "sending memory")?;
+        }
+        Ok(())
     }
 
     /// A timeout during the pre-copy is a failure to converge: say by how much.
@@ -758,11 +804,16 @@ impl<'a> Source<'a> {
     fn flush_pages(&mut self, channel: &mut SecureChannel) -> Result<(), MigrationError> {
         self.check("copying memory")?;
         let (pages, zero) = self.encoder.counts();
-        let payload = std::mem::take(&mut self.encoder);
-        let result = self.send(channel, KIND_PAGES, payload.payload(), "sending memory");
-        self.encoder = payload;
+        let result = channel
+            .send_parts(KIND_PAGES, &self.encoder.parts())
+            .map_err(|source| MigrationError::Channel {
+                stage: "sending memory",
+                source,
+            });
+        let payload: usize = self.encoder.parts().iter().map(|p| p.len()).sum();
         self.encoder.clear();
         result?;
+        self.bytes_sent += (payload + FRAME_OVERHEAD) as u64;
         self.pages_sent += pages - zero;
         self.zero_pages += zero;
         Ok(())
@@ -776,6 +827,7 @@ impl<'a> Source<'a> {
         progress: &mut dyn FnMut(&MigrationProgress),
     ) -> Result<MigrationReport, Failure> {
         let pause_started = Instant::now();
+        self.step("converged");
         let prepared = self.final_pass(&mut channel, dirty, progress);
         let final_pages = match prepared {
             Ok(pages) => pages,
@@ -865,6 +917,23 @@ impl<'a> Source<'a> {
             }
         };
         let downtime = pause_started.elapsed();
+        self.step("running there");
+        let mut previous = self.started;
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(what, at)| {
+                let ms = at.duration_since(previous).as_secs_f64() * 1000.0;
+                previous = *at;
+                format!("{what} {ms:.1}")
+            })
+            .collect();
+        tracing::debug!(
+            vm = self.vm.name(),
+            steps = steps.join(", "),
+            cpu_ms = (super::thread_cpu_time() - self.cpu_started).as_secs_f64() * 1000.0,
+            "where the time went (ms)"
+        );
         tracing::debug!(
             vm = self.vm.name(),
             downtime_us = downtime.as_micros() as u64,

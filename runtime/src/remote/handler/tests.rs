@@ -1,14 +1,10 @@
 //! The control handler without KVM: VMs in state `created` (which touch nothing), frames
 //! fed to it directly, and real loopback connections through the test listener.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use std::io::Write;
 
 use super::*;
-use crate::migration::channel::{MAGIC, PROTOCOL_VERSION};
+use crate::migration::channel::raw::RawClient;
 use crate::migration::PeerKey;
 use crate::remote::client::{MigrateOptions, RemoteError, RemoteHost};
 use crate::remote::test_listener;
@@ -389,75 +385,10 @@ fn a_wrong_key_is_refused() {
     assert!(matches!(source, ChannelError::AuthFailed { .. }), "{err}");
 }
 
-/// A client that speaks the channel by hand, to send what `SecureChannel` never would.
-struct RawClient {
-    stream: TcpStream,
-    session: [u8; 32],
-    seq: u64,
-}
-
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    for part in parts {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
-}
-
-impl RawClient {
-    fn connect(addr: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(T)).unwrap();
-        let client_nonce = [7u8; 32];
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        hello.extend_from_slice(&client_nonce);
-        stream.write_all(&hello).unwrap();
-        let mut challenge = [0u8; 64];
-        stream.read_exact(&mut challenge).unwrap();
-        let server_nonce = &challenge[..32];
-        stream
-            .write_all(&hmac(
-                KEY,
-                &[b"luvisor client", server_nonce, &client_nonce],
-            ))
-            .unwrap();
-        let session = hmac(KEY, &[b"luvisor session", &client_nonce, server_nonce]);
-        RawClient {
-            stream,
-            session,
-            seq: 0,
-        }
-    }
-
-    fn send(&mut self, kind: u8, payload: &[u8]) {
-        let len = (payload.len() as u32 + 1).to_le_bytes();
-        let tag = hmac(
-            &self.session,
-            &[&[1], &self.seq.to_le_bytes(), &len, &[kind], payload],
-        );
-        self.seq += 1;
-        let mut frame = len.to_vec();
-        frame.push(kind);
-        frame.extend_from_slice(payload);
-        frame.extend_from_slice(&tag);
-        self.stream.write_all(&frame).unwrap();
-    }
-
-    /// Reads one frame's kind and payload (unchecked).
-    fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).ok()?;
-        let mut body = vec![0u8; u32::from_le_bytes(len) as usize + 32];
-        self.stream.read_exact(&mut body).ok()?;
-        Some((body[0], body[1..body.len() - 32].to_vec()))
-    }
-}
-
 #[test]
 fn wrong_frames_get_answers_and_an_oversized_one_ends_only_its_connection() {
     let addr = serve(registry_with(&["vm"]), ControlHooks::default());
-    let mut raw = RawClient::connect(&addr);
+    let mut raw = RawClient::connect(&addr, &PeerKey::from_bytes(KEY));
     raw.send(KIND_CONTROL_HELLO, b"");
     let (kind, welcome) = raw.recv().expect("a welcome");
     assert_eq!(kind, KIND_CONTROL_HELLO);
