@@ -5,19 +5,27 @@
 --
 --   luvisor run examples/lab.lua
 
-local here = arg and arg[0] and arg[0]:match("^(.*)/examples/[^/]*$") or "."
-package.path = here .. "/scripts/?.lua;" .. package.path
+-- scripts/ sits next to examples/, wherever this is run from.
+local examples = arg and arg[0] and arg[0]:match("^(.*)/[^/]*$") or "."
+package.path = examples .. "/../scripts/?.lua;" .. package.path
 local labs = require "lab"
 
-hv.disk.create{ path = "base.img", size = "16M" }
+-- The base image goes in a scratch directory, removed at the end (and on error).
+local dir = os.tmpname()
+os.remove(dir)
+assert(os.execute("mkdir -p " .. dir))
+local scratch <close> = setmetatable({}, { __close = function() os.execute("rm -rf " .. dir) end })
+local base = dir .. "/base.img"
+hv.disk.create{ path = base, size = "16M" }
 
 local lab <close> = hv.lab{
   name = "ci",
+  dir = dir,                          -- where the overlays go
   count = 8,                          -- ci-1 .. ci-8
   ready = "kvp:ready",                -- the guest's agent publishes ready = "1"
   template = {
     memory = "64M",
-    disks = { { base = "base.img" } }, -- each VM writes its own overlay
+    disks = { { base = base } },       -- each VM writes its own overlay
     guest = hv.guest.builtin{},        -- an empty command line: serve the agent channel
   },
 }
@@ -45,5 +53,5 @@ end
 
 -- Ask every guest to shut down, waiting up to 5 s each (a hard stop after that).
 for _, ended in ipairs(lab:shutdown{ timeout = 5 }) do
-  print(ended.name, ended.outcome)
+  print(ended.name, ended.how, ended.outcome)
 end
