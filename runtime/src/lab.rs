@@ -766,7 +766,10 @@ pub fn shutdown_vm(vm: &Vm, timeout: Duration) -> (ShutdownHow, VmOutcome) {
         Err(e) => {
             tracing::warn!(vm = vm.name(), error = %crate::error_chain(&e), "graceful shutdown failed; stopping hard");
             vm.stop();
-            (ShutdownHow::Forced, vm.outcome().unwrap_or(VmOutcome::Stopped))
+            (
+                ShutdownHow::Forced,
+                vm.outcome().unwrap_or(VmOutcome::Stopped),
+            )
         }
     }
 }
@@ -887,7 +890,10 @@ mod tests {
         let vm = registry.create(config).unwrap();
         let error = crate::readiness::wait_kvp_ready(&vm, "ready", None, Duration::ZERO, &|| false)
             .unwrap_err();
-        assert!(error.to_string().contains("has no agent channel"), "{error}");
+        assert!(
+            error.to_string().contains("has no agent channel"),
+            "{error}"
+        );
     }
 
     #[test]
