@@ -341,6 +341,40 @@ fn shutdown_is_graceful_when_the_guest_answers_and_forced_when_not() {
 }
 
 #[test]
+fn a_guest_that_crashes_while_asked_to_shut_down_is_reported_crashed_not_graceful() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::new();
+    // Its agent answers nothing (so it never acknowledges), and the guest takes commands
+    // from the console: the test makes it crash once the shutdown waits.
+    let vm = registry
+        .create(common::builtin("crasher", "agent-hang 600000; listen"))
+        .unwrap();
+    vm.start().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    vm.console()
+        .wait_for("listening", 0, deadline, &|| false)
+        .unwrap();
+    let sent = std::sync::atomic::AtomicBool::new(false);
+    let out = vm
+        .shutdown_cancellable(TIMEOUT, &|| {
+            // Polled while the shutdown waits for the guest to end.
+            if !sent.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                vm.send_input(b"fault\n").unwrap();
+            }
+            false
+        })
+        .unwrap();
+    assert!(sent.into_inner());
+    assert_eq!(out.how, ShutdownHow::Crashed, "{out:?}");
+    assert!(matches!(out.outcome, VmOutcome::Crashed(_)), "{out:?}");
+    assert_eq!(out.code(), None);
+    assert!(!out.acknowledged);
+    assert_eq!(vm.state(), VmState::Crashed);
+}
+
+#[test]
 fn a_hostile_guest_gets_its_garbage_dropped_and_counted() {
     if !kvm_available() {
         return;

@@ -240,7 +240,7 @@ function KvpGuest:wait(key, opts) end
 function Vm:exec(command, opts) end
 
 ---@class hv.ShutdownResult
----@field how "graceful"|"forced"|"already_stopped"
+---@field how "graceful"|"forced"|"crashed"|"already_stopped" graceful: the guest exited; crashed: it crashed instead; forced: a hard stop (or something else ended it)
 ---@field code integer? The guest's exit code, when it exited by itself.
 ---@field state hv.VmState
 ---@field acknowledged boolean The guest's agent answered the request.
@@ -255,7 +255,8 @@ function Vm:exec(command, opts) end
 function Vm:shutdown(opts) end
 
 ---The guest's clock minus the host's in milliseconds, as of the guest's last report (each
----heartbeat); nil before it reported.
+---heartbeat); nil before it reported, and again after a resume, restore or arrival until
+---it reports (the older figure is stale).
 ---@return number?
 function Vm:time_drift_ms() end
 
@@ -787,7 +788,7 @@ function Lab:overlays() end
 ---Ends every VM at once (each guest is asked to shut down through the agent channel and
 ---stopped hard after `timeout` seconds); the VMs and overlays stay until destroy().
 ---@param opts? hv.WaitOptions
----@return { name: string, how: "graceful"|"forced"|"already_stopped", outcome: string }[]
+---@return { name: string, how: "graceful"|"forced"|"crashed"|"already_stopped", outcome: string }[]
 function Lab:shutdown(opts) end
 
 ---Destroys every VM and removes every overlay (and the directory the lab made). Idempotent.

@@ -50,6 +50,9 @@ struct ChannelState {
     /// Encoded frames the guest has not taken yet.
     outbox: VecDeque<u8>,
     host_kvp: BTreeMap<String, String>,
+    /// Bytes of the KVP_SET frames that carry every host key: a new session's answer
+    /// needs this much room in the outbox (kept up to date so a HELLO need not count).
+    host_kvp_frame_bytes: usize,
     guest_kvp: BTreeMap<String, String>,
     /// Set by HELLO; cleared when the driver resets the device.
     session: Option<Session>,
@@ -60,7 +63,9 @@ struct ChannelState {
     last_seen: Option<Duration>,
     /// `heartbeat_lost` was raised and the guest has not been heard since.
     lost_reported: bool,
-    /// Guest clock minus host clock, from the last PONG that carried a time.
+    /// Guest clock minus host clock, from the last PONG that carried a sensible time;
+    /// `None` once the guest's clock stood still (a pause, a snapshot) until it reports
+    /// again.
     drift_us: Option<i64>,
     /// Clock settings the host may still send on its own to correct a guest that
     /// applied the last one late (see [`TIME_TOLERANCE_US`]).
@@ -92,6 +97,8 @@ pub struct ChannelSnapshot {
     pub session: Option<Session>,
     pub last_seen_ms: Option<u64>,
     pub lost_reported: bool,
+    /// Saved, but not restored: the guest's clock stands still while the VM is saved, so
+    /// the figure is stale once it runs again (it reports a fresh one soon).
     pub drift_us: Option<i64>,
     pub next_ping: u64,
     pub next_exec_id: u32,
@@ -113,9 +120,28 @@ pub struct AgentChannel {
 }
 
 /// A guest clock off by more than this after a setting gets the time again.
-pub const TIME_TOLERANCE_US: i64 = 2000;
+pub const TIME_TOLERANCE_US: u64 = 2000;
 /// Corrections sent after one setting at most.
 pub const TIME_RETRIES: u32 = 3;
+
+/// Bytes of the frame that carries `message`.
+fn frame_len(message: &Message) -> usize {
+    agent::HEADER_LEN + message.payload_len()
+}
+
+/// Bytes of the KVP_SET frame that publishes `key = value`.
+fn kvp_frame_len(key: &str, value: &str) -> usize {
+    frame_len(&Message::KvpSet { key, value })
+}
+
+/// The guest's clock minus the host's, from a time the guest reported; `None` for a
+/// figure that cannot be a clock's: a time past `i64::MAX` microseconds (some 292,000
+/// years after 1970), which only a broken or hostile guest sends. Computed in `i128`, so
+/// no figure overflows.
+fn drift_from(guest_time_us: u64, host_time_us: u64) -> Option<i64> {
+    let guest = i64::try_from(guest_time_us).ok()?;
+    i64::try_from(i128::from(guest) - i128::from(host_time_us)).ok()
+}
 
 /// The host's wall clock, in microseconds since the Unix epoch.
 pub fn unix_time_us() -> u64 {
@@ -161,7 +187,17 @@ impl AgentChannel {
     /// Encodes `message` into the outbox. `Err` carries the bytes already waiting when
     /// it does not fit under [`MAX_OUTBOX`].
     fn queue(st: &mut ChannelState, message: &Message) -> Result<(), usize> {
-        let mut frame = vec![0u8; agent::HEADER_LEN + message.payload_len()];
+        Self::queue_into(&mut st.outbox, &mut st.stats, message)
+    }
+
+    /// [`AgentChannel::queue`] on the parts of the state it needs, so a caller can queue
+    /// while it borrows another part (the host keys).
+    fn queue_into(
+        outbox: &mut VecDeque<u8>,
+        stats: &mut AgentStats,
+        message: &Message,
+    ) -> Result<(), usize> {
+        let mut frame = vec![0u8; frame_len(message)];
         let Some(len) = message.encode_frame(&mut frame) else {
             // Only the host's own messages come here, and they are checked to fit.
             tracing::error!(
@@ -170,12 +206,44 @@ impl AgentChannel {
             );
             return Ok(());
         };
-        if st.outbox.len() + len > MAX_OUTBOX {
-            return Err(st.outbox.len());
+        if outbox.len() + len > MAX_OUTBOX {
+            return Err(outbox.len());
         }
-        st.outbox.extend(&frame[..len]);
-        st.stats.frames_sent += 1;
+        outbox.extend(&frame[..len]);
+        stats.frames_sent += 1;
         Ok(())
+    }
+
+    /// Queues a new session's answer: WELCOME, the time and every host key, all of it
+    /// or nothing. A guest that has not read what already waits for it (so the answer
+    /// does not fit under [`MAX_OUTBOX`]) gets nothing: otherwise a flood of 22-byte
+    /// HELLOs would each cost the host up to ~280 KiB of encoding and copying. It also
+    /// never gets half an answer (some keys and not others). Returns whether it was
+    /// queued.
+    fn answer_hello(st: &mut ChannelState) -> bool {
+        let welcome = Message::Welcome {
+            version: agent::VERSION as u32,
+        };
+        let time_len = frame_len(&Message::TimeSet {
+            generation: 0,
+            unix_time_us: 0,
+        });
+        let answer_len = frame_len(&welcome) + time_len + st.host_kvp_frame_bytes;
+        if st.outbox.len() + answer_len > MAX_OUTBOX {
+            return false;
+        }
+        let _ = Self::queue(st, &welcome);
+        Self::queue_time(st);
+        let ChannelState {
+            outbox,
+            host_kvp,
+            stats,
+            ..
+        } = st;
+        for (key, value) in host_kvp.iter() {
+            let _ = Self::queue_into(outbox, stats, &Message::KvpSet { key, value });
+        }
+        true
     }
 
     fn backlog(&self, bytes: usize) -> AgentError {
@@ -263,20 +331,12 @@ impl AgentChannel {
                 st.stats.sessions += 1;
                 st.guest_kvp.clear();
                 st.ping = None;
-                let _ = Self::queue(
-                    &mut st,
-                    &Message::Welcome {
-                        version: agent::VERSION as u32,
-                    },
-                );
-                Self::queue_time(&mut st);
-                let pairs: Vec<(String, String)> = st
-                    .host_kvp
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                for (key, value) in &pairs {
-                    let _ = Self::queue(&mut st, &Message::KvpSet { key, value });
+                if !Self::answer_hello(&mut st) {
+                    tracing::trace!(
+                        vm = self.name,
+                        waiting = st.outbox.len(),
+                        "agent: a hello is not answered: the guest does not read its channel"
+                    );
                 }
             }
             Message::Pong {
@@ -293,12 +353,13 @@ impl AgentChannel {
                 if guest_time_us != 0 {
                     // The PONG left the guest a moment ago; what it took to get here is
                     // the error of this figure (tens of microseconds).
-                    let drift = guest_time_us as i64 - unix_time_us() as i64;
-                    st.drift_us = Some(drift);
+                    let drift = drift_from(guest_time_us, unix_time_us());
+                    st.drift_us = drift;
                     // A guest busy elsewhere applies a setting late, and its clock is
                     // behind by that delay: send the time again (a few times at most).
                     let latest = time_generation == st.stats.time_generation;
-                    if latest && drift.abs() > TIME_TOLERANCE_US && st.time_retries > 0 {
+                    let off = drift.is_some_and(|d| d.unsigned_abs() > TIME_TOLERANCE_US);
+                    if latest && off && st.time_retries > 0 {
                         st.time_retries -= 1;
                         Self::queue_time_once(&mut st);
                     }
@@ -424,6 +485,9 @@ impl AgentChannel {
     /// new session gets it with the WELCOME).
     pub fn push_time(&self) {
         let mut st = self.lock();
+        // The guest's clock stood still meanwhile: the last figure no longer holds, and
+        // the guest reports a fresh one once it has the new time.
+        st.drift_us = None;
         if st.session.is_none() {
             return;
         }
@@ -492,7 +556,10 @@ impl AgentChannel {
         if st.session.is_some() {
             Self::queue(&mut st, &Message::KvpSet { key, value }).map_err(|b| self.backlog(b))?;
         }
-        st.host_kvp.insert(key.to_string(), value.to_string());
+        if let Some(old) = st.host_kvp.insert(key.to_string(), value.to_string()) {
+            st.host_kvp_frame_bytes -= kvp_frame_len(key, &old);
+        }
+        st.host_kvp_frame_bytes += kvp_frame_len(key, value);
         drop(st);
         self.kick();
         Ok(())
@@ -508,7 +575,9 @@ impl AgentChannel {
         if st.session.is_some() {
             Self::queue(&mut st, &Message::KvpDelete { key }).map_err(|b| self.backlog(b))?;
         }
-        st.host_kvp.remove(key);
+        if let Some(old) = st.host_kvp.remove(key) {
+            st.host_kvp_frame_bytes -= kvp_frame_len(key, &old);
+        }
         drop(st);
         self.kick();
         Ok(true)
@@ -726,11 +795,14 @@ impl AgentChannel {
         let mut st = self.lock();
         st.outbox = saved.outbox.iter().copied().collect();
         st.host_kvp = saved.host_kvp.iter().cloned().collect();
+        st.host_kvp_frame_bytes = st.host_kvp.iter().map(|(k, v)| kvp_frame_len(k, v)).sum();
         st.guest_kvp = saved.guest_kvp.iter().cloned().collect();
         st.session = saved.session.clone();
         st.last_seen = saved.last_seen_ms.map(Duration::from_millis);
         st.lost_reported = saved.lost_reported;
-        st.drift_us = saved.drift_us;
+        // Stale: the guest's clock stood still while the VM was saved (see
+        // `ChannelSnapshot::drift_us`).
+        st.drift_us = None;
         st.next_ping = saved.next_ping.max(1);
         st.next_exec_id = saved.next_exec_id.max(1);
         st.stats = saved.stats;
@@ -981,6 +1053,107 @@ mod tests {
             "{e}"
         );
         assert!(channel.outbox_len() <= MAX_OUTBOX);
+    }
+
+    fn hello(channel: &AgentChannel) {
+        send(
+            channel,
+            Message::Hello {
+                version: 1,
+                agent: "test",
+            },
+        );
+    }
+
+    fn pong(channel: &AgentChannel, guest_time_us: u64) {
+        send(
+            channel,
+            Message::Pong {
+                seq: 0,
+                uptime_ms: 1,
+                time_generation: channel.stats().time_generation,
+                guest_time_us,
+            },
+        );
+    }
+
+    #[test]
+    fn a_pong_with_a_nonsense_time_leaves_the_drift_unknown_and_nothing_overflows() {
+        let (channel, _, _) = channel();
+        hello(&channel);
+        let now = unix_time_us();
+        // Past i64::MAX microseconds: the largest, the first, and the one that made an
+        // `i64` drift exactly i64::MIN (whose `abs` overflows). None is a clock.
+        for nonsense in [u64::MAX, 1 << 63, (1 << 63) + now] {
+            pong(&channel, now);
+            assert!(channel.drift_ms().is_some());
+            pong(&channel, nonsense);
+            assert_eq!(channel.drift_ms(), None, "guest time {nonsense}");
+        }
+        // A guest that believes it is 1970 is far off, but that is a drift, and it gets
+        // the time again (three times at most).
+        let generation = channel.stats().time_generation;
+        for _ in 0..5 {
+            pong(&channel, 1);
+        }
+        let drift = channel.drift_ms().unwrap();
+        assert!(drift < -1e12, "{drift}");
+        assert_eq!(channel.stats().time_generation, generation + TIME_RETRIES);
+        assert_eq!(channel.health().state, HealthState::Ok);
+    }
+
+    #[test]
+    fn a_hello_flood_is_answered_only_while_the_outbox_has_room_for_whole_answers() {
+        let (channel, _, _) = channel();
+        let value = "v".repeat(agent::MAX_VALUE);
+        for i in 0..MAX_KEYS {
+            channel.host_set(&format!("key-{i:03}"), &value).unwrap();
+        }
+        // One answer: WELCOME, TIME_SET and 256 keys of 1 KiB; a few fit in the outbox.
+        hello(&channel);
+        let answer = channel.outbox_len();
+        assert!(answer > MAX_KEYS * agent::MAX_VALUE, "{answer}");
+        let fit = MAX_OUTBOX / answer;
+        for _ in 1..10_000 {
+            hello(&channel);
+        }
+        assert_eq!(channel.outbox_len(), fit * answer, "whole answers only");
+        assert_eq!(channel.stats().sessions, 10_000);
+        let sent = channel.stats().frames_sent;
+        let kinds = outbox_kinds(&channel);
+        use agent::kind::*;
+        assert_eq!(kinds.iter().filter(|&&k| k == WELCOME).count(), fit);
+        assert_eq!(
+            kinds.iter().filter(|&&k| k == KVP_SET).count(),
+            fit * MAX_KEYS
+        );
+        // A guest that has read its channel gets its next HELLO answered in full, with
+        // the keys as they are now.
+        channel.host_delete("key-000").unwrap();
+        channel.host_set("key-001", "short").unwrap();
+        channel.take_outbox(usize::MAX);
+        hello(&channel);
+        let kinds = outbox_kinds(&channel);
+        assert_eq!(kinds[..2], [WELCOME, TIME_SET]);
+        assert_eq!(kinds.len(), 2 + MAX_KEYS - 1);
+        assert!(channel.stats().frames_sent > sent);
+    }
+
+    #[test]
+    fn the_drift_is_unknown_after_a_new_clock_setting_or_a_restore() {
+        let (channel, _, _) = channel();
+        hello(&channel);
+        pong(&channel, unix_time_us());
+        assert!(channel.drift_ms().is_some());
+        channel.push_time();
+        assert_eq!(channel.drift_ms(), None, "stale after a resume");
+        pong(&channel, unix_time_us());
+        assert!(channel.drift_ms().is_some());
+        let saved = channel.save();
+        assert!(saved.drift_us.is_some());
+        let (restored, _, _) = self::channel();
+        restored.restore(&saved).unwrap();
+        assert_eq!(restored.drift_ms(), None, "stale after a restore");
     }
 
     #[test]

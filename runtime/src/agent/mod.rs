@@ -97,21 +97,36 @@ pub struct ExecResult {
 /// How [`Vm::shutdown`](crate::Vm::shutdown) ended the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShutdownHow {
-    /// The guest ended by itself after it was asked.
+    /// The guest exited by itself after it was asked.
     Graceful,
-    /// The guest did not end in time (or could not be asked): a hard stop.
+    /// The guest did not exit in time (or could not be asked): a hard stop. Also a VM
+    /// that something else ended meanwhile (a stop from elsewhere, a migration away);
+    /// [`ShutdownOutcome::outcome`] says what.
     Forced,
+    /// The guest crashed before it exited.
+    Crashed,
     /// The VM had already ended.
     AlreadyStopped,
 }
 
 impl ShutdownHow {
-    /// `"graceful"`, `"forced"` or `"already_stopped"`.
+    /// `"graceful"`, `"forced"`, `"crashed"` or `"already_stopped"`.
     pub fn as_str(self) -> &'static str {
         match self {
             ShutdownHow::Graceful => "graceful",
             ShutdownHow::Forced => "forced",
+            ShutdownHow::Crashed => "crashed",
             ShutdownHow::AlreadyStopped => "already_stopped",
+        }
+    }
+
+    /// How a shutdown that saw the VM end with `outcome` ended it: graceful only when
+    /// the guest exited (and was `asked` to), crashed for a crash, forced otherwise.
+    pub fn from_outcome(outcome: Option<&crate::vm::VmOutcome>, asked: bool) -> ShutdownHow {
+        match outcome {
+            Some(crate::vm::VmOutcome::Exited(_)) if asked => ShutdownHow::Graceful,
+            Some(crate::vm::VmOutcome::Crashed(_)) => ShutdownHow::Crashed,
+            _ => ShutdownHow::Forced,
         }
     }
 }
@@ -258,6 +273,27 @@ pub fn check_command(command: &str) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_exit_after_the_request_is_a_graceful_shutdown() {
+        use crate::vm::VmOutcome;
+        let how = ShutdownHow::from_outcome;
+        assert_eq!(
+            how(Some(&VmOutcome::Exited(0)), true),
+            ShutdownHow::Graceful
+        );
+        assert_eq!(how(Some(&VmOutcome::Exited(0)), false), ShutdownHow::Forced);
+        let crash = VmOutcome::Crashed("triple fault at rip 0x1000".into());
+        assert_eq!(how(Some(&crash), true), ShutdownHow::Crashed);
+        assert_eq!(how(Some(&crash), false), ShutdownHow::Crashed);
+        assert_eq!(how(Some(&VmOutcome::Stopped), true), ShutdownHow::Forced);
+        let moved = VmOutcome::Migrated {
+            to: "10.0.0.2:7000".into(),
+        };
+        assert_eq!(how(Some(&moved), true), ShutdownHow::Forced);
+        assert_eq!(how(None, true), ShutdownHow::Forced);
+        assert_eq!(ShutdownHow::Crashed.as_str(), "crashed");
+    }
 
     #[test]
     fn pairs_and_commands_are_checked() {

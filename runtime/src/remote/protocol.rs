@@ -287,7 +287,7 @@ pub struct AgentReport {
 /// How `vm:shutdown{}` ended the VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShutdownReport {
-    /// `"graceful"`, `"forced"` or `"already_stopped"`.
+    /// `"graceful"`, `"forced"`, `"crashed"` or `"already_stopped"`.
     pub how: String,
     pub code: Option<u32>,
     /// The VM's state after the call.

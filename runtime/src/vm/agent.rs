@@ -158,6 +158,8 @@ impl Vm {
     /// Shuts the VM down: asks the guest's agent, waits up to `timeout` for the guest to
     /// end, then stops it hard. A paused VM, or one without an agent channel, is stopped
     /// hard at once (it cannot answer); one that has already ended is left as it is.
+    /// Only a guest that exits is [`ShutdownHow::Graceful`]; one that crashes meanwhile
+    /// is [`ShutdownHow::Crashed`].
     pub fn shutdown(&self, timeout: Duration) -> Result<ShutdownOutcome, VmError> {
         self.shutdown_cancellable(timeout, &|| false)
     }
@@ -198,7 +200,10 @@ impl Vm {
                     // Frees the machine's resources (the guest already ended).
                     self.stop();
                     let acked = self.agent.as_ref().is_some_and(|a| a.shutdown_acked());
-                    return Ok(ended(ShutdownHow::Graceful, acked));
+                    // Ended is not shut down: a guest that crashed (or a VM stopped or
+                    // moved away by someone else meanwhile) did not exit gracefully.
+                    let how = ShutdownHow::from_outcome(self.outcome().as_ref(), true);
+                    return Ok(ended(how, acked));
                 }
                 let now = Instant::now();
                 if now >= deadline {
@@ -218,11 +223,8 @@ impl Vm {
         }
         let acked = self.agent.as_ref().is_some_and(|a| a.shutdown_acked());
         self.stop();
-        // The guest may have ended on its own just before the hard stop.
-        let how = match self.outcome() {
-            Some(VmOutcome::Exited(_)) if asked => ShutdownHow::Graceful,
-            _ => ShutdownHow::Forced,
-        };
+        // The guest may have ended on its own (or crashed) just before the hard stop.
+        let how = ShutdownHow::from_outcome(self.outcome().as_ref(), asked);
         Ok(ended(how, acked))
     }
 

@@ -12,7 +12,11 @@
 //!
 //! The guest is not trusted: kept buffers are checked against guest memory when taken,
 //! at most [`MAX_SEGMENTS`] parts of each are used, at most [`MAX_CHAIN_BYTES`] are read
-//! from one transmit chain, and at most one ring's worth of chains is served per call.
+//! from one transmit chain, and at most one ring's worth of chains, and of transmit
+//! chains at most [`MAX_SERVE_BYTES`], is served per call: the event thread must get back
+//! to its loop often, since a stop, pause or snapshot waits for it there. What is left
+//! stays in the ring, and the transport serves it next (at once, or after a
+//! self-notification that gives the event loop its turn first).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -44,6 +48,11 @@ pub const QUEUE_COUNT: usize = 2;
 pub const MAX_SEGMENTS: usize = 16;
 /// Bytes read from one transmit chain; the rest is dropped and counted.
 pub const MAX_CHAIN_BYTES: u64 = 256 * 1024;
+/// Bytes read from transmit chains in one `process_queue` call; a chain begun is read
+/// to its end, so one call reads at most this plus [`MAX_CHAIN_BYTES`]. The frame reader's
+/// work is linear in these bytes (a CRC and a copy each, at most), so this bounds how long
+/// one call holds the event thread.
+pub const MAX_SERVE_BYTES: u64 = 1024 * 1024;
 /// Bytes read from guest memory at a time, into a buffer allocated once.
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes written into one receive buffer at most (it may be larger).
@@ -227,7 +236,8 @@ impl Agent {
         Ok(used_any)
     }
 
-    /// Reads every transmit chain into the frame reader; frames go to the channel.
+    /// Reads transmit chains into the frame reader, until the ring is empty or
+    /// [`MAX_SERVE_BYTES`] were read; frames go to the channel.
     fn serve_transmit(&mut self, queue: &mut Queue, mem: &GuestRam) -> Result<bool, QueueError> {
         let broken = |source| QueueError {
             queue: TRANSMIT_QUEUE,
@@ -235,7 +245,13 @@ impl Agent {
         };
         let mut used_any = false;
         let mut answer = false;
+        let mut served = 0u64;
         for _ in 0..queue.size().max(1) {
+            if served >= MAX_SERVE_BYTES {
+                // The rest stays in the ring: the transport sees it pending and comes
+                // back for it.
+                break;
+            }
             let Some(chain) = Self::next_chain(queue, mem, TRANSMIT_QUEUE)? else {
                 break;
             };
@@ -263,6 +279,7 @@ impl Agent {
                     });
                     offset += n as u64;
                 }
+                served += len;
                 budget -= len;
                 if budget == 0 {
                     break;

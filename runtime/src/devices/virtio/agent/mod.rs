@@ -13,4 +13,6 @@ pub mod device;
 pub use device::{Agent, AgentArgs, AgentState};
 
 #[cfg(test)]
+mod flood_tests;
+#[cfg(test)]
 pub(crate) mod hostile_tests;
