@@ -37,8 +37,8 @@
 //! [`Registry`] on every call, so a destroyed VM raises "vm 'x' no longer exists" and
 //! Lua never holds a borrow into the runtime.
 
-pub mod cleanup;
 pub mod agent;
+pub mod cleanup;
 pub mod disk;
 pub mod display;
 pub mod events;
