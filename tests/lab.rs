@@ -16,12 +16,17 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The start of every script: a base image and a lab of four VMs in `lab/` whose
 /// readiness is `ready`.
 fn lab_script(ready: &str, rest: &str) -> String {
+    lab_script_running("hello; idle", ready, rest)
+}
+
+/// [`lab_script`] whose guests run `cmdline`.
+fn lab_script_running(cmdline: &str, ready: &str, rest: &str) -> String {
     format!(
         r#"
 hv.disk.create{{ path = "base.img", size = "4M" }}
 local lab = hv.lab{{ name = "int", count = 4, dir = "lab", ready = {ready:?},
   template = {{ memory = "32M", disks = {{ {{ base = "base.img" }} }},
-               guest = hv.guest.builtin{{ cmdline = "hello; idle" }} }} }}
+               guest = hv.guest.builtin{{ cmdline = {cmdline:?} }} }} }}
 {rest}
 "#
     )
@@ -160,6 +165,40 @@ lab:vm(1):wait_for_console("never printed", { timeout = math.huge })"#,
     let (code, stderr) = finish(child, inbox, seen);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
+    only_inputs_left(&dir);
+}
+
+#[test]
+fn ctrl_c_ends_a_lab_shutdown_that_waits_for_guests_that_never_answer() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("lab-sigint-shutdown");
+    // The guests' agents answer nothing for a day: only the hard stop ends them, and the
+    // shutdown would wait its whole hour for it.
+    let (child, inbox) = spawn(
+        &dir,
+        &lab_script_running(
+            "hello; agent-hang 86400000; idle",
+            "console:agent-hang",
+            r#"lab:start{ progress = false }
+io.stderr:write("shutting down\n")
+lab:shutdown{ timeout = 3600 }
+io.stderr:write("the shutdown returned\n")"#,
+        ),
+    );
+    let mut seen = Vec::new();
+    wait_for_line(&inbox, "shutting down", &mut seen);
+    sigint(&child);
+    let (code, stderr) = finish(child, inbox, seen);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "lab 'int': interrupted while shutting down (the VMs still running were stopped hard)"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("the shutdown returned"), "{stderr}");
     only_inputs_left(&dir);
 }
 

@@ -7,9 +7,12 @@
 //! 1. its closers run, newest first (so a lab registered after its overlays is destroyed
 //!    before they are removed);
 //! 2. then every VM of the state's [`Registry`] created while the scope was open is
-//!    destroyed, whatever made it (`hv.vm`, `hv.restore`, an arrival, a pool): registry
-//!    ids are never reused and only grow, so these are the VMs whose id is above the
-//!    highest id the registry held when the scope opened.
+//!    destroyed, whatever made it (`hv.vm`, `hv.restore`, an arrival, a cold pool claim):
+//!    registry ids are never reused and only grow, so these are the VMs whose id is above
+//!    the highest id the registry held when the scope opened. A VM a live pool holds and
+//!    has not handed out (a ready VM its filler restored in the background) is the pool's,
+//!    not the scope's, and is left alone; a claimed one is released by the closer
+//!    `hv.pool.claim` registers, whenever it was restored.
 //!
 //! A state without cleanup (`luvisor run`, the REPL, policies) has no scope: [`register`]
 //! does nothing there and returns `None`, so `hv` code calls it unconditionally. A closer
@@ -36,7 +39,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use luvisor_runtime::{Registry, VmId};
+use luvisor_runtime::{Registry, Vm, VmId};
 use mlua::Lua;
 
 /// Identifies a registered closer, for [`dismiss`].
@@ -144,7 +147,7 @@ pub fn close_scope(lua: &Lua) -> Result<ScopeReport, CleanupError> {
         }
     }
     for vm in registry.list() {
-        if scope.vm_baseline.is_none_or(|baseline| vm.id() > baseline) {
+        if swept(scope.vm_baseline, &registry, &vm) {
             report.vms_destroyed.push(vm.name().to_string());
             registry.destroy(vm.id());
         }
@@ -152,16 +155,26 @@ pub fn close_scope(lua: &Lua) -> Result<ScopeReport, CleanupError> {
     Ok(report)
 }
 
+/// Whether closing a scope opened at `baseline` destroys `vm`: it was created since, and
+/// it is not a VM a live pool holds for later claims.
+fn swept(baseline: Option<VmId>, registry: &Arc<Registry>, vm: &Vm) -> bool {
+    baseline.is_none_or(|baseline| vm.id() > baseline)
+        && !luvisor_runtime::pool::holds_unclaimed(registry, vm)
+}
+
 /// Whether the VM `id` was created while the innermost scope was open, so that closing
 /// it destroys the VM. False without an open scope.
 pub fn made_in_scope(lua: &Lua, id: VmId) -> bool {
-    lua.app_data_ref::<Scopes>().is_some_and(|scopes| {
-        scopes
-            .stack
-            .borrow()
-            .last()
-            .is_some_and(|scope| scope.vm_baseline.is_none_or(|baseline| id > baseline))
-    })
+    let Some(scopes) = lua.app_data_ref::<Scopes>() else {
+        return false;
+    };
+    let Some(vm) = scopes.registry.get(id) else {
+        return false;
+    };
+    let stack = scopes.stack.borrow();
+    stack
+        .last()
+        .is_some_and(|scope| swept(scope.vm_baseline, &scopes.registry, &vm))
 }
 
 /// How many scopes are open in `lua` (0 without cleanup).

@@ -40,6 +40,9 @@ pub const CHECK_EVERY: u32 = 10_000;
 /// Ctrl-C presses since the process started. Only ever incremented, by the signal
 /// handler; each state remembers the count it has already acted on.
 static CTRL_C_PRESSES: AtomicU64 = AtomicU64::new(0);
+/// The press count some state last acted on (an interrupt it raised or a wait it ended):
+/// the presses above it are unanswered so far (see [`ctrl_c_unanswered`]).
+static CTRL_C_ANSWERED: AtomicU64 = AtomicU64::new(0);
 
 /// What stops a Lua state's code, and the message it stops with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +86,20 @@ impl StateLimits {
 /// Async-signal-safe: one atomic add.
 pub fn ctrl_c_pressed() {
     CTRL_C_PRESSES.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Ctrl-C presses no state has acted on yet: a script that is not looking (stuck in a
+/// call that does not poll) lets them pile up, while one that catches each interrupt
+/// and goes on answers them. Async-signal-safe: two atomic loads.
+pub fn ctrl_c_unanswered() -> u64 {
+    CTRL_C_PRESSES
+        .load(Ordering::SeqCst)
+        .saturating_sub(CTRL_C_ANSWERED.load(Ordering::SeqCst))
+}
+
+/// Counts every press so far as answered (a new Ctrl-C handler starts counting afresh).
+pub fn forget_unanswered_ctrl_c() {
+    CTRL_C_ANSWERED.fetch_max(CTRL_C_PRESSES.load(Ordering::SeqCst), Ordering::SeqCst);
 }
 
 /// One state's interrupt flag and budget, shared by its hook, its `hv` waits and its
@@ -130,7 +147,11 @@ impl Control {
         let requested = self.requested.swap(false, Ordering::SeqCst);
         let pressed = self.limits.interrupt_on_ctrl_c && {
             let presses = CTRL_C_PRESSES.load(Ordering::SeqCst);
-            self.ctrl_c_seen.swap(presses, Ordering::SeqCst) != presses
+            let new = self.ctrl_c_seen.swap(presses, Ordering::SeqCst) != presses;
+            if new {
+                CTRL_C_ANSWERED.fetch_max(presses, Ordering::SeqCst);
+            }
+            new
         };
         requested || pressed
     }
@@ -330,8 +351,12 @@ mod tests {
         assert_eq!(run(&second, "hv.sleep(600)"), Err("interrupted".into()));
     }
 
+    /// The tests that press Ctrl-C (the counter is process-wide) run one at a time.
+    static PRESSING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn ctrl_c_reaches_only_the_states_that_take_it() {
+        let _pressing = PRESSING.lock().unwrap_or_else(|p| p.into_inner());
         let foreground = state(StateLimits::FOREGROUND);
         let policy = budgeted(1_000_000_000);
         ctrl_c_pressed();
@@ -344,6 +369,29 @@ mod tests {
         ctrl_c_pressed();
         clear(&foreground);
         assert_eq!(run(&foreground, "for i = 1, 100000 do end"), Ok(()));
+    }
+
+    #[test]
+    fn an_acted_on_press_is_answered() {
+        let _pressing = PRESSING.lock().unwrap_or_else(|p| p.into_inner());
+        let foreground = state(StateLimits::FOREGROUND);
+        // A script that catches each interrupt and goes on answers every press: two
+        // handled presses do not bring a third one closer to a kill.
+        for _ in 0..2 {
+            ctrl_c_pressed();
+            let caught: bool = foreground
+                .load("return not pcall(hv.sleep, 600)")
+                .eval()
+                .unwrap();
+            assert!(caught);
+            assert_eq!(ctrl_c_unanswered(), 0);
+        }
+        // (Another test's foreground state may answer this press too; never more.)
+        ctrl_c_pressed();
+        assert!(ctrl_c_unanswered() <= 1);
+        forget_unanswered_ctrl_c();
+        assert_eq!(ctrl_c_unanswered(), 0);
+        clear(&foreground);
     }
 
     #[test]

@@ -22,7 +22,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,16 +148,15 @@ pub(crate) fn readiness_option(opts: &Options) -> mlua::Result<Readiness> {
 
 // ---- Ctrl-C while labs and pools exist ------------------------------------------------
 
-/// SIGINT presses since [`hold_ctrl_c`] installed its handler.
-static PRESSES: AtomicU32 = AtomicU32::new(0);
 /// How many holds are alive, and whether the handler is ours to remove.
 static HOLDS: Mutex<(usize, bool)> = Mutex::new((0, false));
-/// The press that kills the process anyway, for a script that never looks.
-const PRESSES_TO_KILL: u32 = 3;
+/// The unanswered press that kills the process anyway, for a script that never looks.
+/// Presses the script acted on (an interrupt raised, even one it caught) do not count.
+const PRESSES_TO_KILL: u64 = 3;
 
 extern "C" fn on_sigint(_: libc::c_int) {
     crate::interrupt::ctrl_c_pressed();
-    if PRESSES.fetch_add(1, Ordering::SeqCst) + 1 >= PRESSES_TO_KILL {
+    if crate::interrupt::ctrl_c_unanswered() >= PRESSES_TO_KILL {
         // SAFETY: signal(2) and raise(3) are async-signal-safe; the default action then
         // ends the process as a plain Ctrl-C would have.
         unsafe {
@@ -170,7 +168,10 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 /// While alive, SIGINT interrupts the Lua states that take Ctrl-C instead of killing the
 /// process, if nothing else handles SIGINT (the REPL has its own handler; `serve` blocks
-/// it). The third press kills the process as usual.
+/// it). The third press in a row that the script has not acted on (it is stuck where
+/// nothing polls) kills the process as usual; a press the script acted on starts the
+/// count again, so a script that catches interrupts and goes on is never one press from
+/// a kill without cleanup.
 struct CtrlCHold;
 
 impl CtrlCHold {
@@ -183,7 +184,7 @@ impl CtrlCHold {
                 let mut current: libc::sigaction = std::mem::zeroed();
                 libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current);
                 if current.sa_sigaction == libc::SIG_DFL {
-                    PRESSES.store(0, Ordering::SeqCst);
+                    crate::interrupt::forget_unanswered_ctrl_c();
                     let mut action: libc::sigaction = std::mem::zeroed();
                     action.sa_sigaction = on_sigint as *const () as usize;
                     libc::sigemptyset(&mut action.sa_mask);
@@ -441,7 +442,11 @@ impl UserData for LabHandle {
         });
         methods.add_method("shutdown", |lua, this, opts: Value| {
             let (timeout, _) = crate::vm::wait_timeout(lua, "shutdown", opts, &[])?;
-            let outcomes = this.lab.shutdown(timeout.min(Duration::from_secs(3600)));
+            let cancel = crate::interrupt::canceller(lua);
+            let outcomes = this
+                .lab
+                .shutdown(timeout.min(Duration::from_secs(3600)), &cancel)
+                .map_err(lua_err)?;
             let list = lua.create_table()?;
             for (i, (name, how, outcome)) in outcomes.iter().enumerate() {
                 let t = lua.create_table()?;

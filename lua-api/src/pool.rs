@@ -107,6 +107,18 @@ fn claim(
     let (vm, kind) = pool
         .claim(timeout, &cancel)
         .map_err(|e| mlua::Error::runtime(format!("hv.pool.claim: {}", error_chain(&e))))?;
+    // Under `luvisor test`, a claimed VM goes when the test that claimed it ends (the pool
+    // then counts it returned), warm or cold: a warm one was restored before the test
+    // started, so the scope's sweep of the VMs made in it would not see it.
+    let (for_cleanup, id) = (registry.clone(), vm.id());
+    crate::cleanup::register(
+        lua,
+        format!("vm '{}' claimed from pool '{name}'", vm.name()),
+        move || {
+            for_cleanup.destroy(id);
+            Ok(())
+        },
+    );
     Ok((VmHandle::new(&vm, registry.clone()), kind.as_str()))
 }
 

@@ -716,7 +716,8 @@ function RemoteVm:migrate(addr, opts) end
 
 ---When a VM counts as ready: "kvp:KEY" or "kvp:KEY=VALUE" (the guest published it over
 ---the agent channel; the built-in guest publishes ready = "1"), "console:TEXT" or a plain
----TEXT (the console shows it; not a Lua pattern). Default "kvp:ready".
+---TEXT (the console shows it; not a Lua pattern). Default "kvp:ready". A key the agent
+---channel refuses (1 to 64 bytes of letters, digits, '_', '-', '.', ':') is an error.
 ---@alias hv.Readiness string
 
 ---@class hv.DiskTemplate
@@ -785,8 +786,10 @@ function Lab:vm(which) end
 ---@return string[]
 function Lab:overlays() end
 
----Ends every VM at once (each guest is asked to shut down through the agent channel and
----stopped hard after `timeout` seconds); the VMs and overlays stay until destroy().
+---Ends every VM at once: each guest is asked to shut down through the agent channel, and
+---every VM still running after `timeout` seconds (one deadline for the whole lab) is
+---stopped hard. Ctrl-C stops every VM still running hard at once and raises "lab 'NAME':
+---interrupted while shutting down (...)". The VMs and overlays stay until destroy().
 ---@param opts? hv.WaitOptions
 ---@return { name: string, how: "graceful"|"forced"|"crashed"|"already_stopped", outcome: string }[]
 function Lab:shutdown(opts) end
@@ -871,7 +874,8 @@ function hv.pool.define(opts) end
 
 ---A ready VM ("warm"), or one restored for this claim ("cold") when none is; waits up to
 ---`timeout` (default 30 s) when the host's free memory cannot hold one more. Destroying
----the VM gives it back to the pool's accounting.
+---the VM gives it back to the pool's accounting. Under `luvisor test`, the VM is destroyed
+---when the test that claimed it ends.
 ---@param pool string|hv.Pool
 ---@param opts? hv.WaitOptions
 ---@return hv.Vm vm

@@ -6,6 +6,7 @@
 //! Lab::start    at most `parallel` VMs booting at a time, each until it is ready;
 //!               the first failure (crash, exit, timeout, readiness error, interrupt)
 //!               stops the others and destroys the lab
+//! Lab::shutdown every guest asked to end, one deadline for all, then hard stops
 //! Lab::destroy  every VM destroyed, every overlay removed (also on drop)
 //! ```
 //!
@@ -16,8 +17,9 @@
 //! destroys every lab of the process, for exits that skip destructors.
 //!
 //! Bring-up runs on scoped worker threads (`lab-NAME-K`), all joined before
-//! [`Lab::start`] returns; progress events and the cancel check stay on the caller's
-//! thread, so neither needs to be `Sync`.
+//! [`Lab::start`] returns, and so does [`Lab::shutdown`] (`lab-NAME-stopK`); progress
+//! events and the cancel check stay on the caller's thread, so neither needs to be
+//! `Sync`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,6 +42,8 @@ pub const MAX_LAB_VMS: usize = 1024;
 pub const MAX_PARALLEL: usize = 64;
 /// How long each VM may take to become ready, unless the caller says.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most VMs [`Lab::shutdown`] waits for at a time (one thread each).
+pub const SHUTDOWN_THREADS: usize = 64;
 /// Longest lab or pool name (it is part of VM and file names).
 pub const MAX_NAME: usize = 64;
 
@@ -203,6 +207,10 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "lab '{lab}': interrupted while shutting down (the VMs still running were stopped hard)"
+    )]
+    ShutdownInterrupted { lab: String },
     #[error("cannot {op} lab '{lab}': it is {state}")]
     InvalidState {
         lab: String,
@@ -690,44 +698,112 @@ impl Lab {
         }
     }
 
-    /// Shuts every VM of the lab down gracefully, each within `timeout`, all at once; how
-    /// each was ended and how it ended.
-    /// The VMs and overlays stay until [`Lab::destroy`].
-    pub fn shutdown(&self, timeout: Duration) -> Vec<(String, ShutdownHow, VmOutcome)> {
-        let vms: Vec<(String, Option<Arc<Vm>>)> = self
+    /// Shuts every VM of the lab down gracefully, all at once, within one `timeout` for
+    /// the whole lab: each guest is asked to end, and whatever still runs when `timeout`
+    /// is over is stopped hard. Returns how each VM was ended and how it ended, in VM
+    /// order. The VMs and overlays stay until [`Lab::destroy`].
+    ///
+    /// `cancel` is polled on this thread (every 50 ms); once it returns true the waits end
+    /// and every VM still running is stopped hard at once, and the call returns
+    /// [`LabError::ShutdownInterrupted`]. At most [`SHUTDOWN_THREADS`] VMs are waited for
+    /// at a time, on threads that end before this returns; if none can be started, this
+    /// thread shuts the VMs down one after the other, under the same deadline.
+    pub fn shutdown(
+        &self,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Vec<(String, ShutdownHow, VmOutcome)>, LabError> {
+        let vms: Vec<Option<Arc<Vm>>> = self
             .members
             .iter()
-            .map(|m| (m.name.clone(), self.registry.get(m.id)))
+            .map(|m| self.registry.get(m.id))
             .collect();
-        let mut outcomes: Vec<(String, ShutdownHow, VmOutcome)> = Vec::with_capacity(vms.len());
-        // A bounded number of threads at once, each shutting one VM down.
-        for chunk in vms.chunks(16) {
-            let ended: Vec<(ShutdownHow, VmOutcome)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|(_, vm)| {
-                        scope.spawn(move || match vm {
-                            Some(vm) => shutdown_vm(vm, timeout),
-                            None => (ShutdownHow::AlreadyStopped, VmOutcome::Stopped),
+        let deadline = crate::vstate::vcpu::deadline_after(timeout);
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let ended: Mutex<Vec<Option<(ShutdownHow, VmOutcome)>>> = Mutex::new(vec![None; vms.len()]);
+        let queue = ShutdownQueue {
+            vms: &vms,
+            next: &next,
+            deadline,
+            ended: &ended,
+        };
+        std::thread::scope(|scope| {
+            let (done, finished) = channel::<()>();
+            let mut workers = Vec::new();
+            for k in 0..SHUTDOWN_THREADS.min(vms.len()) {
+                let done = done.clone();
+                let (queue, abort) = (&queue, &abort);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("lab-{}-stop{k}", self.name))
+                    .spawn_scoped(scope, move || {
+                        queue.run(&|| abort.load(Ordering::SeqCst), &|| {
+                            let _ = done.send(());
                         })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or((ShutdownHow::Forced, VmOutcome::Stopped))
-                    })
-                    .collect()
+                    });
+                match spawned {
+                    Ok(worker) => workers.push(worker),
+                    Err(e) => {
+                        tracing::warn!(
+                            lab = self.name.as_str(),
+                            "cannot start a shutdown thread ({e}); going on with {k}"
+                        );
+                        break;
+                    }
+                }
+            }
+            // Only the workers hold senders now: the channel ends when they all have.
+            drop(done);
+            if workers.is_empty() {
+                let stop = || {
+                    if !abort.load(Ordering::SeqCst) && cancel() {
+                        abort.store(true, Ordering::SeqCst);
+                    }
+                    abort.load(Ordering::SeqCst)
+                };
+                queue.run(&stop, &|| {});
+            } else {
+                // Until every worker is done: each VM's end, or every 50 ms, checks the
+                // cancel.
+                while finished.recv_timeout(CANCEL_POLL) != Err(RecvTimeoutError::Disconnected) {
+                    if !abort.load(Ordering::SeqCst) && cancel() {
+                        abort.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            // Joined by hand: a worker that panicked would otherwise make the scope panic.
+            for worker in workers {
+                if worker.join().is_err() {
+                    tracing::warn!(lab = self.name.as_str(), "a shutdown thread panicked");
+                }
+            }
+        });
+        let ended = ended.into_inner().unwrap_or_else(|p| p.into_inner());
+        let outcomes = self
+            .members
+            .iter()
+            .zip(vms.iter().zip(ended))
+            .map(|(member, (vm, ended))| {
+                // Only a VM whose thread panicked has no result: stop it here.
+                let (how, outcome) = ended.unwrap_or_else(|| match vm {
+                    Some(vm) => {
+                        vm.stop();
+                        (
+                            ShutdownHow::Forced,
+                            vm.outcome().unwrap_or(VmOutcome::Stopped),
+                        )
+                    }
+                    None => (ShutdownHow::AlreadyStopped, VmOutcome::Stopped),
+                });
+                (member.name.clone(), how, outcome)
+            })
+            .collect();
+        if abort.load(Ordering::SeqCst) {
+            return Err(LabError::ShutdownInterrupted {
+                lab: self.name.clone(),
             });
-            outcomes.extend(
-                chunk
-                    .iter()
-                    .zip(ended)
-                    .map(|((name, _), (how, outcome))| (name.clone(), how, outcome)),
-            );
         }
-        outcomes
+        Ok(outcomes)
     }
 
     /// Destroys every VM of the lab and removes its overlays (and its directory, when the
@@ -758,10 +834,57 @@ impl Drop for Lab {
     }
 }
 
+/// The VMs [`Lab::shutdown`] works through, shared by its threads.
+struct ShutdownQueue<'a> {
+    vms: &'a [Option<Arc<Vm>>],
+    /// The index of the next VM to take.
+    next: &'a AtomicUsize,
+    /// When every wait ends, for the whole lab.
+    deadline: Instant,
+    /// How each VM ended, by index; `None` until its shutdown returned.
+    ended: &'a Mutex<Vec<Option<(ShutdownHow, VmOutcome)>>>,
+}
+
+impl ShutdownQueue<'_> {
+    /// Takes VMs until none is left and shuts each down within what is left of the
+    /// deadline, stopping it hard once `stop` returns true; `done` after each.
+    fn run(&self, stop: &dyn Fn() -> bool, done: &dyn Fn()) {
+        loop {
+            let index = self.next.fetch_add(1, Ordering::SeqCst);
+            let Some(vm) = self.vms.get(index) else {
+                return;
+            };
+            let ended = match vm {
+                Some(vm) => {
+                    // Once stopped, the VMs left are not asked and waited for at all.
+                    let left = if stop() {
+                        Duration::ZERO
+                    } else {
+                        self.deadline.saturating_duration_since(Instant::now())
+                    };
+                    shutdown_vm_cancellable(vm, left, stop)
+                }
+                None => (ShutdownHow::AlreadyStopped, VmOutcome::Stopped),
+            };
+            lock(self.ended)[index] = Some(ended);
+            done();
+        }
+    }
+}
+
 /// Ends `vm` within `timeout` through the agent channel's graceful shutdown (ask the
 /// guest, wait, fall back to a hard stop): how it was ended and how the VM ended.
 pub fn shutdown_vm(vm: &Vm, timeout: Duration) -> (ShutdownHow, VmOutcome) {
-    match vm.shutdown(timeout) {
+    shutdown_vm_cancellable(vm, timeout, &|| false)
+}
+
+/// [`shutdown_vm`]; once `cancel` returns true the wait ends with the hard stop.
+pub fn shutdown_vm_cancellable(
+    vm: &Vm,
+    timeout: Duration,
+    cancel: &dyn Fn() -> bool,
+) -> (ShutdownHow, VmOutcome) {
+    match vm.shutdown_cancellable(timeout, cancel) {
         Ok(report) => (report.how, report.outcome),
         Err(e) => {
             tracing::warn!(vm = vm.name(), error = %crate::error_chain(&e), "graceful shutdown failed; stopping hard");

@@ -236,7 +236,18 @@ pub enum PoolError {
 #[derive(Debug, Clone)]
 struct PoolVm {
     id: VmId,
+    name: String,
     overlays: Vec<PathBuf>,
+}
+
+/// A restore under way: the VM it makes is in the registry before the pool lists it as
+/// ready or claimed, and [`Pool::holds_unclaimed`] must count it as the pool's meanwhile.
+#[derive(Debug, Clone)]
+struct InFlight {
+    name: String,
+    /// The highest VM id in the registry when the restore started: the restored VM's id
+    /// is above it (a VM of the same name made before is someone else's).
+    after: Option<VmId>,
 }
 
 #[derive(Debug)]
@@ -247,6 +258,9 @@ struct PoolState {
     ready: VecDeque<PoolVm>,
     claimed: Vec<PoolVm>,
     restoring: usize,
+    /// The restores under way, by the name of the VM each makes. An entry goes when its
+    /// VM is listed (ready or claimed) or discarded, under the same lock.
+    in_flight: Vec<InFlight>,
     /// The number of the next VM name (NAME-N).
     next_number: u64,
     claims: u64,
@@ -440,18 +454,28 @@ impl Pool {
         clamped
     }
 
-    /// Restores one VM from the pool's snapshot under the next free name.
+    /// Restores one VM from the pool's snapshot under the next free name. The VM stays
+    /// in `in_flight` until the caller lists or discards it (see [`Pool::settle`]).
     fn restore_one(&self, registry: &Registry) -> Result<PoolVm, RegistryError> {
         let mut attempts = 0;
         loop {
-            let number = {
+            let after = registry.list().last().map(|vm| vm.id());
+            let name = {
                 let mut state = self.lock();
                 state.next_number += 1;
-                state.next_number
+                let name = format!("{}-{}", self.name, state.next_number);
+                state.in_flight.push(InFlight {
+                    name: name.clone(),
+                    after,
+                });
+                name
             };
-            let name = format!("{}-{number}", self.name);
             let started = Instant::now();
-            match registry.restore(&self.snapshot, Some(&name)) {
+            let restored = registry.restore(&self.snapshot, Some(&name));
+            if restored.is_err() {
+                Self::settle(&mut self.lock(), &name);
+            }
+            match restored {
                 Ok(vm) => {
                     self.lock().last_restore = Some(started.elapsed());
                     let overlays = vm
@@ -463,6 +487,7 @@ impl Pool {
                         .collect();
                     return Ok(PoolVm {
                         id: vm.id(),
+                        name,
                         overlays,
                     });
                 }
@@ -471,6 +496,23 @@ impl Pool {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Forgets the restore of `name` as under way: its VM is listed or discarded now.
+    fn settle(state: &mut PoolState, name: &str) {
+        state.in_flight.retain(|f| f.name != name);
+    }
+
+    /// Whether `vm` is one of this pool's and not handed out: ready, or being restored
+    /// by the filler. Such a VM belongs to the pool, not to whoever runs while it is made
+    /// (a test's cleanup must leave it alone).
+    pub fn holds_unclaimed(&self, vm: &Vm) -> bool {
+        let state = self.lock();
+        state.ready.iter().any(|p| p.id == vm.id())
+            || state
+                .in_flight
+                .iter()
+                .any(|f| f.name == vm.name() && f.after.is_none_or(|after| vm.id() > after))
     }
 
     /// Hands out a ready VM, or restores one (cold) when none is ready and the host's
@@ -504,6 +546,8 @@ impl Pool {
                     self.changed.notify_all();
                     return Ok((vm, ClaimKind::Warm));
                 }
+                // Destroyed since `reconcile` looked: nobody else knows of its overlays.
+                remove_files(&pooled.overlays);
                 continue;
             }
             let free = host_free_memory();
@@ -517,6 +561,16 @@ impl Pool {
                     pool: self.name.clone(),
                     source: Box::new(source),
                 })?;
+                Self::settle(&mut state, &pooled.name);
+                if state.stopping {
+                    // The pool was removed during the restore: `remove` has emptied its
+                    // lists already and would never see this VM.
+                    drop(state);
+                    self.discard(&registry, vec![pooled]);
+                    return Err(PoolError::Removed {
+                        pool: self.name.clone(),
+                    });
+                }
                 let Some(vm) = registry.get(pooled.id) else {
                     remove_files(&pooled.overlays);
                     continue;
@@ -595,6 +649,9 @@ impl Pool {
                 let restored = self.restore_one(&registry);
                 let mut state = self.lock();
                 state.restoring -= 1;
+                if let Ok(pooled) = &restored {
+                    Self::settle(&mut state, &pooled.name);
+                }
                 match restored {
                     Ok(pooled) if state.stopping => {
                         drop(state);
@@ -691,6 +748,18 @@ pub fn pools(registry: &Arc<Registry>) -> Arc<Pools> {
     });
     all.push((Arc::downgrade(registry), pools.clone()));
     pools
+}
+
+/// Whether `vm` belongs to a live pool of `registry` that has not handed it out (ready,
+/// or being restored by its filler). Test cleanup leaves such VMs to their pool.
+pub fn holds_unclaimed(registry: &Arc<Registry>, vm: &Vm) -> bool {
+    let pools = {
+        let all = lock(&POOLS);
+        all.iter()
+            .find(|(r, _)| std::ptr::eq(r.as_ptr(), Arc::as_ptr(registry)))
+            .map(|(_, pools)| pools.clone())
+    };
+    pools.is_some_and(|pools| pools.list().iter().any(|pool| pool.holds_unclaimed(vm)))
 }
 
 /// Removes every pool of `registry` (their VMs and files), if it has any; later defines
@@ -846,6 +915,7 @@ impl Pools {
                 ready: VecDeque::new(),
                 claimed: Vec::new(),
                 restoring: 0,
+                in_flight: Vec::new(),
                 next_number: 0,
                 claims: 0,
                 claim_times: VecDeque::new(),

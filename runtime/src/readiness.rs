@@ -6,7 +6,9 @@
 //! - `"kvp:KEY"`: the guest has published the key/value pair KEY (any value), and
 //!   `"kvp:KEY=VALUE"` with that value. The built-in guest publishes `ready = "1"` once it
 //!   serves the agent channel. Waiting for it goes through [`wait_kvp_ready`], the one
-//!   place that talks to the agent channel.
+//!   place that talks to the agent channel. A key or value the agent would refuse from
+//!   the guest ([`crate::agent::check_pair`]) is refused by [`Readiness::parse`]: it
+//!   could never be met.
 //! - `"console:PATTERN"`: the console shows PATTERN (plain text, not a Lua pattern).
 //! - anything else: a console pattern, as if written `"console:..."`.
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::agent::AgentError;
+use crate::agent::{check_pair, AgentError};
 use crate::vm::{Vm, WaitError};
 
 /// The longest readiness text accepted (a console pattern or a KVP key and value).
@@ -38,6 +40,10 @@ pub enum ReadinessParseError {
     Empty(String),
     #[error("the readiness is {0} bytes; at most {MAX_READINESS} are accepted")]
     TooLong(usize),
+    /// The KVP key or value breaks the agent protocol's rules, so the guest could never
+    /// publish it: the agent's own message says why.
+    #[error("the readiness {text:?} can never be met: {reason}")]
+    BadKvp { text: String, reason: String },
 }
 
 impl Readiness {
@@ -54,6 +60,14 @@ impl Readiness {
             if key.is_empty() {
                 return Err(ReadinessParseError::Empty(text.to_string()));
             }
+            // The agent refuses such a pair from the guest, so waiting for it could only
+            // time out.
+            check_pair(key, value.as_deref().unwrap_or("")).map_err(|e| {
+                ReadinessParseError::BadKvp {
+                    text: text.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
             Readiness::Kvp {
                 key: key.to_string(),
                 value,
@@ -171,6 +185,31 @@ mod tests {
             assert!(Readiness::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Readiness::parse(&"x".repeat(MAX_READINESS + 1)).is_err());
+        // A key the agent would refuse is refused here, with the agent's message, rather
+        // than waited for until the timeout.
+        let bad = Readiness::parse("kvp:my key").unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            format!(
+                "the readiness \"kvp:my key\" can never be met: {}",
+                crate::agent::AgentError::BadKey {
+                    key: "my key".into()
+                }
+            )
+        );
+        for bad in ["kvp:a/b", "kvp:é=1"] {
+            assert!(
+                matches!(
+                    Readiness::parse(bad),
+                    Err(ReadinessParseError::BadKvp { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let long_key = format!("kvp:{}", "k".repeat(crate::agent::MAX_KEY + 1));
+        assert!(Readiness::parse(&long_key).is_err());
+        // Values may hold anything the protocol carries.
+        assert!(Readiness::parse("kvp:state=up and running").is_ok());
         for text in ["kvp:ready", "kvp:a=b", "console:x"] {
             assert_eq!(Readiness::parse(text).unwrap().describe(), text);
         }

@@ -144,6 +144,10 @@ fails("option 'base' is required", hv.lab,
       { name = "x", count = 1, template = { guest = good.guest, disks = { { format = "raw" } } } })
 fails("option 'ready': the readiness \"kvp:\" is empty", hv.lab,
       { name = "x", count = 1, template = good, ready = "kvp:" })
+-- A key the agent would refuse could only time out: refused at once, with the agent's reason.
+fails("the readiness \"kvp:my key\" can never be met: key \"my key\" is invalid", hv.lab,
+      { name = "x", count = 1, template = good, ready = "kvp:my key" })
+fails("can never be met", hv.pool.define, { name = "x", template = good, ready = "kvp:a/b" })
 fails("lab name \"a/b\" is invalid", hv.lab, { name = "a/b", count = 1, template = good })
 fails("does not exist", hv.lab, { name = "x", count = 2, dir = "x-lab",
       template = { guest = good.guest, disks = { { base = "missing.img" } } } })

@@ -60,6 +60,14 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Goes back to the working directory the worker started in (after a file whose run
+    /// panicked in its scratch directory).
+    pub(crate) fn return_home(&self) {
+        if let (true, Some(home)) = (self.options.isolate, &self.home) {
+            let _ = std::env::set_current_dir(home);
+        }
+    }
+
     /// Runs the file at `path`; `on_test` sees each result as it is recorded.
     pub(crate) fn run_file(&self, path: &Path, on_test: &mut dyn FnMut(&TestResult)) -> FileReport {
         let display = path.display().to_string();
@@ -305,6 +313,7 @@ impl<'a> FileRun<'a> {
                 time: Default::default(),
                 started: SystemTime::now(),
                 output: String::new(),
+                did_not_run: false,
             },
             on_test,
         }

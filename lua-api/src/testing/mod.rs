@@ -162,6 +162,9 @@ pub struct FileReport {
     pub started: SystemTime,
     /// What the file's top level printed outside any test.
     pub output: String,
+    /// The runner could not run the file to its end (no worker was left for it, or its
+    /// worker stopped): its one test is the failure that says so.
+    pub did_not_run: bool,
 }
 
 /// How many tests passed, failed and are pending.
@@ -432,6 +435,7 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
     let next = AtomicUsize::new(0);
     let (sender, receiver) = mpsc::channel::<Message>();
     let mut reports: Vec<Option<FileReport>> = vec![None; files.len()];
+    let mut started = vec![false; files.len()];
     let displays: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
@@ -449,7 +453,7 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
                         let index = next.fetch_add(1, Ordering::SeqCst);
                         let Some(path) = files.get(index) else { break };
                         let _ = sender.send(Message::Started(index));
-                        let report = worker.run_file(path, &mut |test| {
+                        let report = run_file_guarded(&worker, path, &mut |test| {
                             let _ = sender.send(Message::Test(index, Box::new(test.clone())));
                         });
                         let _ = sender.send(Message::File(index, report));
@@ -465,10 +469,11 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
         for message in receiver {
             match message {
                 Message::Started(index) if jobs == 1 => {
+                    started[index] = true;
                     reporter.file_started(&displays[index]);
                     streaming = Some(index);
                 }
-                Message::Started(_) => {}
+                Message::Started(index) => started[index] = true,
                 Message::Test(index, test) if jobs == 1 => {
                     if streaming != Some(index) {
                         reporter.file_started(&displays[index]);
@@ -502,13 +507,229 @@ pub fn run(files: &[PathBuf], options: &Options, reporter: &mut dyn Reporter) ->
             }
         }
     });
-    if reports.iter().any(Option::is_none) && !options.cancel.is_cancelled() {
-        warnings.push("some test files did not run: a worker thread could not start".into());
+    let missing = fill_missing(
+        &mut reports,
+        &displays,
+        &started,
+        options.cancel.is_cancelled(),
+    );
+    if !missing.is_empty() {
+        warnings.push(format!(
+            "{} test file(s) did not run to their end; each is reported as failed",
+            missing.len()
+        ));
+    }
+    for report in missing.iter().filter_map(|&index| reports[index].as_ref()) {
+        reporter.file_started(&report.path);
+        for test in &report.tests {
+            reporter.test_finished(&report.path, test);
+        }
+        reporter.file_finished(report);
     }
     RunReport {
         files: reports.into_iter().flatten().collect(),
         interrupted: options.cancel.is_cancelled(),
         time: start.elapsed(),
         warnings,
+    }
+}
+
+/// Runs one file on a worker, turning a panic of the runner (or of a
+/// [`Options::setup`]) into a failed test of that file, so the worker goes on with the
+/// next file and the run cannot pass with results missing.
+fn run_file_guarded(
+    worker: &file::Worker,
+    path: &Path,
+    on_test: &mut dyn FnMut(&TestResult),
+) -> FileReport {
+    let started = SystemTime::now();
+    let start = Instant::now();
+    let mut recorded: Vec<TestResult> = Vec::new();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        worker.run_file(path, &mut |test| {
+            recorded.push(test.clone());
+            on_test(test);
+        })
+    }));
+    match ran {
+        Ok(report) => report,
+        Err(panic) => {
+            worker.return_home();
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            let display = path.display().to_string();
+            let failure = TestResult {
+                name: display.clone(),
+                outcome: Outcome::Failed(Failure::new(
+                    FailureKind::Error,
+                    format!("the test runner failed while running this file: {reason}"),
+                )),
+                time: start.elapsed(),
+                output: String::new(),
+                location: None,
+            };
+            on_test(&failure);
+            recorded.push(failure);
+            FileReport {
+                path: display,
+                tests: recorded,
+                time: start.elapsed(),
+                started,
+                output: String::new(),
+                did_not_run: true,
+            }
+        }
+    }
+}
+
+/// Gives each file without a report a failed one that says why, except a file a
+/// cancelled run never started (the run reports itself interrupted). Returns the indices
+/// of the files it gave one.
+fn fill_missing(
+    reports: &mut [Option<FileReport>],
+    displays: &[String],
+    started: &[bool],
+    cancelled: bool,
+) -> Vec<usize> {
+    let mut filled = Vec::new();
+    for (index, report) in reports.iter_mut().enumerate() {
+        if report.is_some() || (cancelled && !started[index]) {
+            continue;
+        }
+        let why = if started[index] {
+            "its test worker stopped before the file ended"
+        } else {
+            "no test worker was left to run it"
+        };
+        let display = displays[index].clone();
+        *report = Some(FileReport {
+            path: display.clone(),
+            tests: vec![TestResult {
+                name: display.clone(),
+                outcome: Outcome::Failed(Failure::new(
+                    FailureKind::Error,
+                    format!("{display} did not run to its end: {why}"),
+                )),
+                time: Duration::ZERO,
+                output: String::new(),
+                location: None,
+            }],
+            time: Duration::ZERO,
+            started: SystemTime::now(),
+            output: String::new(),
+            did_not_run: true,
+        });
+        filled.push(index);
+    }
+    filled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::AtomicBool;
+
+    fn scratch(test: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("luvisor-runner-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_file_the_runner_panicked_on_fails_and_the_next_file_still_runs() {
+        let dir = scratch("panic");
+        let files: Vec<PathBuf> = ["a.lua", "b.lua"]
+            .iter()
+            .map(|name| {
+                let path = dir.join(name);
+                std::fs::write(&path, "assert(1 + 1 == 2)").unwrap();
+                path
+            })
+            .collect();
+        let panicked = Arc::new(AtomicBool::new(false));
+        let once = panicked.clone();
+        let options = Options {
+            // The first file's state setup panics, as a bug in the runner would.
+            setup: Some(Arc::new(move |_: &Lua| {
+                if !once.swap(true, Ordering::SeqCst) {
+                    panic!("a deliberate panic");
+                }
+                Ok(())
+            })),
+            ..Options::default()
+        };
+        let report = run(&files, &options, &mut report::Silent);
+        assert!(panicked.load(Ordering::SeqCst));
+        assert_eq!(report.files.len(), 2);
+        let first = &report.files[0];
+        assert!(first.did_not_run);
+        match &first.tests[..] {
+            [test] => match &test.outcome {
+                Outcome::Failed(failure) => assert_eq!(
+                    failure.message,
+                    "the test runner failed while running this file: a deliberate panic"
+                ),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Counts::of(&report.files[1].tests).passed, 1);
+        assert!(!report.success());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_without_a_report_are_failed_unless_a_cancel_kept_them_from_starting() {
+        let displays: Vec<String> = ["ran.lua", "died.lua", "never.lua"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ran = FileReport {
+            path: "ran.lua".into(),
+            tests: Vec::new(),
+            time: Duration::ZERO,
+            started: SystemTime::now(),
+            output: String::new(),
+            did_not_run: false,
+        };
+        let started = [true, true, false];
+        let mut reports = vec![Some(ran.clone()), None, None];
+        assert_eq!(
+            fill_missing(&mut reports, &displays, &started, false),
+            [1, 2]
+        );
+        let messages: Vec<String> = reports
+            .iter()
+            .flatten()
+            .flat_map(|r| &r.tests)
+            .map(|t| match &t.outcome {
+                Outcome::Failed(f) => f.message.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "died.lua did not run to its end: its test worker stopped before the file ended",
+                "never.lua did not run to its end: no test worker was left to run it",
+            ]
+        );
+        let report = RunReport {
+            files: reports.into_iter().flatten().collect(),
+            interrupted: false,
+            time: Duration::ZERO,
+            warnings: Vec::new(),
+        };
+        assert!(!report.success());
+        // Cancelled: a file that never started is simply not run.
+        let mut reports = vec![Some(ran), None, None];
+        assert_eq!(fill_missing(&mut reports, &displays, &started, true), [1]);
+        assert!(reports[2].is_none());
     }
 }
