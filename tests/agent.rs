@@ -272,10 +272,107 @@ fn exec_returns_output_and_exit_codes() {
     // An exec that ends the VM gets the ending as its error.
     let e = vm.exec("exit 7", TIMEOUT).unwrap_err();
     assert!(e.to_string().contains("exit code 7"), "{e}");
+    // It served its channel: no hint about command lines that do not.
+    assert!(!e.to_string().contains("command line"), "{e}");
     assert!(matches!(
         vm.exec("hello", TIMEOUT).unwrap_err(),
         AgentError::NotRunning { .. }
     ));
+}
+
+/// Work that reaches the guest while its agent is still being set up (an exec or a
+/// shutdown sent right after the start) is done at once: the guest must not idle with
+/// it in hand until the first heartbeat (a second later) wakes it. The host's first
+/// PING goes out a heartbeat interval after the agent connected, so an answer that came
+/// with no PING sent did not wait for one.
+#[test]
+fn an_exec_or_a_shutdown_right_after_the_start_is_done_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::new();
+    let vm = registry.create(common::builtin("at-once", "")).unwrap();
+    vm.start().unwrap();
+    let r = vm.exec("hello", TIMEOUT).unwrap();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        vm.agent_stats().unwrap().pings,
+        0,
+        "the exec waited for a heartbeat"
+    );
+    vm.stop();
+
+    // A shutdown queued before the agent connected reaches it during its setup.
+    let vm = registry
+        .create(common::builtin("down-at-once", ""))
+        .unwrap();
+    vm.start().unwrap();
+    let out = vm.shutdown(TIMEOUT).unwrap();
+    assert_eq!(out.how, ShutdownHow::Graceful, "{out:?}");
+    assert!(out.acknowledged);
+    assert_eq!(
+        vm.agent_stats().unwrap().pings,
+        0,
+        "the shutdown waited for a heartbeat"
+    );
+}
+
+/// An exec whose caller gave up keeps running in the guest; the next exec waits for
+/// it (within its own timeout, which then names it), and then gets its own answer.
+#[test]
+fn an_exec_after_one_that_timed_out_waits_for_the_guest_to_finish_it() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::new();
+    let vm = serving(&registry, "abandon");
+    let e = vm.exec("sleep 300", Duration::from_millis(1)).unwrap_err();
+    assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
+    let stale = vm.agent_stats().unwrap().stale_replies;
+    let r = vm.exec("hello", TIMEOUT).unwrap();
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "hello from luvisor guest\n")
+    );
+    // The sleep's result came first, and went nowhere.
+    assert_eq!(vm.agent_stats().unwrap().stale_replies, stale + 1);
+
+    // A guest that never finishes the abandoned exec: the next one times out saying why.
+    let e = vm
+        .exec("sleep 600000", Duration::from_millis(1))
+        .unwrap_err();
+    assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
+    let e = vm.exec("hello", Duration::from_millis(50)).unwrap_err();
+    assert!(
+        e.to_string().ends_with(
+            "to answer exec \"hello\" (the guest still runs an earlier exec, \"sleep 600000\", \
+             whose caller gave up)"
+        ),
+        "{e}"
+    );
+    vm.stop();
+}
+
+/// A guest whose command line does not serve the channel ends without answering; the
+/// error says so, and how to make the built-in guest serve it.
+#[test]
+fn waiting_on_a_guest_that_does_not_serve_its_channel_says_why() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::new();
+    let vm = registry
+        .create(common::builtin("no-serve", "hello"))
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.wait(TIMEOUT).unwrap(), VmOutcome::Exited(0));
+    let e = vm.wait_for_guest_kvp("ready", None, TIMEOUT).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "vm 'no-serve' ended (exit code 0) before it published guest key \"ready\" (the \
+         built-in guest serves its agent channel only when its command line is empty or ends \
+         with `serve`)"
+    );
 }
 
 #[test]

@@ -351,13 +351,24 @@ impl Agent {
             Message::KvpSet { key, value } => self.kvp_store(key, value),
             Message::KvpDelete { key } => self.kvp_remove(key),
             Message::Exec { id, command } => {
-                if self.exec.is_some() || command.len() > MAX_COMMAND {
-                    let busy = b"error: exec: the guest runs another exec\n";
+                if command.len() > MAX_COMMAND {
                     self.send(&Message::ExecResult {
                         id,
                         code: 2,
                         truncated: false,
-                        output: busy,
+                        busy: false,
+                        output: b"error: exec: the command is longer than 1024 bytes\n",
+                    });
+                } else if self.exec.is_some() {
+                    // One exec waits here at most: the host sends this one again once
+                    // the one held has run (a host waits for each answer, so this
+                    // happens only after it gave up on one, e.g. across a restore).
+                    self.send(&Message::ExecResult {
+                        id,
+                        code: 2,
+                        truncated: false,
+                        busy: true,
+                        output: b"",
                     });
                 } else {
                     self.command.bytes()[..command.len()].copy_from_slice(command.as_bytes());
@@ -429,29 +440,51 @@ impl Agent {
     }
 }
 
-/// Serves the channel: called wherever the guest waits. Runs a pending exec (unless
-/// one runs already: a wait point inside it lands here too) and obeys a shutdown.
+/// Whether the agent holds work that a wait point must do before it idles: an exec
+/// taken off the ring and not run yet (none runs now), or a shutdown request. Such work
+/// arrives while the guest is busy elsewhere (its agent's setup, or an exec: frames are
+/// read at the exec's wait points); nothing would wake an idle guest for it, since the
+/// host already delivered it.
+pub fn has_work(state: &crate::State) -> bool {
+    state.agent.as_ref().is_some_and(|a| {
+        a.hang_until.is_none() && (a.shutdown || (a.exec.is_some() && !a.executing))
+    })
+}
+
+/// Serves the channel: called wherever the guest waits. Runs the pending exec (unless
+/// one runs already: a wait point inside it lands here too), and any exec that arrived
+/// while it ran, and obeys a shutdown.
 pub fn service(state: &mut crate::State) {
-    let Some(agent) = state.agent.as_mut() else {
-        return;
-    };
-    if let Some(until) = agent.hang_until {
-        if (io::clock_ms().wrapping_sub(until) as i32) < 0 {
+    loop {
+        let Some(agent) = state.agent.as_mut() else {
+            return;
+        };
+        if let Some(until) = agent.hang_until {
+            if (io::clock_ms().wrapping_sub(until) as i32) < 0 {
+                return;
+            }
+            agent.hang_until = None;
+        }
+        agent.receive();
+        agent.flush();
+        if agent.shutdown {
+            agent.send(&Message::ShutdownAck);
+            agent.flush();
+            io::exit(0);
+        }
+        if agent.executing {
             return;
         }
-        agent.hang_until = None;
+        let Some(exec) = agent.exec.take() else {
+            return;
+        };
+        run_exec(state, exec);
     }
-    agent.receive();
-    agent.flush();
-    if agent.shutdown {
-        agent.send(&Message::ShutdownAck);
-        agent.flush();
-        io::exit(0);
-    }
-    if agent.executing {
-        return;
-    }
-    let Some(exec) = agent.exec.take() else {
+}
+
+/// Runs one exec and sends its result.
+fn run_exec(state: &mut crate::State, exec: PendingExec) {
+    let Some(agent) = state.agent.as_mut() else {
         return;
     };
     agent.executing = true;
@@ -480,6 +513,7 @@ pub fn service(state: &mut crate::State) {
         id: exec.id,
         code,
         truncated,
+        busy: false,
         output,
     });
     agent.flush();
@@ -497,8 +531,10 @@ pub fn publish_ready(state: &mut crate::State) {
 pub fn serve(state: &mut crate::State) -> ! {
     publish_ready(state);
     loop {
-        io::idle(idle_micros(state));
+        // Serves before it idles: what arrived during the agent's setup (an exec sent
+        // right after the VM started, say) is run now, not at the next heartbeat.
         state.service();
+        io::idle(idle_micros(state));
     }
 }
 

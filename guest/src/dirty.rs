@@ -166,8 +166,7 @@ pub fn run(state: &mut State, mib: u64, rate: u64) -> Result<(), Error> {
             last_report = now;
         }
         if batch == 0 {
-            io::idle(IDLE_US);
-            state.service();
+            state.wait(IDLE_US);
         }
     }
     let passes = state.dirty.as_ref().map_or(0, |r| r.passes);

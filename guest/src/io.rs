@@ -173,16 +173,15 @@ pub fn try_read_byte() -> Option<u8> {
     }
 }
 
-/// The next byte received on COM1. While none is there the vCPU idles on the idle port
-/// rather than spinning, and runs `between` after each idle (the balloon is served
-/// there).
-pub fn read_byte(mut between: impl FnMut()) -> u8 {
+/// The next byte received on COM1. While none is there it calls `wait` with how long
+/// to idle (the caller idles on the idle port rather than spinning, and serves the
+/// balloon and the agent channel after each idle).
+pub fn read_byte(mut wait: impl FnMut(u32)) -> u8 {
     loop {
         if let Some(byte) = try_read_byte() {
             return byte;
         }
-        idle(INPUT_POLL_US);
-        between();
+        wait(INPUT_POLL_US);
     }
 }
 

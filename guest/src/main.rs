@@ -159,6 +159,17 @@ impl State {
         agent::service(self);
     }
 
+    /// A wait point: idles up to `micros` (or until an event), then serves the devices.
+    /// It does not idle when the agent already holds work (an exec or a shutdown that
+    /// arrived while the guest was busy elsewhere, e.g. during its agent's setup):
+    /// nothing would wake the guest for work it has already taken off its ring.
+    fn wait(&mut self, micros: u32) {
+        if !agent::has_work(self) {
+            io::idle(micros);
+        }
+        self.service();
+    }
+
     /// The driver for the current disk, set up on first use.
     fn blk(&mut self) -> Result<&mut Blk, Error> {
         if self.blk.is_none() {
@@ -193,8 +204,8 @@ fn run<'a>(
         }
         "sleep" => sleep_ms(state, arg(args)?),
         "idle" => loop {
-            io::idle(agent::idle_micros(state));
-            state.service();
+            let micros = agent::idle_micros(state);
+            state.wait(micros);
         },
         "balloon-report" => {
             let on = match args.next() {
@@ -360,7 +371,7 @@ fn listen(state: &mut State) -> Result<(), Error> {
     let mut len = 0;
     let mut too_long = false;
     loop {
-        match io::read_byte(|| state.service()) {
+        match io::read_byte(|micros| state.wait(micros)) {
             b'\r' | b'\n' => {
                 let keep_listening = if too_long {
                     println!("error: listen: line longer than {} bytes", LISTEN_LINE_MAX);
@@ -463,8 +474,7 @@ fn count(state: &mut State, period_ms: u64, limit: u64) {
     while n < limit {
         let now = io::clock_ms() as u64;
         if now < next {
-            io::idle(((next - now) * 1000).min(u32::MAX as u64) as u32);
-            state.service();
+            state.wait(((next - now) * 1000).min(u32::MAX as u64) as u32);
             continue;
         }
         n += 1;
@@ -480,8 +490,7 @@ fn sleep_ms(state: &mut State, ms: u64) {
         if now >= deadline {
             return;
         }
-        io::idle(((deadline - now) * 1000).min(u32::MAX as u64) as u32);
-        state.service();
+        state.wait(((deadline - now) * 1000).min(u32::MAX as u64) as u32);
     }
 }
 
@@ -506,8 +515,7 @@ fn mem_demand(state: &mut State, profile: &str) -> Result<(), Error> {
             if elapsed >= at {
                 break;
             }
-            io::idle(((at - elapsed) * 1000).min(u32::MAX as u64) as u32);
-            state.service();
+            state.wait(((at - elapsed) * 1000).min(u32::MAX as u64) as u32);
         }
         let short = demand_to(state, &mut held, bytes);
         let mut size = [0u8; 24];
@@ -520,8 +528,8 @@ fn mem_demand(state: &mut State, profile: &str) -> Result<(), Error> {
         state.service();
     }
     loop {
-        io::idle(agent::idle_micros(state));
-        state.service();
+        let micros = agent::idle_micros(state);
+        state.wait(micros);
     }
 }
 

@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
-use luvisor_runtime::agent::{AgentStats, ExecResult, Health};
+use luvisor_runtime::agent::{check_command, AgentStats, ExecResult, Health};
 use luvisor_runtime::remote::protocol::ShutdownReport;
 use luvisor_runtime::Vm;
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value};
 
 use crate::events::SafePoint;
-use crate::options::{a_type_name, Options};
+use crate::options::{a_type_name, utf8_text, Options};
 use crate::vm::{VmHandle, DEFAULT_WAIT};
 
 /// `vm:shutdown{}` without a `timeout`: how long the guest gets to end by itself.
@@ -78,7 +78,7 @@ pub(crate) fn exec_arguments(
     opts: Value,
 ) -> mlua::Result<(String, Duration)> {
     let command = match command {
-        Value::String(s) => s.to_str()?.to_string(),
+        Value::String(s) => utf8_text("vm:exec", "the command", &s)?,
         other => {
             return Err(mlua::Error::runtime(format!(
                 "vm:exec: the command must be a string such as \"blk-verify 0 100 7\", got {}",
@@ -86,6 +86,9 @@ pub(crate) fn exec_arguments(
             )))
         }
     };
+    // Checked here, so a bad command gets the same `vm:exec:` error as any other bad
+    // argument (and a remote VM's before it goes over the network).
+    check_command(&command).map_err(|e| mlua::Error::runtime(format!("vm:exec: {e}")))?;
     let opts = Options::from_value(lua, "vm:exec", opts, &["timeout"])?;
     Ok((command, opts.seconds("timeout")?.unwrap_or(DEFAULT_WAIT)))
 }
@@ -239,7 +242,7 @@ impl UserData for VmKvp {
 
 fn key_argument(method: &str, key: Value) -> mlua::Result<String> {
     match key {
-        Value::String(s) => Ok(s.to_str()?.to_string()),
+        Value::String(s) => utf8_text(method, "the key", &s),
         other => Err(mlua::Error::runtime(format!(
             "{method}: the key must be a string, got {}",
             a_type_name(&other)
@@ -276,7 +279,7 @@ impl UserData for KvpSide {
             }
             let key = key_argument("vm.kvp.host:set", key)?;
             let value = match value {
-                Value::String(s) => s.to_str()?.to_string(),
+                Value::String(s) => utf8_text("vm.kvp.host:set", "the value", &s)?,
                 Value::Integer(i) => i.to_string(),
                 Value::Number(n) => n.to_string(),
                 Value::Boolean(b) => b.to_string(),

@@ -70,7 +70,11 @@ impl Options {
     pub fn string(&self, key: &str) -> mlua::Result<Option<String>> {
         match self.raw(key)? {
             Value::Nil => Ok(None),
-            Value::String(s) => Ok(Some(s.to_str()?.to_string())),
+            Value::String(s) => Ok(Some(utf8_text(
+                &self.function,
+                &format!("option '{key}'"),
+                &s,
+            )?)),
             other => Err(self.error(format!(
                 "option '{key}' must be a string, got {}",
                 a_type_name(&other)
@@ -168,6 +172,16 @@ pub fn describe(value: &Value) -> String {
         Value::Nil => "nil".into(),
         other => a_type_name(other),
     }
+}
+
+/// A Lua string as Rust text. A string that is not UTF-8 gets an error that names the
+/// call and the argument (`vm.kvp.host:set: the value must be UTF-8 text (invalid utf-8
+/// sequence of 1 bytes from index 0)`), rather than mlua's conversion error.
+pub fn utf8_text(function: &str, what: &str, s: &mlua::LuaString) -> mlua::Result<String> {
+    let bytes = s.as_bytes();
+    std::str::from_utf8(&bytes)
+        .map(str::to_string)
+        .map_err(|e| mlua::Error::runtime(format!("{function}: {what} must be UTF-8 text ({e})")))
 }
 
 /// A value's Lua type with its article, for messages: "a table", "an integer".

@@ -232,9 +232,10 @@ function KvpGuest:wait(key, opts) end
 
 ---Runs one of the guest's commands (a line of commands separated by ";") through the
 ---agent channel; its console output comes back in `stdout` instead of going to the
----console. One exec at a time per VM; before the agent connects, waits for it. A safe
----point for hv.on handlers.
----@param command string At most 1024 bytes, one line.
+---console. One exec at a time per VM; before the agent connects, waits for it. After an
+---exec that timed out, the next one waits (within its own timeout) for the guest to
+---finish that one. A safe point for hv.on handlers.
+---@param command string At most 1024 bytes of UTF-8 text, one line.
 ---@param opts? { timeout?: number } Seconds; default 30.
 ---@return hv.ExecResult
 function Vm:exec(command, opts) end

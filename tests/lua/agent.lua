@@ -46,7 +46,19 @@ r = vm:exec("kvp-get role; blk-info")
 assert(r.code == 2 and r.stdout:find("^role=web\nerror: blk%-info: no such disk"), r.stdout)
 fails("vm:exec: the command must be a string", vm.exec, vm, nil)
 fails("unknown option 'timout'", vm.exec, vm, "hello", { timout = 1 })
-fails("an exec command has at most 1024", vm.exec, vm, string.rep("x", 1025))
+fails("vm:exec: the command is 1025 bytes; an exec command has at most 1024", vm.exec, vm,
+      string.rep("x", 1025))
+fails('vm:exec: the command "hello\\nexit 3" is invalid: it holds a control character', vm.exec, vm,
+      "hello\nexit 3")
+fails("vm:exec: the command must be UTF-8 text (invalid utf-8", vm.exec, vm, "\255")
+
+-- An exec whose caller gave up runs on in the guest; the next one waits for it, then
+-- gets its own answer.
+fails('to answer exec "sleep 300"', vm.exec, vm, "sleep 300", { timeout = 0.001 })
+local stale = vm.agent.stale_replies
+r = vm:exec("hello")
+assert(r.code == 0 and r.stdout == "hello from luvisor guest\n", r.stdout)
+assert(vm.agent.stale_replies == stale + 1, "the sleep's result went nowhere")
 
 -- Key-value pairs both ways, and their limits.
 vm.kvp.host:set("count", 3)
@@ -61,6 +73,11 @@ fails('the value of key "big" is 1025 bytes; a value has at most 1024', vm.kvp.h
       "big", string.rep("v", 1025))
 fails("vm.kvp.guest is read-only", vm.kvp.guest.set, vm.kvp.guest, "a", "b")
 fails("the value must be a string", vm.kvp.host.set, vm.kvp.host, "a", {})
+fails("vm.kvp.host:set: the value must be UTF-8 text (invalid utf-8", vm.kvp.host.set, vm.kvp.host,
+      "bin", "\255\254")
+fails("vm.kvp.host:set: the key must be UTF-8 text", vm.kvp.host.set, vm.kvp.host, "\255", "v")
+fails("vm.kvp.guest:wait: option 'value' must be UTF-8 text", vm.kvp.guest.wait, vm.kvp.guest, "k",
+      { value = "\255" })
 assert(vm.kvp.host:delete("count") and vm.kvp.host:get("count") == nil)
 fails("timed out", vm.kvp.guest.wait, vm.kvp.guest, "never", { timeout = 0.2 })
 
@@ -117,6 +134,23 @@ hung.kvp.guest:wait("ready", { value = "1", timeout = 20 })
 fails("handler failed for hung", wait_until, "never", function() return false end)
 hv.off(failing)
 hung:destroy()
+
+-- Work sent right after the start is done at once, not at the first heartbeat (the host
+-- pings a second after the agent connects; no ping was needed).
+local quick = hv.vm{ name = "quick", memory = "32M", guest = hv.guest.builtin{} }
+quick:start()
+assert(quick:exec("hello").code == 0)
+assert(quick.agent.pings == 0, "the exec waited for a heartbeat")
+quick:destroy()
+
+-- A command line that does not serve the channel: the error says how to make it.
+local no_serve = hv.vm{ name = "no-serve", memory = "32M", guest = hv.guest.builtin{ cmdline = "hello" } }
+no_serve:start()
+assert(no_serve:wait{ timeout = 10 } == 0)
+fails('vm \'no-serve\' ended (exit code 0) before it published guest key "ready" (the built-in guest ' ..
+      "serves its agent channel only when its command line is empty or ends with `serve`)",
+      no_serve.kvp.guest.wait, no_serve.kvp.guest, "ready")
+no_serve:destroy()
 
 -- agent = false: no channel, and an empty command line ends at once as before.
 local plain = hv.vm{ name = "plain", memory = "32M", agent = false, guest = hv.guest.builtin{} }

@@ -46,6 +46,13 @@ pub const MAX_OUTPUT: usize = 32 * 1024;
 /// Longest agent name in a HELLO.
 pub const MAX_AGENT_NAME: usize = 64;
 
+/// EXEC_RESULT flag: the output was cut at [`MAX_OUTPUT`] bytes.
+pub const EXEC_TRUNCATED: u8 = 1 << 0;
+/// EXEC_RESULT flag: the command did not run, because the agent still holds another
+/// exec (one it took before the host gave up on it); the host sends it again later.
+/// `code` and `output` mean nothing then.
+pub const EXEC_BUSY: u8 = 1 << 1;
+
 /// Message types (header byte 5). H→G: sent by the host; G→H: sent by the guest.
 pub mod kind {
     /// G→H: the agent (re)starts a session: `u32 version`, `str agent`.
@@ -66,7 +73,8 @@ pub mod kind {
     pub const KVP_DELETE: u8 = 7;
     /// H→G: run a command: `u32 id`, `str command`.
     pub const EXEC: u8 = 8;
-    /// G→H: `u32 id`, `u32 code`, `u8 truncated`, `bytes output`.
+    /// G→H: `u32 id`, `u32 code`, `u8 flags` ([`EXEC_TRUNCATED`](super::EXEC_TRUNCATED),
+    /// [`EXEC_BUSY`](super::EXEC_BUSY)), `bytes output`.
     pub const EXEC_RESULT: u8 = 9;
     /// H→G: shut down now (empty payload).
     pub const SHUTDOWN: u8 = 10;
@@ -205,7 +213,10 @@ pub enum Message<'a> {
     ExecResult {
         id: u32,
         code: u32,
+        /// [`EXEC_TRUNCATED`].
         truncated: bool,
+        /// [`EXEC_BUSY`].
+        busy: bool,
         output: &'a [u8],
     },
     Shutdown,
@@ -262,12 +273,19 @@ impl<'a> Message<'a> {
                 id: r.u32()?,
                 command: r.str()?,
             },
-            kind::EXEC_RESULT => Message::ExecResult {
-                id: r.u32()?,
-                code: r.u32()?,
-                truncated: r.u8()? != 0,
-                output: r.blob()?,
-            },
+            kind::EXEC_RESULT => {
+                let id = r.u32()?;
+                let code = r.u32()?;
+                // Bits other than the two defined are ignored (reserved).
+                let flags = r.u8()?;
+                Message::ExecResult {
+                    id,
+                    code,
+                    truncated: flags & EXEC_TRUNCATED != 0,
+                    busy: flags & EXEC_BUSY != 0,
+                    output: r.blob()?,
+                }
+            }
             kind::SHUTDOWN => Message::Shutdown,
             kind::SHUTDOWN_ACK => Message::ShutdownAck,
             other => return Err(DecodeError::UnknownKind(other)),
@@ -339,11 +357,14 @@ impl<'a> Message<'a> {
                 id,
                 code,
                 truncated,
+                busy,
                 output,
             } => {
                 w.u32(id)?;
                 w.u32(code)?;
-                w.put(&[truncated as u8])?;
+                let flags =
+                    if truncated { EXEC_TRUNCATED } else { 0 } | if busy { EXEC_BUSY } else { 0 };
+                w.put(&[flags])?;
                 w.u32(u32::try_from(output.len()).ok()?)?;
                 w.put(output)?;
             }
@@ -480,7 +501,15 @@ mod tests {
                 id: 3,
                 code: 2,
                 truncated: true,
+                busy: false,
                 output: b"error: x",
+            },
+            Message::ExecResult {
+                id: 4,
+                code: 2,
+                truncated: false,
+                busy: true,
+                output: b"",
             },
             Message::Shutdown,
         ];
@@ -494,6 +523,25 @@ mod tests {
             assert_eq!(h.crc, crc32(&buf[HEADER_LEN..n]));
             assert_eq!(Message::decode(h.kind, &buf[HEADER_LEN..n]), Ok(m));
         }
+    }
+
+    #[test]
+    fn exec_result_flags_are_bits_and_reserved_ones_are_ignored() {
+        let decode = |flags: u8| {
+            let mut payload = [0u8; 13];
+            payload[8] = flags;
+            match Message::decode(kind::EXEC_RESULT, &payload) {
+                Ok(Message::ExecResult {
+                    truncated, busy, ..
+                }) => (truncated, busy),
+                other => panic!("{other:?}"),
+            }
+        };
+        // 0 and 1 are what an agent that knows only `truncated` sends.
+        assert_eq!(decode(0), (false, false));
+        assert_eq!(decode(EXEC_TRUNCATED), (true, false));
+        assert_eq!(decode(EXEC_BUSY), (false, true));
+        assert_eq!(decode(0xfc), (false, false));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::stream::StreamCounters;
 use super::{
-    check_command, check_pair, AgentError, AgentStats, ExecResult, Health, HealthState, LATE_AFTER,
-    LOST_AFTER, MAX_OUTBOX,
+    check_command, check_pair, AgentError, AgentStats, Awaited, ExecResult, Health, HealthState,
+    LATE_AFTER, LOST_AFTER, MAX_OUTBOX,
 };
 use crate::devices::console::CANCEL_POLL;
 use crate::events::{EventBus, VmEvent, VmEventKind};
@@ -43,6 +43,34 @@ pub struct Session {
 struct PendingExec {
     id: u32,
     reply: Option<ExecResult>,
+    /// The guest answered "busy" ([`agent::EXEC_BUSY`]): it holds another exec; this
+    /// one is sent again once that one's result comes, or after [`BUSY_RETRY`].
+    busy: Option<Busy>,
+}
+
+/// When the guest answered "busy".
+struct Busy {
+    at: Instant,
+    /// [`ChannelState::exec_results`] with that answer counted.
+    results: u64,
+}
+
+/// An exec whose caller gave up (timed out or cancelled) before the guest answered. The
+/// guest still runs it, so the next exec waits for its result first: the guest then
+/// never holds two execs at once, and a caller never gets another's answer.
+struct AbandonedExec {
+    id: u32,
+    /// The session it was sent in: a new session (or a restore) forgets it.
+    epoch: u64,
+    command: String,
+}
+
+/// How the VM ended, for waiters that were cut short.
+#[derive(Clone)]
+struct Ending {
+    outcome: String,
+    /// The guest exited without ever publishing `ready` (see [`AgentError::Ended`]).
+    never_served: bool,
 }
 
 #[derive(Default)]
@@ -76,12 +104,16 @@ struct ChannelState {
     /// An exec in flight; only one at a time (`exec_busy` queues the others).
     exec: Option<PendingExec>,
     exec_busy: bool,
+    /// The last exec nobody waits for any more, until the guest answers it.
+    abandoned: Option<AbandonedExec>,
+    /// EXEC_RESULTs received: a busy exec is sent again when this moves on.
+    exec_results: u64,
     next_exec_id: u32,
     shutdown_acked: bool,
     /// The VM has a machine (started and not ended).
     running: bool,
     /// How the VM ended, once it did.
-    ended: Option<String>,
+    ended: Option<Ending>,
     stats: AgentStats,
     /// The device's frame reader's counters, and payloads that did not decode.
     stream: StreamCounters,
@@ -123,6 +155,9 @@ pub struct AgentChannel {
 pub const TIME_TOLERANCE_US: u64 = 2000;
 /// Corrections sent after one setting at most.
 pub const TIME_RETRIES: u32 = 3;
+/// How long an exec the guest answered "busy" waits before it is sent again, unless the
+/// guest's exec result that frees it comes first.
+pub const BUSY_RETRY: Duration = Duration::from_millis(50);
 
 /// Bytes of the frame that carries `message`.
 fn frame_len(message: &Message) -> usize {
@@ -380,18 +415,37 @@ impl AgentChannel {
                 id,
                 code,
                 truncated,
+                busy,
                 output,
-            } => match st.exec.as_mut() {
-                Some(pending) if pending.id == id && pending.reply.is_none() => {
-                    let cut = output.len().min(agent::MAX_OUTPUT);
-                    pending.reply = Some(ExecResult {
-                        code,
-                        stdout: String::from_utf8_lossy(&output[..cut]).into_owned(),
-                        truncated: truncated || cut < output.len(),
-                    });
+            } => {
+                st.exec_results += 1;
+                let results = st.exec_results;
+                if st.abandoned.as_ref().is_some_and(|a| a.id == id) {
+                    st.abandoned = None;
                 }
-                _ => st.stats.stale_replies += 1,
-            },
+                match st.exec.as_mut() {
+                    Some(pending)
+                        if pending.id == id
+                            && pending.reply.is_none()
+                            && pending.busy.is_none() =>
+                    {
+                        if busy {
+                            pending.busy = Some(Busy {
+                                at: Instant::now(),
+                                results,
+                            });
+                        } else {
+                            let cut = output.len().min(agent::MAX_OUTPUT);
+                            pending.reply = Some(ExecResult {
+                                code,
+                                stdout: String::from_utf8_lossy(&output[..cut]).into_owned(),
+                                truncated: truncated || cut < output.len(),
+                            });
+                        }
+                    }
+                    _ => st.stats.stale_replies += 1,
+                }
+            }
             Message::ShutdownAck => st.shutdown_acked = true,
             // Only the host sends these.
             Message::Welcome { .. }
@@ -469,13 +523,19 @@ impl AgentChannel {
         let mut st = self.lock();
         st.running = true;
         st.ended = None;
+        st.abandoned = None;
     }
 
-    /// The VM ended (`outcome` says how): every waiter gives up.
-    pub fn machine_ended(&self, outcome: String) {
+    /// The VM ended (`outcome` says how; `guest_exited`: the guest exited by itself):
+    /// every waiter gives up.
+    pub fn machine_ended(&self, outcome: String, guest_exited: bool) {
         let mut st = self.lock();
         st.running = false;
-        st.ended = Some(outcome);
+        let never_served = guest_exited && st.guest_kvp.get("ready").is_none_or(|v| v != "1");
+        st.ended = Some(Ending {
+            outcome,
+            never_served,
+        });
         drop(st);
         self.set_kick(None);
         self.changed.notify_all();
@@ -610,32 +670,38 @@ impl AgentChannel {
     /// Waits on the channel until `done` returns `Some` or the deadline, cancel or the
     /// VM's end. `cancel` is called without the channel's lock held (it may run Lua
     /// code that calls back into this VM).
+    ///
+    /// `deadline` ends the wait; `timeout` is what the caller asked for (for the error),
+    /// and `held_up` says what held the request up when the deadline passed.
     fn wait_for<R>(
         &self,
-        what: &str,
+        what: &Awaited,
+        deadline: Instant,
         timeout: Duration,
         cancel: &dyn Fn() -> bool,
+        held_up: impl Fn(&ChannelState) -> String,
         mut done: impl FnMut(&mut ChannelState) -> Result<Option<R>, AgentError>,
     ) -> Result<R, AgentError> {
-        let deadline = deadline_after(timeout);
         loop {
             let mut st = self.lock();
             if let Some(r) = done(&mut st)? {
                 return Ok(r);
             }
-            if let Some(outcome) = &st.ended {
+            if let Some(ending) = &st.ended {
                 return Err(AgentError::Ended {
                     name: self.name.clone(),
-                    what: what.to_string(),
-                    outcome: outcome.clone(),
+                    what: what.clone(),
+                    outcome: ending.outcome.clone(),
+                    never_served: ending.never_served,
                 });
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(AgentError::TimedOut {
                     name: self.name.clone(),
-                    what: what.to_string(),
+                    what: what.clone(),
                     timeout,
+                    detail: held_up(&st),
                 });
             }
             let (st, _) = self
@@ -646,7 +712,7 @@ impl AgentChannel {
             if cancel() {
                 return Err(AgentError::Cancelled {
                     name: self.name.clone(),
-                    what: what.to_string(),
+                    what: what.clone(),
                 });
             }
         }
@@ -661,22 +727,39 @@ impl AgentChannel {
         timeout: Duration,
         cancel: &dyn Fn() -> bool,
     ) -> Result<String, AgentError> {
-        let what = match value {
-            Some(v) => format!("guest key {key:?} = {v:?}"),
-            None => format!("guest key {key:?}"),
+        let what = Awaited::GuestKey {
+            key: key.to_string(),
+            value: value.map(str::to_string),
         };
-        self.wait_for(&what, timeout, cancel, |st| {
-            Ok(st
-                .guest_kvp
-                .get(key)
-                .filter(|got| value.is_none_or(|want| want == got.as_str()))
-                .cloned())
-        })
+        let held_up = |st: &ChannelState| {
+            if st.session.is_none() {
+                " (its agent has not connected)".to_string()
+            } else {
+                String::new()
+            }
+        };
+        self.wait_for(
+            &what,
+            deadline_after(timeout),
+            timeout,
+            cancel,
+            held_up,
+            |st| {
+                Ok(st
+                    .guest_kvp
+                    .get(key)
+                    .filter(|got| value.is_none_or(|want| want == got.as_str()))
+                    .cloned())
+            },
+        )
     }
 
     /// Runs `command` in the guest and waits for its result. One exec at a time per VM:
     /// a second waits for the first (within its own timeout). Before the guest's agent
-    /// has said HELLO, it waits for that too.
+    /// has said HELLO, it waits for that too; after an exec whose caller gave up, it
+    /// waits for the guest to finish that one. A "busy" answer from the guest (it holds
+    /// an exec the host no longer knows of, e.g. from before a restore) is not a result:
+    /// the exec is sent again once the guest is free, within the same timeout.
     pub fn exec(
         &self,
         command: &str,
@@ -684,40 +767,110 @@ impl AgentChannel {
         cancel: &dyn Fn() -> bool,
     ) -> Result<ExecResult, AgentError> {
         check_command(command)?;
-        let what = format!("exec {command:?}");
-        let started = Instant::now();
-        let (id, epoch) = self.wait_for(&what, timeout, cancel, |st| {
-            if st.exec_busy || st.session.is_none() {
+        let what = Awaited::Exec {
+            command: command.to_string(),
+        };
+        let deadline = deadline_after(timeout);
+        let held_up = |st: &ChannelState| {
+            if st.session.is_none() {
+                return " (its agent has not connected)".to_string();
+            }
+            if let Some(a) = st.abandoned.as_ref().filter(|a| a.epoch == st.epoch) {
+                return format!(
+                    " (the guest still runs an earlier exec, {:?}, whose caller gave up)",
+                    a.command
+                );
+            }
+            if st.exec.as_ref().is_some_and(|p| p.busy.is_some()) {
+                return " (the guest holds another exec)".to_string();
+            }
+            String::new()
+        };
+        // Takes the VM's one exec slot.
+        let slot_taken =
+            |_: &ChannelState| " (another exec on this VM still waits for its answer)".to_string();
+        self.wait_for(&what, deadline, timeout, cancel, slot_taken, |st| {
+            if st.exec_busy {
                 return Ok(None);
             }
-            let id = st.next_exec_id;
-            st.next_exec_id = st.next_exec_id.wrapping_add(1).max(1);
-            Self::queue(st, &Message::Exec { id, command }).map_err(|b| self.backlog(b))?;
             st.exec_busy = true;
-            st.exec = Some(PendingExec { id, reply: None });
-            Ok(Some((id, st.epoch)))
+            Ok(Some(()))
         })?;
-        self.kick();
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let result = self.wait_for(&what, remaining, cancel, |st| {
-            if st.epoch != epoch {
-                return Err(AgentError::Reset {
-                    name: self.name.clone(),
-                    what: what.clone(),
+        let result = self.exec_in_slot(command, &what, deadline, timeout, cancel, &held_up);
+        let mut st = self.lock();
+        if let (Err(AgentError::TimedOut { .. } | AgentError::Cancelled { .. }), Some(p)) =
+            (&result, st.exec.as_ref())
+        {
+            // Sent, and the guest may run it still (unless it answered already, or
+            // answered "busy": then it did not take it).
+            if p.busy.is_none() && p.reply.is_none() {
+                st.abandoned = Some(AbandonedExec {
+                    id: p.id,
+                    epoch: st.epoch,
+                    command: command.to_string(),
                 });
             }
-            Ok(st
-                .exec
-                .as_mut()
-                .filter(|p| p.id == id)
-                .and_then(|p| p.reply.take()))
-        });
-        let mut st = self.lock();
+        }
         st.exec_busy = false;
         st.exec = None;
         drop(st);
         self.changed.notify_all();
         result
+    }
+
+    /// [`AgentChannel::exec`] once it holds the exec slot: sends the command when the
+    /// guest can take it, and again after each "busy" answer, until the result.
+    fn exec_in_slot(
+        &self,
+        command: &str,
+        what: &Awaited,
+        deadline: Instant,
+        timeout: Duration,
+        cancel: &dyn Fn() -> bool,
+        held_up: &dyn Fn(&ChannelState) -> String,
+    ) -> Result<ExecResult, AgentError> {
+        loop {
+            let epoch = self.wait_for(what, deadline, timeout, cancel, held_up, |st| {
+                let abandoned = st.abandoned.as_ref().is_some_and(|a| a.epoch == st.epoch);
+                if st.session.is_none() || abandoned {
+                    return Ok(None);
+                }
+                let id = st.next_exec_id;
+                st.next_exec_id = st.next_exec_id.wrapping_add(1).max(1);
+                Self::queue(st, &Message::Exec { id, command }).map_err(|b| self.backlog(b))?;
+                st.exec = Some(PendingExec {
+                    id,
+                    reply: None,
+                    busy: None,
+                });
+                Ok(Some(st.epoch))
+            })?;
+            self.kick();
+            let answer = self.wait_for(what, deadline, timeout, cancel, held_up, |st| {
+                if st.epoch != epoch {
+                    return Err(AgentError::Reset {
+                        name: self.name.clone(),
+                        what: what.clone(),
+                    });
+                }
+                let Some(pending) = st.exec.as_mut() else {
+                    return Ok(None);
+                };
+                if let Some(reply) = pending.reply.take() {
+                    return Ok(Some(Some(reply)));
+                }
+                // Busy: sent again once another result shows the guest is free, or
+                // after a while (the result that frees it may never come: a restore
+                // can leave the guest holding an exec whose answer went nowhere).
+                let retry = pending.busy.as_ref().is_some_and(|busy| {
+                    st.exec_results > busy.results || busy.at.elapsed() >= BUSY_RETRY
+                });
+                Ok(retry.then_some(None))
+            })?;
+            if let Some(reply) = answer {
+                return Ok(reply);
+            }
+        }
     }
 
     /// Asks the guest to shut down (now, or as soon as it reads its channel).
@@ -995,6 +1148,7 @@ mod tests {
                             id: id + 100,
                             code: 0,
                             truncated: false,
+                            busy: false,
                             output: b"",
                         },
                     );
@@ -1004,6 +1158,7 @@ mod tests {
                             id,
                             code: 2,
                             truncated: false,
+                            busy: false,
                             output: b"error: x\n",
                         },
                     );
@@ -1022,11 +1177,182 @@ mod tests {
             .exec("y", Duration::from_millis(1), &|| false)
             .unwrap_err();
         assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
-        channel.machine_ended("exit code 0".into());
+        channel.machine_ended("exit code 0".into(), true);
         let e = channel
             .exec("y", Duration::from_secs(10), &|| false)
             .unwrap_err();
         assert!(e.to_string().contains("ended (exit code 0)"), "{e}");
+    }
+
+    /// The EXEC frames in the outbox: (id, command).
+    fn execs_in_outbox(channel: &AgentChannel) -> Vec<(u32, String)> {
+        let bytes = channel.take_outbox(usize::MAX);
+        let mut reader = super::super::stream::FrameReader::new();
+        let mut execs = Vec::new();
+        reader.push(&bytes, &mut |kind, payload| {
+            if let Ok(Message::Exec { id, command }) = Message::decode(kind, payload) {
+                execs.push((id, command.to_string()));
+            }
+        });
+        execs
+    }
+
+    /// Plays the guest: waits until the host sends an EXEC, returns (id, command).
+    fn next_exec(channel: &AgentChannel) -> (u32, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(exec) = execs_in_outbox(channel).pop() {
+                return exec;
+            }
+            assert!(Instant::now() < deadline, "the host sent no EXEC");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn exec_result(channel: &AgentChannel, id: u32, busy: bool, output: &[u8]) {
+        send(
+            channel,
+            Message::ExecResult {
+                id,
+                code: 0,
+                truncated: false,
+                busy,
+                output,
+            },
+        );
+    }
+
+    #[test]
+    fn a_busy_answer_is_not_a_result_the_exec_is_sent_again() {
+        let (channel, _, _) = channel();
+        let channel = Arc::new(channel);
+        hello(&channel);
+        channel.take_outbox(usize::MAX);
+        // Freed by the result of the exec the guest held, and freed by the wait alone
+        // (that result may never come).
+        for freed_by_result in [true, false] {
+            let guest = {
+                let channel = channel.clone();
+                std::thread::spawn(move || {
+                    let (first, command) = next_exec(&channel);
+                    exec_result(&channel, first, true, b"");
+                    if freed_by_result {
+                        exec_result(&channel, 999, false, b"the held exec's output");
+                    }
+                    let (again, command_again) = next_exec(&channel);
+                    assert_ne!(again, first, "a new id for the new attempt");
+                    assert_eq!(command_again, command);
+                    exec_result(&channel, again, false, b"ran\n");
+                })
+            };
+            let r = channel
+                .exec("x", Duration::from_secs(60), &|| false)
+                .unwrap();
+            guest.join().unwrap();
+            assert_eq!((r.code, r.stdout.as_str()), (0, "ran\n"));
+        }
+        assert_eq!(channel.stats().stale_replies, 1, "the held exec's result");
+        // Nothing is left waiting: the next exec is sent at once.
+        let e = channel
+            .exec("y", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
+        assert_eq!(execs_in_outbox(&channel).len(), 1);
+    }
+
+    #[test]
+    fn an_exec_after_an_abandoned_one_waits_for_its_result() {
+        let (channel, _, _) = channel();
+        let channel = Arc::new(channel);
+        hello(&channel);
+        channel.take_outbox(usize::MAX);
+        let e = channel
+            .exec("slow", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        assert!(matches!(e, AgentError::TimedOut { .. }), "{e}");
+        let (slow, _) = execs_in_outbox(&channel).pop().expect("sent");
+        // The guest still runs "slow": the next exec is not sent meanwhile.
+        let e = channel
+            .exec("next", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "timed out after 1ms waiting for vm 't' to answer exec \"next\" (the guest still \
+             runs an earlier exec, \"slow\", whose caller gave up)"
+        );
+        assert!(execs_in_outbox(&channel).is_empty());
+        // Its result frees the guest (and goes nowhere).
+        let guest = {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                exec_result(&channel, slow, false, b"slow's output");
+                let (id, command) = next_exec(&channel);
+                assert_eq!(command, "next");
+                exec_result(&channel, id, false, b"next's output");
+            })
+        };
+        let r = channel
+            .exec("next", Duration::from_secs(60), &|| false)
+            .unwrap();
+        guest.join().unwrap();
+        assert_eq!(r.stdout, "next's output");
+        assert_eq!(channel.stats().stale_replies, 1);
+        // A new session forgets what the old one ran.
+        channel
+            .exec("lost", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        hello(&channel);
+        channel.take_outbox(usize::MAX);
+        channel
+            .exec("after", Duration::from_millis(1), &|| false)
+            .unwrap_err();
+        assert_eq!(execs_in_outbox(&channel).len(), 1, "sent at once");
+    }
+
+    #[test]
+    fn a_guest_that_exited_without_serving_gets_a_hint() {
+        let (channel, _, _) = channel();
+        hello(&channel);
+        channel.machine_ended("exit code 0".into(), true);
+        let e = channel
+            .exec("compute 1000", Duration::from_secs(60), &|| false)
+            .unwrap_err();
+        let hint = " (the built-in guest serves its agent channel only when its command \
+                    line is empty or ends with `serve`)";
+        assert_eq!(
+            e.to_string(),
+            format!("vm 't' ended (exit code 0) before it answered exec \"compute 1000\"{hint}")
+        );
+        let e = channel
+            .wait_guest_kvp("ready", None, Duration::from_secs(60), &|| false)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("vm 't' ended (exit code 0) before it published guest key \"ready\"{hint}")
+        );
+        // One that served its channel (published `ready`), or did not exit, gets none.
+        for (ready, exited) in [(true, true), (false, false)] {
+            let (channel, _, _) = self::channel();
+            hello(&channel);
+            if ready {
+                send(
+                    &channel,
+                    Message::KvpSet {
+                        key: "ready",
+                        value: "1",
+                    },
+                );
+            }
+            channel.machine_ended("stopped by the host".into(), exited);
+            let e = channel
+                .wait_guest_kvp("color", Some("blue"), Duration::from_secs(60), &|| false)
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "vm 't' ended (stopped by the host) before it published guest key \"color\" = \
+                 \"blue\""
+            );
+        }
     }
 
     #[test]

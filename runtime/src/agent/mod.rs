@@ -217,22 +217,76 @@ pub enum AgentError {
          agent channel (the limit is {MAX_OUTBOX})"
     )]
     Backlog { name: String, bytes: usize },
-    #[error("timed out after {timeout:?} waiting for vm '{name}' to answer {what}")]
+    #[error(
+        "timed out after {timeout:?} waiting for vm '{name}' to {}{detail}",
+        .what.to_do()
+    )]
     TimedOut {
         name: String,
-        what: String,
+        what: Awaited,
         timeout: Duration,
+        /// What held the request up, when the host knows (`" (...)"`), or empty.
+        detail: String,
     },
-    #[error("cancelled while waiting for vm '{name}' to answer {what}")]
-    Cancelled { name: String, what: String },
-    #[error("vm '{name}' ended ({outcome}) before it answered {what}")]
+    #[error("cancelled while waiting for vm '{name}' to {}", .what.to_do())]
+    Cancelled { name: String, what: Awaited },
+    #[error(
+        "vm '{name}' ended ({outcome}) before it {}{}",
+        .what.done(),
+        if *.never_served { NOT_SERVED_HINT } else { "" }
+    )]
     Ended {
         name: String,
-        what: String,
+        what: Awaited,
         outcome: String,
+        /// The guest exited without ever publishing `ready`: a built-in guest whose
+        /// command line did not serve the channel.
+        never_served: bool,
     },
-    #[error("the agent of vm '{name}' restarted before it answered {what}")]
-    Reset { name: String, what: String },
+    #[error("the agent of vm '{name}' restarted before it {}", .what.done())]
+    Reset { name: String, what: Awaited },
+}
+
+/// Added to [`AgentError::Ended`] for a guest that exited without serving its channel.
+const NOT_SERVED_HINT: &str = " (the built-in guest serves its agent channel only when \
+     its command line is empty or ends with `serve`)";
+
+/// What a caller waits for from the guest's agent; errors say it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Awaited {
+    /// The answer to an exec of this command.
+    Exec { command: String },
+    /// The guest publishing `key` (with `value`, when given).
+    GuestKey { key: String, value: Option<String> },
+}
+
+impl Awaited {
+    /// `answer exec "hello"`, `publish guest key "ready" = "1"`.
+    pub fn to_do(&self) -> String {
+        match self {
+            Awaited::Exec { command } => format!("answer exec {command:?}"),
+            Awaited::GuestKey { .. } => format!("publish {}", self.object()),
+        }
+    }
+
+    /// `answered exec "hello"`, `published guest key "ready" = "1"`.
+    pub fn done(&self) -> String {
+        match self {
+            Awaited::Exec { command } => format!("answered exec {command:?}"),
+            Awaited::GuestKey { .. } => format!("published {}", self.object()),
+        }
+    }
+
+    fn object(&self) -> String {
+        match self {
+            Awaited::Exec { command } => format!("exec {command:?}"),
+            Awaited::GuestKey { key, value: None } => format!("guest key {key:?}"),
+            Awaited::GuestKey {
+                key,
+                value: Some(value),
+            } => format!("guest key {key:?} = {value:?}"),
+        }
+    }
 }
 
 /// Checks a key-value pair against the protocol's limits.

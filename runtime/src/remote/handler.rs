@@ -452,8 +452,9 @@ impl ControlServer {
                         Err(Failure::new(
                             FailureKind::TimedOut,
                             format!(
-                                "timed out after {:?} waiting for vm '{name}' to answer {what}",
-                                Duration::from_millis(overall_timeout_ms)
+                                "timed out after {:?} waiting for vm '{name}' to {}",
+                                Duration::from_millis(overall_timeout_ms),
+                                what.to_do()
                             ),
                         ))
                     }

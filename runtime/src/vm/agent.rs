@@ -228,10 +228,11 @@ impl Vm {
         Ok(ended(how, acked))
     }
 
-    /// Tells the agent channel the VM has no machine any more; its waiters give up.
-    pub(super) fn agent_ended(&self, outcome: &str) {
+    /// Tells the agent channel the VM has no machine any more (`guest_exited`: the guest
+    /// exited by itself); its waiters give up.
+    pub(super) fn agent_ended(&self, outcome: &str, guest_exited: bool) {
         if let Some(agent) = &self.agent {
-            agent.machine_ended(outcome.to_string());
+            agent.machine_ended(outcome.to_string(), guest_exited);
         }
     }
 }

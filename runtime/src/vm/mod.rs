@@ -462,7 +462,7 @@ impl Vm {
         if let Err(e) = spawned {
             // Undo everything: the VM goes back to `created` (or stays `incoming`).
             self.release();
-            self.agent_ended("not started");
+            self.agent_ended("not started", false);
             let mut inner = self.lock();
             inner.state = expected;
             inner.started_at = None;
@@ -545,7 +545,7 @@ impl Vm {
         }
         self.release_in_background();
         self.console.close();
-        self.agent_ended(&format!("migrated to {to}"));
+        self.agent_ended(&format!("migrated to {to}"), false);
         self.changed.notify_all();
         tracing::info!(vm = self.name(), to, "vm migrated");
     }
@@ -852,7 +852,9 @@ impl Vm {
         self.release();
         // Nothing will print any more: waiters for console output give up now.
         self.console.close();
-        self.agent_ended(&describe_outcome(self.outcome().as_ref()));
+        let outcome = self.outcome();
+        let exited = matches!(outcome, Some(VmOutcome::Exited(_)));
+        self.agent_ended(&describe_outcome(outcome.as_ref()), exited);
         self.changed.notify_all();
         tracing::debug!(vm = self.name(), "vm stopped");
     }
@@ -1125,7 +1127,8 @@ impl VcpuHost for Vm {
             GuestEnd::Exited(code) => VmOutcome::Exited(*code),
             GuestEnd::Crashed(reason) => VmOutcome::Crashed(reason.clone()),
         };
-        self.agent_ended(&describe_outcome(Some(&outcome)));
+        let exited = matches!(outcome, VmOutcome::Exited(_));
+        self.agent_ended(&describe_outcome(Some(&outcome)), exited);
         self.changed.notify_all();
     }
 }

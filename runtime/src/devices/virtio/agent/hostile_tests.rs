@@ -272,6 +272,7 @@ fn a_frame_of_the_largest_size_is_taken_and_one_byte_more_is_not() {
         id: 1,
         code: 0,
         truncated: false,
+        busy: false,
         output: &output,
     });
     assert_eq!(largest.len(), MAX_FRAME);
