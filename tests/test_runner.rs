@@ -417,11 +417,12 @@ end)
         "{}",
         describe(&output)
     );
-    // A bad pattern is a usage error, before anything runs.
+    // A bad pattern is a usage error, before anything runs: one plain line naming it.
     let output = luvisor_test(&dir, &["--filter", "[", "filtered.lua"]);
     assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
-    assert!(
-        text(&output).1.contains("not a valid Lua pattern"),
+    assert_eq!(
+        text(&output).1,
+        "luvisor test: --filter \"[\" is not a valid Lua pattern: malformed pattern (missing ']')\n",
         "{}",
         describe(&output)
     );

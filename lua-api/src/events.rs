@@ -7,8 +7,14 @@
 //! `vm:shutdown`, `vm.kvp.guest:wait`), `hv.handle_events()`, and `luvisor serve`'s loop. A
 //! handler that raises an error ends the call that was waiting with that error. Events
 //! raised while a handler runs are handled after it returns (handlers do not nest).
+//!
+//! Under `luvisor test`, a handler belongs to the cleanup scope it was registered in (a
+//! test, or the file's top level): it is removed when that scope closes, so it never
+//! fires in a later test. Once no handler is left, the subscription goes too, with the
+//! events it queued.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use luvisor_runtime::events::{Subscription, VmEvent, VmEventKind};
@@ -18,6 +24,11 @@ use mlua::{Function, Lua, RegistryKey, Table, Value};
 use crate::namespace::{Context, Namespace};
 use crate::options::a_type_name;
 use crate::vm::VmHandle;
+
+/// One state's handlers and its subscription to the registry's events. The state's app
+/// data holds it behind an `Rc`, so that a cleanup closer (which must not call into Lua)
+/// can remove a handler.
+type SharedHooks = Rc<RefCell<Hooks>>;
 
 /// One state's handlers and its subscription to the registry's events.
 struct Hooks {
@@ -37,6 +48,21 @@ struct Handler {
     function: RegistryKey,
 }
 
+impl Hooks {
+    /// Removes the handler `id` (dropping its registry key, which does not call into
+    /// Lua); whether there was one. Without handlers, the subscription and the events it
+    /// queued go too: a handler added later hears only of what happens after it.
+    fn remove(&mut self, id: i64) -> bool {
+        let before = self.handlers.len();
+        self.handlers.retain(|h| h.id != id);
+        if self.handlers.is_empty() {
+            self.subscription = None;
+            self.pending.clear();
+        }
+        before != self.handlers.len()
+    }
+}
+
 /// Registers `hv.on`, `hv.off` and `hv.handle_events`.
 pub const NAMESPACE: Namespace = Namespace {
     name: "events",
@@ -52,7 +78,7 @@ fn known() -> String {
 }
 
 fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
-    lua.set_app_data(RefCell::new(Hooks {
+    let hooks: SharedHooks = Rc::new(RefCell::new(Hooks {
         registry: context.registry.clone(),
         subscription: None,
         handlers: Vec::new(),
@@ -60,6 +86,7 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
         pending: Vec::new(),
         dispatching: false,
     }));
+    lua.set_app_data(hooks);
     hv.set(
         "on",
         lua.create_function(|lua, (name, function): (Value, Value)| on(lua, name, function))?,
@@ -73,12 +100,7 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
                     a_type_name(&id)
                 )));
             };
-            let removed = with_hooks(lua, |hooks| {
-                let before = hooks.handlers.len();
-                hooks.handlers.retain(|h| h.id != id);
-                before != hooks.handlers.len()
-            });
-            Ok(removed.unwrap_or(false))
+            Ok(with_hooks(lua, |hooks| hooks.remove(id)).unwrap_or(false))
         })?,
     )?;
     hv.set(
@@ -87,8 +109,12 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
     )
 }
 
+fn shared_hooks(lua: &Lua) -> Option<SharedHooks> {
+    lua.app_data_ref::<SharedHooks>().map(|hooks| hooks.clone())
+}
+
 fn with_hooks<R>(lua: &Lua, f: impl FnOnce(&mut Hooks) -> R) -> Option<R> {
-    let hooks = lua.app_data_ref::<RefCell<Hooks>>()?;
+    let hooks = shared_hooks(lua)?;
     let mut hooks = hooks.try_borrow_mut().ok()?;
     Some(f(&mut hooks))
 }
@@ -118,7 +144,7 @@ fn on(lua: &Lua, name: Value, function: Value) -> mlua::Result<i64> {
         )));
     };
     let key = lua.create_registry_value(function)?;
-    with_hooks(lua, |hooks| {
+    let id = with_hooks(lua, |hooks| {
         if hooks.subscription.is_none() {
             hooks.subscription = Some(hooks.registry.events().subscribe());
         }
@@ -133,7 +159,22 @@ fn on(lua: &Lua, name: Value, function: Value) -> mlua::Result<i64> {
     })
     .ok_or_else(|| {
         mlua::Error::runtime("hv.on: the event hooks are not available in this Lua state")
-    })
+    })?;
+    // Under `luvisor test`, the handler goes when the test (or file) that added it ends.
+    if let Some(hooks) = shared_hooks(lua) {
+        let hooks = Rc::downgrade(&hooks);
+        crate::cleanup::register(lua, format!("hv.on handler {id} ({name})"), move || {
+            let Some(hooks) = hooks.upgrade() else {
+                return Ok(());
+            };
+            let mut hooks = hooks
+                .try_borrow_mut()
+                .map_err(|_| "the event hooks are in use".to_string())?;
+            hooks.remove(id);
+            Ok(())
+        });
+    }
+    Ok(id)
 }
 
 /// Runs the handlers of every event queued so far (a safe point). Returns the first
@@ -161,7 +202,8 @@ pub fn dispatch(lua: &Lua) -> mlua::Result<()> {
     let rest: Vec<VmEvent> = events.collect();
     with_hooks(lua, |hooks| {
         hooks.dispatching = false;
-        if !rest.is_empty() {
+        // Unless a handler removed the last handler (and the subscription with it).
+        if !rest.is_empty() && hooks.subscription.is_some() {
             hooks.pending.extend(rest);
         }
     });
@@ -227,5 +269,76 @@ impl<'lua> SafePoint<'lua> {
             return Err(e);
         }
         result.map_err(|e| mlua::Error::runtime(crate::host::error_chain(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use luvisor_runtime::events::VmEvent;
+
+    fn lost(registry: &Registry) {
+        registry.events().publish(VmEvent {
+            kind: VmEventKind::HeartbeatLost,
+            vm: luvisor_runtime::VmId(1),
+            name: "gone".into(),
+        });
+    }
+
+    fn handlers(lua: &Lua) -> usize {
+        with_hooks(lua, |hooks| hooks.handlers.len()).unwrap()
+    }
+
+    /// `luvisor test` opens a scope per test: a handler added in a test does not fire in
+    /// the next one.
+    #[test]
+    fn a_handler_goes_when_the_cleanup_scope_it_was_added_in_closes() {
+        let registry = Arc::new(Registry::new());
+        let lua = crate::new_user_state_with_limits(registry.clone(), Default::default()).unwrap();
+        crate::cleanup::install(&lua, registry.clone());
+        crate::cleanup::open_scope(&lua, "file").unwrap();
+        let kept: i64 = lua
+            .load("fired = {} return hv.on('heartbeat_lost', function(vm) fired[#fired + 1] = 'file' end)")
+            .eval()
+            .unwrap();
+        crate::cleanup::open_scope(&lua, "test").unwrap();
+        let stale: i64 = lua
+            .load("return hv.on('heartbeat_lost', function(vm) error('stale') end)")
+            .eval()
+            .unwrap();
+        assert_eq!(handlers(&lua), 2);
+        let report = crate::cleanup::close_scope(&lua).unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(handlers(&lua), 1);
+        // The next test: only the file's handler hears the event.
+        crate::cleanup::open_scope(&lua, "next test").unwrap();
+        lost(&registry);
+        lua.load("hv.handle_events()").exec().unwrap();
+        let fired: Vec<String> = lua.load("return fired").eval().unwrap();
+        assert_eq!(fired, ["file"]);
+        let off: (bool, bool) = lua
+            .load(format!("return hv.off({stale}), hv.off({kept})"))
+            .eval()
+            .unwrap();
+        assert_eq!(off, (false, true));
+        crate::cleanup::close_scope(&lua).unwrap();
+        crate::cleanup::close_scope(&lua).unwrap();
+        // No handler is left, and neither is the subscription or what it had queued.
+        lost(&registry);
+        assert!(with_hooks(&lua, |hooks| hooks.subscription.is_none()).unwrap());
+    }
+
+    /// Without cleanup scopes (`luvisor run`), handlers stay until hv.off.
+    #[test]
+    fn without_scopes_a_handler_stays() {
+        let registry = Arc::new(Registry::new());
+        let lua = crate::new_user_state_with_limits(registry.clone(), Default::default()).unwrap();
+        lua.load("n = 0 hv.on('heartbeat_lost', function() n = n + 1 end)")
+            .exec()
+            .unwrap();
+        lost(&registry);
+        lua.load("hv.handle_events()").exec().unwrap();
+        assert_eq!(lua.load("return n").eval::<i64>().unwrap(), 1);
     }
 }

@@ -492,8 +492,10 @@ fn each(lua: &Lua, this: &LabHandle, f: &Function) -> mlua::Result<Table> {
                     "lab '{}': {}: {}",
                     this.lab.name(),
                     member.name,
-                    crate::script::error_message(&e)
-                )))
+                    // The message only, as a caught error is: if nothing catches this
+                    // one, the script's runner adds one traceback.
+                    crate::script::message_without_traceback(&e)
+                )));
             }
         }
     }
@@ -552,4 +554,52 @@ fn create_lab(lua: &Lua, opts: Value, registry: &Arc<Registry>) -> mlua::Result<
         lab,
         registry: registry.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // No KVM needed: the VMs stay in state `created`, which `each` does not mind.
+    #[test]
+    fn an_error_in_each_is_its_message_when_caught_and_has_one_traceback_when_not() {
+        let registry = Arc::new(Registry::new());
+        let lua = crate::new_user_state_with_limits(registry.clone(), Default::default()).unwrap();
+        lua.load(
+            r#"lab = hv.lab{ name = "each-err", count = 2, ready = "console:x",
+                            template = { memory = "16M", guest = hv.guest.builtin{} } }"#,
+        )
+        .exec()
+        .unwrap();
+        let caught: String = lua
+            .load(
+                "local ok, err = pcall(lab.each, lab, function(vm)\n\
+                   if vm.name == 'each-err-2' then error('bad thing') end\n\
+                 end)\n\
+                 return err",
+            )
+            .set_name("=caught")
+            .eval()
+            .unwrap();
+        assert_eq!(caught, "lab 'each-err': each-err-2: caught:2: bad thing");
+        let chunk = lua
+            .load("lab:each(function(vm) error('bad thing') end)")
+            .set_name("=uncaught")
+            .into_function()
+            .unwrap();
+        let uncaught = crate::script::call_traced(&lua, chunk, ()).unwrap_err();
+        assert!(
+            uncaught.starts_with(
+                "lab 'each-err': each-err-1: uncaught:1: bad thing\nstack traceback:\n"
+            ),
+            "{uncaught}"
+        );
+        assert_eq!(
+            uncaught.matches("stack traceback:").count(),
+            1,
+            "{uncaught}"
+        );
+        lua.load("lab:destroy()").exec().unwrap();
+        assert!(registry.list().is_empty());
+    }
 }

@@ -3,6 +3,7 @@
 //! ```lua
 //! hv.pool.define{ name = "t", min = 1, max = 16, ready = "console:hello from luvisor guest",
 //!                 template = { memory = "32M", guest = hv.guest.builtin{ cmdline = "hello; idle" } } }
+//! -- define returned once `min` VMs were ready: this claim is warm
 //! local vm, how = hv.pool.claim("t", { timeout = 5 })   -- how: "warm" or "cold"
 //! vm:destroy()                                          -- the pool counts it returned
 //! ```

@@ -90,6 +90,17 @@ pub fn error_message(error: &mlua::Error) -> String {
     }
 }
 
+/// The message of an error raised by Lua code that Rust called (`Function::call`), as a
+/// script should see it: mlua appends the traceback of a string error to the message
+/// itself, which is dropped here. A message without one is returned whole.
+pub fn message_without_traceback(error: &mlua::Error) -> String {
+    let message = error_message(error);
+    match message.find("\nstack traceback:") {
+        Some(at) => message[..at].to_string(),
+        None => message,
+    }
+}
+
 /// A Lua error value as scripts should see it: a wrapped Rust error becomes its message
 /// (a string); every other value is returned unchanged.
 fn plain_error_value(lua: &Lua, value: Value) -> mlua::Result<Value> {

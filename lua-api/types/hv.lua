@@ -502,7 +502,8 @@ function hv.sleep(seconds) end
 ---queued where they happen and handlers run at safe points: hv.sleep, vm:wait,
 ---vm:wait_for_console, vm:exec, vm:shutdown, vm.kvp.guest:wait, hv.handle_events, and
 ---`luvisor serve`'s loop. A handler's error ends the waiting call with that error.
----Unknown names are an error listing the known ones.
+---Unknown names are an error listing the known ones. Under `luvisor test`, the handler is
+---removed when the test (or file top level) that added it ends.
 ---@param name hv.EventName
 ---@param handler fun(vm: hv.Vm)
 ---@return integer id For hv.off.
@@ -738,7 +739,7 @@ function RemoteVm:migrate(addr, opts) end
 ---@field template hv.Template
 ---@field count integer 1 to 1024.
 ---@field ready? hv.Readiness Default "kvp:ready".
----@field dir? string Where the overlays go (NAME-i.diskK.qcow2); default the current directory. Made if missing, and then removed with the lab when empty.
+---@field dir? string Where the overlays go (NAME-i.diskK.qcow2); default the current directory (shared by the files of `luvisor test --jobs` without --isolate). Made with its parents if missing; every directory made is removed with the lab when empty.
 
 ---@class hv.LabStartOptions
 ---@field parallel? integer Most VMs booting at a time, 1 to 64. Default 4.
@@ -755,7 +756,7 @@ function RemoteVm:migrate(addr, opts) end
 ---@class hv.Lab
 ---@field name string
 ---@field count integer
----@field state "created"|"starting"|"ready"|"destroyed"
+---@field state "created"|"starting"|"ready"|"shut down"|"destroyed" "shut down" after shutdown(): the VMs ended, the files stay.
 ---@field dir string
 ---@field ready string The readiness, as written.
 ---@operator len: integer
@@ -769,7 +770,7 @@ local Lab = {}
 function Lab:start(opts) end
 
 ---Calls fn(vm) for every VM in order; the list of its first results. An error stops it
----and is raised as "lab 'NAME': VM: message".
+---and is raised as "lab 'NAME': VM: message" (no traceback inside the message).
 ---@param fn fun(vm: hv.Vm): any
 ---@return any[]
 function Lab:each(fn) end
@@ -790,7 +791,8 @@ function Lab:overlays() end
 ---Ends every VM at once: each guest is asked to shut down through the agent channel, and
 ---every VM still running after `timeout` seconds (one deadline for the whole lab) is
 ---stopped hard. Ctrl-C stops every VM still running hard at once and raises "lab 'NAME':
----interrupted while shutting down (...)". The VMs and overlays stay until destroy().
+---interrupted while shutting down (...)". The lab is then "shut down"; the VMs and
+---overlays stay until destroy().
 ---@param opts? hv.WaitOptions
 ---@return { name: string, how: "graceful"|"forced"|"crashed"|"already_stopped", outcome: string }[]
 function Lab:shutdown(opts) end
@@ -812,7 +814,7 @@ function hv.lab(opts) end
 ---@field max? integer Most ready VMs kept, 1 to 256. Default 16.
 ---@field window? number Seconds of claims policies scale on (ctx.pools' claims_window). Default 10.
 ---@field dir? string Where the snapshot and overlays go. Default "NAME.pool".
----@field timeout? number Seconds for the template to be ready. Default 30.
+---@field timeout? number Seconds for the template to be ready, then for the first `min` VMs. Default 30.
 
 ---@class hv.PoolStatus
 ---@field name string
@@ -867,8 +869,10 @@ function Pool:remove() end
 ---Warm pools: ready VMs restored from a snapshot of a booted template.
 hv.pool = {}
 
----Boots the template, waits until it is ready, snapshots it and keeps `min` VMs ready.
----Raises, leaving nothing, when the template does not become ready.
+---Boots the template, waits until it is ready, snapshots it and keeps `min` VMs ready;
+---returns once `min` are, so a claim right after it is warm. Raises, leaving nothing, when
+---the template does not become ready, a restore fails, or `min` VMs are not ready within
+---`timeout` (the host's free memory).
 ---@param opts hv.PoolOptions
 ---@return hv.Pool
 function hv.pool.define(opts) end

@@ -6,7 +6,8 @@
 //! Lab::start    at most `parallel` VMs booting at a time, each until it is ready;
 //!               the first failure (crash, exit, timeout, readiness error, interrupt)
 //!               stops the others and destroys the lab
-//! Lab::shutdown every guest asked to end, one deadline for all, then hard stops
+//! Lab::shutdown every guest asked to end, one deadline for all, then hard stops (state
+//!               "shut down": the VMs and overlays stay)
 //! Lab::destroy  every VM destroyed, every overlay removed (also on drop)
 //! ```
 //!
@@ -73,8 +74,9 @@ pub struct LabSpec {
     pub template: Template,
     pub count: usize,
     pub readiness: Readiness,
-    /// Where the overlays go; the current directory when `None`. Created (and removed
-    /// with the lab, if empty then) when it does not exist.
+    /// Where the overlays go; the current directory when `None`. Created with its parents
+    /// when it does not exist; every directory made is removed with the lab, if empty
+    /// then.
     pub dir: Option<PathBuf>,
 }
 
@@ -127,6 +129,8 @@ pub enum LabState {
     Starting,
     /// Every VM became ready.
     Ready,
+    /// [`Lab::shutdown`] ended every VM; the VMs and overlays stay until destroyed.
+    ShutDown,
     /// Everything is gone.
     Destroyed,
 }
@@ -137,6 +141,7 @@ impl LabState {
             LabState::Created => "created",
             LabState::Starting => "starting",
             LabState::Ready => "ready",
+            LabState::ShutDown => "shut down",
             LabState::Destroyed => "destroyed",
         }
     }
@@ -252,19 +257,26 @@ pub fn destroy_all() {
     }
 }
 
-/// A directory made for a lab or pool: removed with it when it made the directory and
-/// nothing else is left in it.
+/// A directory for a lab or pool: the directories made for it (the directory and those
+/// of its parents that were missing) are removed with it, each only if nothing else is
+/// left in it.
 #[derive(Debug)]
 pub(crate) struct OwnedDir {
     pub path: PathBuf,
-    pub made: bool,
+    /// The directories made for this owner, deepest first.
+    made: Vec<PathBuf>,
 }
 
 impl OwnedDir {
     /// `path`, created with its parents when missing.
     pub fn open(path: &Path) -> std::io::Result<OwnedDir> {
-        let made = !path.exists();
-        if made {
+        // The missing ones, from `path` up to the first that exists.
+        let made: Vec<PathBuf> = path
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        if !made.is_empty() {
             std::fs::create_dir_all(path)?;
         }
         Ok(OwnedDir {
@@ -273,11 +285,14 @@ impl OwnedDir {
         })
     }
 
-    /// Removes the directory if it was made for this owner and is empty now.
+    /// Removes the directories made for this owner, deepest first, while each is empty.
     pub fn release(&self) {
-        if self.made {
-            // Fails, harmlessly, when something else was put there.
-            let _ = std::fs::remove_dir(&self.path);
+        for dir in &self.made {
+            // Fails, harmlessly, when something else was put there; its parents are then
+            // not empty either.
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
     }
 }
@@ -701,7 +716,8 @@ impl Lab {
     /// Shuts every VM of the lab down gracefully, all at once, within one `timeout` for
     /// the whole lab: each guest is asked to end, and whatever still runs when `timeout`
     /// is over is stopped hard. Returns how each VM was ended and how it ended, in VM
-    /// order. The VMs and overlays stay until [`Lab::destroy`].
+    /// order. The VMs and overlays stay until [`Lab::destroy`]; the lab's state is then
+    /// [`LabState::ShutDown`] (also after an interrupted shutdown: every VM was stopped).
     ///
     /// `cancel` is polled on this thread (every 50 ms); once it returns true the waits end
     /// and every VM still running is stopped hard at once, and the call returns
@@ -778,6 +794,12 @@ impl Lab {
                 }
             }
         });
+        {
+            let mut state = lock(&self.state);
+            if *state != LabState::Destroyed {
+                *state = LabState::ShutDown;
+            }
+        }
         let ended = ended.into_inner().unwrap_or_else(|p| p.into_inner());
         let outcomes = self
             .members
@@ -996,6 +1018,35 @@ mod tests {
         assert!(Lab::create(&registry, spec(&dir, "c", 0)).is_err());
         assert!(Lab::create(&registry, spec(&dir, "a/b", 1)).is_err());
         assert!(registry.list().is_empty());
+    }
+
+    #[test]
+    fn a_lab_removes_every_directory_it_made_when_empty() {
+        let dir = scratch("parents");
+        Disk::create(&dir.join("base.img"), 1 << 20, None).unwrap();
+        let registry = Arc::new(Registry::new());
+        // sub/ and sub/dir/ are made for the lab: both go with it.
+        let mut nested = spec(&dir, "n", 2);
+        nested.dir = Some(dir.join("sub/dir"));
+        let lab = Lab::create(&registry, nested.clone()).unwrap();
+        assert!(dir.join("sub/dir/n-1.disk0.qcow2").exists());
+        lab.destroy();
+        assert!(
+            !dir.join("sub").exists(),
+            "an empty parent the lab made is left"
+        );
+        // A made directory that is not empty then stays, and so do its parents.
+        let lab = Lab::create(&registry, nested.clone()).unwrap();
+        std::fs::write(dir.join("sub/dir/mine"), b"x").unwrap();
+        lab.destroy();
+        assert!(dir.join("sub/dir/mine").exists());
+        std::fs::remove_dir_all(dir.join("sub")).unwrap();
+        // Directories that existed before stay, even when empty.
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let lab = Lab::create(&registry, nested).unwrap();
+        lab.destroy();
+        assert!(dir.join("sub").exists() && !dir.join("sub/dir").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// KVP readiness goes through the agent channel, so a VM made without one is refused

@@ -4,7 +4,7 @@
 //! ```text
 //! Pools::define   template VM NAME-template (its disks overlays of their bases) boots,
 //!                 becomes ready, is snapshotted into DIR/snapshot (its disks frozen) and
-//!                 destroyed
+//!                 destroyed; returns once the filler has `min` VMs ready
 //! filler thread   keeps `target` VMs ready (NAME-1, NAME-2, ...; never reused names),
 //!                 each restored from that snapshot with its own disk overlays
 //! Pool::claim     hands out a ready VM (warm), or restores one on the spot (cold)
@@ -65,7 +65,8 @@ pub struct PoolSpec {
     /// Where the template's overlays, the snapshot and the VMs' overlays go;
     /// `NAME.pool` in the current directory when `None`.
     pub dir: Option<PathBuf>,
-    /// How long the template VM may take to become ready.
+    /// How long the template VM may take to become ready, and then how long the
+    /// filler may take to have the first `min` VMs ready.
     pub ready_timeout: Duration,
 }
 
@@ -204,6 +205,16 @@ pub enum PoolError {
         #[source]
         source: Box<VmError>,
     },
+    #[error("pool '{pool}': {ready} of its min = {min} VMs were ready after {:.1}s: {why}", waited.as_secs_f64())]
+    NotFilled {
+        pool: String,
+        ready: usize,
+        min: usize,
+        waited: Duration,
+        why: String,
+    },
+    #[error("pool '{pool}': interrupted while its first {min} VMs were restored")]
+    FillInterrupted { pool: String, min: usize },
     #[error("pool '{pool}': cannot start its filler thread")]
     Thread {
         pool: String,
@@ -268,6 +279,8 @@ struct PoolState {
     returned: u64,
     /// The filler's last problem (a failed restore, memory), cleared by a success.
     last_error: Option<String>,
+    /// Restores of the filler that failed, since the pool was defined.
+    failed_restores: u64,
     stopping: bool,
     /// The last restore's duration.
     last_restore: Option<Duration>,
@@ -606,6 +619,45 @@ impl Pool {
         }
     }
 
+    /// Waits until the filler has `min` VMs ready. Fails at the filler's first failed
+    /// restore (a restore that fails once fails again: the snapshot is the same), when
+    /// `timeout` is over (the host's memory did not allow them), or once `stop` returns
+    /// true (polled every 50 ms).
+    fn wait_filled(&self, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<(), PoolError> {
+        let started = Instant::now();
+        let deadline = crate::vstate::vcpu::deadline_after(timeout);
+        let mut state = self.lock();
+        loop {
+            if state.ready.len() >= self.min {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if state.failed_restores > 0 || now >= deadline {
+                return Err(PoolError::NotFilled {
+                    pool: self.name.clone(),
+                    ready: state.ready.len(),
+                    min: self.min,
+                    waited: started.elapsed(),
+                    why: state
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "the restores did not finish in time".into()),
+                });
+            }
+            if stop() {
+                return Err(PoolError::FillInterrupted {
+                    pool: self.name.clone(),
+                    min: self.min,
+                });
+            }
+            state = self
+                .changed
+                .wait_timeout(state, (deadline - now).min(CANCEL_POLL))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn count_claim(&self, state: &mut PoolState, pooled: PoolVm) {
         state.claimed.push(pooled);
         state.claims += 1;
@@ -667,7 +719,10 @@ impl Pool {
                         let message = crate::error_chain(&e);
                         tracing::warn!(pool = self.name.as_str(), "cannot restore a VM: {message}");
                         state.last_error = Some(message);
+                        state.failed_restores += 1;
                         drop(registry);
+                        // `Pools::define` waits for the first VMs and gives up on this.
+                        self.changed.notify_all();
                         let _ = self.changed.wait_timeout(state, BACKOFF);
                     }
                 }
@@ -778,9 +833,10 @@ pub fn shutdown(registry: &Arc<Registry>) {
 }
 
 impl Pools {
-    /// Boots the template, waits until it is ready, snapshots it, and starts keeping
-    /// `min` VMs ready. `cancel` is polled while the template boots. On failure nothing
-    /// of the pool is left.
+    /// Boots the template, waits until it is ready, snapshots it, starts keeping `min` VMs
+    /// ready and returns once they are (each wait within `spec.ready_timeout`), so that a
+    /// claim right after it is warm. `cancel` is polled while it waits. On failure
+    /// nothing of the pool is left.
     pub fn define(
         &self,
         spec: PoolSpec,
@@ -921,6 +977,7 @@ impl Pools {
                 claim_times: VecDeque::new(),
                 returned: 0,
                 last_error: None,
+                failed_restores: 0,
                 stopping: false,
                 last_restore: None,
             }),
@@ -937,6 +994,15 @@ impl Pools {
                 built.remove();
                 return Err(PoolError::Thread { pool, source });
             }
+        }
+        // A claim right after define is then warm.
+        let stop = || cancel() || self.shut_down.load(Ordering::SeqCst);
+        if let Err(e) = built.wait_filled(spec.ready_timeout, &stop) {
+            built.remove();
+            if self.shut_down.load(Ordering::SeqCst) {
+                return Err(PoolError::ShutDown);
+            }
+            return Err(e);
         }
         Ok(built)
     }

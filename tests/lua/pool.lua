@@ -42,19 +42,20 @@ local template = {
   guest = hv.guest.builtin{ cmdline = "hello; blk-write 0 8 3; listen" },
 }
 
--- The template boots, becomes ready, is snapshotted; two VMs are kept ready.
+-- The template boots, becomes ready, is snapshotted; two VMs are kept ready, and define
+-- returns once they are.
 local pool = hv.pool.define{ name = "t", template = template, ready = "console:hello from luvisor guest",
                              min = 2, max = 6, dir = "t-pool" }
 assert(pool.name == "t" and pool.min == 2 and pool.max == 6 and pool.target == 2)
 assert(pool.dir == "t-pool" and exists("t-pool/snapshot/state"))
 assert(hv.vms()[1] == nil or hv.vms()[1].name ~= "t-template", "the template VM is gone")
-wait_until("two ready VMs", function() return pool.ready == 2 end)
+assert(pool.ready == 2, "define returned before its min VMs were ready")
 local s = hv.pool.status("t")
 assert(s.target == 2 and s.target_reason == "min" and s.claimed == 0 and s.last_error == nil, s.last_error)
 assert(#s.ready_vms == 2 and s.ready_vms[1] == "t-1", s.ready_vms[1])
 assert(s.memory == 32 * 1024 * 1024 and s.window_s == 10 and s.last_restore_ms > 0)
 
--- A claim is served warm, and the pool refills.
+-- A claim right after define is served warm, and the pool refills.
 local vm, how = hv.pool.claim("t", { timeout = 5 })
 assert(how == "warm" and vm.name == "t-1" and vm.state == "running", how)
 assert(pool.claimed == 1 and pool.claims == 1)
@@ -100,6 +101,15 @@ local err = fails("pool 'cold': no ready VM within", hv.pool.claim, "cold", { ti
 assert(err:find("less than the 32M one more VM needs", 1, true), err)
 hv.host{ memory_reserve = reserve }
 c:destroy()
+-- A pool whose min VMs the host's memory cannot hold is not defined: define says why
+-- after its timeout, and leaves nothing.
+hv.host{ memory_reserve = hv.host().memory_total * 2 }
+err = fails("pool 'starved': 0 of its min = 1 VMs were ready after", hv.pool.define,
+            { name = "starved", template = template, ready = "console:hello", timeout = 5 })
+hv.host{ memory_reserve = reserve }
+assert(err:find("less than the 32M one more VM needs", 1, true), err)
+assert(not exists("starved.pool/."), "the failed pool's directory is left")
+assert(hv.pool.status("starved") == nil)
 cold:remove()
 assert(not exists("cold.pool/."), "the removed pool's directory is left")
 fails("no pool named 'cold'", hv.pool.claim, "cold")

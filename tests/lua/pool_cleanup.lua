@@ -21,8 +21,8 @@ local pool = hv.pool.define{
   name = "pc", min = 2, max = 4, ready = "console:hello from luvisor guest", dir = "pc-pool",
   template = { memory = "32M", guest = hv.guest.builtin{ cmdline = "hello; idle" } },
 }
--- Both ready VMs exist before the first test starts.
-wait_until("two ready VMs", function() return pool.ready == 2 end)
+-- Both ready VMs exist before the first test starts: define returns once they are.
+assert(pool.ready == 2, "define returned before its min VMs were ready")
 
 local claimed, refilled
 

@@ -1,6 +1,7 @@
 -- The test DSL of `luvisor test` checking itself: hook order, the `assert` table, print
--- capture and pending tests. (What failures look like, --filter, --jobs, cleanup and
--- Ctrl-C are checked from outside by tests/test_runner.rs.)
+-- capture, pending tests, and hv.on handlers that go with their test. (What failures look
+-- like, --filter, --jobs, cleanup and Ctrl-C are checked from outside by
+-- tests/test_runner.rs.)
 
 local log = {}
 local function note(what) log[#log + 1] = what end
@@ -100,6 +101,16 @@ describe("a test", function()
   it("can declare itself pending part way", function()
     pending("waits for a feature")
     error("not reached")
+  end)
+
+  local stale
+  it("can add an event handler", function()
+    stale = hv.on("heartbeat_lost", function() error("stale handler") end)
+  end)
+
+  it("does not hear the handlers an earlier test added", function()
+    assert.truthy(stale, "the previous test ran")
+    assert.equal(false, hv.off(stale))
   end)
 
   pending("is counted, not run, when declared pending")

@@ -406,7 +406,7 @@ pub fn check_filter(pattern: &str) -> Result<(), SelectError> {
         .map(|_| ())
         .map_err(|e| SelectError::BadFilter {
             pattern: pattern.into(),
-            reason: crate::script::error_message(&e),
+            reason: crate::script::message_without_traceback(&e),
         })
 }
 
@@ -639,6 +639,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_bad_filter_is_named_in_one_plain_line() {
+        assert!(check_filter("^disks .*open$").is_ok());
+        assert_eq!(
+            check_filter("[").unwrap_err().to_string(),
+            "--filter \"[\" is not a valid Lua pattern: malformed pattern (missing ']')"
+        );
+        assert_eq!(
+            check_filter("%").unwrap_err().to_string(),
+            "--filter \"%\" is not a valid Lua pattern: malformed pattern (ends with '%')"
+        );
     }
 
     #[test]
