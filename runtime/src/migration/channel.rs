@@ -505,7 +505,9 @@ impl IncomingFrame<'_> {
         &self.channel.peer
     }
 
-    fn check_room(&self, len: usize) -> Result<(), ChannelError> {
+    /// An error unless `len` more payload bytes are left: for a length the frame itself
+    /// announced, before anything is done for it.
+    pub fn check_room(&self, len: usize) -> Result<(), ChannelError> {
         if len > self.remaining {
             return Err(ChannelError::Malformed {
                 peer: self.channel.peer.clone(),
@@ -532,8 +534,11 @@ impl IncomingFrame<'_> {
     ///
     /// # Safety
     ///
-    /// `dst` must point to `len` writable bytes that nothing else reads or writes until
-    /// this returns (guest RAM of a VM that does not run yet).
+    /// `dst` must point to `len` writable bytes whose contents nothing else reads or
+    /// writes until this returns (guest RAM of a VM that does not run yet). The kernel
+    /// may fault those pages in meanwhile, for this thread or another (the migration's
+    /// prefaulter runs `MADV_POPULATE_WRITE` over them): that maps memory and changes no
+    /// byte, so it does not count as writing them.
     pub unsafe fn read_raw(&mut self, dst: *mut u8, len: usize) -> Result<(), ChannelError> {
         self.check_room(len)?;
         let mut done = 0;
