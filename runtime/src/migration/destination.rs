@@ -15,10 +15,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::IncomingFrame;
 use super::protocol::{
-    decode, decode_plan, decode_run_table, encode, run_table_len, FaultAction, FaultPoint,
-    FinalState, Hello, Offer, Outcome, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO,
-    KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC,
-    KIND_SYNCED,
+    decode, decode_plan, decode_run_table, encode, run_table_len, Accepted, FaultAction,
+    FaultPoint, FinalState, Hello, Offer, Outcome, QueryAnswer, Started, KIND_ABORT, KIND_ACCEPT,
+    KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE,
+    KIND_SYNC, KIND_SYNCED,
 };
 use super::{Fault, SecureChannel};
 use crate::builder::RestoreParts;
@@ -167,6 +167,9 @@ impl Outcomes {
 /// What the server gives each incoming migration.
 pub(crate) struct Context {
     pub registry: Arc<Registry>,
+    /// This server's instance id, random ([`Accepted::instance`]): a query is answered
+    /// with it, so a source can tell whether it reached the instance that took its VM.
+    pub instance: u64,
     pub outcomes: Arc<Outcomes>,
     pub fault: Option<Fault>,
     /// The fault fires once per process: the next migration goes through.
@@ -201,7 +204,11 @@ pub(crate) fn serve(mut channel: SecureChannel, payload: &[u8], context: &Contex
         Hello::Query { id } => {
             let outcome = context.outcomes.query(id);
             tracing::info!(peer, id, ?outcome, "answered a migration query");
-            if let Ok(bytes) = encode(&outcome) {
+            let answer = QueryAnswer {
+                instance: context.instance,
+                outcome,
+            };
+            if let Ok(bytes) = encode(&answer) {
                 let _ = channel.send(KIND_OUTCOME, &bytes);
             }
         }
@@ -387,7 +394,11 @@ impl Incoming<'_> {
             return Err(Failed("the prepared guest RAM has another layout".into()));
         }
         self.channel.set_read_timeout(Some(idle))?;
-        self.channel.send(KIND_ACCEPT, &[])?;
+        let accepted = encode(&Accepted {
+            instance: self.context.instance,
+        })
+        .map_err(Failed)?;
+        self.channel.send(KIND_ACCEPT, &accepted)?;
 
         // Pages, until the final state.
         let Some(final_state) = self.receive_memory(&memory)? else {
@@ -1099,6 +1110,34 @@ mod tests {
         assert!(queue_plan(&work, plan()));
         drop(planned);
         assert!(!queue_plan(&work, plan()));
+    }
+
+    #[test]
+    fn a_query_is_answered_with_this_instance_id() {
+        let context = Context {
+            registry: Arc::new(Registry::new()),
+            instance: 0x1234_5678_9abc_def0,
+            outcomes: Arc::new(Outcomes::default()),
+            fault: None,
+            fault_fired: AtomicBool::new(false),
+            arrivals: Mutex::new(None),
+        };
+        assert!(context.outcomes.begin(7));
+        for (id, outcome) in [(7, Outcome::Abandoned), (8, Outcome::Unknown)] {
+            let (mut client, server) = loopback_pair();
+            let hello = encode(&Hello::Query { id }).unwrap();
+            serve(server, &hello, &context);
+            let (kind, payload) = client.recv().unwrap();
+            assert_eq!(kind, KIND_OUTCOME);
+            let answer: QueryAnswer = decode(&payload, "outcome").unwrap();
+            assert_eq!(
+                answer,
+                QueryAnswer {
+                    instance: 0x1234_5678_9abc_def0,
+                    outcome
+                }
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ use crate::snapshot::file::{HostRequirements, SavedConfig};
 use crate::snapshot::machine::MachineState;
 use crate::vstate::memory::PAGE_SIZE;
 
-/// The destination accepts the offer: pages may come.
+/// The destination accepts the offer: pages may come. Its payload names the instance
+/// that accepted ([`Accepted`]).
 pub const KIND_ACCEPT: u8 = 10;
 /// Source → destination: guest pages (a run table, then the data: [`PageEncoder`]).
 pub const KIND_PAGES: u8 = 11;
@@ -26,7 +27,7 @@ pub const KIND_GO: u8 = 14;
 pub const KIND_RUNNING: u8 = 15;
 /// Source → destination: the source gives up (a UTF-8 reason); drop everything.
 pub const KIND_ABORT: u8 = 16;
-/// Destination → source: the answer to a [`Hello::Query`] ([`Outcome`]).
+/// Destination → source: the answer to a [`Hello::Query`] ([`QueryAnswer`]).
 pub const KIND_OUTCOME: u8 = 17;
 /// Source → destination, after each pass: answer [`KIND_SYNCED`] once every page before
 /// it is in guest RAM. The source measures the link by it, and pauses the VM only when
@@ -63,6 +64,25 @@ pub struct Offer {
     pub regions: Vec<(u64, u64)>,
     /// How long the destination waits for the source's next frame, in ms.
     pub idle_timeout_ms: u64,
+}
+
+/// The payload of [`KIND_ACCEPT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The destination's instance id: random for each peer server (each
+    /// `luvisor serve --listen`, each `hv.migration.listen`), which keeps the records
+    /// queries are answered from. A query after the hand-over must be answered by this
+    /// same instance: the handshake proves only that the other end holds the key, and
+    /// every host with the key (the source's own listener too) would answer one.
+    pub instance: u64,
+}
+
+/// The payload of [`KIND_OUTCOME`]: what the instance that answers knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    /// The answering server's instance id ([`Accepted::instance`]).
+    pub instance: u64,
+    pub outcome: Outcome,
 }
 
 /// The paused machine, after the last pages.
