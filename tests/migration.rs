@@ -482,6 +482,81 @@ fn a_guest_dirtying_as_fast_as_it_can_moves_with_auto_converge() {
     verify(&back);
 }
 
+/// Forwards the first connection to `first` and every later one (the source's
+/// questions after a lost RUNNING) to `later`: someone on the path who redirects them.
+struct SwitchingProxy {
+    addr: String,
+}
+
+impl SwitchingProxy {
+    fn start(first: String, later: String) -> SwitchingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let target = if n == 0 { &first } else { &later };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pair = Pair {
+                    client,
+                    server,
+                    cuts: Arc::new(AtomicU64::new(0)),
+                };
+                pair.pump(true, None);
+                pair.pump(false, None);
+            }
+        });
+        SwitchingProxy { addr }
+    }
+}
+
+/// RUNNING is lost (the destination drops the connection right after it started the
+/// VM), and someone on the path sends the source's question to another host with the
+/// same key, or back to the source's own listener. Either would say it does not know
+/// the migration; the source must not take that for the destination's answer and
+/// resume the VM, which runs at the destination: it leaves it paused and says why.
+#[test]
+fn a_question_that_reaches_another_instance_leaves_the_vm_paused_here() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("migration-redirected-question");
+    let key = write_key(&dir, "peer.key", 7);
+    let home = Home::new(&key);
+    let elsewhere = Peer::start(&dir, &key, None, None);
+    for (round, redirect_to, expected) in [
+        (0, elsewhere.addr.clone(), "not as instance"),
+        (1, home.addr(), "this very luvisor process"),
+    ] {
+        let name = format!("doubted-{round}");
+        let vm = dirtying_vm(&home, &name, None);
+        let destination = Peer::start(&dir, &key, None, Some("started:close"));
+        let proxy = SwitchingProxy::start(destination.addr.clone(), redirect_to.clone());
+        let err = vm
+            .migrate(&proxy.addr, &home.options(), &mut |_| {})
+            .unwrap_err();
+        let text = luvisor_runtime::error_chain(&err);
+        eprintln!("question sent to {redirect_to}: {text}");
+        assert!(text.contains("did not confirm"), "{text}");
+        assert!(text.contains(expected), "{text}");
+        assert!(text.contains("it is left paused here"), "{text}");
+        // Not resumed here: it runs at the destination, and only there.
+        assert_eq!(vm.state(), VmState::Paused, "{text}");
+        let (line, _) = destination.lines.wait_for("verified on destination", 0);
+        assert!(line.contains("dirty-verify: ok"), "{line}");
+        assert!(destination.lines.all().contains("arrived from"));
+        if round == 0 {
+            // The other host was asked, and answered what it knows: nothing.
+            elsewhere.lines.wait_for("answered a migration query", 0);
+            assert!(!elsewhere.lines.all().contains("arrived from"));
+        }
+        // The operator's call: the copy here goes.
+        vm.stop();
+    }
+}
+
 /// A seeded xorshift: the rounds are the same on every run with one seed.
 struct Rng(u64);
 

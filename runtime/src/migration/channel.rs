@@ -7,7 +7,7 @@
 //! version 1 used, ran at ~1.7 GB/s and was the bottleneck of a migration).
 //!
 //! **Keys.** The pre-shared key, of any length, becomes a 32-byte root key
-//! `R = derive_key("luvisor peer channel v2 root key", PSK)`. Every other value is
+//! `R = derive_key("luvisor peer channel v3 root key", PSK)`. Every other value is
 //! `keyed_hash(R, label ‖ first nonce ‖ second nonce)` with a one-byte label that says
 //! what it is for, so no value can stand in for another.
 //!
@@ -25,6 +25,16 @@
 //!
 //! The key never crosses the wire, and each side's fresh nonce makes a recorded
 //! handshake worthless: replaying a client's proof to a new server nonce fails.
+//!
+//! The handshake proves that the other end holds the key, not which host it is: any
+//! host with the key, this process's own server included, can answer it. A client that
+//! must not end up back at its own process (the migration source's question about a
+//! migration in doubt, which someone on the path could redirect to the source's own
+//! listener) connects with [`SecureChannel::connect_elsewhere`]: while its handshake
+//! runs, its nonce is on a list of this process, and this process's servers refuse a
+//! hello with a nonce on that list, answering `SELF_REFUSED`. Which *remote* host
+//! answers is bound one level up (the migration destination's instance id,
+//! `protocol.rs`).
 //!
 //! **Frames**: `u32` length (of kind and payload), `u8` kind, payload, then the 32-byte
 //! tag `keyed_hash(direction's session key, payload ‖ sequence number ‖ length ‖ kind)`.
@@ -49,9 +59,11 @@ use std::time::Duration;
 /// The first bytes a client sends.
 pub const MAGIC: [u8; 8] = *b"LUVIPEER";
 /// The protocol this build speaks. Version 1 MACed with HMAC-SHA256; version 2 uses
-/// keyed BLAKE3 and per-direction session keys (see the module docs). Peers of different
-/// versions refuse each other in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// keyed BLAKE3 and per-direction session keys (see the module docs); version 3 has the
+/// same channel, and a migration destination names its instance in ACCEPT and in its
+/// answers to queries (`protocol.rs`). Peers of different versions refuse each other in
+/// the handshake.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// What a server writes instead of its challenge when the client speaks another protocol
 /// version, followed by its own version (`u32`); then it closes. A version-1 client
 /// reads it as a cut handshake.
@@ -68,7 +80,43 @@ pub const FRAME_OVERHEAD: usize = 4 + 1 + TAG;
 const MAX_KEY_BYTES: u64 = 4096;
 const NONCE: usize = 32;
 /// The `derive_key` context of the root key: names this protocol and its version.
-const ROOT_KEY_CONTEXT: &str = "luvisor peer channel v2 root key";
+const ROOT_KEY_CONTEXT: &str = "luvisor peer channel v3 root key";
+/// What a server writes instead of its challenge when the client's nonce is one this
+/// very process uses for a [`SecureChannel::connect_elsewhere`] handshake (the
+/// connection came back to its own process), followed by 4 zero bytes; then it closes.
+pub const SELF_REFUSED: [u8; 8] = *b"LUVISELF";
+
+/// The client nonces of this process's [`SecureChannel::connect_elsewhere`]
+/// handshakes in progress: this process's servers refuse them.
+static OWN_NONCES: std::sync::Mutex<Vec<[u8; NONCE]>> = std::sync::Mutex::new(Vec::new());
+
+/// A nonce on [`OWN_NONCES`] while it lives.
+struct OwnNonce([u8; NONCE]);
+
+impl OwnNonce {
+    fn list() -> std::sync::MutexGuard<'static, Vec<[u8; NONCE]>> {
+        OWN_NONCES.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(nonce: [u8; NONCE]) -> OwnNonce {
+        OwnNonce::list().push(nonce);
+        OwnNonce(nonce)
+    }
+
+    /// Whether a client of this process uses `nonce` in a handshake now.
+    fn is_own(nonce: &[u8]) -> bool {
+        OwnNonce::list().iter().any(|own| own[..] == *nonce)
+    }
+}
+
+impl Drop for OwnNonce {
+    fn drop(&mut self) {
+        let mut list = OwnNonce::list();
+        if let Some(at) = list.iter().position(|own| *own == self.0) {
+            list.swap_remove(at);
+        }
+    }
+}
 
 /// What a keyed hash under the root key is for (its first byte).
 #[derive(Clone, Copy)]
@@ -114,6 +162,11 @@ pub enum ChannelError {
          another protocol version (this one speaks {PROTOCOL_VERSION}), or not a luvisor peer"
     )]
     HandshakeClosed { peer: String },
+    #[error(
+        "{peer} is this very luvisor process: the connection came back to it (redirected \
+         or reflected on the way), not to the host it was meant for"
+    )]
+    ReachedItself { peer: String },
     #[error("{peer} is not a luvisor peer (bad greeting)")]
     NotAPeer { peer: String },
     #[error("{peer} speaks protocol version {version}; this luvisor speaks {PROTOCOL_VERSION}: run the same luvisor version on both hosts")]
@@ -241,6 +294,27 @@ impl SecureChannel {
         key: &PeerKey,
         timeout: Duration,
     ) -> Result<SecureChannel, ChannelError> {
+        SecureChannel::connect_to(addr, key, timeout, false)
+    }
+
+    /// [`SecureChannel::connect`] to a host that must not be this very process: if the
+    /// connection comes back to one of this process's servers (redirected or reflected
+    /// on the way), that server refuses it and this fails with
+    /// [`ChannelError::ReachedItself`] (module docs).
+    pub fn connect_elsewhere(
+        addr: &str,
+        key: &PeerKey,
+        timeout: Duration,
+    ) -> Result<SecureChannel, ChannelError> {
+        SecureChannel::connect_to(addr, key, timeout, true)
+    }
+
+    fn connect_to(
+        addr: &str,
+        key: &PeerKey,
+        timeout: Duration,
+        elsewhere: bool,
+    ) -> Result<SecureChannel, ChannelError> {
         let connect_error = |source| ChannelError::Connect {
             addr: addr.to_string(),
             source,
@@ -258,7 +332,7 @@ impl SecureChannel {
             }
         }
         let stream = stream.ok_or_else(|| connect_error(last))?;
-        SecureChannel::client_handshake(stream, addr.to_string(), key, timeout)
+        SecureChannel::client_handshake(stream, addr.to_string(), key, timeout, elsewhere)
     }
 
     fn client_handshake(
@@ -266,6 +340,7 @@ impl SecureChannel {
         peer: String,
         key: &PeerKey,
         timeout: Duration,
+        elsewhere: bool,
     ) -> Result<SecureChannel, ChannelError> {
         configure(&stream, timeout, &peer)?;
         let io = |source| ChannelError::Io {
@@ -280,6 +355,9 @@ impl SecureChannel {
         };
         let root = key.root();
         let client_nonce = nonce()?;
+        // On the list until the handshake is over: a server of this process that gets
+        // this hello meanwhile is this process.
+        let _own = elsewhere.then(|| OwnNonce::register(client_nonce));
         let mut hello = Vec::with_capacity(8 + 4 + NONCE);
         hello.extend_from_slice(&MAGIC);
         hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -292,6 +370,9 @@ impl SecureChannel {
             let at = VERSION_REFUSED.len();
             let version = u32::from_le_bytes(challenge[at..at + 4].try_into().expect("4 bytes"));
             return Err(ChannelError::Version { peer, version });
+        }
+        if challenge[..SELF_REFUSED.len()] == SELF_REFUSED {
+            return Err(ChannelError::ReachedItself { peer });
         }
         handshake_read(&mut stream, &mut challenge[VERSION_REFUSED.len() + 4..])?;
         let (server_nonce, server_proof) = challenge.split_at(NONCE);
@@ -339,8 +420,21 @@ impl SecureChannel {
             let _ = stream.write_all(&refusal);
             return Err(ChannelError::Version { peer, version });
         }
-        let root = key.root();
         let client_nonce = &hello[12..];
+        if OwnNonce::is_own(client_nonce) {
+            // A client of this very process is in a handshake with this nonce, and it
+            // asked not to reach its own process: this connection is it, come back.
+            tracing::warn!(
+                peer,
+                "refused a connection from this very process (redirected or reflected \
+                 back to it)"
+            );
+            let mut refusal = SELF_REFUSED.to_vec();
+            refusal.extend_from_slice(&[0; 4]);
+            let _ = stream.write_all(&refusal);
+            return Err(ChannelError::ReachedItself { peer });
+        }
+        let root = key.root();
         let server_nonce = nonce()?;
         let proof = root.derive(Label::ServerProof, client_nonce, &server_nonce);
         let mut challenge = Vec::with_capacity(NONCE + TAG);
@@ -505,7 +599,9 @@ impl IncomingFrame<'_> {
         &self.channel.peer
     }
 
-    fn check_room(&self, len: usize) -> Result<(), ChannelError> {
+    /// An error unless `len` more payload bytes are left: for a length the frame itself
+    /// announced, before anything is done for it.
+    pub fn check_room(&self, len: usize) -> Result<(), ChannelError> {
         if len > self.remaining {
             return Err(ChannelError::Malformed {
                 peer: self.channel.peer.clone(),
@@ -532,8 +628,11 @@ impl IncomingFrame<'_> {
     ///
     /// # Safety
     ///
-    /// `dst` must point to `len` writable bytes that nothing else reads or writes until
-    /// this returns (guest RAM of a VM that does not run yet).
+    /// `dst` must point to `len` writable bytes whose contents nothing else reads or
+    /// writes until this returns (guest RAM of a VM that does not run yet). The kernel
+    /// may fault those pages in meanwhile, for this thread or another (the migration's
+    /// prefaulter runs `MADV_POPULATE_WRITE` over them): that maps memory and changes no
+    /// byte, so it does not count as writing them.
     pub unsafe fn read_raw(&mut self, dst: *mut u8, len: usize) -> Result<(), ChannelError> {
         self.check_room(len)?;
         let mut done = 0;
@@ -974,27 +1073,34 @@ mod tests {
     #[test]
     fn peers_of_another_protocol_version_are_refused_with_a_clear_error() {
         let key = PeerKey::from_bytes(b"0123456789abcdef");
-        // A version-1 client at this server: refused, and told which version it speaks.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let server_key = key.clone();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            SecureChannel::accept(stream, &server_key, T).map(|_| ())
-        });
-        let mut old = TcpStream::connect(&addr).unwrap();
-        old.write_all(&hello(1, &[5u8; NONCE])).unwrap();
-        let mut answer = Vec::new();
-        old.read_to_end(&mut answer).unwrap();
-        let mut expected = VERSION_REFUSED.to_vec();
-        expected.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        assert_eq!(answer, expected);
-        let err = server.join().unwrap().unwrap_err();
-        assert!(
-            matches!(err, ChannelError::Version { version: 1, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("protocol version 1"), "{err}");
+        // A version-1 or version-2 client at this server: refused, and told which
+        // version it speaks.
+        for old_version in [1, 2] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let server_key = key.clone();
+            let server = std::thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                SecureChannel::accept(stream, &server_key, T).map(|_| ())
+            });
+            let mut old = TcpStream::connect(&addr).unwrap();
+            old.write_all(&hello(old_version, &[5u8; NONCE])).unwrap();
+            let mut answer = Vec::new();
+            old.read_to_end(&mut answer).unwrap();
+            let mut expected = VERSION_REFUSED.to_vec();
+            expected.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            assert_eq!(answer, expected);
+            let err = server.join().unwrap().unwrap_err();
+            assert!(
+                matches!(err, ChannelError::Version { version, .. } if version == old_version),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("protocol version {old_version}")),
+                "{err}"
+            );
+        }
 
         // This client at a server that refuses its version (a later luvisor) ...
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1004,7 +1110,7 @@ mod tests {
             let mut hello = [0u8; 8 + 4 + NONCE];
             stream.read_exact(&mut hello).unwrap();
             let mut refusal = VERSION_REFUSED.to_vec();
-            refusal.extend_from_slice(&3u32.to_le_bytes());
+            refusal.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
             stream.write_all(&refusal).unwrap();
         });
         let err = SecureChannel::connect(&addr, &key, T)
@@ -1012,7 +1118,7 @@ mod tests {
             .expect("refused");
         newer.join().unwrap();
         assert!(
-            matches!(err, ChannelError::Version { version: 3, .. }),
+            matches!(err, ChannelError::Version { version, .. } if version == PROTOCOL_VERSION + 1),
             "{err}"
         );
         // ... and at one that just closes (version 1 did): the error says what may be
@@ -1034,6 +1140,77 @@ mod tests {
                 .contains(&format!("speaks {PROTOCOL_VERSION}")),
             "{err}"
         );
+    }
+
+    /// Forwards the first connection `listener` accepts to `target`, both ways.
+    fn forward_once(listener: TcpListener, target: String) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (client, _) = listener.accept().unwrap();
+            let server = TcpStream::connect(&target).unwrap();
+            let pump = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                })
+            };
+            let up = pump(client.try_clone().unwrap(), server.try_clone().unwrap());
+            let down = pump(server, client);
+            up.join().unwrap();
+            down.join().unwrap();
+        })
+    }
+
+    #[test]
+    fn a_connection_that_must_go_elsewhere_is_refused_when_it_comes_back_to_its_process() {
+        let key = PeerKey::from_bytes(b"0123456789abcdef");
+        // This process's server.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server_key = key.clone();
+        let server = std::thread::spawn(move || {
+            (0..3)
+                .map(|_| {
+                    let (stream, _) = listener.accept().unwrap();
+                    SecureChannel::accept(stream, &server_key, T).map(|_| ())
+                })
+                .collect::<Vec<_>>()
+        });
+        // Straight to it: refused, and both sides say why.
+        let err = SecureChannel::connect_elsewhere(&addr, &key, T)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ChannelError::ReachedItself { .. }), "{err}");
+        assert!(
+            err.to_string().contains("this very luvisor process"),
+            "{err}"
+        );
+        // Through someone on the path who forwards it there (the hello, and so its
+        // nonce, copied to a connection of its own): refused too.
+        let path = TcpListener::bind("127.0.0.1:0").unwrap();
+        let path_addr = path.local_addr().unwrap().to_string();
+        let forwarder = forward_once(path, addr.clone());
+        let err = SecureChannel::connect_elsewhere(&path_addr, &key, T)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ChannelError::ReachedItself { .. }), "{err}");
+        forwarder.join().unwrap();
+        // A plain connection to its own process is fine (remote control of itself).
+        SecureChannel::connect(&addr, &key, T).unwrap();
+        let results = server.join().unwrap();
+        assert!(matches!(
+            results[0],
+            Err(ChannelError::ReachedItself { .. })
+        ));
+        assert!(matches!(
+            results[1],
+            Err(ChannelError::ReachedItself { .. })
+        ));
+        assert!(results[2].is_ok(), "{:?}", results[2].as_ref().err());
+        // A nonce is on the list while its handshake runs, and only then.
+        let own = OwnNonce::register([0xA5; NONCE]);
+        assert!(OwnNonce::is_own(&[0xA5; NONCE]));
+        drop(own);
+        assert!(!OwnNonce::is_own(&[0xA5; NONCE]));
     }
 
     #[test]

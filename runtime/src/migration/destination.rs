@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::IncomingFrame;
 use super::protocol::{
-    decode, decode_plan, decode_run_table, encode, run_table_len, FaultAction, FaultPoint,
-    FinalState, Hello, Offer, Outcome, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO,
-    KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC,
-    KIND_SYNCED,
+    decode, decode_plan, decode_run_table, encode, run_table_len, Accepted, FaultAction,
+    FaultPoint, FinalState, Hello, Offer, Outcome, QueryAnswer, Started, KIND_ABORT, KIND_ACCEPT,
+    KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE,
+    KIND_SYNC, KIND_SYNCED,
 };
 use super::{Fault, SecureChannel};
 use crate::builder::RestoreParts;
@@ -167,6 +167,9 @@ impl Outcomes {
 /// What the server gives each incoming migration.
 pub(crate) struct Context {
     pub registry: Arc<Registry>,
+    /// This server's instance id, random ([`Accepted::instance`]): a query is answered
+    /// with it, so a source can tell whether it reached the instance that took its VM.
+    pub instance: u64,
     pub outcomes: Arc<Outcomes>,
     pub fault: Option<Fault>,
     /// The fault fires once per process: the next migration goes through.
@@ -201,7 +204,11 @@ pub(crate) fn serve(mut channel: SecureChannel, payload: &[u8], context: &Contex
         Hello::Query { id } => {
             let outcome = context.outcomes.query(id);
             tracing::info!(peer, id, ?outcome, "answered a migration query");
-            if let Ok(bytes) = encode(&outcome) {
+            let answer = QueryAnswer {
+                instance: context.instance,
+                outcome,
+            };
+            if let Ok(bytes) = encode(&answer) {
                 let _ = channel.send(KIND_OUTCOME, &bytes);
             }
         }
@@ -387,7 +394,11 @@ impl Incoming<'_> {
             return Err(Failed("the prepared guest RAM has another layout".into()));
         }
         self.channel.set_read_timeout(Some(idle))?;
-        self.channel.send(KIND_ACCEPT, &[])?;
+        let accepted = encode(&Accepted {
+            instance: self.context.instance,
+        })
+        .map_err(Failed)?;
+        self.channel.send(KIND_ACCEPT, &accepted)?;
 
         // Pages, until the final state.
         let Some(final_state) = self.receive_memory(&memory)? else {
@@ -490,7 +501,7 @@ impl Incoming<'_> {
         std::thread::scope(|scope| {
             // However this ends, the prefaulter stops before the scope waits for it.
             let _stop = StopOnDrop(&progress.stop);
-            let mut prefaulter: Option<std::sync::mpsc::Sender<Vec<PlannedRun>>> = None;
+            let mut prefaulter: Option<SyncSender<Vec<PlannedRun>>> = None;
             let stop_prefaulting = |prefaulter: &mut Option<_>| {
                 if prefaulter.take().is_some() {
                     progress.stop.store(true, Ordering::Release);
@@ -517,7 +528,7 @@ impl Incoming<'_> {
                     KIND_PLAN => {
                         let runs = plan_in(memory, &buf)?;
                         if prefaulter.is_none() && !progress.stop.load(Ordering::Acquire) {
-                            let (work, planned) = std::sync::mpsc::channel();
+                            let (work, planned) = sync_channel(PLANS_QUEUED);
                             let progress = &progress;
                             let spawned = std::thread::Builder::new()
                                 .name("mig-prefault".into())
@@ -531,7 +542,7 @@ impl Incoming<'_> {
                             }
                         }
                         if let Some(work) = &prefaulter {
-                            let _ = work.send(runs);
+                            queue_plan(work, runs);
                         }
                     }
                     KIND_SYNC => {
@@ -613,6 +624,28 @@ impl Drop for StopOnDrop<'_> {
 
 /// How much the prefaulter faults in at once.
 const PREFAULT_CHUNK: usize = 2 << 20;
+/// Plan frames waiting for the prefaulter at most (each at most `PLAN_FRAME_RUNS` runs,
+/// 1.5 MiB decoded): the queue must not grow with what a source sends.
+const PLANS_QUEUED: usize = 8;
+
+/// Hands a plan to the prefaulter without waiting: a plan that finds the queue full is
+/// dropped (it is a hint only: pages it would have faulted in ahead are faulted in as
+/// their data lands), so neither the receiver stalls nor the queue grows. Whether it
+/// was queued.
+fn queue_plan(work: &SyncSender<Vec<PlannedRun>>, runs: Vec<PlannedRun>) -> bool {
+    match work.try_send(runs) {
+        Ok(()) => true,
+        Err(TrySendError::Full(runs)) => {
+            tracing::debug!(
+                runs = runs.len(),
+                "the prefaulter is behind; a plan frame is dropped"
+            );
+            false
+        }
+        // The prefaulter ended (told to stop): nothing to plan for.
+        Err(TrySendError::Disconnected(_)) => false,
+    }
+}
 
 /// The runs of a plan frame, checked to lie in guest RAM.
 fn plan_in(memory: &GuestRam, payload: &[u8]) -> Result<Vec<PlannedRun>, Failed> {
@@ -662,10 +695,7 @@ fn host_range(memory: &GuestRam, gpa: u64, pages: u64) -> Result<(*mut u8, usize
 ///
 /// Every run sent to it must lie in anonymous guest RAM mapped read-write that stays
 /// mapped until this returns (runs from [`plan_in`], on RAM that outlives the thread).
-unsafe fn prefault(
-    planned: std::sync::mpsc::Receiver<Vec<PlannedRun>>,
-    progress: &PrefaultProgress,
-) {
+unsafe fn prefault(planned: Receiver<Vec<PlannedRun>>, progress: &PrefaultProgress) {
     while let Ok(runs) = planned.recv() {
         for (gpa, host, len) in runs {
             let mut offset = 0;
@@ -688,9 +718,9 @@ unsafe fn prefault(
 }
 
 /// Receives a pages frame straight into guest RAM: the run table first, then each data
-/// run read from the socket into its place, zero runs cleared; the frame's tag is
-/// checked at its end. `table` is scratch room for the run table. An error (a run
-/// outside RAM, a malformed table, a failed check) ends the migration.
+/// run read from the socket into its place; the frame's tag is checked at its end, and
+/// only then are the zero runs cleared. `table` is scratch room for the run table. An
+/// error (a run outside RAM, a malformed table, a failed check) ends the migration.
 ///
 /// # Why unverified bytes may land in guest RAM here
 ///
@@ -707,8 +737,28 @@ unsafe fn prefault(
 ///   dropped with everything unverified in it, never run. A VM is built here only from
 ///   a STATE frame that arrived after every earlier frame checked out.
 ///
+/// # Why the work before the check is bounded
+///
+/// Until the tag checks out, the frame may come from anyone on the path, so what it
+/// makes this host do must be bounded by the bytes it carries, or an injected frame
+/// could keep a core busy for hours with no read (and so no idle timeout) in between:
+///
+/// - its size is bounded before the table is read: at most [`PAGES_FRAME_TABLE`] bytes
+///   of run table and [`PAGES_FRAME_DATA`] of data ([`run_table_len`]);
+/// - each data run is faulted in and read only for bytes the frame still has to carry
+///   (the run table's sum was checked against them, and each run is checked again
+///   before its RAM is faulted in), so unverified input cannot make this host commit
+///   more RAM than the frame brings;
+/// - zero runs carry no bytes, and clearing them is work per page: they are applied
+///   only after the check. Runs go up in address order without overlapping
+///   ([`decode_run_table`]), so deferring them changes nothing (no data run of the
+///   frame shares a page with them), and one frame clears each page at most once.
+///
 /// What it saves: a frame buffer, and a second copy of every byte (receive into the
 /// buffer, then copy into RAM), on the core that was the migration's bottleneck.
+///
+/// [`PAGES_FRAME_TABLE`]: super::protocol::PAGES_FRAME_TABLE
+/// [`PAGES_FRAME_DATA`]: super::protocol::PAGES_FRAME_DATA
 fn receive_pages(
     mut frame: IncomingFrame<'_>,
     memory: &GuestRam,
@@ -727,37 +777,52 @@ fn receive_pages(
         .iter()
         .map(|run| host_range(memory, run.gpa, run.pages))
         .collect::<Result<Vec<_>, _>>()?;
-    for (run, (host, len)) in runs.iter().zip(places) {
-        if run.data {
-            let end = run.gpa + len as u64;
-            match prefaulted {
-                Some(progress) if end <= progress.done_until.load(Ordering::Acquire) => {}
-                Some(progress) => {
-                    progress.receiver_at.store(run.gpa, Ordering::Release);
-                    // SAFETY: the run lies in guest RAM (checked above).
-                    unsafe { populate_for_write(host, len) };
-                }
-                // SAFETY: as above.
-                None => unsafe { populate_for_write(host, len) },
+    for (run, &(host, len)) in runs.iter().zip(&places) {
+        if !run.data {
+            continue;
+        }
+        // The frame must still carry every byte of the run before its RAM is faulted
+        // in (the table's sum says so already; this holds without relying on it).
+        frame.check_room(len)?;
+        let end = run.gpa + len as u64;
+        match prefaulted {
+            Some(progress) if end <= progress.done_until.load(Ordering::Acquire) => {}
+            Some(progress) => {
+                progress.receiver_at.store(run.gpa, Ordering::Release);
+                // SAFETY: the run lies in guest RAM (checked above).
+                unsafe { populate_for_write(host, len) };
             }
-            // SAFETY: `host` has `len` writable bytes of guest RAM (checked above), and
-            // nothing else reads or writes this RAM: the VM is not built yet (see the
-            // function's docs for why unverified bytes may land there).
-            unsafe { frame.read_raw(host, len) }?;
-        } else {
-            for page in 0..run.pages {
-                // SAFETY: each page lies inside the `len` bytes checked above, and
-                // mappings are page-aligned; nothing else touches this RAM yet.
-                unsafe {
-                    let at = host.add((page * PAGE_SIZE) as usize);
-                    if !page_is_zero(at) {
-                        std::ptr::write_bytes(at, 0, PAGE_SIZE as usize);
-                    }
+            // SAFETY: as above.
+            None => unsafe { populate_for_write(host, len) },
+        }
+        // SAFETY: `host` has `len` writable bytes of guest RAM (checked above), and
+        // nothing else reads or writes their contents: the VM is not built yet (see
+        // the function's docs for why unverified bytes may land there). The prefaulter
+        // may run MADV_POPULATE_WRITE over these pages at the same time; that only maps
+        // zeroed pages where none are and changes no byte already there, so the bytes
+        // recv writes stay as written.
+        unsafe { frame.read_raw(host, len) }?;
+    }
+    frame.finish()?;
+    // The frame checked out: now the zero runs, which carry no data (see above).
+    for (run, &(host, _)) in runs.iter().zip(&places) {
+        if run.data {
+            continue;
+        }
+        for page in 0..run.pages {
+            // SAFETY: each page lies inside the run, which lies in guest RAM (checked
+            // above), and mappings are page-aligned. Nothing else reads or writes the
+            // contents of this RAM: the VM is not built yet. The prefaulter may
+            // populate these pages concurrently, which changes no byte, so a page read
+            // as non-zero here is still non-zero when it is cleared.
+            unsafe {
+                let at = host.add((page * PAGE_SIZE) as usize);
+                if !page_is_zero(at) {
+                    std::ptr::write_bytes(at, 0, PAGE_SIZE as usize);
                 }
             }
         }
     }
-    frame.finish()?;
     Ok(())
 }
 
@@ -784,7 +849,7 @@ mod tests {
     use super::*;
     use crate::migration::channel::raw::loopback_pair;
     use crate::migration::channel::TAG;
-    use crate::migration::protocol::PageEncoder;
+    use crate::migration::protocol::{PageEncoder, RUN_DATA, RUN_ZERO};
     use crate::vstate::memory::create_ram;
     use vm_memory::Bytes;
 
@@ -858,6 +923,131 @@ mod tests {
     }
 
     #[test]
+    fn zero_runs_are_applied_only_after_the_frame_checks_out() {
+        let memory = create_ram(1 << 20).unwrap();
+        memory.write_obj(7u64, GuestAddress(0x3000)).unwrap();
+        memory.write_obj(9u64, GuestAddress(0x9000)).unwrap();
+        let mut encoder = PageEncoder::default();
+        encoder.push_data(0x1000, |b| b.fill(0xAB));
+        encoder.push_zero(0x3000);
+        encoder.push_data(0x5000, |b| b.fill(0xCD));
+        encoder.push_zero(0x9000);
+        let err = deliver(&memory, &encoder, true).unwrap_err();
+        assert!(err.0.contains("integrity"), "{}", err.0);
+        // The frame failed its check: no zero run was applied.
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 7);
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x9000)).unwrap(), 9);
+        // The same frame untampered clears them.
+        deliver(&memory, &encoder, false).unwrap();
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x9000)).unwrap(), 0);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0xCD);
+    }
+
+    /// Sends `payload` as a pages frame (from another thread: it may be larger than
+    /// the socket buffers, and the receiver may stop reading it) and receives it into
+    /// `memory`. The channel is dead after a refused frame.
+    fn deliver_payload(memory: &GuestRam, payload: Vec<u8>) -> Result<(), Failed> {
+        let (mut client, mut server) = loopback_pair();
+        let sender = std::thread::spawn(move || {
+            // The receiver may hang up in the middle: that is what is tested.
+            let _ = client.send(KIND_PAGES, &payload);
+            let _ = client.send(KIND_SYNC, &[]);
+            client
+        });
+        let frame = server.recv_streamed().unwrap();
+        let result = receive_pages(frame, memory, &mut Vec::new(), None);
+        if result.is_err() {
+            assert!(
+                server.recv().is_err(),
+                "the channel is dead after a refused frame"
+            );
+        }
+        server.shutdown();
+        sender.join().unwrap();
+        result
+    }
+
+    /// A run header as a source writes it.
+    fn run(gpa: u64, pages: u32, kind: u8) -> Vec<u8> {
+        let mut h = gpa.to_le_bytes().to_vec();
+        h.extend_from_slice(&pages.to_le_bytes());
+        h.push(kind);
+        h
+    }
+
+    /// A pages frame's payload from run headers and data.
+    fn pages_payload(runs: &[Vec<u8>], data: &[u8]) -> Vec<u8> {
+        let mut payload = (runs.len() as u32).to_le_bytes().to_vec();
+        for header in runs {
+            payload.extend_from_slice(header);
+        }
+        payload.extend_from_slice(data);
+        payload
+    }
+
+    #[test]
+    fn an_injected_frame_of_overlapping_zero_runs_is_refused_without_touching_ram() {
+        // The attack: one frame of zero runs that each cover all of guest RAM, with a
+        // forged tag. Each run would be a pass over RAM before the tag is checked.
+        let memory = create_ram(16 << 20).unwrap();
+        memory.write_obj(7u64, GuestAddress(0x4000)).unwrap();
+        let all = ((16 << 20) / PAGE_SIZE) as u32;
+        let runs: Vec<Vec<u8>> = (0..1000).map(|_| run(0, all, RUN_ZERO)).collect();
+        let err = deliver_payload(&memory, pages_payload(&runs, &[])).unwrap_err();
+        assert!(err.0.contains("address order"), "{}", err.0);
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x4000)).unwrap(), 7);
+        // One such run alone is well-formed; with a forged tag it fails the check and
+        // clears nothing.
+        let (mut client, mut server) = loopback_pair();
+        let mut raw = client.frame_bytes(KIND_PAGES, &pages_payload(&[run(0, all, RUN_ZERO)], &[]));
+        let tag_byte = raw.len() - 1;
+        raw[tag_byte] ^= 1;
+        client.send_raw(&raw);
+        let frame = server.recv_streamed().unwrap();
+        let err = receive_pages(frame, &memory, &mut Vec::new(), None).unwrap_err();
+        assert!(err.0.contains("integrity"), "{}", err.0);
+        assert_eq!(memory.read_obj::<u64>(GuestAddress(0x4000)).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_frame_over_the_table_or_data_limit_is_refused_before_anything_is_written() {
+        use crate::migration::protocol::{PAGES_FRAME_DATA, PAGES_FRAME_TABLE, RUN_HEADER};
+        let memory = create_ram(16 << 20).unwrap();
+        let resident = crate::vstate::memory::resident_bytes(&memory);
+        // One run more than a source puts in a frame: scattered zero pages.
+        let runs: Vec<Vec<u8>> = (0..(PAGES_FRAME_TABLE - 4) / RUN_HEADER + 1)
+            .map(|i| run(2 * i as u64 * PAGE_SIZE, 1, RUN_ZERO))
+            .collect();
+        let err = deliver_payload(&memory, pages_payload(&runs, &[])).unwrap_err();
+        assert!(err.0.contains("run table"), "{}", err.0);
+        // One page of data more than a frame carries.
+        let pages = PAGES_FRAME_DATA / PAGE_SIZE as usize + 1;
+        let data = vec![0xEE; pages * PAGE_SIZE as usize];
+        let err = deliver_payload(
+            &memory,
+            pages_payload(&[run(0, pages as u32, RUN_DATA)], &data),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("page data"), "{}", err.0);
+        // Nothing was faulted in for them, so nothing was written either.
+        assert_eq!(crate::vstate::memory::resident_bytes(&memory), resident);
+    }
+
+    #[test]
+    fn a_run_table_that_claims_more_data_than_the_frame_carries_faults_nothing_in() {
+        // A data run of u32::MAX pages (16 TiB) in a frame with one page of data: no
+        // RAM is committed for it (the table's sum does not match what the frame
+        // carries).
+        let memory = create_ram(16 << 20).unwrap();
+        let resident = crate::vstate::memory::resident_bytes(&memory);
+        let payload = pages_payload(&[run(0, 4096, RUN_DATA)], &[1; PAGE_SIZE as usize]);
+        let err = deliver_payload(&memory, payload).unwrap_err();
+        assert!(err.0.contains("more than"), "{}", err.0);
+        assert_eq!(crate::vstate::memory::resident_bytes(&memory), resident);
+    }
+
+    #[test]
     fn the_prefaulter_faults_in_planned_pages_only_and_writes_nothing() {
         let memory = create_ram(16 << 20).unwrap();
         memory.write_obj(0x5Au8, GuestAddress(0x20_0000)).unwrap();
@@ -902,6 +1092,52 @@ mod tests {
         // SAFETY: as above.
         unsafe { prefault(planned, &progress) };
         assert_eq!(crate::vstate::memory::resident_bytes(&memory), after);
+    }
+
+    #[test]
+    fn plans_beyond_the_queue_are_dropped_without_waiting() {
+        let (work, planned) = sync_channel(PLANS_QUEUED);
+        let plan = || vec![(0x1000, 0, PAGE_SIZE as usize)];
+        for _ in 0..PLANS_QUEUED {
+            assert!(queue_plan(&work, plan()));
+        }
+        // The prefaulter is behind: more plans neither wait nor pile up.
+        for _ in 0..1000 {
+            assert!(!queue_plan(&work, plan()));
+        }
+        assert_eq!(planned.try_iter().count(), PLANS_QUEUED);
+        // Once it caught up, plans are queued again; once it ended, they go nowhere.
+        assert!(queue_plan(&work, plan()));
+        drop(planned);
+        assert!(!queue_plan(&work, plan()));
+    }
+
+    #[test]
+    fn a_query_is_answered_with_this_instance_id() {
+        let context = Context {
+            registry: Arc::new(Registry::new()),
+            instance: 0x1234_5678_9abc_def0,
+            outcomes: Arc::new(Outcomes::default()),
+            fault: None,
+            fault_fired: AtomicBool::new(false),
+            arrivals: Mutex::new(None),
+        };
+        assert!(context.outcomes.begin(7));
+        for (id, outcome) in [(7, Outcome::Abandoned), (8, Outcome::Unknown)] {
+            let (mut client, server) = loopback_pair();
+            let hello = encode(&Hello::Query { id }).unwrap();
+            serve(server, &hello, &context);
+            let (kind, payload) = client.recv().unwrap();
+            assert_eq!(kind, KIND_OUTCOME);
+            let answer: QueryAnswer = decode(&payload, "outcome").unwrap();
+            assert_eq!(
+                answer,
+                QueryAnswer {
+                    instance: 0x1234_5678_9abc_def0,
+                    outcome
+                }
+            );
+        }
     }
 
     #[test]

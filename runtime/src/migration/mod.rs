@@ -47,3 +47,18 @@ pub(crate) fn thread_cpu_time() -> std::time::Duration {
     }
     std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
+
+/// A random id: of a migration (chosen by its source) or of a peer server instance.
+/// Ids tell migrations and server instances apart and need not be secret (an attacker
+/// cannot choose another host's), so without the system's random source, time and pid
+/// do.
+pub(crate) fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos ^ (u64::from(std::process::id()) << 40);
+    }
+    u64::from_le_bytes(bytes)
+}

@@ -11,7 +11,8 @@ use crate::snapshot::file::{HostRequirements, SavedConfig};
 use crate::snapshot::machine::MachineState;
 use crate::vstate::memory::PAGE_SIZE;
 
-/// The destination accepts the offer: pages may come.
+/// The destination accepts the offer: pages may come. Its payload names the instance
+/// that accepted ([`Accepted`]).
 pub const KIND_ACCEPT: u8 = 10;
 /// Source → destination: guest pages (a run table, then the data: [`PageEncoder`]).
 pub const KIND_PAGES: u8 = 11;
@@ -26,7 +27,7 @@ pub const KIND_GO: u8 = 14;
 pub const KIND_RUNNING: u8 = 15;
 /// Source → destination: the source gives up (a UTF-8 reason); drop everything.
 pub const KIND_ABORT: u8 = 16;
-/// Destination → source: the answer to a [`Hello::Query`] ([`Outcome`]).
+/// Destination → source: the answer to a [`Hello::Query`] ([`QueryAnswer`]).
 pub const KIND_OUTCOME: u8 = 17;
 /// Source → destination, after each pass: answer [`KIND_SYNCED`] once every page before
 /// it is in guest RAM. The source measures the link by it, and pauses the VM only when
@@ -63,6 +64,25 @@ pub struct Offer {
     pub regions: Vec<(u64, u64)>,
     /// How long the destination waits for the source's next frame, in ms.
     pub idle_timeout_ms: u64,
+}
+
+/// The payload of [`KIND_ACCEPT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The destination's instance id: random for each peer server (each
+    /// `luvisor serve --listen`, each `hv.migration.listen`), which keeps the records
+    /// queries are answered from. A query after the hand-over must be answered by this
+    /// same instance: the handshake proves only that the other end holds the key, and
+    /// every host with the key (the source's own listener too) would answer one.
+    pub instance: u64,
+}
+
+/// The payload of [`KIND_OUTCOME`]: what the instance that answers knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    /// The answering server's instance id ([`Accepted::instance`]).
+    pub instance: u64,
+    pub outcome: Outcome,
 }
 
 /// The paused machine, after the last pages.
@@ -307,7 +327,9 @@ impl RunHeader {
 
 /// The number of runs a pages frame announces in its first 4 bytes, and how many bytes
 /// of run headers follow; an error if the frame (of `payload_len` bytes) cannot hold
-/// them.
+/// them, or if its run table or its data would be larger than a source sends
+/// ([`PAGES_FRAME_TABLE`], with the count; [`PAGES_FRAME_DATA`]). Checked before the
+/// table is read, so a frame's size bounds the work it can cause.
 pub fn run_table_len(count: [u8; 4], payload_len: usize) -> Result<usize, String> {
     let runs = u32::from_le_bytes(count) as usize;
     let table = runs
@@ -318,15 +340,32 @@ pub fn run_table_len(count: [u8; 4], payload_len: usize) -> Result<usize, String
                 "a pages frame of {payload_len} bytes announces {runs} runs, more than it can hold"
             )
         })?;
+    if table + 4 > PAGES_FRAME_TABLE {
+        return Err(format!(
+            "a pages frame announces {runs} runs ({} bytes of run table); the limit is \
+             {PAGES_FRAME_TABLE} bytes",
+            table + 4
+        ));
+    }
+    let data = payload_len - 4 - table;
+    if data > PAGES_FRAME_DATA {
+        return Err(format!(
+            "a pages frame carries {data} bytes of page data; the limit is {PAGES_FRAME_DATA}"
+        ));
+    }
     Ok(table)
 }
 
 /// Decodes a pages frame's run headers (`table`, without the count) and checks that
-/// their data is exactly `data_len` bytes. Addresses are checked to be page-aligned
-/// here; whether they are RAM is the receiver's check.
+/// their data is exactly `data_len` bytes, and that the runs go up in address order
+/// without overlapping (as a source sends them: each page at most once per frame, so
+/// the order in which the receiver applies them does not matter). Addresses are
+/// checked to be page-aligned here; whether they are RAM is the receiver's check.
 pub fn decode_run_table(table: &[u8], data_len: u64) -> Result<Vec<RunHeader>, String> {
     let mut runs = Vec::with_capacity(table.len() / RUN_HEADER);
     let mut data = 0u64;
+    // Where the previous run ended: the next one may start there at the earliest.
+    let mut free_from = 0u64;
     for header in table.chunks(RUN_HEADER) {
         if header.len() < RUN_HEADER {
             return Err("a pages frame ends inside a run header".into());
@@ -338,6 +377,16 @@ pub fn decode_run_table(table: &[u8], data_len: u64) -> Result<Vec<RunHeader>, S
                 "a pages frame has a run of {pages} pages at {gpa:#x} (not a page boundary, or empty)"
             ));
         }
+        if gpa < free_from {
+            return Err(format!(
+                "a pages frame has a run at {gpa:#x} below the end of the run before it \
+                 ({free_from:#x}): runs must go up in address order without overlapping"
+            ));
+        }
+        // At most u32::MAX pages: the product fits a u64.
+        free_from = gpa.checked_add(pages * PAGE_SIZE).ok_or_else(|| {
+            format!("a pages frame has a run of {pages} pages at {gpa:#x}, past the end of the address space")
+        })?;
         let run = match header[12] {
             RUN_DATA => RunHeader {
                 gpa,
@@ -351,7 +400,14 @@ pub fn decode_run_table(table: &[u8], data_len: u64) -> Result<Vec<RunHeader>, S
             },
             other => return Err(format!("a pages frame has a run of unknown kind {other}")),
         };
-        data += run.data_len();
+        data = data
+            .checked_add(run.data_len())
+            .filter(|data| *data <= data_len)
+            .ok_or_else(|| {
+                format!(
+                    "a pages frame's runs claim more than the {data_len} bytes of data it carries"
+                )
+            })?;
         runs.push(run);
     }
     if data != data_len {
@@ -563,6 +619,8 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, PAGES_FRAME_DATA as u64 / PAGE_SIZE);
+        // A full frame is within what a receiver accepts.
+        assert_eq!(decode_pages(&encoder.payload()).unwrap().len(), 1);
         // Scattered zero pages fill the table instead.
         let mut encoder = PageEncoder::default();
         let mut n = 0;
@@ -571,6 +629,87 @@ mod tests {
             n += 1;
         }
         assert_eq!(n as usize, (PAGES_FRAME_TABLE - 4) / RUN_HEADER);
+        assert_eq!(decode_pages(&encoder.payload()).unwrap().len(), n as usize);
+    }
+
+    /// A run header as a source writes it.
+    fn header(gpa: u64, pages: u32, kind: u8) -> Vec<u8> {
+        let mut h = gpa.to_le_bytes().to_vec();
+        h.extend_from_slice(&pages.to_le_bytes());
+        h.push(kind);
+        h
+    }
+
+    #[test]
+    fn a_frame_larger_than_a_source_sends_is_refused_before_its_table_is_read() {
+        // The largest run table and the most data a source puts in one frame pass ...
+        let most_runs = (PAGES_FRAME_TABLE - 4) / RUN_HEADER;
+        let count = (most_runs as u32).to_le_bytes();
+        assert_eq!(
+            run_table_len(count, 4 + most_runs * RUN_HEADER),
+            Ok(most_runs * RUN_HEADER)
+        );
+        let data = 4 + RUN_HEADER + PAGES_FRAME_DATA;
+        assert_eq!(run_table_len(1u32.to_le_bytes(), data), Ok(RUN_HEADER));
+        // ... one run or one page more does not, even where the frame could hold it.
+        let too_many = (most_runs as u32 + 1).to_le_bytes();
+        let err = run_table_len(too_many, 4 + (most_runs + 1) * RUN_HEADER).unwrap_err();
+        assert!(err.contains("the limit is"), "{err}");
+        let err = run_table_len(1u32.to_le_bytes(), data + PAGE_SIZE as usize).unwrap_err();
+        assert!(err.contains("bytes of page data"), "{err}");
+    }
+
+    #[test]
+    fn runs_must_go_up_without_overlapping() {
+        let table = |runs: &[(u64, u32, u8)]| -> Vec<u8> {
+            runs.iter()
+                .flat_map(|&(gpa, pages, kind)| header(gpa, pages, kind))
+                .collect()
+        };
+        let page = PAGE_SIZE;
+        // Adjacent runs of either kind, with gaps: as a source sends them.
+        let ok = table(&[
+            (0x1000, 2, RUN_DATA),
+            (0x3000, 1, RUN_ZERO),
+            (0x8000, 1, RUN_DATA),
+        ]);
+        assert_eq!(decode_run_table(&ok, 3 * page).unwrap().len(), 3);
+        // The same zero run over and over (each one all of RAM: the work of clearing
+        // them would grow with every 13 bytes of table), a run that overlaps the one
+        // before, one below it, and one past the end of the address space.
+        for (what, runs, data) in [
+            ("repeated", vec![(0, 256, RUN_ZERO), (0, 256, RUN_ZERO)], 0),
+            (
+                "overlapping",
+                vec![(0x1000, 2, RUN_DATA), (0x2000, 1, RUN_ZERO)],
+                2 * page,
+            ),
+            (
+                "descending",
+                vec![(0x2000, 1, RUN_ZERO), (0x1000, 1, RUN_DATA)],
+                page,
+            ),
+        ] {
+            let err = decode_run_table(&table(&runs), data).unwrap_err();
+            assert!(err.contains("address order"), "{what}: {err}");
+        }
+        let err = decode_run_table(&table(&[(u64::MAX - 0xfff, 2, RUN_ZERO)]), 0).unwrap_err();
+        assert!(err.contains("past the end of the address space"), "{err}");
+        // A data run claiming more than the frame carries is an error at once.
+        let err = decode_run_table(&table(&[(0, u32::MAX, RUN_DATA)]), page).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn data_runs_whose_lengths_sum_past_u64_are_an_error_not_a_panic() {
+        // 2^20 + 1 runs of u32::MAX pages (2^44 bytes each) add up past 2^64. Unchecked,
+        // that sum panicked in debug builds ("attempt to add with overflow").
+        let run_bytes = u64::from(u32::MAX) * PAGE_SIZE;
+        let table: Vec<u8> = (0..(1u64 << 20) + 1)
+            .flat_map(|i| header(i.wrapping_mul(run_bytes), u32::MAX, RUN_DATA))
+            .collect();
+        let err = decode_run_table(&table, u64::MAX).unwrap_err();
+        assert!(err.contains("past the end of the address space"), "{err}");
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub fn spawn_server(
     let stopping = Arc::new(AtomicBool::new(false));
     let context = Arc::new(destination::Context {
         registry,
+        instance: super::random_u64(),
         outcomes: Arc::new(Outcomes::default()),
         fault: Fault::from_env(),
         fault_fired: AtomicBool::new(false),
@@ -178,6 +179,8 @@ fn serve_connection(
 ) {
     let mut channel = match SecureChannel::accept(stream, key, HANDSHAKE_TIMEOUT) {
         Ok(channel) => channel,
+        // Logged where it is refused.
+        Err(ChannelError::ReachedItself { .. }) => return,
         Err(e @ ChannelError::Version { .. }) => {
             tracing::warn!(error = %e, "peer connection refused: it speaks another protocol version");
             return;

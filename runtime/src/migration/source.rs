@@ -51,6 +51,16 @@
 //!   paused on the source and the error says so: the source keeps the complete copy, so
 //!   the VM is not lost, and resuming it is left to the operator, who can see whether
 //!   it runs on the destination.
+//! - An answer counts only if it comes from the instance that accepted the VM: ACCEPT
+//!   names the destination's instance id (random per peer server) and every answer to a
+//!   query repeats the answering one's. The handshake proves only that the other end
+//!   holds the key, so someone on the path could otherwise send the question to
+//!   another host with the key, or back to the source's own listener, both of which
+//!   would truly say `Unknown`, and the source would resume a VM that runs at the
+//!   destination. An answer from another instance (that, or a destination restarted in
+//!   between) decides nothing: the VM is left paused at once, as when no answer comes.
+//!   The question is also sent with [`SecureChannel::connect_elsewhere`], which this
+//!   process's own listener refuses.
 //!
 //! Why this is safe: the VM runs on the destination only after GO, and the source
 //! resumes only when GO certainly did not arrive (failed write), or the destination
@@ -70,9 +80,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::{ChannelError, PeerKey, SecureChannel, FRAME_OVERHEAD};
 use super::protocol::{
-    decode, encode, encode_plan, FinalState, Hello, Offer, Outcome, PageEncoder, Started,
-    KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES, KIND_PLAN, KIND_READY,
-    KIND_RUNNING, KIND_STATE, KIND_SYNC, KIND_SYNCED, PLAN_FRAME_RUNS,
+    decode, encode, encode_plan, Accepted, FinalState, Hello, Offer, Outcome, PageEncoder,
+    QueryAnswer, Started, KIND_ABORT, KIND_ACCEPT, KIND_ERROR, KIND_GO, KIND_OUTCOME, KIND_PAGES,
+    KIND_PLAN, KIND_READY, KIND_RUNNING, KIND_STATE, KIND_SYNC, KIND_SYNCED, PLAN_FRAME_RUNS,
 };
 use super::KIND_MIGRATE_HELLO;
 use crate::snapshot::file::{HostRequirements, SavedDisk};
@@ -216,6 +226,8 @@ pub enum MigrationError {
     Refused(String),
     #[error("the destination failed: {0}")]
     DestinationFailed(String),
+    #[error("the destination sent {0}")]
+    BadMessage(String),
     #[error("the destination sent frame kind {kind} while the source expected {expected}")]
     Protocol { kind: u8, expected: &'static str },
     #[error(
@@ -310,7 +322,8 @@ impl Vm {
             started,
             deadline: crate::vstate::vcpu::deadline_after(options.timeout),
             was_running: state == VmState::Running,
-            id: random_id().max(1),
+            id: super::random_u64().max(1),
+            instance: None,
             logging_was_on: None,
             paused: false,
             released: Vec::new(),
@@ -353,18 +366,6 @@ impl Vm {
             }
         }
     }
-}
-
-fn random_id() -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // Ids only tell migrations apart on one destination: time and pid do for that.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        return nanos ^ (u64::from(std::process::id()) << 40);
-    }
-    u64::from_le_bytes(bytes)
 }
 
 /// The auto-converge duty cycle: shared with its thread.
@@ -412,6 +413,9 @@ struct Source<'a> {
     deadline: Instant,
     was_running: bool,
     id: u64,
+    /// The destination instance that accepted the VM ([`Accepted::instance`]): a query
+    /// must be answered by it.
+    instance: Option<u64>,
     /// Set once dirty tracking is on: whether it was on before.
     logging_was_on: Option<bool>,
     /// This migration paused the VM.
@@ -581,7 +585,12 @@ impl<'a> Source<'a> {
             "waiting for the answer to the offer",
         )?;
         match kind {
-            KIND_ACCEPT => Ok(()),
+            KIND_ACCEPT => {
+                let accepted: Accepted =
+                    decode(&payload, "accept").map_err(MigrationError::BadMessage)?;
+                self.instance = Some(accepted.instance);
+                Ok(())
+            }
             KIND_ERROR => Err(MigrationError::Refused(
                 String::from_utf8_lossy(&payload).into_owned(),
             )),
@@ -1116,13 +1125,16 @@ impl Source<'_> {
     }
 
     /// Asks the destination, on new connections, what became of this migration; see
-    /// the module docs. `Err` when no answer came within [`RESOLVE_WINDOW`].
+    /// the module docs. `Err` when no answer came within [`RESOLVE_WINDOW`], or at once
+    /// when another instance than the one that accepted the VM answered (it cannot
+    /// know), or the question came back to this very process.
     fn resolve(&self) -> Result<Answer, String> {
         let until = Instant::now() + RESOLVE_WINDOW;
         loop {
             let last = match self.ask() {
                 Ok(outcome) => return Ok(Answer::Said(outcome)),
                 Err(Asked::NobodyThere) => return Ok(Answer::NobodyThere),
+                Err(Asked::Elsewhere(reason)) => return Err(reason),
                 Err(Asked::Failed(reason)) => reason,
             };
             if Instant::now() >= until {
@@ -1134,17 +1146,26 @@ impl Source<'_> {
 
     fn ask(&self) -> Result<Outcome, Asked> {
         let failed = |e: &dyn std::fmt::Display| Asked::Failed(e.to_string());
-        let mut channel =
-            match SecureChannel::connect(self.addr, &self.options.key, CONNECT_TIMEOUT) {
-                Ok(channel) => channel,
-                Err(ChannelError::Connect { source, .. })
-                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-                {
-                    // No process listens there: none runs the VM either.
-                    return Err(Asked::NobodyThere);
-                }
-                Err(e) => return Err(failed(&e)),
-            };
+        // Not to this process's own listener: someone on the path could send the
+        // question there, and it would answer that it does not know the VM.
+        let mut channel = match SecureChannel::connect_elsewhere(
+            self.addr,
+            &self.options.key,
+            CONNECT_TIMEOUT,
+        ) {
+            Ok(channel) => channel,
+            Err(ChannelError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                // No process listens there: none runs the VM either.
+                return Err(Asked::NobodyThere);
+            }
+            Err(e @ ChannelError::ReachedItself { .. }) => {
+                tracing::warn!(vm = self.vm.name(), error = %e, "the question about the migration came back to this process");
+                return Err(Asked::Elsewhere(e.to_string()));
+            }
+            Err(e) => return Err(failed(&e)),
+        };
         let query = encode(&Hello::Query { id: self.id }).map_err(|e| failed(&e))?;
         channel
             .send(KIND_MIGRATE_HELLO, &query)
@@ -1152,7 +1173,28 @@ impl Source<'_> {
         let (kind, payload) = channel.recv().map_err(|e| failed(&e))?;
         channel.shutdown();
         match kind {
-            KIND_OUTCOME => decode(&payload, "outcome").map_err(|e| failed(&e)),
+            KIND_OUTCOME => {
+                let answer: QueryAnswer = decode(&payload, "outcome").map_err(|e| failed(&e))?;
+                if Some(answer.instance) != self.instance {
+                    let accepted = self
+                        .instance
+                        .map_or_else(|| "none".to_string(), |i| format!("{i:016x}"));
+                    let reason = format!(
+                        "{} answered as luvisor instance {:016x}, not as instance {accepted}, \
+                         which took the VM: that is another process (the destination \
+                         restarted, or the connection was redirected to another host), \
+                         which cannot know whether the VM runs there",
+                        self.addr, answer.instance
+                    );
+                    tracing::warn!(
+                        vm = self.vm.name(),
+                        reason,
+                        "a question about the migration reached another instance"
+                    );
+                    return Err(Asked::Elsewhere(reason));
+                }
+                Ok(answer.outcome)
+            }
             KIND_ERROR => Err(Asked::Failed(
                 String::from_utf8_lossy(&payload).into_owned(),
             )),
@@ -1172,6 +1214,10 @@ enum Answer {
 enum Asked {
     /// Nothing listens at the address.
     NobodyThere,
+    /// Another instance than the one that accepted the VM answered, or the question
+    /// came back to this process: that says nothing about the VM, and asking again at
+    /// the same address would reach the same.
+    Elsewhere(String),
     Failed(String),
 }
 
