@@ -14,7 +14,7 @@ use luvisor_lua::interrupt::Interrupter;
 use luvisor_lua::policy::{Limits, TraceFile};
 use luvisor_lua::StateLimits;
 use luvisor_runtime::migration::{spawn_server, Arrival, PeerKey, ServerHandle, ServerHandlers};
-use luvisor_runtime::Registry;
+use luvisor_runtime::{Registry, VmState};
 
 /// How often a recording `serve` samples the host and VMs on its own.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -164,12 +164,18 @@ pub fn run(registry: &Arc<Registry>, options: Options<'_>) -> ExitCode {
         // Pools and labs take their VMs and overlay files with them.
         luvisor_runtime::pool::shutdown(registry);
         luvisor_runtime::lab::destroy_all();
-        let vms = registry.list();
-        for vm in &vms {
+        // Count only the VMs this stopped: ones that had ended or moved away already
+        // are not news.
+        let mut stopped = 0;
+        for vm in registry.list() {
+            let was_live = matches!(vm.state(), VmState::Running | VmState::Paused);
             vm.stop();
-            tracing::info!(vm = vm.name(), state = %vm.state(), "vm stopped");
+            if was_live {
+                stopped += 1;
+                tracing::info!(vm = vm.name(), "vm stopped");
+            }
         }
-        eprintln!("luvisor serve: stopped {} VM(s)", vms.len());
+        eprintln!("luvisor serve: stopped {stopped} running VM(s)");
         code
     };
     if let Some(path) = record {

@@ -1288,11 +1288,11 @@ fn serve_records_a_trace_that_replays_to_the_same_decisions_and_stops_on_sigterm
     let stderr = lines.all().join("\n");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
-        stderr.contains(r#"vm stopped vm="web" state=stopped"#),
+        stderr.contains(r#"vm stopped vm="web""#),
         "{stderr}"
     );
     assert!(
-        stderr.contains("luvisor serve: stopped 1 VM(s)"),
+        stderr.contains("luvisor serve: stopped 1 running VM(s)"),
         "{stderr}"
     );
 
@@ -1355,7 +1355,7 @@ fn serve_stops_a_config_script_that_is_still_running_and_fails_with_a_broken_one
     let stderr = lines.all().join("\n");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
-        stderr.contains("luvisor serve: stopped 1 VM(s)"),
+        stderr.contains("luvisor serve: stopped 1 running VM(s)"),
         "{stderr}"
     );
 
