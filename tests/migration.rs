@@ -482,6 +482,68 @@ fn a_guest_dirtying_as_fast_as_it_can_moves_with_auto_converge() {
     verify(&back);
 }
 
+/// The destination's config for a VM that left its source paused: say in which state
+/// it arrived, then let it run and verify it.
+const PAUSED_DESTINATION_CONFIG: &str = r#"
+hv.migration.on_arrival(function(vm, info)
+  print("arrived in state " .. vm.state)
+  io.stdout:flush()
+  vm:resume()
+  vm:send("dirty-verify\n")
+  local line = vm:wait_for_console("dirty-verify:", { timeout = 60 })
+  print("verified on destination: " .. line)
+  io.stdout:flush()
+end)
+"#;
+
+/// A paused VM is never resumed by its migration: when the migration fails (here after
+/// STATE and READY, so the source must ask the destination what became of it) it stays
+/// paused at the source, and when it succeeds it arrives paused.
+#[test]
+fn a_paused_vm_arrives_paused_and_stays_paused_when_its_migration_fails() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("migration-paused");
+    let key = write_key(&dir, "peer.key", 8);
+    let home = Home::new(&key);
+    let disk = dir.join("disk.img");
+    let vm = dirtying_vm(&home, "sleeper", Some(&disk));
+    verify(&vm);
+    vm.pause().unwrap();
+
+    let failing = Peer::start_with(
+        &dir,
+        &key,
+        None,
+        Some("ready:close"),
+        PAUSED_DESTINATION_CONFIG,
+    );
+    let err = vm
+        .migrate(&failing.addr, &home.options(), &mut |_| {})
+        .unwrap_err();
+    let text = luvisor_runtime::error_chain(&err);
+    assert!(text.contains("(it stays paused here)"), "{text}");
+    assert_eq!(vm.state(), VmState::Paused, "{text}");
+    assert!(!image_is_free(&disk), "the disk lock was taken back");
+    assert!(!failing.lines.all().contains("arrived in state"));
+
+    let peer = Peer::start_with(&dir, &key, None, None, PAUSED_DESTINATION_CONFIG);
+    let mut finals = 0;
+    let report = vm
+        .migrate(&peer.addr, &home.options(), &mut |p| {
+            finals += usize::from(p.final_pass)
+        })
+        .expect("migrate");
+    eprintln!("migrated paused: {report:?}");
+    assert_eq!(vm.state(), VmState::Migrated);
+    assert_eq!(finals, 1);
+    let (line, at) = peer.lines.wait_for("arrived in state", 0);
+    assert!(line.ends_with("arrived in state paused"), "{line}");
+    let (line, _) = peer.lines.wait_for("verified on destination", at);
+    assert!(line.contains("dirty-verify: ok"), "{line}");
+}
+
 /// Forwards the first connection to `first` and every later one (the source's
 /// questions after a lost RUNNING) to `later`: someone on the path who redirects them.
 struct SwitchingProxy {

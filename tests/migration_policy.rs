@@ -132,6 +132,45 @@ fn pressure_moves_a_vm_to_the_peer_and_it_does_not_come_back() {
         dump("host a")
     );
 
+    // Host a's policy status records the migration with the report a local
+    // `vm:migrate` returns (its record is written when the migration call returns,
+    // just after the VM runs on b).
+    let report = loop {
+        let report = RemoteHost::connect(&a_addr, key.clone(), Duration::from_secs(5))
+            .and_then(|mut host| host.policies())
+            .ok()
+            .and_then(|statuses| {
+                statuses
+                    .as_array()?
+                    .iter()
+                    .flat_map(|s| s["migrations"].as_array().cloned().unwrap_or_default())
+                    .find_map(|m| m.get("report").filter(|r| r.is_object()).cloned())
+            });
+        if let Some(report) = report {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            dump("no migration report in host a's policy status")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for field in [
+        "downtime_ms",
+        "total_ms",
+        "bytes_sent",
+        "iterations",
+        "pages_sent",
+        "zero_pages",
+        "final_pages",
+        "mbps",
+        "throttle",
+        "destination_build_ms",
+    ] {
+        assert!(report.get(field).is_some(), "no {field} in {report}");
+    }
+
     // Host b is not under pressure, and host a's policy has nothing left to move: the VM
     // stays where it went for longer than both policies' hold time.
     std::thread::sleep(Duration::from_secs(12));

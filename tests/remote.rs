@@ -334,6 +334,103 @@ fn a_script_drives_a_remote_vm_through_hv_connect() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A script that migrates a VM from here to host A, then drives A to migrate it to host
+/// B and back: `...` is A's address, B's address and the key both serve with.
+const MIGRATION_SCRIPT: &str = r#"
+local a_addr, b_addr, key = ...
+local function keys(t)
+  local names = {}
+  for name in pairs(t) do names[#names + 1] = name end
+  table.sort(names)
+  return table.concat(names, " ")
+end
+local function fails(pattern, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error matching '" .. pattern .. "'")
+  err = tostring(err)
+  assert(err:find(pattern, 1, true), "error '" .. err .. "' does not mention '" .. pattern .. "'")
+  return err
+end
+
+-- A local migration to A, for the fields of local progress and of a local report.
+local vm = hv.vm{ name = "wanderer", memory = "64M",
+                  guest = hv.guest.builtin{ cmdline = "dirty 8 20; listen" } }
+vm:start()
+vm:wait_for_console("dirty: pass", { timeout = 60 })
+local local_progress
+local local_report = vm:migrate(a_addr, { key_file = key, timeout = 60,
+  on_progress = function(p) local_progress = keys(p) end })
+assert(vm.state == "migrated" and local_progress, "moved to A")
+
+local a = hv.connect(a_addr, { key_file = key })
+local b = hv.connect(b_addr, { key_file = key })
+local far = a:vm("wanderer")
+assert(far.state == "running", far.state)
+
+-- A key file A cannot read: said like any migration that could not begin.
+fails("host " .. a_addr .. ": cannot migrate vm 'wanderer' to " .. b_addr
+      .. " (it goes on running here): cannot read key file nonexistent: ",
+      far.migrate, far, b_addr, { key_file = "nonexistent" })
+assert(far.state == "running")
+
+-- A to B, with the options of a local migration; progress comes as it runs.
+local calls, finals, last, fields = 0, 0, -1, nil
+local r = far:migrate(b_addr, { key_file = key, max_downtime_ms = 50, timeout = 60,
+  auto_converge = true,
+  on_progress = function(p)
+    calls = calls + 1
+    assert(p.iteration > last, "passes in order")
+    last = p.iteration
+    if p.final then finals = finals + 1 end
+    assert(p.remaining_bytes >= 0 and p.mbps >= 0 and p.throttle >= 0)
+    fields = keys(p)
+  end })
+assert(calls >= 1 and finals == 1, calls .. " reports, " .. finals .. " final")
+assert(fields == local_progress, fields .. " vs " .. local_progress)
+assert(keys(r) == keys(local_report), keys(r) .. " vs " .. keys(local_report))
+assert(r.mbps > 0 and type(r.throttle) == "number" and type(r.destination_build_ms) == "number")
+assert(far.state == "migrated", far.state)
+local there = b:vm("wanderer")
+assert(there.state == "running", there.state)
+
+-- A paused VM arrives paused (B migrates it with the key it serves with).
+there:pause()
+there:migrate(a_addr, { timeout = 60 })
+assert(there.state == "migrated", there.state)
+local home = a:vm("wanderer")
+assert(home.state == "paused", home.state)
+home:resume()
+local at = home.console_offset
+home:send("dirty-verify\n")
+local line = home:wait_for_console("dirty-verify:", { timeout = 60, after = at })
+assert(line:find("dirty-verify: ok", 1, true), line)
+print("remote migration ok")
+"#;
+
+#[test]
+fn a_script_migrates_a_remote_vm_with_the_options_and_report_of_a_local_one() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("remote-migrate");
+    let key = key_file(&dir, "key", b"a key for the remote migration 012");
+    let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let a = ServeHost::start(&dir_a, "-- VMs arrive\n", &key, None);
+    let b = ServeHost::start(&dir_b, "-- VMs arrive\n", &key, None);
+    let (code, stdout, stderr) = common::run_script(
+        &dir,
+        "remote_migrate.lua",
+        MIGRATION_SCRIPT,
+        &[&a.addr, &b.addr, key.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("remote migration ok"), "{stdout}");
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn repl_connect_binds_the_remote_host_to_host() {
     if !common::kvm_available() {

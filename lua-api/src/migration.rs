@@ -72,8 +72,25 @@ fn address_argument(function: &str, value: Value) -> mlua::Result<String> {
     }
 }
 
-/// `vm:migrate(addr, { key_file, max_downtime_ms, timeout, auto_converge, on_progress })`.
-pub fn migrate(lua: &Lua, vm: &Vm, addr: Value, opts: Value) -> mlua::Result<Table> {
+/// The options of `vm:migrate`, local or remote: one parser, so that both accept the
+/// same options with the same checks and messages.
+pub(crate) struct MigrateArguments {
+    /// Keeps the option table, for errors about its values.
+    pub opts: Options,
+    pub key_file: Option<String>,
+    pub max_downtime: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub auto_converge: bool,
+    pub on_progress: Option<Function>,
+}
+
+/// Reads `vm:migrate`'s `addr` and `{ key_file, max_downtime_ms, timeout,
+/// auto_converge, on_progress }`.
+pub(crate) fn migrate_arguments(
+    lua: &Lua,
+    addr: Value,
+    opts: Value,
+) -> mlua::Result<(String, MigrateArguments)> {
     const F: &str = "vm:migrate";
     let addr = address_argument(F, addr)?;
     let opts = Options::from_value(
@@ -88,14 +105,12 @@ pub fn migrate(lua: &Lua, vm: &Vm, addr: Value, opts: Value) -> mlua::Result<Tab
             "on_progress",
         ],
     )?;
-    let mut options = MigrateOptions::new(key_option(&opts)?);
-    if let Some(ms) = opts.integer("max_downtime_ms", 1, 3_600_000)? {
-        options.max_downtime = Duration::from_millis(ms as u64);
-    }
-    if let Some(timeout) = opts.seconds("timeout")? {
-        options.timeout = timeout;
-    }
-    options.auto_converge = opts.boolean("auto_converge")?.unwrap_or(false);
+    let key_file = opts.string("key_file")?;
+    let max_downtime = opts
+        .integer("max_downtime_ms", 1, 3_600_000)?
+        .map(|ms| Duration::from_millis(ms as u64));
+    let timeout = opts.seconds("timeout")?;
+    let auto_converge = opts.boolean("auto_converge")?.unwrap_or(false);
     let on_progress = match opts.raw("on_progress")? {
         Value::Nil => None,
         Value::Function(f) => Some(f),
@@ -106,6 +121,32 @@ pub fn migrate(lua: &Lua, vm: &Vm, addr: Value, opts: Value) -> mlua::Result<Tab
             )))
         }
     };
+    Ok((
+        addr,
+        MigrateArguments {
+            opts,
+            key_file,
+            max_downtime,
+            timeout,
+            auto_converge,
+            on_progress,
+        },
+    ))
+}
+
+/// `vm:migrate(addr, { key_file, max_downtime_ms, timeout, auto_converge, on_progress })`.
+pub fn migrate(lua: &Lua, vm: &Vm, addr: Value, opts: Value) -> mlua::Result<Value> {
+    const F: &str = "vm:migrate";
+    let (addr, arguments) = migrate_arguments(lua, addr, opts)?;
+    let mut options = MigrateOptions::new(key_option(&arguments.opts)?);
+    if let Some(max_downtime) = arguments.max_downtime {
+        options.max_downtime = max_downtime;
+    }
+    if let Some(timeout) = arguments.timeout {
+        options.timeout = timeout;
+    }
+    options.auto_converge = arguments.auto_converge;
+    let on_progress = arguments.on_progress;
     // Ctrl-C, or an error in on_progress, cancels the migration (before the hand-over).
     let failed = Arc::new(AtomicBool::new(false));
     let interrupted = crate::interrupt::canceller(lua);
@@ -134,10 +175,11 @@ pub fn migrate(lua: &Lua, vm: &Vm, addr: Value, opts: Value) -> mlua::Result<Tab
         )));
     }
     let report = result.map_err(|e| mlua::Error::runtime(error_chain(&e)))?;
-    report_table(lua, &report)
+    report_value(lua, &report)
 }
 
-fn progress_table(lua: &Lua, p: &MigrationProgress) -> mlua::Result<Table> {
+/// What `on_progress` gets, for local and remote migrations alike.
+pub(crate) fn progress_table(lua: &Lua, p: &MigrationProgress) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("iteration", p.iteration)?;
     t.set("remaining_bytes", p.remaining_bytes)?;
@@ -152,19 +194,10 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn report_table(lua: &Lua, r: &MigrationReport) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("downtime_ms", millis(r.downtime))?;
-    t.set("total_ms", millis(r.total))?;
-    t.set("bytes_sent", r.bytes_sent)?;
-    t.set("iterations", r.iterations)?;
-    t.set("pages_sent", r.pages_sent)?;
-    t.set("zero_pages", r.zero_pages)?;
-    t.set("final_pages", r.final_pages)?;
-    t.set("mbps", r.mbps)?;
-    t.set("throttle", r.throttle)?;
-    t.set("destination_build_ms", millis(r.destination_build))?;
-    Ok(t)
+/// The table `vm:migrate` returns: [`MigrationReport::to_json`] as Lua, the same
+/// conversion a remote migration's report and a policy migration's status go through.
+fn report_value(lua: &Lua, r: &MigrationReport) -> mlua::Result<Value> {
+    crate::remote::json_to_lua(lua, &r.to_json(), 0)
 }
 
 /// What `listener:wait_arrival` and the `on_arrival` handler get besides the VM.

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use luvisor_runtime::migration::SecureChannel;
+use luvisor_runtime::migration::{MigrationProgress, SecureChannel};
 use luvisor_runtime::remote::protocol::{AgentReport, HostReport, VmInfo, VmRef};
 use luvisor_runtime::remote::{
     ControlHooks, MigrateOptions, PolicyStatusProvider, RemoteError, RemoteHost,
@@ -94,11 +94,35 @@ pub fn serving_control_handler(
 struct Connection {
     host: Arc<Mutex<RemoteHost>>,
     addr: Arc<str>,
+    /// The thread running a remote migration's `on_progress` while the connection is
+    /// held for that migration: a call from it would wait for itself.
+    in_progress_callback: Arc<Mutex<Option<std::thread::ThreadId>>>,
 }
 
 impl Connection {
-    fn lock(&self) -> MutexGuard<'_, RemoteHost> {
-        self.host.lock().unwrap_or_else(|p| p.into_inner())
+    fn new(host: RemoteHost, addr: &str) -> Connection {
+        Connection {
+            host: Arc::new(Mutex::new(host)),
+            addr: addr.into(),
+            in_progress_callback: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The connection; an error from inside a remote migration's `on_progress`, whose
+    /// migration holds it.
+    fn lock(&self) -> mlua::Result<MutexGuard<'_, RemoteHost>> {
+        let callback = *self
+            .in_progress_callback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if callback == Some(std::thread::current().id()) {
+            return Err(mlua::Error::runtime(format!(
+                "the connection to host {} is busy with the migration whose on_progress \
+                 this is: use another hv.connect to that host from on_progress",
+                self.addr
+            )));
+        }
+        Ok(self.host.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Runs `f` on the connection; a failure becomes a Lua error.
@@ -106,7 +130,25 @@ impl Connection {
         &self,
         f: impl FnOnce(&mut RemoteHost) -> Result<R, RemoteError>,
     ) -> mlua::Result<R> {
-        f(&mut self.lock()).map_err(|e| mlua::Error::runtime(error_chain(&e)))
+        f(&mut *self.lock()?).map_err(|e| mlua::Error::runtime(error_chain(&e)))
+    }
+
+    /// Runs `f` (a remote migration's `on_progress`) while this thread's calls on the
+    /// connection are refused ([`Connection::lock`]).
+    fn in_callback<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Clears the mark however `f` ends.
+        struct Mark<'a>(&'a Mutex<Option<std::thread::ThreadId>>);
+        impl Drop for Mark<'_> {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        *self
+            .in_progress_callback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current().id());
+        let _mark = Mark(&self.in_progress_callback);
+        f()
     }
 }
 
@@ -132,10 +174,7 @@ fn connect(lua: &Lua, addr: Value, opts: Value) -> mlua::Result<HostHandle> {
     }
     let host = RemoteHost::connect_with_key_file(&addr, &PathBuf::from(key_file), timeout)
         .map_err(|e| mlua::Error::runtime(format!("hv.connect: {}", error_chain(&e))))?;
-    Ok(HostHandle(Connection {
-        host: Arc::new(Mutex::new(host)),
-        addr: addr.into(),
-    }))
+    Ok(HostHandle(Connection::new(host, &addr)))
 }
 
 /// The Lua handle on a remote host.
@@ -152,14 +191,17 @@ impl HostHandle {
 
     /// `host<name at addr>`.
     pub fn describe(&self) -> String {
-        format!("host<{} at {}>", self.0.lock().name(), self.0.addr)
+        match self.0.lock() {
+            Ok(host) => format!("host<{} at {}>", host.name(), self.0.addr),
+            Err(_) => format!("host<at {}>", self.0.addr),
+        }
     }
 }
 
 impl UserData for HostHandle {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         fields.add_field_method_get("addr", |_, this| Ok(this.0.addr.to_string()));
-        fields.add_field_method_get("name", |_, this| Ok(this.0.lock().name().to_string()));
+        fields.add_field_method_get("name", |_, this| Ok(this.0.lock()?.name().to_string()));
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -275,7 +317,11 @@ impl RemoteVmHandle {
 
     /// `vm<name #id state, 1 vcpu, 128M on addr>`.
     pub fn describe(&self) -> String {
-        match self.connection.lock().vm_info(&self.vm) {
+        let info = self.connection.lock().and_then(|mut host| {
+            host.vm_info(&self.vm)
+                .map_err(|e| mlua::Error::runtime(error_chain(&e)))
+        });
+        match info {
             Ok(info) => format!(
                 "vm<{} #{} {}, {} vcpu{}, {} on {}>",
                 info.name,
@@ -291,7 +337,7 @@ impl RemoteVmHandle {
                 self.vm.name,
                 self.vm.id,
                 self.connection.addr,
-                error_chain(&e)
+                crate::script::message_without_traceback(&e)
             ),
         }
     }
@@ -426,20 +472,7 @@ impl UserData for RemoteVmHandle {
             crate::agent::shutdown_table(lua, &report)
         });
         methods.add_method("migrate", |lua, this, (addr, opts): (Value, Value)| {
-            let addr = match addr {
-                Value::String(s) => s.to_str()?.to_string(),
-                other => {
-                    return Err(mlua::Error::runtime(format!(
-                        "vm:migrate: addr must be a string such as \"10.0.0.3:7001\", got {}",
-                        a_type_name(&other)
-                    )))
-                }
-            };
-            let options = migrate_options(lua, opts)?;
-            let report = this
-                .connection
-                .call(|host| host.migrate(&this.vm, &addr, &options))?;
-            json_to_lua(lua, &report, 0)
+            this.migrate(lua, addr, opts)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.describe()));
         methods.add_meta_method(MetaMethod::Eq, |_, this, other: AnyUserData| {
@@ -451,22 +484,56 @@ impl UserData for RemoteVmHandle {
     }
 }
 
-/// `vm:migrate(addr, { key_file, max_downtime_ms, timeout })` of a remote VM.
-fn migrate_options(lua: &Lua, opts: Value) -> mlua::Result<MigrateOptions> {
-    let opts = Options::from_value(
-        lua,
-        "vm:migrate",
-        opts,
-        &["key_file", "max_downtime_ms", "timeout"],
-    )?;
-    let defaults = MigrateOptions::default();
-    Ok(MigrateOptions {
-        key_file: opts.string("key_file")?,
-        max_downtime: opts
-            .integer("max_downtime_ms", 1, i64::MAX)?
-            .map_or(defaults.max_downtime, |ms| Duration::from_millis(ms as u64)),
-        timeout: opts.seconds("timeout")?.unwrap_or(defaults.timeout),
-    })
+impl RemoteVmHandle {
+    /// `vm:migrate(addr, { key_file, max_downtime_ms, timeout, auto_converge,
+    /// on_progress })` of a remote VM: the options of a local one (one parser), run by
+    /// the VM's host. `on_progress` runs here, with the progress the host streams while
+    /// the migration runs. An error in it cannot cancel the migration (the host runs
+    /// it): `on_progress` is not called again, and once the host answers the error is
+    /// raised with how the migration ended.
+    fn migrate(&self, lua: &Lua, addr: Value, opts: Value) -> mlua::Result<Value> {
+        let (addr, arguments) = crate::migration::migrate_arguments(lua, addr, opts)?;
+        let defaults = MigrateOptions::default();
+        let options = MigrateOptions {
+            key_file: arguments.key_file,
+            max_downtime: arguments.max_downtime.unwrap_or(defaults.max_downtime),
+            timeout: arguments.timeout.unwrap_or(defaults.timeout),
+            auto_converge: arguments.auto_converge,
+        };
+        let on_progress = arguments.on_progress;
+        let mut callback_error: Option<mlua::Error> = None;
+        let mut progress = |p: &MigrationProgress| {
+            let Some(f) = &on_progress else { return };
+            if callback_error.is_some() {
+                return;
+            }
+            let called = self.connection.in_callback(|| {
+                crate::migration::progress_table(lua, p).and_then(|t| f.call::<()>(t))
+            });
+            if let Err(e) = called {
+                callback_error = Some(e);
+            }
+        };
+        let wants_progress: Option<&mut dyn FnMut(&MigrationProgress)> = match on_progress {
+            Some(_) => Some(&mut progress),
+            None => None,
+        };
+        let result = self
+            .connection
+            .call(|host| host.migrate(&self.vm, &addr, &options, wants_progress));
+        if let Some(e) = callback_error {
+            let ended = match &result {
+                Ok(_) => "it succeeded".to_string(),
+                Err(e) => format!("it failed: {}", crate::script::message_without_traceback(e)),
+            };
+            return Err(mlua::Error::runtime(format!(
+                "vm:migrate: on_progress failed: {}; the host runs the migration, which \
+                 cannot be cancelled from here, so it went on, and {ended}",
+                crate::script::message_without_traceback(&e)
+            )));
+        }
+        json_to_lua(lua, &result?, 0)
+    }
 }
 
 /// `vm.memory` of a remote VM.
@@ -628,6 +695,160 @@ mod tests {
         let remote = json_to_lua(&lua, &crate::policy::status_json(&status), 0).unwrap();
         let display = |v: Value| crate::display::format_value(&v, 4);
         assert_eq!(display(Value::Table(local)), display(remote));
+    }
+
+    /// A host whose migrations are a stand-in (no KVM): it streams three passes of
+    /// progress and answers a real report's JSON, if `auto_converge` came through.
+    fn host_with_a_migration_stand_in(dir: &std::path::Path) -> (String, std::path::PathBuf) {
+        use luvisor_runtime::migration::{MigrationReport, PeerKey};
+        use luvisor_runtime::remote::{control_handler, test_listener, MigrateHook};
+        use std::os::unix::fs::PermissionsExt;
+        let key_path = dir.join("key");
+        std::fs::write(&key_path, b"a key for the remote migrate test").unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let registry = Arc::new(Registry::new());
+        let mut config = luvisor_runtime::VmConfig::new(
+            "web",
+            luvisor_runtime::GuestSpec::Builtin {
+                cmdline: "hello".into(),
+            },
+        );
+        config.memory = 16 << 20;
+        registry.create(config).unwrap();
+        let migrate: MigrateHook = Arc::new(|_, params, progress| {
+            if !params.auto_converge {
+                return Err("auto_converge did not come through".into());
+            }
+            for iteration in 0..3 {
+                progress(&MigrationProgress {
+                    iteration,
+                    remaining_bytes: 4096,
+                    sent_bytes: 8192,
+                    mbps: 900.0,
+                    throttle: 0.2,
+                    final_pass: iteration == 2,
+                });
+            }
+            Ok(MigrationReport {
+                downtime: Duration::from_millis(3),
+                total: Duration::from_millis(300),
+                bytes_sent: 1 << 20,
+                iterations: 3,
+                pages_sent: 256,
+                zero_pages: 10,
+                final_pages: 2,
+                throttle: 0.2,
+                mbps: 900.0,
+                destination_build: Duration::from_micros(900),
+            }
+            .to_json())
+        });
+        let hooks = ControlHooks {
+            policies: None,
+            migrate: Some(migrate),
+        };
+        let addr = test_listener::spawn(
+            PeerKey::from_file(&key_path).unwrap(),
+            control_handler(registry, hooks),
+        )
+        .unwrap();
+        (addr, key_path)
+    }
+
+    #[test]
+    fn remote_migrate_takes_the_local_options_and_answers_like_a_local_one() {
+        let dir =
+            std::env::temp_dir().join(format!("luvisor-remote-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (addr, key) = host_with_a_migration_stand_in(&dir);
+        let lua = crate::new_user_state(Arc::new(Registry::new())).unwrap();
+        // The fields of a local report and of local progress, as this crate makes them.
+        let report = luvisor_runtime::migration::MigrationReport {
+            downtime: Duration::ZERO,
+            total: Duration::ZERO,
+            bytes_sent: 0,
+            iterations: 0,
+            pages_sent: 0,
+            zero_pages: 0,
+            final_pages: 0,
+            throttle: 0.0,
+            mbps: 0.0,
+            destination_build: Duration::ZERO,
+        };
+        lua.globals()
+            .set(
+                "local_report",
+                json_to_lua(&lua, &report.to_json(), 0).unwrap(),
+            )
+            .unwrap();
+        let progress = MigrationProgress {
+            iteration: 0,
+            remaining_bytes: 0,
+            sent_bytes: 0,
+            mbps: 0.0,
+            throttle: 0.0,
+            final_pass: false,
+        };
+        lua.globals()
+            .set(
+                "local_progress",
+                crate::migration::progress_table(&lua, &progress).unwrap(),
+            )
+            .unwrap();
+        let script = r#"
+            local addr, key = ...
+            local function keys(t)
+              local names = {}
+              for name in pairs(t) do names[#names + 1] = name end
+              table.sort(names)
+              return table.concat(names, " ")
+            end
+            local host = hv.connect(addr, { key_file = key })
+            local vm = host:vm("web")
+            local calls, finals, fields = 0, 0, nil
+            local r = vm:migrate("10.0.0.2:7001", { key_file = "KEY", max_downtime_ms = 50,
+              timeout = 60, auto_converge = true,
+              on_progress = function(p)
+                calls = calls + 1
+                if p.final then finals = finals + 1 end
+                fields = keys(p)
+                assert(p.mbps == 900 and p.remaining_bytes == 4096 and p.throttle == 0.2)
+              end })
+            assert(calls >= 1 and finals == 1, calls .. " calls, " .. finals .. " final")
+            assert(fields == keys(local_progress), fields)
+            assert(keys(r) == keys(local_report), keys(r))
+            assert(r.destination_build_ms == 0.9 and r.mbps == 900 and r.throttle == 0.2)
+
+            -- The same checks as a local migrate.
+            local ok, err = pcall(vm.migrate, vm, "x:1", { on_progress = 3 })
+            assert(not ok and err:find("vm:migrate: option 'on_progress' must be a function", 1, true), err)
+            ok, err = pcall(vm.migrate, vm, "x:1", { max_downtime_ms = 0 })
+            assert(not ok and err:find("option 'max_downtime_ms' must be an integer", 1, true), err)
+            ok, err = pcall(vm.migrate, vm, 7001, {})
+            assert(not ok and err:find("vm:migrate: the address must be a string", 1, true), err)
+
+            -- No auto_converge: the stand-in refuses, as the host's message.
+            ok, err = pcall(vm.migrate, vm, "x:1", {})
+            assert(not ok and err:find("host " .. addr .. ": auto_converge did not come through", 1, true), err)
+
+            -- on_progress cannot use the connection its migration holds; its error is
+            -- raised once the host answered, with how the migration ended.
+            ok, err = pcall(vm.migrate, vm, "x:1", { auto_converge = true,
+              on_progress = function(p) return vm.state end })
+            assert(not ok, "on_progress's error is raised")
+            assert(err:find("vm:migrate: on_progress failed: the connection to host " .. addr
+                            .. " is busy with the migration", 1, true), err)
+            assert(err:find("it went on, and it succeeded", 1, true), err)
+            -- The connection is free again.
+            assert(vm.state == "created")
+            return "ok"
+        "#;
+        let result: String = lua
+            .load(script)
+            .call((addr, key.to_str().unwrap().to_string()))
+            .unwrap_or_else(|e| panic!("{}", crate::script::error_message(&e)));
+        assert_eq!(result, "ok");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

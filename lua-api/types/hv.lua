@@ -390,9 +390,9 @@ function Vm:snapshot(path, opts) end
 ---@field destination_build_ms number what the destination took to build the VM
 
 ---Moves the running (or paused) VM to the luvisor host listening at `addr`, live. On
----success the VM runs there and is "migrated" here; on failure the error says where the
----VM is (normally: it goes on running here). Both hosts must see its disks at the same
----paths.
+---success the VM runs there (a paused VM arrives paused) and is "migrated" here; on
+---failure the error says where the VM is (normally: it goes on running, or stays paused,
+---here). Both hosts must see its disks at the same paths.
 ---@param addr string "host:port"
 ---@param opts hv.MigrateOptions
 ---@return hv.MigrationReport
@@ -695,10 +695,14 @@ function Host:vm(name) end
 ---@return hv.PolicyStatus[]
 function Host:policies() end
 
----@class hv.MigrateOptions
+---The options of a remote VM's migrate: a local one's (hv.MigrateOptions), run by the
+---VM's host.
+---@class hv.RemoteMigrateOptions
 ---@field key_file? string A key file on the source host for the destination (default: the key the source serves with).
 ---@field max_downtime_ms? integer Longest pause allowed for the final copy. Default 300.
 ---@field timeout? number Seconds the whole migration may take. Default 120.
+---@field auto_converge? boolean As for a local migrate (default false).
+---@field on_progress? fun(p: hv.MigrationProgress) Called here with the progress the host streams while the migration runs: at most one report per pass and per 100 ms, the final pass's always. An error in it cannot cancel the migration (the host runs it): it is raised once the host answered, saying how the migration ended.
 
 ---A VM on a remote host. It has the fields and methods of hv.Vm except `snapshot` and
 ---`destroy`, plus `host` and `migrate`; every use asks the host again. Waits run on the
@@ -709,11 +713,13 @@ function Host:policies() end
 local RemoteVm = {}
 
 ---Asks the VM's host to live-migrate it to the host at `addr`. Returns the migration's
----report; raises "host ADDR: cannot migrate vm 'x': migration is not available on this
----host" where the host has no migration.
+---report, with the fields of a local one; raises "host ADDR: cannot migrate vm 'x':
+---migration is not available on this host" where the host has no migration, and
+---"host ADDR: cannot migrate vm 'x' to DEST (it goes on running here): ..." when it
+---fails.
 ---@param addr string
----@param opts? hv.MigrateOptions
----@return table report
+---@param opts? hv.RemoteMigrateOptions
+---@return hv.MigrationReport
 function RemoteVm:migrate(addr, opts) end
 
 ---When a VM counts as ready: "kvp:KEY" or "kvp:KEY=VALUE" (the guest published it over

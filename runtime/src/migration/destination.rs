@@ -2,8 +2,9 @@
 //! RAM with the pages that arrive (read from the socket straight into place, with a
 //! second thread faulting the RAM in ahead of them), builds the VM from the final state
 //! with its vCPUs and devices waiting paused (state `incoming`), says READY, and runs
-//! the VM only when the source says GO. Anything that goes wrong before GO throws the
-//! VM away here; the source still has it. See `source.rs` for the whole state machine.
+//! the VM only when the source says GO (or, for a VM that was paused at the source,
+//! takes it over paused). Anything that goes wrong before GO throws the VM away here;
+//! the source still has it. See `source.rs` for the whole state machine.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -282,7 +283,12 @@ impl Incoming<'_> {
     fn discard(&mut self) {
         self.context.outcomes.abandon(self.offer.id);
         if let Some(vm) = self.vm.take() {
-            if vm.state() != crate::vm::VmState::Running {
+            // A VM that was handed over (running, or paused as it was at the source)
+            // stays; one still `incoming`, or stopped because it could not start, goes.
+            if !matches!(
+                vm.state(),
+                crate::vm::VmState::Running | crate::vm::VmState::Paused
+            ) {
                 self.context.registry.destroy(vm.id());
             }
         }
@@ -408,6 +414,7 @@ impl Incoming<'_> {
             return Ok(false);
         }
         final_state.machine.layout.check()?;
+        let arrives_paused = final_state.paused;
 
         // The VM, built paused. The source flushed and released its disks before it
         // sent the state.
@@ -458,7 +465,7 @@ impl Incoming<'_> {
             return Ok(false);
         }
         let start_began = Instant::now();
-        if let Err(e) = vm.start_incoming() {
+        if let Err(e) = vm.start_incoming(arrives_paused) {
             self.context.outcomes.set(self.offer.id, Record::Abandoned);
             return Err(e.into());
         }
@@ -479,7 +486,8 @@ impl Incoming<'_> {
             vm = vm.name(),
             bytes = self.bytes,
             build_us = started.build_us,
-            "vm arrived and runs"
+            paused = arrives_paused,
+            "vm arrived"
         );
         if let Flow::Dropped = self.fault(FaultPoint::Started) {
             // The VM runs and stays: only the confirmation is lost.

@@ -91,6 +91,9 @@ pub struct FinalState {
     pub machine: MachineState,
     /// The balloon target now (a policy may have moved it since the offer).
     pub memory_target: u64,
+    /// The VM was paused at the source: on GO the destination takes it over paused
+    /// (state `paused`, its vCPUs and devices not started) instead of running it.
+    pub paused: bool,
 }
 
 /// The payload of [`KIND_RUNNING`]: what the destination's part took.

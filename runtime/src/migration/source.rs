@@ -38,6 +38,10 @@
 //!   first.
 //! - A failed write of GO means GO did not arrive whole (its MAC is its last bytes), so
 //!   the source still owns the VM and rolls back as above.
+//! - A VM that was paused when the migration began is never resumed by it: the pre-copy
+//!   is one full pass, the final state says `paused` ([`FinalState::paused`]), and on
+//!   GO the destination takes the VM over without starting its vCPUs (state `paused`
+//!   there; RUNNING then means "it is yours"). A rollback leaves it paused here.
 //! - Once GO is written the source cannot tell by itself whether it arrived: the
 //!   destination starts the VM on GO and the source may not resume it. If RUNNING comes
 //!   back, the source commits: the VM becomes `migrated` and its machine is released.
@@ -155,8 +159,10 @@ impl std::fmt::Debug for MigrateOptions {
     }
 }
 
-/// Where a migration is, reported before each pass over memory.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a migration is, reported before each pass over memory. Remote control sends
+/// it as it is (postcard) to a client that asked for progress, so a remote
+/// `vm:migrate`'s `on_progress` sees the same fields as a local one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MigrationProgress {
     /// 0 for the first (full) pass, then 1, 2, ... for each pass over dirtied pages.
     pub iteration: u32,
@@ -173,16 +179,36 @@ pub struct MigrationProgress {
 }
 
 impl MigrationReport {
-    /// The report as JSON, as remote control and policy status show it.
+    /// The report as JSON: the one conversion of a report into named fields (durations
+    /// in milliseconds). A local `vm:migrate`'s table, a remote one's (remote control
+    /// sends this JSON) and a policy migration's status report are all made from it, so
+    /// they carry the same fields.
     pub fn to_json(&self) -> serde_json::Value {
+        let MigrationReport {
+            downtime,
+            total,
+            bytes_sent,
+            iterations,
+            pages_sent,
+            zero_pages,
+            final_pages,
+            throttle,
+            mbps,
+            destination_build,
+        } = self;
+        let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+        // Destructured above so that a new field cannot be forgotten here.
         serde_json::json!({
-            "downtime_ms": self.downtime.as_secs_f64() * 1000.0,
-            "total_ms": self.total.as_secs_f64() * 1000.0,
-            "bytes_sent": self.bytes_sent,
-            "iterations": self.iterations,
-            "pages_sent": self.pages_sent,
-            "zero_pages": self.zero_pages,
-            "final_pages": self.final_pages,
+            "downtime_ms": ms(downtime),
+            "total_ms": ms(total),
+            "bytes_sent": bytes_sent,
+            "iterations": iterations,
+            "pages_sent": pages_sent,
+            "zero_pages": zero_pages,
+            "final_pages": final_pages,
+            "throttle": throttle,
+            "mbps": mbps,
+            "destination_build_ms": ms(destination_build),
         })
     }
 }
@@ -266,6 +292,12 @@ pub enum MigrationError {
     InDoubt(String),
     #[error("pausing or saving the vm")]
     Vm(#[source] Box<VmError>),
+    /// The key to authenticate to the destination with could not be read (remote
+    /// control reads it on the VM's host): nothing began.
+    #[error(transparent)]
+    Key(ChannelError),
+    #[error("no key_file was given and this host serves without a key")]
+    NoKey,
 }
 
 /// Where a failed migration leaves the VM, for the error message.
@@ -279,6 +311,15 @@ enum Left {
 }
 
 impl Left {
+    /// Where a VM in `state` is when the migration changed nothing.
+    fn unchanged(state: VmState) -> Left {
+        match state {
+            VmState::Running => Left::Running,
+            VmState::Paused => Left::Paused,
+            other => Left::Ended(other),
+        }
+    }
+
     fn describe(&self, to: &str) -> String {
         match self {
             Left::Running => "it goes on running here".into(),
@@ -295,10 +336,23 @@ impl Left {
 }
 
 impl Vm {
+    /// The error of a migration of this VM to `to` that failed before it began (its
+    /// key could not be read): framed like any failed migration, saying that the VM
+    /// is as it was.
+    pub fn migration_not_begun(&self, to: &str, source: MigrationError) -> VmError {
+        VmError::Migration {
+            name: self.name().to_string(),
+            to: to.to_string(),
+            left: Left::unchanged(self.state()).describe(to),
+            source: Box::new(source),
+        }
+    }
+
     /// Moves this running (or paused) VM to the `luvisor serve --listen` host at
     /// `addr`, live. `progress` is called before each pass over memory. On success the
-    /// VM runs there and is `migrated` here; on failure it is as it was (see the module
-    /// docs for the one case in which it is left paused), and the error says so.
+    /// VM is `migrated` here and runs there, or, if it was paused here, waits paused
+    /// there; on failure it is as it was (see the module docs for the one case in which
+    /// a running VM is left paused), and the error says so.
     pub fn migrate(
         &self,
         addr: &str,
@@ -449,11 +503,11 @@ impl<'a> Source<'a> {
         'a: 'scope,
     {
         // Nothing has changed until the offer is accepted.
-        let unchanged = if self.was_running {
-            Left::Running
+        let unchanged = Left::unchanged(if self.was_running {
+            VmState::Running
         } else {
-            Left::Paused
-        };
+            VmState::Paused
+        });
         let connect_timeout = CONNECT_TIMEOUT.min(self.options.timeout.max(Duration::from_secs(1)));
         let mut channel = SecureChannel::connect(self.addr, &self.options.key, connect_timeout)
             .map_err(|e| (MigrationError::Connect(e), unchanged.clone()))?;
@@ -1035,6 +1089,8 @@ impl Source<'_> {
         let state = FinalState {
             machine,
             memory_target: self.vm.memory_target(),
+            // A VM paused here stays paused there: GO hands it over without running it.
+            paused: !self.was_running,
         };
         let bytes = encode(&state).map_err(|reason| MigrationError::Encode {
             what: "machine state",
@@ -1251,5 +1307,50 @@ fn throttle_loop(vm: &Vm, percent: &AtomicU32, stop: &StopFlag) {
         if let Some(leave_paused) = stop.sleep(THROTTLE_PERIOD - hold) {
             return finish(held, leave_paused);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_has_every_field_in_its_json() {
+        let report = MigrationReport {
+            downtime: Duration::from_micros(2500),
+            total: Duration::from_millis(400),
+            bytes_sent: 9 << 20,
+            iterations: 4,
+            pages_sent: 2300,
+            zero_pages: 12,
+            final_pages: 7,
+            throttle: 0.4,
+            mbps: 8000.5,
+            destination_build: Duration::from_micros(1200),
+        };
+        assert_eq!(
+            report.to_json(),
+            serde_json::json!({
+                "downtime_ms": 2.5, "total_ms": 400.0, "bytes_sent": 9 << 20,
+                "iterations": 4, "pages_sent": 2300, "zero_pages": 12, "final_pages": 7,
+                "throttle": 0.4, "mbps": 8000.5, "destination_build_ms": 1.2,
+            })
+        );
+    }
+
+    #[test]
+    fn a_migration_that_changed_nothing_leaves_the_vm_as_it_was() {
+        assert_eq!(
+            Left::unchanged(VmState::Running).describe("b"),
+            "it goes on running here"
+        );
+        assert_eq!(
+            Left::unchanged(VmState::Paused).describe("b"),
+            "it stays paused here"
+        );
+        assert_eq!(
+            Left::unchanged(VmState::Created).describe("b"),
+            "it is created here"
+        );
     }
 }

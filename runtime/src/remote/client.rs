@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use super::KIND_CONTROL_HELLO;
-use crate::migration::{ChannelError, PeerKey, SecureChannel};
+use crate::migration::{ChannelError, MigrationProgress, PeerKey, SecureChannel};
 
 /// How much longer than a request's own wait the client waits for its answer.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
@@ -78,6 +78,7 @@ pub struct MigrateOptions {
     pub key_file: Option<String>,
     pub max_downtime: Duration,
     pub timeout: Duration,
+    pub auto_converge: bool,
 }
 
 /// `max_downtime` when a script gives none.
@@ -91,6 +92,7 @@ impl Default for MigrateOptions {
             key_file: None,
             max_downtime: DEFAULT_MAX_DOWNTIME,
             timeout: DEFAULT_MIGRATE_TIMEOUT,
+            auto_converge: false,
         }
     }
 }
@@ -209,6 +211,20 @@ impl RemoteHost {
     /// Sends `request` and returns the host's reply; `wait` is how long the host may
     /// take beyond the usual answer time.
     pub fn call(&mut self, request: Request, wait: Duration) -> Result<Reply, RemoteError> {
+        self.call_with_progress(request, wait, None)
+    }
+
+    /// [`RemoteHost::call`] for a request that may get progress frames before its
+    /// response (a migrate request that asked for them): `on_progress` gets each. A
+    /// progress frame for another request, or for a call without `on_progress`, is a
+    /// protocol error. The whole exchange, progress included, must end within the time
+    /// [`RemoteHost::call`] allows for the answer.
+    fn call_with_progress(
+        &mut self,
+        request: Request,
+        wait: Duration,
+        mut on_progress: Option<&mut dyn FnMut(&MigrationProgress)>,
+    ) -> Result<Reply, RemoteError> {
         let id = self.next_id;
         self.next_id += 1;
         let payload = encode(&RequestFrame { id, request }).map_err(|r| self.protocol(r))?;
@@ -231,16 +247,47 @@ impl RemoteHost {
         let Some(channel) = self.channel.as_mut() else {
             return Err(self.protocol("no connection after connecting"));
         };
-        let exchanged = channel
-            .set_read_timeout(Some(read_timeout))
-            .and_then(|()| channel.send(KIND_CONTROL_REQUEST, &payload))
-            .and_then(|()| channel.recv());
-        let (kind, answer) = match exchanged {
-            Ok(frame) => frame,
-            Err(e) => {
-                self.drop_channel();
-                return Err(channel_error(e));
+        let deadline = Instant::now().checked_add(read_timeout);
+        let mut exchanged = channel.send(KIND_CONTROL_REQUEST, &payload);
+        let (kind, answer) = loop {
+            let remaining = deadline.map_or(read_timeout, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            });
+            let frame = exchanged
+                .and_then(|()| channel.set_read_timeout(Some(remaining)))
+                .and_then(|()| channel.recv());
+            let (kind, answer) = match frame {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.drop_channel();
+                    return Err(channel_error(e));
+                }
+            };
+            if kind != KIND_CONTROL_PROGRESS {
+                break (kind, answer);
             }
+            let progress = match (&mut on_progress, decode::<ProgressFrame>(&answer)) {
+                (Some(f), Ok(frame)) if frame.id == id => {
+                    f(&frame.progress);
+                    Ok(())
+                }
+                (Some(_), Ok(frame)) => Err(format!(
+                    "progress of request {} came during request {id}",
+                    frame.id
+                )),
+                (Some(_), Err(reason)) => {
+                    Err(format!("a progress frame does not decode: {reason}"))
+                }
+                (None, _) => Err(format!(
+                    "progress came for request {id}, which did not ask for it"
+                )),
+            };
+            if let Err(reason) = progress {
+                self.drop_channel();
+                return Err(self.protocol(reason));
+            }
+            exchanged = Ok(());
         };
         let response = if kind == KIND_CONTROL_RESPONSE {
             decode::<ResponseFrame>(&answer)
@@ -516,26 +563,34 @@ impl RemoteHost {
         self.json(reply)
     }
 
-    /// Asks the host to live-migrate `vm` to `addr`; the migration's report.
+    /// Asks the host to live-migrate `vm` to `addr`; the migration's report
+    /// ([`MigrationReport::to_json`](crate::migration::MigrationReport::to_json)).
+    /// With `on_progress`, the host streams the migration's progress while it runs
+    /// and `on_progress` gets each report (at most one per pass and per
+    /// [`PROGRESS_INTERVAL`], and always the final pass's), before this returns.
     pub fn migrate(
         &mut self,
         vm: &VmRef,
         addr: &str,
         options: &MigrateOptions,
+        on_progress: Option<&mut dyn FnMut(&MigrationProgress)>,
     ) -> Result<serde_json::Value, RemoteError> {
         self.check("a destination address", addr.len(), MAX_TEXT)?;
         if let Some(path) = &options.key_file {
             self.check("a key file path", path.len(), MAX_TEXT)?;
         }
-        let reply = self.call(
+        let reply = self.call_with_progress(
             Request::Migrate {
                 vm: vm.clone(),
                 addr: addr.to_string(),
                 key_file: options.key_file.clone(),
                 max_downtime_ms: millis(options.max_downtime),
                 timeout_ms: millis(options.timeout),
+                auto_converge: options.auto_converge,
+                progress: on_progress.is_some(),
             },
             options.timeout,
+            on_progress,
         )?;
         self.json(reply)
     }

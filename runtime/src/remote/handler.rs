@@ -11,13 +11,13 @@
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use super::KIND_CONTROL_HELLO;
 use crate::host::{HostInfo, KvmInfo};
-use crate::migration::{ChannelError, SecureChannel};
+use crate::migration::{ChannelError, MigrationError, MigrationProgress, SecureChannel};
 use crate::registry::{Registry, VmId};
 use crate::vm::{describe_outcome, Vm, VmOutcome, WaitError};
 
@@ -34,34 +34,127 @@ pub struct MigrateParams {
     pub key_file: Option<PathBuf>,
     pub max_downtime: Duration,
     pub timeout: Duration,
+    pub auto_converge: bool,
 }
 
-/// Live-migrates `vm` as `params` say; returns the migration's report (any JSON object;
-/// the client shows it as a Lua table) or the error.
+/// Live-migrates `vm` as `params` say, calling the progress callback before each pass
+/// over memory (it never waits for the client); returns the migration's report (any
+/// JSON object; the client shows it as a Lua table) or the error.
 pub type MigrateHook = Arc<
-    dyn Fn(&Arc<Vm>, &MigrateParams) -> Result<serde_json::Value, Box<dyn std::error::Error>>
+    dyn Fn(
+            &Arc<Vm>,
+            &MigrateParams,
+            &mut dyn FnMut(&MigrationProgress),
+        ) -> Result<serde_json::Value, Box<dyn std::error::Error>>
         + Send
         + Sync,
 >;
 
 /// The migrate hook a `serve` host uses: [`Vm::migrate`](crate::Vm::migrate) to
 /// `params.addr`, authenticated with `params.key_file`, or with `serve_key` (the key
-/// the host serves with) when the request names none.
+/// the host serves with) when the request names none. A key that cannot be read fails
+/// like any migration that could not begin (`cannot migrate vm 'x' to ADDR (it goes on
+/// running here): ...`).
 pub fn migrate_hook(serve_key: Option<crate::migration::PeerKey>) -> MigrateHook {
-    Arc::new(move |vm, params: &MigrateParams| {
-        let key = match (&params.key_file, &serve_key) {
-            (Some(path), _) => crate::migration::PeerKey::from_file(path)?,
-            (None, Some(key)) => key.clone(),
-            (None, None) => {
-                return Err("no key_file given and this host serves without a key".into())
+    Arc::new(
+        move |vm: &Arc<Vm>,
+              params: &MigrateParams,
+              progress: &mut dyn FnMut(&MigrationProgress)| {
+            let key = match (&params.key_file, &serve_key) {
+                (Some(path), _) => {
+                    crate::migration::PeerKey::from_file(path).map_err(MigrationError::Key)
+                }
+                (None, Some(key)) => Ok(key.clone()),
+                (None, None) => Err(MigrationError::NoKey),
+            };
+            let key = key.map_err(|e| vm.migration_not_begun(&params.addr, e))?;
+            let mut options = crate::migration::MigrateOptions::new(key);
+            options.max_downtime = params.max_downtime;
+            options.timeout = params.timeout;
+            options.auto_converge = params.auto_converge;
+            let report = vm.migrate(&params.addr, &options, progress)?;
+            Ok(report.to_json())
+        },
+    )
+}
+
+/// Carries a migration's progress from the migration, which must never wait for the
+/// client (its final pass runs with the VM paused), to the thread that sends it on the
+/// control connection: the newest report waits in a one-place slot (a newer one
+/// replaces it), and the sender sends at most one per [`PROGRESS_INTERVAL`]. So the
+/// client gets at most one report per pass and per interval, and always the last one.
+#[derive(Default)]
+struct ProgressRelay {
+    state: Mutex<RelayState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct RelayState {
+    newest: Option<MigrationProgress>,
+    /// The migration is over: send what waits, then stop.
+    finished: bool,
+}
+
+impl ProgressRelay {
+    fn lock(&self) -> MutexGuard<'_, RelayState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The migration's side: `progress` is the newest report.
+    fn push(&self, progress: &MigrationProgress) {
+        self.lock().newest = Some(progress.clone());
+        self.changed.notify_all();
+    }
+
+    fn finish(&self) {
+        self.lock().finished = true;
+        self.changed.notify_all();
+    }
+
+    /// The next report to send: waits for one, and until `not_before` unless the
+    /// migration is over. `None` once it is over and nothing waits.
+    fn next(&self, not_before: Instant) -> Option<MigrationProgress> {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            if state.newest.is_some() && (state.finished || now >= not_before) {
+                return state.newest.take();
             }
-        };
-        let mut options = crate::migration::MigrateOptions::new(key);
-        options.max_downtime = params.max_downtime;
-        options.timeout = params.timeout;
-        let report = vm.migrate(&params.addr, &options, &mut |_| {})?;
-        Ok(report.to_json())
-    })
+            if state.finished {
+                return None;
+            }
+            state = if state.newest.is_some() {
+                self.changed
+                    .wait_timeout(state, not_before - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            } else {
+                self.changed.wait(state).unwrap_or_else(|p| p.into_inner())
+            };
+        }
+    }
+
+    /// The sender's side: sends the reports of request `id` on `channel` until the
+    /// migration is over. Stops at the first failed send (the response then fails too,
+    /// and the connection ends).
+    fn forward(&self, id: u64, channel: &mut SecureChannel) {
+        let mut not_before = Instant::now();
+        while let Some(progress) = self.next(not_before) {
+            let bytes = match encode(&ProgressFrame { id, progress }) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(error = e, "cannot encode a progress frame");
+                    continue;
+                }
+            };
+            if let Err(e) = channel.send(KIND_CONTROL_PROGRESS, &bytes) {
+                tracing::warn!(peer = channel.peer(), error = %e, "cannot send migration progress");
+                return;
+            }
+            not_before = Instant::now() + PROGRESS_INTERVAL;
+        }
+    }
 }
 
 /// What the host adds to the runtime's own answers. `None` fields answer: no policies
@@ -154,7 +247,7 @@ impl ControlServer {
         tracing::info!(peer, "control connection opened");
         loop {
             let response = match channel.recv() {
-                Ok((KIND_CONTROL_REQUEST, payload)) => self.handle_frame(&payload),
+                Ok((KIND_CONTROL_REQUEST, payload)) => self.handle_frame_on(&payload, &mut channel),
                 Ok((kind, _)) => response_bytes(&ResponseFrame {
                     id: 0,
                     result: Err(Failure::new(
@@ -187,10 +280,50 @@ impl ControlServer {
     }
 
     /// Answers one request frame's payload with a response frame's payload. Malformed
-    /// input and panics in the code that serves it become failure responses.
+    /// input and panics in the code that serves it become failure responses. A
+    /// migration's progress is not sent (there is no connection to send it on).
     pub fn handle_frame(&self, payload: &[u8]) -> Vec<u8> {
-        let frame = match decode::<RequestFrame>(payload) {
+        match self.decode_request(payload) {
+            Ok(frame) => self.answer(frame, &mut |_| {}),
+            Err(response) => response,
+        }
+    }
+
+    /// [`ControlServer::handle_frame`] for a request that came on `channel`: a
+    /// migration that asked for progress sends it there, from a thread of its own
+    /// ([`ProgressRelay`]), before the response.
+    fn handle_frame_on(&self, payload: &[u8], channel: &mut SecureChannel) -> Vec<u8> {
+        let frame = match self.decode_request(payload) {
             Ok(frame) => frame,
+            Err(response) => return response,
+        };
+        if !matches!(frame.request, Request::Migrate { progress: true, .. }) {
+            return self.answer(frame, &mut |_| {});
+        }
+        let relay = ProgressRelay::default();
+        let id = frame.id;
+        std::thread::scope(|scope| {
+            let (relay, channel) = (&relay, &mut *channel);
+            let sender = std::thread::Builder::new()
+                .name("control-progress".into())
+                .spawn_scoped(scope, move || relay.forward(id, channel));
+            if let Err(e) = &sender {
+                tracing::warn!(error = %e, "cannot start the progress thread; the migration goes on without progress");
+            }
+            let response = self.answer(frame, &mut |p| relay.push(p));
+            // Every report is sent before the response.
+            relay.finish();
+            if let Ok(sender) = sender {
+                let _ = sender.join();
+            }
+            response
+        })
+    }
+
+    /// The request in a frame's payload, or the failure response to send instead.
+    fn decode_request(&self, payload: &[u8]) -> Result<RequestFrame, Vec<u8>> {
+        match decode::<RequestFrame>(payload) {
+            Ok(frame) => Ok(frame),
             Err(e) => {
                 // The id comes first, then the request's variant: answer with the id
                 // when it decodes on its own, and say when the variant is one this host
@@ -203,34 +336,44 @@ impl ControlServer {
                     }
                     _ => format!("malformed request: {e}"),
                 };
-                return response_bytes(&ResponseFrame {
+                Err(response_bytes(&ResponseFrame {
                     id,
                     result: Err(Failure::new(FailureKind::BadRequest, message)),
-                });
+                }))
             }
-        };
+        }
+    }
+
+    /// Serves a decoded request: the response frame's payload. `progress` gets a
+    /// migration's progress.
+    fn answer(&self, frame: RequestFrame, progress: &mut dyn FnMut(&MigrationProgress)) -> Vec<u8> {
         let name = frame.request.name();
         tracing::debug!(request = name, id = frame.id, "control request");
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(frame.request)))
-            .unwrap_or_else(|panic| {
-                let reason = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown".into());
-                tracing::error!(request = name, reason, "a control request panicked");
-                Err(Failure::new(
-                    FailureKind::Failed,
-                    format!("host error: the {name} request panicked: {reason}"),
-                ))
-            });
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(frame.request, progress)))
+                .unwrap_or_else(|panic| {
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown".into());
+                    tracing::error!(request = name, reason, "a control request panicked");
+                    Err(Failure::new(
+                        FailureKind::Failed,
+                        format!("host error: the {name} request panicked: {reason}"),
+                    ))
+                });
         response_bytes(&ResponseFrame {
             id: frame.id,
             result,
         })
     }
 
-    fn dispatch(&self, request: Request) -> Result<Reply, Failure> {
+    fn dispatch(
+        &self,
+        request: Request,
+        progress: &mut dyn FnMut(&MigrationProgress),
+    ) -> Result<Reply, Failure> {
         match request {
             Request::HostInfo => Ok(Reply::Host(self.host_report())),
             Request::ListVms => Ok(Reply::Vms(
@@ -378,6 +521,8 @@ impl ControlServer {
                 key_file,
                 max_downtime_ms,
                 timeout_ms,
+                auto_converge,
+                progress: _,
             } => {
                 check_text("destination address", &addr)?;
                 if let Some(path) = &key_file {
@@ -398,8 +543,9 @@ impl ControlServer {
                     key_file: key_file.map(PathBuf::from),
                     max_downtime: Duration::from_millis(max_downtime_ms),
                     timeout: Duration::from_millis(timeout_ms),
+                    auto_converge,
                 };
-                let report = migrate(&vm, &params)
+                let report = migrate(&vm, &params, progress)
                     .map_err(|e| Failure::new(FailureKind::Failed, error_chain(e.as_ref())))?;
                 Ok(Reply::Json(report.to_string()))
             }

@@ -12,6 +12,10 @@
 //! **Calls.** Then the client sends [`KIND_CONTROL_REQUEST`] frames holding a
 //! [`RequestFrame`] and the host answers each with one [`KIND_CONTROL_RESPONSE`] frame
 //! holding a [`ResponseFrame`] with the same id. One request is outstanding at a time.
+//! Only a [`Request::Migrate`] with `progress` set gets frames before its response:
+//! [`KIND_CONTROL_PROGRESS`] frames holding a [`ProgressFrame`] with the request's id,
+//! at most one per pass over memory and per [`PROGRESS_INTERVAL`] (the last one, of
+//! the final pass, is never held back), all of them before the response.
 //! Everything is postcard-encoded; a frame that does not decode gets a
 //! [`FailureKind::BadRequest`] response (with the id, when the id itself decoded) and the
 //! connection goes on. Enums only ever grow at the end, so an older host answers a newer
@@ -33,12 +37,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::vm::dynamic_memory::MemoryStats;
 
-/// The control protocol this build speaks (in the [`Welcome`]).
-pub const CONTROL_VERSION: u32 = 1;
+/// The control protocol this build speaks (in the [`Welcome`]). Version 2 changed
+/// [`Request::Migrate`] in place (`auto_converge`, `progress`) and added the
+/// [`KIND_CONTROL_PROGRESS`] frames. That is a change within peer protocol 3, which
+/// is not released yet, so the request was changed rather than a new variant
+/// appended; the version went up so that a client refuses a host of the other
+/// version in the welcome instead of either misreading a migrate request.
+pub const CONTROL_VERSION: u32 = 2;
 /// Frame kind of a request (client → host), after the hello.
 pub const KIND_CONTROL_REQUEST: u8 = 3;
 /// Frame kind of a response (host → client).
 pub const KIND_CONTROL_RESPONSE: u8 = 4;
+/// Frame kind of a migration's progress (host → client), before the response to a
+/// [`Request::Migrate`] that asked for it.
+pub const KIND_CONTROL_PROGRESS: u8 = 5;
+/// The host sends a migration's progress at most this often.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Longest VM name, host address, key file path or reason a request may carry.
 pub const MAX_TEXT: usize = 4096;
@@ -146,7 +160,8 @@ pub enum Request {
     /// `hv.policy.status()` → [`Reply::Json`] (a list of status objects).
     Policies,
     /// Live-migrate the VM from this host to `addr` → [`Reply::Json`] (the migration's
-    /// report), or an `Unavailable` failure on a host without migration.
+    /// report, [`MigrationReport::to_json`](crate::migration::MigrationReport::to_json)),
+    /// or an `Unavailable` failure on a host without migration.
     Migrate {
         vm: VmRef,
         /// The destination host (`luvisor serve --listen` there).
@@ -156,6 +171,10 @@ pub enum Request {
         key_file: Option<String>,
         max_downtime_ms: u64,
         timeout_ms: u64,
+        /// Throttle the vCPUs of a guest that dirties memory faster than the link.
+        auto_converge: bool,
+        /// Send [`KIND_CONTROL_PROGRESS`] frames while the migration runs.
+        progress: bool,
     },
     /// `vm.health`, `vm.agent` and `vm:time_drift_ms()` → [`Reply::Agent`].
     Agent { vm: VmRef },
@@ -227,6 +246,14 @@ impl Request {
             Request::Shutdown { .. } => "shutdown",
         }
     }
+}
+
+/// A migration's progress, sent before the response to the [`Request::Migrate`] whose
+/// id it carries (kind [`KIND_CONTROL_PROGRESS`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressFrame {
+    pub id: u64,
+    pub progress: crate::migration::MigrationProgress,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -455,9 +482,26 @@ mod tests {
                 key_file: None,
                 max_downtime_ms: 300,
                 timeout_ms: 60_000,
+                auto_converge: true,
+                progress: true,
             },
         };
         assert_eq!(decode::<RequestFrame>(&encode(&frame).unwrap()), Ok(frame));
+        let progress = ProgressFrame {
+            id: 7,
+            progress: crate::migration::MigrationProgress {
+                iteration: 2,
+                remaining_bytes: 4096,
+                sent_bytes: 1 << 20,
+                mbps: 812.5,
+                throttle: 0.2,
+                final_pass: true,
+            },
+        };
+        assert_eq!(
+            decode::<ProgressFrame>(&encode(&progress).unwrap()),
+            Ok(progress)
+        );
         let response = ResponseFrame {
             id: 7,
             result: Err(Failure::new(FailureKind::NoSuchVm, "no vm 'x'")),

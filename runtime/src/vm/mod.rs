@@ -488,7 +488,12 @@ impl Vm {
     /// posted, then the clock and the vCPUs go on where the source stopped them. If
     /// the vCPUs do not all answer, the VM is stopped (it must not run half started)
     /// and the error returned.
-    pub(crate) fn start_incoming(&self) -> Result<(), VmError> {
+    ///
+    /// With `paused` (the VM was paused at the source) it becomes `paused` instead,
+    /// exactly as [`Vm::pause`] leaves a VM: vCPUs and device thread waiting, clock
+    /// stopped. The devices' kicks for the requests in flight wait in their eventfds
+    /// until [`Vm::resume`] lets the device thread go on.
+    pub(crate) fn start_incoming(&self, paused: bool) -> Result<(), VmError> {
         let _control = self.lock_control();
         let state = self.state();
         if state != VmState::Incoming {
@@ -496,6 +501,17 @@ impl Vm {
         }
         if let Some(devices) = self.devices() {
             devices.resume_after_restore();
+        }
+        if paused {
+            let mut inner = self.lock();
+            if inner.state != VmState::Incoming {
+                return Err(self.invalid("take over the incoming", inner.state));
+            }
+            inner.state = VmState::Paused;
+            drop(inner);
+            self.changed.notify_all();
+            tracing::info!(vm = self.name(), "incoming vm taken over paused");
+            return Ok(());
         }
         self.clock.start();
         self.resume_devices();

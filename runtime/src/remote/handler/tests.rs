@@ -229,7 +229,7 @@ fn a_panicking_hook_becomes_a_failure_and_the_host_goes_on() {
     let registry = registry_with(&["vm"]);
     let hooks = ControlHooks {
         policies: None,
-        migrate: Some(Arc::new(|_, _| panic!("migration bug"))),
+        migrate: Some(Arc::new(|_, _, _| panic!("migration bug"))),
     };
     let server = ControlServer::new(registry.clone(), hooks);
     let vm = VmRef {
@@ -244,6 +244,8 @@ fn a_panicking_hook_becomes_a_failure_and_the_host_goes_on() {
             key_file: None,
             max_downtime_ms: 300,
             timeout_ms: 1000,
+            auto_converge: false,
+            progress: false,
         },
     ));
     assert_eq!(f.kind, FailureKind::Failed);
@@ -310,7 +312,7 @@ fn a_client_drives_created_vms_and_hooks_over_a_real_connection() {
     // No policy provider: no policies. No migration hook: a clear refusal.
     assert_eq!(host.policies().unwrap(), serde_json::json!([]));
     let err = host
-        .migrate(&one, "127.0.0.1:1", &MigrateOptions::default())
+        .migrate(&one, "127.0.0.1:1", &MigrateOptions::default(), None)
         .unwrap_err();
     assert_eq!(err.failure_kind(), Some(FailureKind::Unavailable));
     assert_eq!(
@@ -336,7 +338,7 @@ fn hooks_answer_policies_and_migrations() {
         policies: Some(Arc::new(
             || serde_json::json!([{ "name": "default", "running": true }]),
         )),
-        migrate: Some(Arc::new(|vm, params| {
+        migrate: Some(Arc::new(|vm, params, _| {
             if params.addr == "refuse" {
                 return Err("the destination refused".into());
             }
@@ -345,6 +347,7 @@ fn hooks_answer_policies_and_migrations() {
                 "addr": params.addr,
                 "key_file": params.key_file,
                 "max_downtime_ms": params.max_downtime.as_millis() as u64,
+                "auto_converge": params.auto_converge,
             }))
         })),
     };
@@ -359,15 +362,17 @@ fn hooks_answer_policies_and_migrations() {
         key_file: Some("/etc/luvisor/key".into()),
         max_downtime: Duration::from_millis(250),
         timeout: Duration::from_secs(5),
+        auto_converge: true,
     };
     assert_eq!(
-        host.migrate(&web, "10.0.0.2:7001", &options).unwrap(),
+        host.migrate(&web, "10.0.0.2:7001", &options, None).unwrap(),
         serde_json::json!({
             "vm": "web", "addr": "10.0.0.2:7001",
-            "key_file": "/etc/luvisor/key", "max_downtime_ms": 250
+            "key_file": "/etc/luvisor/key", "max_downtime_ms": 250,
+            "auto_converge": true
         })
     );
-    let err = host.migrate(&web, "refuse", &options).unwrap_err();
+    let err = host.migrate(&web, "refuse", &options, None).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("host {addr}: the destination refused")
@@ -463,4 +468,190 @@ fn connections_beyond_the_limit_are_refused_in_the_welcome() {
         "{err}"
     );
     drop(open);
+}
+
+fn progress(iteration: u32, final_pass: bool) -> MigrationProgress {
+    MigrationProgress {
+        iteration,
+        remaining_bytes: 4096 * u64::from(100 - iteration),
+        sent_bytes: 1 << 20,
+        mbps: 800.0 + f64::from(iteration),
+        throttle: 0.2,
+        final_pass,
+    }
+}
+
+#[test]
+fn a_migration_streams_each_pass_when_the_client_keeps_up() {
+    // The hook's migration waits, before each next pass, until the client saw the last
+    // report: then none is replaced by a newer one, and every one arrives, in order,
+    // before the response.
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<u32>();
+    let seen_rx = Mutex::new(seen_rx);
+    let hooks = ControlHooks {
+        policies: None,
+        migrate: Some(Arc::new(move |_, _, on_progress| {
+            for iteration in 0..4 {
+                on_progress(&progress(iteration, iteration == 3));
+                let seen = seen_rx.lock().unwrap().recv_timeout(T);
+                assert_eq!(seen, Ok(iteration), "the client saw pass {iteration}");
+            }
+            Ok(serde_json::json!({ "iterations": 4 }))
+        })),
+    };
+    let addr = serve(registry_with(&["web"]), hooks);
+    let mut host = connect(&addr);
+    let web = host.find_vm("web").unwrap().vm_ref();
+    let mut reports = Vec::new();
+    let report = host
+        .migrate(
+            &web,
+            "10.0.0.2:7001",
+            &MigrateOptions::default(),
+            Some(&mut |p: &MigrationProgress| {
+                reports.push(p.clone());
+                seen_tx.send(p.iteration).unwrap();
+            }),
+        )
+        .unwrap();
+    assert_eq!(report, serde_json::json!({ "iterations": 4 }));
+    let expected: Vec<MigrationProgress> = (0..4).map(|i| progress(i, i == 3)).collect();
+    assert_eq!(reports, expected);
+    // The connection goes on: the next call is answered.
+    assert_eq!(host.list_vms().unwrap().len(), 1);
+}
+
+#[test]
+fn a_fast_migration_sends_fewer_reports_but_always_the_final_one() {
+    // 1000 passes in a burst: the host keeps only the newest report while it waits
+    // out its interval, and the final pass's is sent before the response.
+    let hooks = ControlHooks {
+        policies: None,
+        migrate: Some(Arc::new(|_, _, on_progress| {
+            for iteration in 0..1000 {
+                on_progress(&progress(iteration % 100, iteration == 999));
+            }
+            Ok(serde_json::json!({}))
+        })),
+    };
+    let addr = serve(registry_with(&["web"]), hooks);
+    let mut host = connect(&addr);
+    let web = host.find_vm("web").unwrap().vm_ref();
+    let mut reports = Vec::new();
+    host.migrate(
+        &web,
+        "10.0.0.2:7001",
+        &MigrateOptions::default(),
+        Some(&mut |p: &MigrationProgress| reports.push(p.clone())),
+    )
+    .unwrap();
+    assert!(
+        !reports.is_empty() && reports.len() < 1000,
+        "{}",
+        reports.len()
+    );
+    assert_eq!(reports.last(), Some(&progress(99, true)));
+    assert_eq!(reports.iter().filter(|p| p.final_pass).count(), 1);
+    // Without on_progress the host sends none (the client would refuse them).
+    host.migrate(&web, "10.0.0.2:7001", &MigrateOptions::default(), None)
+        .unwrap();
+}
+
+#[test]
+fn the_relay_keeps_the_newest_report_and_sends_what_waits_when_finished() {
+    let relay = ProgressRelay::default();
+    relay.push(&progress(0, false));
+    assert_eq!(relay.next(Instant::now()), Some(progress(0, false)));
+    relay.push(&progress(1, false));
+    relay.push(&progress(2, true));
+    // Finished: what waits goes at once, whatever the interval says, then nothing.
+    relay.finish();
+    let far = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(relay.next(far), Some(progress(2, true)));
+    assert_eq!(relay.next(far), None);
+}
+
+#[test]
+fn progress_the_client_did_not_ask_for_is_a_protocol_error() {
+    // A host that sends progress for another request before its answer.
+    let handler: Arc<dyn Fn(SecureChannel) + Send + Sync> =
+        Arc::new(|mut channel: SecureChannel| {
+            let welcome: Welcome = Ok(WelcomeInfo {
+                version: CONTROL_VERSION,
+                host: "liar".into(),
+            });
+            channel
+                .send(KIND_CONTROL_HELLO, &encode(&welcome).unwrap())
+                .unwrap();
+            while let Ok((_, payload)) = channel.recv() {
+                let frame: RequestFrame = decode(&payload).unwrap();
+                let stray = ProgressFrame {
+                    id: frame.id + 100,
+                    progress: progress(0, false),
+                };
+                let _ = channel.send(KIND_CONTROL_PROGRESS, &encode(&stray).unwrap());
+                let response = ResponseFrame {
+                    id: frame.id,
+                    result: Ok(Reply::Json("{}".into())),
+                };
+                let _ = channel.send(KIND_CONTROL_RESPONSE, &encode(&response).unwrap());
+            }
+        });
+    let addr = test_listener::spawn(PeerKey::from_bytes(KEY), handler).unwrap();
+    let mut host = connect(&addr);
+    let web = VmRef {
+        id: 1,
+        name: "web".into(),
+    };
+    let err = host
+        .migrate(&web, "x:1", &MigrateOptions::default(), None)
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Protocol { .. }), "{err}");
+    assert!(err.to_string().contains("did not ask for it"), "{err}");
+    let err = host
+        .migrate(&web, "x:1", &MigrateOptions::default(), Some(&mut |_| {}))
+        .unwrap_err();
+    assert!(err.to_string().contains("came during request"), "{err}");
+}
+
+#[test]
+fn a_key_file_that_cannot_be_read_fails_like_any_migration_that_did_not_begin() {
+    let registry = registry_with(&["web"]);
+    let hooks = ControlHooks {
+        policies: None,
+        migrate: Some(migrate_hook(None)),
+    };
+    let addr = serve(registry.clone(), hooks);
+    let mut host = connect(&addr);
+    let web = host.find_vm("web").unwrap().vm_ref();
+    let options = MigrateOptions {
+        key_file: Some("/nonexistent/luvisor-key".into()),
+        ..MigrateOptions::default()
+    };
+    let err = host
+        .migrate(&web, "127.0.0.1:1", &options, None)
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "host {addr}: cannot migrate vm 'web' to 127.0.0.1:1 (it is created here): \
+             cannot read key file /nonexistent/luvisor-key: "
+        )),
+        "{text}"
+    );
+    // No key file and none served with: said the same way.
+    let err = host
+        .migrate(&web, "127.0.0.1:1", &MigrateOptions::default(), None)
+        .unwrap_err();
+    assert!(
+        err.to_string().ends_with(
+            "cannot migrate vm 'web' to 127.0.0.1:1 (it is created here): no key_file was \
+             given and this host serves without a key"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        registry.find("web").unwrap().state(),
+        crate::VmState::Created
+    );
 }
