@@ -1287,10 +1287,7 @@ fn serve_records_a_trace_that_replays_to_the_same_decisions_and_stops_on_sigterm
     let out = child.wait_with_output().unwrap();
     let stderr = lines.all().join("\n");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains(r#"vm stopped vm="web""#),
-        "{stderr}"
-    );
+    assert!(stderr.contains(r#"vm stopped vm="web""#), "{stderr}");
     assert!(
         stderr.contains("luvisor serve: stopped 1 running VM(s)"),
         "{stderr}"
