@@ -306,7 +306,12 @@ enum Left {
     Running,
     Paused,
     Ended(VmState),
-    InDoubt,
+    /// No answer came whether the destination runs the VM. `was_running` says how the
+    /// VM was when the migration began: one that was paused would sit paused on the
+    /// destination if it arrived, so "does it run there" is the wrong check for it.
+    InDoubt {
+        was_running: bool,
+    },
     NotResumed(String),
 }
 
@@ -325,9 +330,13 @@ impl Left {
             Left::Running => "it goes on running here".into(),
             Left::Paused => "it stays paused here".into(),
             Left::Ended(state) => format!("it is {state} here"),
-            Left::InDoubt => {
+            Left::InDoubt { was_running: true } => {
                 format!("it is left paused here: resume it here only if it does not run on {to}")
             }
+            Left::InDoubt { was_running: false } => format!(
+                "it is left paused here, and if it arrived it waits paused on {to}: resume \
+                 it here only if it is not on {to} (neither running nor paused)"
+            ),
             Left::NotResumed(reason) => {
                 format!("it stays paused here, because resuming it failed: {reason}")
             }
@@ -973,7 +982,9 @@ impl<'a> Source<'a> {
                     Err(reason) => {
                         return Err((
                             MigrationError::InDoubt(format!("{why}; then: {reason}")),
-                            Left::InDoubt,
+                            Left::InDoubt {
+                                was_running: self.was_running,
+                            },
                         ))
                     }
                 }
@@ -1352,5 +1363,22 @@ mod tests {
             Left::unchanged(VmState::Created).describe("b"),
             "it is created here"
         );
+    }
+
+    #[test]
+    fn a_migration_in_doubt_says_what_to_look_for_on_the_destination() {
+        // A VM that ran would run there if it arrived.
+        assert_eq!(
+            Left::InDoubt { was_running: true }.describe("b:7000"),
+            "it is left paused here: resume it here only if it does not run on b:7000"
+        );
+        // A paused one would sit there paused: "not running there" proves nothing.
+        let paused = Left::InDoubt { was_running: false }.describe("b:7000");
+        assert_eq!(
+            paused,
+            "it is left paused here, and if it arrived it waits paused on b:7000: resume it \
+             here only if it is not on b:7000 (neither running nor paused)"
+        );
+        assert!(!paused.contains("does not run"));
     }
 }
