@@ -123,9 +123,18 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     postcard::to_stdvec(value).map_err(|e| e.to_string())
 }
 
-/// Decodes a frame's payload; the error names `what` was expected.
+/// Decodes a frame's payload, which it must use whole; the error names `what` was
+/// expected. Bytes left over are refused rather than ignored: a message from a peer
+/// that adds fields this side does not know would otherwise be silently cut short.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, String> {
-    postcard::from_bytes(bytes).map_err(|e| format!("a malformed {what} message: {e}"))
+    match postcard::take_from_bytes::<T>(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(format!(
+            "a malformed {what} message: {} bytes left over after it",
+            rest.len()
+        )),
+        Err(e) => Err(format!("a malformed {what} message: {e}")),
+    }
 }
 
 /// Bytes of one run header in a pages frame: guest-physical address (u64), page count
@@ -547,6 +556,23 @@ impl Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_with_bytes_left_over_is_refused() {
+        let bytes = encode(&Accepted { instance: 7 }).unwrap();
+        assert_eq!(decode::<Accepted>(&bytes, "accept").unwrap().instance, 7);
+        // A peer that appended a field this side does not know.
+        let longer = [&bytes[..], &[1, 2]].concat();
+        let err = decode::<Accepted>(&longer, "accept").unwrap_err();
+        assert_eq!(
+            err,
+            "a malformed accept message: 2 bytes left over after it"
+        );
+        // Cut short is still an error too.
+        assert!(decode::<Accepted>(&[], "accept")
+            .unwrap_err()
+            .starts_with("a malformed accept message: "));
+    }
 
     #[test]
     fn pages_round_trip_in_runs() {
