@@ -157,6 +157,45 @@ impl ProgressRelay {
     }
 }
 
+/// Runs `work` (a migration, which pushes its reports into the relay) while `send`
+/// forwards them from a thread of its own; returns what `work` returned and what `send`
+/// returned (`None` when its thread could not start: the work goes on without
+/// progress). Every report is sent before this returns.
+fn with_relay<R, S: Send>(
+    send: impl FnOnce(&ProgressRelay) -> S + Send,
+    work: impl FnOnce(&ProgressRelay) -> R,
+) -> (R, Option<S>) {
+    let relay = ProgressRelay::default();
+    std::thread::scope(|scope| {
+        let relay = &relay;
+        // The sender waits in `next` until the relay is finished, and the scope waits
+        // for the sender: finishing from a guard means that a panic in `work` (or in
+        // anything after it) ends the sender too, and the panic reaches the caller
+        // instead of the scope waiting forever.
+        let finish = FinishOnDrop(relay);
+        let sender = std::thread::Builder::new()
+            .name("control-progress".into())
+            .spawn_scoped(scope, move || send(relay));
+        if let Err(e) = &sender {
+            tracing::warn!(error = %e, "cannot start the progress thread; the migration goes on without progress");
+        }
+        let result = work(relay);
+        drop(finish);
+        // Every report is sent before the response.
+        let sent = sender.ok().and_then(|sender| sender.join().ok());
+        (result, sent)
+    })
+}
+
+/// Finishes a [`ProgressRelay`] when dropped, on every way out.
+struct FinishOnDrop<'a>(&'a ProgressRelay);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 /// What the host adds to the runtime's own answers. `None` fields answer: no policies
 /// (an empty list), and "migration is not available on this host".
 #[derive(Clone, Default)]
@@ -300,24 +339,12 @@ impl ControlServer {
         if !matches!(frame.request, Request::Migrate { progress: true, .. }) {
             return self.answer(frame, &mut |_| {});
         }
-        let relay = ProgressRelay::default();
         let id = frame.id;
-        std::thread::scope(|scope| {
-            let (relay, channel) = (&relay, &mut *channel);
-            let sender = std::thread::Builder::new()
-                .name("control-progress".into())
-                .spawn_scoped(scope, move || relay.forward(id, channel));
-            if let Err(e) = &sender {
-                tracing::warn!(error = %e, "cannot start the progress thread; the migration goes on without progress");
-            }
-            let response = self.answer(frame, &mut |p| relay.push(p));
-            // Every report is sent before the response.
-            relay.finish();
-            if let Ok(sender) = sender {
-                let _ = sender.join();
-            }
-            response
-        })
+        with_relay(
+            move |relay| relay.forward(id, channel),
+            |relay| self.answer(frame, &mut |p| relay.push(p)),
+        )
+        .0
     }
 
     /// The request in a frame's payload, or the failure response to send instead.

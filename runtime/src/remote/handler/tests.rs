@@ -572,6 +572,41 @@ fn the_relay_keeps_the_newest_report_and_sends_what_waits_when_finished() {
 }
 
 #[test]
+fn a_panic_after_the_migration_still_ends_the_progress_sender() {
+    // The sender waits in `next` for the relay to finish; if what runs beside it
+    // panics, the relay must still finish, or the scope would wait for the sender
+    // forever. Here the panic reaches the caller, after the sender sent what waited.
+    let sent = Mutex::new(Vec::new());
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        with_relay(
+            |relay| {
+                while let Some(p) = relay.next(Instant::now()) {
+                    sent.lock().unwrap().push(p);
+                }
+            },
+            |relay| {
+                relay.push(&progress(7, true));
+                panic!("encoding the response failed");
+            },
+        )
+    }));
+    assert!(outcome.is_err());
+    assert_eq!(*sent.lock().unwrap(), vec![progress(7, true)]);
+}
+
+#[test]
+fn the_relay_returns_the_work_and_the_senders_results() {
+    let (answer, sent) = with_relay(
+        |relay| std::iter::from_fn(|| relay.next(Instant::now())).count(),
+        |relay| {
+            relay.push(&progress(1, true));
+            "response"
+        },
+    );
+    assert_eq!((answer, sent), ("response", Some(1)));
+}
+
+#[test]
 fn progress_the_client_did_not_ask_for_is_a_protocol_error() {
     // A host that sends progress for another request before its answer.
     let handler: Arc<dyn Fn(SecureChannel) + Send + Sync> =
