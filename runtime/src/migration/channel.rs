@@ -181,6 +181,11 @@ pub enum ChannelError {
     Malformed { peer: String, reason: String },
     #[error("cannot get random bytes for a nonce")]
     Random(#[source] getrandom::Error),
+    #[error(
+        "an earlier frame to {peer} could not be sent whole, so nothing more can follow it; \
+         the connection is dropped"
+    )]
+    SendFailed { peer: String },
 }
 
 /// A pre-shared key, read from a file only its owner can read.
@@ -284,6 +289,9 @@ pub struct SecureChannel {
     send_seq: u64,
     recv_seq: u64,
     broken: bool,
+    /// A send failed, perhaps part-way through a frame: whatever came after it would
+    /// be read as the rest of that frame (and fail its check), so no frame may follow.
+    send_broken: bool,
 }
 
 impl SecureChannel {
@@ -390,6 +398,7 @@ impl SecureChannel {
             send_seq: 0,
             recv_seq: 0,
             broken: false,
+            send_broken: false,
         })
     }
 
@@ -456,6 +465,7 @@ impl SecureChannel {
             send_seq: 0,
             recv_seq: 0,
             broken: false,
+            send_broken: false,
         })
     }
 
@@ -481,7 +491,16 @@ impl SecureChannel {
 
     /// Sends one frame whose payload is `parts` one after the other, without copying
     /// them together first (a pages frame: its run table, then the pages).
+    ///
+    /// A failed send may have written part of the frame: the channel then refuses to
+    /// send anything more ([`ChannelError::SendFailed`]) and closes its sending side,
+    /// so the peer sees the connection end rather than a garbled frame.
     pub fn send_parts(&mut self, kind: u8, parts: &[&[u8]]) -> Result<(), ChannelError> {
+        if self.send_broken {
+            return Err(ChannelError::SendFailed {
+                peer: self.peer.clone(),
+            });
+        }
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         if payload_len > MAX_FRAME {
             return Err(ChannelError::TooLarge {
@@ -504,10 +523,14 @@ impl SecureChannel {
         slices.push(&header[..]);
         slices.extend_from_slice(parts);
         slices.push(tag.as_bytes());
-        write_all_vectored(&mut self.stream, &slices).map_err(|source| ChannelError::Io {
-            peer: self.peer.clone(),
-            source,
-        })?;
+        if let Err(source) = write_all_vectored(&mut self.stream, &slices) {
+            self.send_broken = true;
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            return Err(ChannelError::Io {
+                peer: self.peer.clone(),
+                source,
+            });
+        }
         self.send_seq += 1;
         Ok(())
     }
@@ -925,6 +948,51 @@ mod tests {
         assert_eq!(server.recv().unwrap(), (9, expected));
         server.send(9, b"").unwrap();
         assert_eq!(client.recv().unwrap(), (9, Vec::new()));
+    }
+
+    /// Shrinks a socket buffer (`SO_SNDBUF` or `SO_RCVBUF`), which also stops the
+    /// kernel growing it, so that a peer that does not read soon stops a writer.
+    fn shrink_buffer(stream: &TcpStream, option: libc::c_int) {
+        let size: libc::c_int = 4096;
+        // SAFETY: the descriptor is the open socket `stream` owns; the value is a
+        // c_int of the size given, and the call only reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_send_that_fails_part_way_ends_the_sending_side() {
+        let (client, server) = pair(b"0123456789abcdef", b"0123456789abcdef");
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        shrink_buffer(&client.stream, libc::SO_SNDBUF);
+        shrink_buffer(&server.stream, libc::SO_RCVBUF);
+        // The server does not read yet: the largest frame fills both buffers and the
+        // write times out part-way through it.
+        client
+            .stream
+            .set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let err = client.send(7, &vec![0xAB; MAX_FRAME]).unwrap_err();
+        assert!(matches!(err, ChannelError::Io { .. }), "{err}");
+        // Nothing may follow the part of a frame: a later frame would arrive as its
+        // rest and fail the peer's check.
+        let err = client.send(8, b"the response").unwrap_err();
+        assert!(matches!(err, ChannelError::SendFailed { .. }), "{err}");
+        // The peer sees the connection end after the part that went, not a frame that
+        // fails its integrity check.
+        let err = server.recv().unwrap_err();
+        assert!(matches!(err, ChannelError::Closed { .. }), "{err}");
+        // The other direction still works: the failed side can read what came.
+        server.send(9, b"").ok();
+        assert_eq!(client.recv().ok(), Some((9, Vec::new())));
     }
 
     #[test]

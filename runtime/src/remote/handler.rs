@@ -136,9 +136,10 @@ impl ProgressRelay {
     }
 
     /// The sender's side: sends the reports of request `id` on `channel` until the
-    /// migration is over. Stops at the first failed send (the response then fails too,
-    /// and the connection ends).
-    fn forward(&self, id: u64, channel: &mut SecureChannel) {
+    /// migration is over. Stops at the first failed send, and returns false then: that
+    /// send may have left part of a frame on the connection, so no response can follow
+    /// it and the connection must close.
+    fn forward(&self, id: u64, channel: &mut SecureChannel) -> bool {
         let mut not_before = Instant::now();
         while let Some(progress) = self.next(not_before) {
             let bytes = match encode(&ProgressFrame { id, progress }) {
@@ -150,10 +151,11 @@ impl ProgressRelay {
             };
             if let Err(e) = channel.send(KIND_CONTROL_PROGRESS, &bytes) {
                 tracing::warn!(peer = channel.peer(), error = %e, "cannot send migration progress");
-                return;
+                return false;
             }
             not_before = Instant::now() + PROGRESS_INTERVAL;
         }
+        true
     }
 }
 
@@ -286,7 +288,19 @@ impl ControlServer {
         tracing::info!(peer, "control connection opened");
         loop {
             let response = match channel.recv() {
-                Ok((KIND_CONTROL_REQUEST, payload)) => self.handle_frame_on(&payload, &mut channel),
+                Ok((KIND_CONTROL_REQUEST, payload)) => {
+                    match self.handle_frame_on(&payload, &mut channel) {
+                        Some(response) => response,
+                        None => {
+                            tracing::warn!(
+                                peer,
+                                "a progress frame could not be sent whole; closing the \
+                                 connection instead of answering after it"
+                            );
+                            break;
+                        }
+                    }
+                }
                 Ok((kind, _)) => response_bytes(&ResponseFrame {
                     id: 0,
                     result: Err(Failure::new(
@@ -330,21 +344,24 @@ impl ControlServer {
 
     /// [`ControlServer::handle_frame`] for a request that came on `channel`: a
     /// migration that asked for progress sends it there, from a thread of its own
-    /// ([`ProgressRelay`]), before the response.
-    fn handle_frame_on(&self, payload: &[u8], channel: &mut SecureChannel) -> Vec<u8> {
+    /// ([`ProgressRelay`]), before the response. `None` when sending progress failed:
+    /// part of a frame may be on the connection, so the caller closes it rather than
+    /// answer (the client would read the response as the rest of that frame).
+    fn handle_frame_on(&self, payload: &[u8], channel: &mut SecureChannel) -> Option<Vec<u8>> {
         let frame = match self.decode_request(payload) {
             Ok(frame) => frame,
-            Err(response) => return response,
+            Err(response) => return Some(response),
         };
         if !matches!(frame.request, Request::Migrate { progress: true, .. }) {
-            return self.answer(frame, &mut |_| {});
+            return Some(self.answer(frame, &mut |_| {}));
         }
         let id = frame.id;
-        with_relay(
+        let (response, all_sent) = with_relay(
             move |relay| relay.forward(id, channel),
             |relay| self.answer(frame, &mut |p| relay.push(p)),
-        )
-        .0
+        );
+        // A sender that could not start sent nothing: the stream is in step.
+        (all_sent != Some(false)).then_some(response)
     }
 
     /// The request in a frame's payload, or the failure response to send instead.
