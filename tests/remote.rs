@@ -385,7 +385,10 @@ local r = far:migrate(b_addr, { key_file = key, max_downtime_ms = 50, timeout = 
     assert(p.remaining_bytes >= 0 and p.mbps >= 0 and p.throttle >= 0)
     fields = keys(p)
   end })
-assert(calls >= 1 and finals == 1, calls .. " reports, " .. finals .. " final")
+-- The final pass's report is skipped when the answer came with it (a client shows only
+-- the newest report, and none once the answer is there); the first pass's comes while
+-- the client waits for the answer.
+assert(calls >= 1 and finals <= 1, calls .. " reports, " .. finals .. " final")
 assert(fields == local_progress, fields .. " vs " .. local_progress)
 assert(keys(r) == keys(local_report), keys(r) .. " vs " .. keys(local_report))
 assert(r.mbps > 0 and type(r.throttle) == "number" and type(r.destination_build_ms) == "number")

@@ -702,7 +702,7 @@ function Host:policies() end
 ---@field max_downtime_ms? integer Longest pause allowed for the final copy. Default 300.
 ---@field timeout? number Seconds the whole migration may take. Default 120.
 ---@field auto_converge? boolean As for a local migrate (default false).
----@field on_progress? fun(p: hv.MigrationProgress) Called here with the progress the host streams while the migration runs: at most one report per pass and per 100 ms, the final pass's always. An error in it cannot cancel the migration (the host runs it): it is raised once the host answered, saying how the migration ended.
+---@field on_progress? fun(p: hv.MigrationProgress) Called here with the progress the host streams while the migration runs: at most one report per pass and per 100 ms; when reports pile up while it runs, it gets only the newest, and none once the host has answered. An error in it cannot cancel the migration (the host runs it): it is raised once the host answered, saying how the migration ended.
 
 ---A VM on a remote host. It has the fields and methods of hv.Vm except `snapshot` and
 ---`destroy`, plus `host` and `migrate`; every use asks the host again. Waits run on the

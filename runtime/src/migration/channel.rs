@@ -586,6 +586,22 @@ impl SecureChannel {
         })
     }
 
+    /// Whether input waits to be read now, without blocking: the start of a frame
+    /// (whose rest the peer wrote with it), the end of the connection, or an error.
+    /// Lets a receiver skip a frame that a newer one already replaces.
+    pub fn has_input(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd of this function's own, for the socket `self.stream`
+        // owns; a zero timeout returns at once.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        // An error from poll itself says nothing about the socket: the next read will.
+        ready > 0 && poll.revents != 0
+    }
+
     /// Closes both directions (the peer's next read sees the end).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

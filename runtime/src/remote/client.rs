@@ -215,7 +215,11 @@ impl RemoteHost {
     }
 
     /// [`RemoteHost::call`] for a request that may get progress frames before its
-    /// response (a migrate request that asked for them): `on_progress` gets each. A
+    /// response (a migrate request that asked for them): `on_progress` gets the newest
+    /// report whenever no further frame waits. Reports that a newer one already
+    /// follows are skipped, and none is given once the response is there, so a slow
+    /// `on_progress` never works through a backlog of stale reports (nor delays the
+    /// answer by it). A
     /// progress frame for another request, or for a call without `on_progress`, is a
     /// protocol error. The whole exchange, progress included, must end within the time
     /// [`RemoteHost::call`] allows for the answer.
@@ -269,7 +273,12 @@ impl RemoteHost {
             }
             let progress = match (&mut on_progress, decode::<ProgressFrame>(&answer)) {
                 (Some(f), Ok(frame)) if frame.id == id => {
-                    f(&frame.progress);
+                    // A frame waiting already is a newer report or the response, which
+                    // makes this one stale: skip it, and report only when the stream has
+                    // caught up.
+                    if !channel.has_input() {
+                        f(&frame.progress);
+                    }
                     Ok(())
                 }
                 (Some(_), Ok(frame)) => Err(format!(
@@ -566,8 +575,9 @@ impl RemoteHost {
     /// Asks the host to live-migrate `vm` to `addr`; the migration's report
     /// ([`MigrationReport::to_json`](crate::migration::MigrationReport::to_json)).
     /// With `on_progress`, the host streams the migration's progress while it runs
-    /// and `on_progress` gets each report (at most one per pass and per
-    /// [`PROGRESS_INTERVAL`], and always the final pass's), before this returns.
+    /// (at most one report per pass and per [`PROGRESS_INTERVAL`], and always the
+    /// final pass's), and `on_progress` gets the newest whenever it has caught up with
+    /// what arrived, before this returns; none once the response is there.
     pub fn migrate(
         &mut self,
         vm: &VmRef,

@@ -522,9 +522,11 @@ fn a_migration_streams_each_pass_when_the_client_keeps_up() {
 }
 
 #[test]
-fn a_fast_migration_sends_fewer_reports_but_always_the_final_one() {
+fn a_fast_migration_sends_fewer_reports() {
     // 1000 passes in a burst: the host keeps only the newest report while it waits
-    // out its interval, and the final pass's is sent before the response.
+    // out its interval (and sends the final pass's before the response: see the relay
+    // test below). The client skips reports that a newer frame already follows, so it
+    // may show none of them; whatever it shows comes in order, the final one last.
     let hooks = ControlHooks {
         policies: None,
         migrate: Some(Arc::new(|_, _, on_progress| {
@@ -545,13 +547,12 @@ fn a_fast_migration_sends_fewer_reports_but_always_the_final_one() {
         Some(&mut |p: &MigrationProgress| reports.push(p.clone())),
     )
     .unwrap();
-    assert!(
-        !reports.is_empty() && reports.len() < 1000,
-        "{}",
-        reports.len()
-    );
-    assert_eq!(reports.last(), Some(&progress(99, true)));
-    assert_eq!(reports.iter().filter(|p| p.final_pass).count(), 1);
+    assert!(reports.len() < 1000, "{}", reports.len());
+    let finals = reports.iter().filter(|p| p.final_pass).count();
+    assert!(finals <= 1, "{finals}");
+    if finals == 1 {
+        assert_eq!(reports.last(), Some(&progress(99, true)));
+    }
     // Without on_progress the host sends none (the client would refuse them).
     host.migrate(&web, "10.0.0.2:7001", &MigrateOptions::default(), None)
         .unwrap();
@@ -647,6 +648,82 @@ fn progress_the_client_did_not_ask_for_is_a_protocol_error() {
         .migrate(&web, "x:1", &MigrateOptions::default(), Some(&mut |_| {}))
         .unwrap_err();
     assert!(err.to_string().contains("came during request"), "{err}");
+}
+
+#[test]
+fn a_client_behind_on_progress_reports_only_the_newest_and_none_after_the_response() {
+    // A host that writes three progress frames in one go, as they pile up in the
+    // socket while a slow on_progress runs. For the first request it then waits until
+    // on_progress ran before it answers; for the second the response comes in the
+    // same write.
+    let (called_tx, called_rx) = std::sync::mpsc::channel::<()>();
+    let called_rx = Mutex::new(called_rx);
+    let handler: Arc<dyn Fn(SecureChannel) + Send + Sync> =
+        Arc::new(move |mut channel: SecureChannel| {
+            let welcome: Welcome = Ok(WelcomeInfo {
+                version: CONTROL_VERSION,
+                host: "buffered".into(),
+            });
+            channel
+                .send(KIND_CONTROL_HELLO, &encode(&welcome).unwrap())
+                .unwrap();
+            let mut request = 0;
+            while let Ok((_, payload)) = channel.recv() {
+                let frame: RequestFrame = decode(&payload).unwrap();
+                let mut burst = Vec::new();
+                for iteration in 0..3 {
+                    let report = ProgressFrame {
+                        id: frame.id,
+                        progress: progress(iteration, iteration == 2),
+                    };
+                    burst.extend(
+                        channel.frame_bytes(KIND_CONTROL_PROGRESS, &encode(&report).unwrap()),
+                    );
+                }
+                let response = ResponseFrame {
+                    id: frame.id,
+                    result: Ok(Reply::Json("{}".into())),
+                };
+                let response =
+                    channel.frame_bytes(KIND_CONTROL_RESPONSE, &encode(&response).unwrap());
+                if request == 0 {
+                    channel.send_raw(&burst);
+                    called_rx.lock().unwrap().recv_timeout(T).unwrap();
+                    channel.send_raw(&response);
+                } else {
+                    burst.extend(response);
+                    channel.send_raw(&burst);
+                }
+                request += 1;
+            }
+        });
+    let addr = test_listener::spawn(PeerKey::from_bytes(KEY), handler).unwrap();
+    let mut host = connect(&addr);
+    let web = VmRef {
+        id: 1,
+        name: "web".into(),
+    };
+    let mut reports = Vec::new();
+    host.migrate(
+        &web,
+        "x:1",
+        &MigrateOptions::default(),
+        Some(&mut |p: &MigrationProgress| {
+            reports.push(p.clone());
+            called_tx.send(()).unwrap();
+        }),
+    )
+    .unwrap();
+    assert_eq!(reports, vec![progress(2, true)]);
+    // The response is there with the reports: they are all stale.
+    host.migrate(
+        &web,
+        "x:1",
+        &MigrateOptions::default(),
+        Some(&mut |p: &MigrationProgress| reports.push(p.clone())),
+    )
+    .unwrap();
+    assert_eq!(reports, vec![progress(2, true)]);
 }
 
 #[test]
