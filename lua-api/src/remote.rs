@@ -697,6 +697,30 @@ mod tests {
         assert_eq!(display(Value::Table(local)), display(remote));
     }
 
+    /// Set by the test script's `progress_seen()`; the stand-in host's migration waits
+    /// for it before it answers.
+    struct Flag(std::sync::Mutex<bool>, std::sync::Condvar);
+
+    impl Flag {
+        fn reset(&self) {
+            *self.0.lock().unwrap() = false;
+        }
+        fn set(&self) {
+            *self.0.lock().unwrap() = true;
+            self.1.notify_all();
+        }
+        /// Waits for `set`; the bound only keeps a broken client from hanging the test.
+        fn wait(&self) {
+            let seen = self.0.lock().unwrap();
+            let _ = self
+                .1
+                .wait_timeout_while(seen, Duration::from_secs(60), |seen| !*seen)
+                .unwrap();
+        }
+    }
+
+    static PROGRESS_SEEN: Flag = Flag(std::sync::Mutex::new(false), std::sync::Condvar::new());
+
     /// A host whose migrations are a stand-in (no KVM): it streams three passes of
     /// progress and answers a real report's JSON, if `auto_converge` came through.
     fn host_with_a_migration_stand_in(dir: &std::path::Path) -> (String, std::path::PathBuf) {
@@ -719,6 +743,7 @@ mod tests {
             if !params.auto_converge {
                 return Err("auto_converge did not come through".into());
             }
+            PROGRESS_SEEN.reset();
             for iteration in 0..3 {
                 progress(&MigrationProgress {
                     iteration,
@@ -729,6 +754,10 @@ mod tests {
                     final_pass: iteration == 2,
                 });
             }
+            // The answer waits until the script's on_progress has seen the report it
+            // waits for: the client skips reports that arrive together with the answer,
+            // and this keeps the test from depending on how the two are delivered.
+            PROGRESS_SEEN.wait();
             Ok(MigrationReport {
                 downtime: Duration::from_millis(3),
                 total: Duration::from_millis(300),
@@ -791,6 +820,16 @@ mod tests {
         };
         lua.globals()
             .set(
+                "progress_seen",
+                lua.create_function(|_, ()| {
+                    PROGRESS_SEEN.set();
+                    Ok(())
+                })
+                .unwrap(),
+            )
+            .unwrap();
+        lua.globals()
+            .set(
                 "local_progress",
                 crate::migration::progress_table(&lua, &progress).unwrap(),
             )
@@ -810,7 +849,7 @@ mod tests {
               timeout = 60, auto_converge = true,
               on_progress = function(p)
                 calls = calls + 1
-                if p.final then finals = finals + 1 end
+                if p.final then finals = finals + 1; progress_seen() end
                 fields = keys(p)
                 assert(p.mbps == 900 and p.remaining_bytes == 4096 and p.throttle == 0.2)
               end })
@@ -834,7 +873,7 @@ mod tests {
             -- on_progress cannot use the connection its migration holds; its error is
             -- raised once the host answered, with how the migration ended.
             ok, err = pcall(vm.migrate, vm, "x:1", { auto_converge = true,
-              on_progress = function(p) return vm.state end })
+              on_progress = function(p) progress_seen(); return vm.state end })
             assert(not ok, "on_progress's error is raised")
             assert(err:find("vm:migrate: on_progress failed: the connection to host " .. addr
                             .. " is busy with the migration", 1, true), err)

@@ -1011,4 +1011,32 @@ function assert.contains(text, s, message) end
 ---@param message? string
 function assert.fail(message) end
 
+---Passes when `v` is `true` / `false` / `nil` / not `nil`. Returns `v`.
+---@param v any
+---@param message? string
+function assert.is_true(v, message) end
+---@param v any
+---@param message? string
+function assert.is_false(v, message) end
+---@param v any
+---@param message? string
+function assert.is_nil(v, message) end
+---@param v any
+---@param message? string
+function assert.is_not_nil(v, message) end
+
+---Passes when `fn()` returns without raising.
+---@param fn fun()
+---@param message? string
+function assert.has_no_error(fn, message) end
+
+---busted's names for the same assertions: `same`/`equals` are `equal` (deep);
+---`has_error`/`errors` are `error`; also `assert.are.same/equal`, `assert.are_not.same/equal`,
+---`assert.has.error`, `assert.has_no.error`, `assert.is["true"|"false"|"nil"]`,
+---`assert.is.truthy/falsy`, `assert.is_not["nil"]`.
+assert.same = assert.equal
+assert.equals = assert.equal
+assert.has_error = assert.error
+assert.errors = assert.error
+
 return hv

@@ -79,8 +79,8 @@ describe("the assert table", function()
   end)
 
   it("names the assertions it has when asked for one it does not", function()
-    assert.error_contains(function() assert.equals(1, 1) end,
-                          "assert.equals is not an assertion; there are: contains, equal, error")
+    assert.error_contains(function() assert.almost_equal(1, 1) end,
+                          "assert.almost_equal is not an assertion; there are: are, are_not, contains, equal, equals, error")
   end)
 end)
 
@@ -111,6 +111,22 @@ describe("a test", function()
   it("does not hear the handlers an earlier test added", function()
     assert.truthy(stale, "the previous test ran")
     assert.equal(false, hv.off(stale))
+  end)
+
+  it("takes busted's names for the same assertions", function()
+    assert.same({ a = { 1, 2 } }, { a = { 1, 2 } })
+    assert.are.same({ 1 }, { 1 })
+    assert.are.equal(3, 3)
+    assert.equals("x", "x")
+    assert.are_not.same({ 1 }, { 2 })
+    assert.is_true(true); assert.is_false(false); assert.is_nil(nil); assert.is_not_nil(0)
+    assert.is["true"](true); assert.is_not["nil"](1)
+    assert.equal("boom", assert.has_error(function() error("boom", 0) end, "boom"))
+    assert.has_no.error(function() end)
+    local message = assert.error(function() assert.is_nil(1) end)
+    assert.contains("expected nil, got 1", message)
+    message = assert.error(function() assert.has_no_error(function() error("x", 0) end) end)
+    assert.contains("expected no error", message)
   end)
 
   pending("is counted, not run, when declared pending")

@@ -193,6 +193,49 @@ function A.fail(message)
   fail({ message = failure_message(message, "failed") })
 end
 
+function A.is_true(value, message)
+  if value == true then return value end
+  fail({ message = failure_message(message, "expected true, got " .. show(value)),
+         actual = show(value) })
+end
+
+function A.is_false(value, message)
+  if value == false then return value end
+  fail({ message = failure_message(message, "expected false, got " .. show(value)),
+         actual = show(value) })
+end
+
+function A.is_nil(value, message)
+  if value == nil then return value end
+  fail({ message = failure_message(message, "expected nil, got " .. show(value)),
+         actual = show(value) })
+end
+
+function A.is_not_nil(value, message)
+  if value ~= nil then return value end
+  fail({ message = failure_message(message, "expected a value, got nil"), actual = "nil" })
+end
+
+function A.has_no_error(fn, message)
+  check_callable("assert.has_no_error", fn)
+  local ok, e = pcall(fn)
+  if ok then return end
+  fail({ message = failure_message(message, "expected no error, got " .. show(error_text(e))),
+         actual = show(error_text(e)) })
+end
+
+-- The names busted users reach for first, as the same assertions (busted's `same` is a
+-- deep comparison, which is what `equal` does here).
+A.same, A.equals = A.equal, A.equal
+A.has_error, A.errors = A.error, A.error
+A.are = { equal = A.equal, same = A.equal }
+A.are_not = { equal = A.not_equal, same = A.not_equal }
+A.is = { ["true"] = A.is_true, ["false"] = A.is_false, ["nil"] = A.is_nil,
+         truthy = A.truthy, falsy = A.falsy }
+A.is_not = { ["nil"] = A.is_not_nil }
+A.has = { error = A.error }
+A.has_no = { error = A.has_no_error }
+
 local names = {}
 for name in pairs(A) do names[#names + 1] = name end
 sort(names)
