@@ -1,4 +1,5 @@
--- Quickstart: boot the built-in guest, watch it work, pause and resume it, stop it.
+-- Quickstart: boot the built-in guest, watch it work, pause and resume it, stop it; then
+-- run a command in a guest through its agent channel, read what it published, shut it down.
 --
 --   cargo run --release -- run examples/quickstart.lua
 --
@@ -35,6 +36,16 @@ vm:destroy()
 local e = hv.vm{ name = "e", memory = "64M", guest = hv.guest.builtin{ cmdline = "exit 3" } }
 e:start()
 print("exit code:   " .. e:wait{ timeout = 5 })
+
+-- Integration services: a guest with an empty command line serves its agent channel.
+local a = hv.vm{ name = "agent", memory = "64M", guest = hv.guest.builtin{} }
+a:start()
+local r = a:exec("compute 1000", { timeout = 5 })
+print("exec:        code " .. r.code .. ", " .. r.stdout:gsub("\n$", ""))
+print("guest keys:  ready = " .. a.kvp.guest:wait("ready", { timeout = 5 }) ..
+      ", boot_id = " .. a.kvp.guest:get("boot_id"))
+print("health:      " .. a.health.state)
+print("shutdown:    " .. a:shutdown{ timeout = 5 }.how)
 
 local host = hv.host()
 print(string.format("host: %d cpus, KVM api %d, backend %s", host.cpus, host.kvm.api, host.kvm.backend))
