@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use crate::vstate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device status bits (virtio 1.2, 2.1), from `virtio-bindings`.
@@ -60,6 +60,28 @@ pub struct QueueError {
     pub queue: usize,
     #[source]
     pub source: virtio_queue::Error,
+}
+
+/// The next available chain of `queue` (number `index`), or `None` when the driver has
+/// posted nothing more. A head the iterator cannot use (an index beyond the queue) would
+/// block the queue forever: an error, so the device asks for a reset.
+pub(crate) fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestRam,
+    index: usize,
+) -> Result<Option<DescriptorChain<&'m GuestRam>>, QueueError> {
+    let broken = |source| QueueError {
+        queue: index,
+        source,
+    };
+    // What the driver has published so far; the iterator sees at least this much.
+    let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
+    let next = queue.iter(mem).map_err(broken)?.next();
+    match next {
+        Some(chain) => Ok(Some(chain)),
+        None if published.0 == queue.next_avail() => Ok(None),
+        None => Err(broken(virtio_queue::Error::InvalidDescriptorIndex)),
+    }
 }
 
 /// The saved state of whichever device sits behind a transport. Every device kind has

@@ -19,11 +19,10 @@
 //! self-notification that gives the event loop its turn first).
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::agent::channel::ChannelSnapshot;
@@ -31,7 +30,7 @@ use crate::agent::stream::FrameReader;
 use crate::agent::{AgentChannel, HEARTBEAT_INTERVAL};
 use crate::devices::virtio::timer::DeviceTimer;
 use crate::devices::virtio::{
-    features, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
+    features, next_chain, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
 };
 use crate::snapshot::Persist;
 use crate::vstate::memory::GuestRam;
@@ -140,26 +139,6 @@ impl Agent {
         }
     }
 
-    /// The next available chain, or `None` when the driver posted nothing more. A head
-    /// the iterator cannot use would block the queue: an error.
-    fn next_chain<'m>(
-        queue: &mut Queue,
-        mem: &'m GuestRam,
-        index: usize,
-    ) -> Result<Option<DescriptorChain<&'m GuestRam>>, QueueError> {
-        let broken = |source| QueueError {
-            queue: index,
-            source,
-        };
-        let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
-        let next = queue.iter(mem).map_err(broken)?.next();
-        match next {
-            Some(chain) => Ok(Some(chain)),
-            None if published.0 == queue.next_avail() => Ok(None),
-            None => Err(broken(virtio_queue::Error::InvalidDescriptorIndex)),
-        }
-    }
-
     /// Takes the receive buffers the driver posted, then fills kept buffers from the
     /// outbox.
     fn serve_receive(&mut self, queue: &mut Queue, mem: &GuestRam) -> Result<bool, QueueError> {
@@ -169,7 +148,7 @@ impl Agent {
         };
         let mut used_any = false;
         for _ in 0..queue.size().max(1) {
-            let Some(chain) = Self::next_chain(queue, mem, RECEIVE_QUEUE)? else {
+            let Some(chain) = next_chain(queue, mem, RECEIVE_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
@@ -252,7 +231,7 @@ impl Agent {
                 // back for it.
                 break;
             }
-            let Some(chain) = Self::next_chain(queue, mem, TRANSMIT_QUEUE)? else {
+            let Some(chain) = next_chain(queue, mem, TRANSMIT_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();

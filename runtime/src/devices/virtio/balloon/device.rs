@@ -18,19 +18,19 @@
 //! call is capped, statistics and reports beyond a rate per second are ignored, and
 //! nothing is allocated at the guest's request.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::pages::{HeldPages, PageRun, RamLayout};
 use super::stats;
 use crate::devices::virtio::timer::DeviceTimer;
 use crate::devices::virtio::{
-    features, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState, VirtioInterrupt,
+    features, next_chain, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt,
 };
 use crate::snapshot::Persist;
 use crate::vm::dynamic_memory::BalloonStatus;
@@ -423,26 +423,6 @@ impl Persist for Balloon {
 struct BadBuffer;
 
 impl Balloon {
-    /// The next available chain of `queue`, or `None` when the driver posted nothing
-    /// more. A head the iterator cannot use would block the queue: an error.
-    fn next_chain<'m>(
-        queue: &mut Queue,
-        mem: &'m GuestRam,
-        index: usize,
-    ) -> Result<Option<DescriptorChain<&'m GuestRam>>, QueueError> {
-        let broken = |source| QueueError {
-            queue: index,
-            source,
-        };
-        let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
-        let next = queue.iter(mem).map_err(broken)?.next();
-        match next {
-            Some(chain) => Ok(Some(chain)),
-            None if published.0 == queue.next_avail() => Ok(None),
-            None => Err(broken(virtio_queue::Error::InvalidDescriptorIndex)),
-        }
-    }
-
     /// Reads the frame numbers of `chain`'s readable buffers and hands each to `each`,
     /// at most `limit` of them. Returns how many were read.
     fn for_each_pfn(
@@ -576,7 +556,7 @@ impl Balloon {
             if served >= MAX_PFNS_PER_CALL {
                 break;
             }
-            let Some(chain) = Self::next_chain(queue, mem, index)? else {
+            let Some(chain) = next_chain(queue, mem, index)? else {
                 break;
             };
             let head = chain.head_index();
@@ -629,7 +609,7 @@ impl Balloon {
             }
         }
         for _ in 0..queue.size().max(1) {
-            let Some(chain) = Self::next_chain(queue, mem, index)? else {
+            let Some(chain) = next_chain(queue, mem, index)? else {
                 break;
             };
             let head = chain.head_index();
@@ -679,7 +659,7 @@ impl Balloon {
         };
         let mut used_any = false;
         for _ in 0..queue.size().max(1) {
-            let Some(chain) = Self::next_chain(queue, mem, index)? else {
+            let Some(chain) = next_chain(queue, mem, index)? else {
                 break;
             };
             let head = chain.head_index();

@@ -1,16 +1,15 @@
 //! The virtio-blk device: features, configuration space and the request loop.
 
 use crate::vstate::memory::GuestRam;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 
 use super::request::{self, ChainBuffers, Target};
 use crate::devices::virtio::{
-    features, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
+    features, next_chain, DeviceStateError, QueueError, VirtioDevice, VirtioDeviceState,
 };
 use crate::snapshot::Persist;
 use crate::storage::{Disk, DiskBackend, DiskStats, SECTOR_SIZE};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// virtio device ID of a block device.
@@ -304,16 +303,8 @@ impl VirtioDevice for Block {
         // At most one ring's worth per call, so a driver that keeps refilling the ring
         // cannot hold the event thread here; the caller comes back for the rest.
         for _ in 0..queue.size().max(1) {
-            // What the driver has published so far; the iterator sees at least this much.
-            let published = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
-            let next = queue.iter(mem).map_err(broken)?.next();
-            let Some(chain) = next else {
-                if published.0 == queue.next_avail() {
-                    break;
-                }
-                // The iterator stopped at an entry it cannot use (a head index beyond the
-                // queue). It would block the queue forever: the device needs a reset.
-                return Err(broken(virtio_queue::Error::InvalidDescriptorIndex));
+            let Some(chain) = next_chain(queue, mem, index)? else {
+                break;
             };
             let head = chain.head_index();
             let used_len = request::execute(chain, mem, &mut target).unwrap_or(0);
