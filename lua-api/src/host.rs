@@ -1,6 +1,7 @@
 //! `hv.host()` and `hv.sleep()`.
 
-use luvisor_runtime::host::{HostInfo, KvmInfo};
+use luvisor_runtime::host::HostInfo;
+use luvisor_runtime::remote::protocol::KvmReport;
 use mlua::{Lua, Table, Value};
 
 use crate::namespace::{Context, Namespace};
@@ -68,6 +69,34 @@ fn register(lua: &Lua, hv: &Table, context: &Context) -> mlua::Result<()> {
     )
 }
 
+/// Sets `t.kvm = { api, backend, max_vcpus, irqchip, irqfd, ioeventfd, dirty_log }`, or
+/// `t.kvm = false` with `t.kvm_error` when /dev/kvm could not be opened: the same table
+/// for `hv.host()` and a remote `host:info()`.
+pub(crate) fn set_kvm_fields(
+    lua: &Lua,
+    t: &Table,
+    kvm: &Result<KvmReport, String>,
+) -> mlua::Result<()> {
+    match kvm {
+        Ok(k) => {
+            let kt = lua.create_table()?;
+            kt.set("api", k.api)?;
+            kt.set("backend", k.backend.as_str())?;
+            kt.set("max_vcpus", k.max_vcpus)?;
+            kt.set("irqchip", k.irqchip)?;
+            kt.set("irqfd", k.irqfd)?;
+            kt.set("ioeventfd", k.ioeventfd)?;
+            kt.set("dirty_log", k.dirty_log)?;
+            t.set("kvm", kt)?;
+        }
+        Err(e) => {
+            t.set("kvm", false)?;
+            t.set("kvm_error", e.as_str())?;
+        }
+    }
+    Ok(())
+}
+
 /// `{ cpus, memory_total, memory_available, kvm = { api, backend, ... } }`. The `kvm`
 /// field is `false` with `kvm_error` set when /dev/kvm cannot be opened.
 fn host_table(lua: &Lua) -> mlua::Result<Table> {
@@ -82,24 +111,7 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
         "process_cpu_seconds",
         luvisor_runtime::host::process_cpu_seconds(),
     )?;
-    match luvisor_runtime::vstate::kvm() {
-        Ok(kvm) => {
-            let k = KvmInfo::query(&kvm);
-            let kt = lua.create_table()?;
-            kt.set("api", k.api_version)?;
-            kt.set("backend", k.backend.as_str())?;
-            kt.set("max_vcpus", k.max_vcpus)?;
-            kt.set("irqchip", k.irqchip)?;
-            kt.set("irqfd", k.irqfd)?;
-            kt.set("ioeventfd", k.ioeventfd)?;
-            kt.set("dirty_log", k.dirty_log)?;
-            t.set("kvm", kt)?;
-        }
-        Err(e) => {
-            t.set("kvm", false)?;
-            t.set("kvm_error", error_chain(&e))?;
-        }
-    }
+    set_kvm_fields(lua, &t, &KvmReport::query())?;
     Ok(t)
 }
 

@@ -246,23 +246,7 @@ fn host_table(lua: &Lua, report: &HostReport, addr: &str) -> mlua::Result<Table>
     t.set("vms_resident", report.vms_resident)?;
     t.set("process_rss", report.process_rss)?;
     t.set("process_cpu_seconds", report.process_cpu_seconds)?;
-    match &report.kvm {
-        Ok(k) => {
-            let kt = lua.create_table()?;
-            kt.set("api", k.api)?;
-            kt.set("backend", k.backend.as_str())?;
-            kt.set("max_vcpus", k.max_vcpus)?;
-            kt.set("irqchip", k.irqchip)?;
-            kt.set("irqfd", k.irqfd)?;
-            kt.set("ioeventfd", k.ioeventfd)?;
-            kt.set("dirty_log", k.dirty_log)?;
-            t.set("kvm", kt)?;
-        }
-        Err(e) => {
-            t.set("kvm", false)?;
-            t.set("kvm_error", e.as_str())?;
-        }
-    }
+    crate::host::set_kvm_fields(lua, &t, &report.kvm)?;
     Ok(t)
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use super::KIND_CONTROL_HELLO;
-use crate::host::{HostInfo, KvmInfo};
+use crate::host::HostInfo;
 use crate::migration::{ChannelError, MigrationError, MigrationProgress, SecureChannel};
 use crate::registry::{Registry, VmId};
 use crate::vm::{describe_outcome, Vm, VmOutcome, WaitError};
@@ -687,21 +687,7 @@ impl ControlServer {
 
     fn host_report(&self) -> HostReport {
         let info = HostInfo::query();
-        let kvm = match crate::vstate::kvm() {
-            Ok(kvm) => {
-                let k = KvmInfo::query(&kvm);
-                Ok(KvmReport {
-                    api: k.api_version,
-                    backend: k.backend.as_str().to_string(),
-                    max_vcpus: k.max_vcpus as u64,
-                    irqchip: k.irqchip,
-                    irqfd: k.irqfd,
-                    ioeventfd: k.ioeventfd,
-                    dirty_log: k.dirty_log,
-                })
-            }
-            Err(e) => Err(error_chain(&e)),
-        };
+        let kvm = KvmReport::query();
         HostReport {
             name: self.host_name.clone(),
             cpus: info.cpus as u64,

@@ -401,6 +401,24 @@ pub struct KvmReport {
     pub dirty_log: bool,
 }
 
+impl KvmReport {
+    /// This host's `/dev/kvm`, or why it cannot be opened: what `hv.host()` shows and
+    /// what a remote `host:info()` is sent.
+    pub fn query() -> Result<KvmReport, String> {
+        let kvm = crate::vstate::kvm().map_err(|e| crate::error_chain(&e))?;
+        let k = crate::host::KvmInfo::query(&kvm);
+        Ok(KvmReport {
+            api: k.api_version,
+            backend: k.backend.as_str().to_string(),
+            max_vcpus: k.max_vcpus as u64,
+            irqchip: k.irqchip,
+            irqfd: k.irqfd,
+            ioeventfd: k.ioeventfd,
+            dirty_log: k.dirty_log,
+        })
+    }
+}
+
 /// The fields of a VM handle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
